@@ -1,0 +1,151 @@
+"""``healer VERB [--config recipe.yaml] [--key.sub value ...]``: one verb per job.
+
+Every verb reads the same recipe. Any recipe key can be overridden on the
+command line, as ``--prune.ratio 0.3``, ``--prune.ratio=0.3`` or
+``prune.ratio=0.3``; the common ones also have short flags (``--ratio``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+from healer.recipe import RecipeError, load_recipe
+
+USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [--KEY VALUE ...] [ARGS ...]
+
+verbs:
+{verbs}
+Any recipe key can be overridden: --prune.ratio 0.3, --model.source path/to/model, cpt.max_steps=10.
+`healer schema` prints every recipe key with its type and default.
+"""
+
+
+@dataclass(frozen=True)
+class Verb:
+    target: str  # "module:function"; the function takes (recipe, args) and returns an exit code or None
+    help: str
+    aliases: dict[str, str] = field(default_factory=dict)  # short flag -> recipe key
+    needs_recipe: bool = True
+
+
+_MODEL = {"--model": "model.source", "--gguf-file": "model.gguf_file", "--dtype": "model.dtype",
+          "--run-dir": "run_dir", "--seed": "seed"}
+
+VERBS: dict[str, Verb] = {
+    "prune": Verb(
+        "healer.prune.stage:run_prune_stage",
+        "one-shot pruning: depth (drop blocks) or width (shrink MLPs / attention heads)",
+        {**_MODEL, "--method": "prune.method", "--criterion": "prune.criterion", "--target": "prune.target",
+         "--ratio": "prune.ratio", "--num-blocks": "prune.num_blocks", "--blocks": "prune.blocks",
+         "--keep-first": "prune.keep_first", "--keep-last": "prune.keep_last", "--round-to": "prune.round_to",
+         "--calibration": "prune.calibration.path", "--num-samples": "prune.calibration.num_samples",
+         "--seq-len": "prune.calibration.seq_len", "--output": "prune.output"},
+    ),
+    "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
+}
+
+
+def print_schema(recipe, args) -> int:
+    from healer.recipe import Recipe
+
+    def walk(model_cls, prefix: str) -> None:
+        for name, info in model_cls.model_fields.items():
+            ann = info.annotation
+            inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+            nested = next((a for a in inner if hasattr(a, "model_fields")), None)
+            key = f"{prefix}{name}"
+            if nested is not None:
+                print(f"{key}:")
+                walk(nested, key + ".")
+            else:
+                default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+                desc = f"  # {info.description}" if info.description else ""
+                print(f"{key}: {getattr(ann, '__name__', str(ann)).replace('typing.', '')} = {default}{desc}")
+
+    walk(Recipe, "")
+    return 0
+
+
+def split_args(argv: list[str], aliases: dict[str, str]) -> tuple[str | None, list[str], list[str]]:
+    """Separate the recipe path, key=value overrides and the verb's own positional arguments."""
+    config: str | None = None
+    overrides: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise RecipeError("--config needs a recipe file")
+            config = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            flag, _, inline = arg.partition("=")
+            key = aliases.get(flag) or (flag[2:].replace("-", "_") if "." in flag or flag[2:] in _TOP_KEYS else None)
+            if key is None:
+                if flag in _VERB_FLAGS:
+                    rest.append(arg)
+                    i += 1
+                    continue
+                known = ", ".join(sorted(aliases)) or "none"
+                raise RecipeError(f"unknown option {flag}; short flags here: {known}; any recipe key works as --section.key")
+            if inline or "=" in arg:
+                value = inline
+            elif i + 1 < len(argv):
+                value = argv[i + 1]
+                i += 1
+            else:
+                raise RecipeError(f"{flag} needs a value")
+            overrides.append(f"{key}={value}")
+        elif "=" in arg and not arg.startswith("/"):
+            overrides.append(arg)
+        elif config is None and (arg.endswith((".yaml", ".yml"))):
+            config = arg
+        else:
+            rest.append(arg)
+        i += 1
+    return config, overrides, rest
+
+
+_TOP_KEYS = {"name", "run_dir", "seed"}
+# Flags a verb handles itself (they are not recipe keys).
+_VERB_FLAGS = {"--resume", "--nproc", "--nnodes", "--node-rank", "--slurm", "--dry-run", "--nodes",
+               "--gpus-per-node", "--hostfile", "--no-ssh", "--master-addr", "--master-port", "--force",
+               "--stage", "--steps", "--dense", "--only"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(verbs="".join(f"  {n:<9} {v.help}\n" for n, v in VERBS.items())))
+        return 0
+    name, argv = argv[0], argv[1:]
+    verb = VERBS.get(name)
+    if verb is None:
+        print(f"healer: unknown verb {name!r}; verbs: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    try:
+        config, overrides, rest = split_args(argv, verb.aliases)
+        recipe = load_recipe(config, overrides) if verb.needs_recipe else None
+    except RecipeError as err:
+        print(f"healer {name}: {err}", file=sys.stderr)
+        return 2
+    module_name, func_name = verb.target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    from healer.errors import HealerError
+
+    try:
+        code = func(recipe, rest)
+    except (HealerError, RecipeError) as err:
+        print(f"healer {name}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

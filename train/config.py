@@ -1,0 +1,75 @@
+"""Recipe sections ``cpt:`` and ``sft:``: how the pruned model is healed."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from healer.config_base import Section
+
+
+class KDConfig(Section):
+    """Distillation from the unpruned teacher: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student)."""
+
+    teacher: str | None = Field(None, description="teacher model; defaults to the recipe's unpruned model.source")
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
+
+
+class CPTConfig(Section):
+    """Continued pretraining under DeepSpeed ZeRO."""
+
+    input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
+    output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: str | dict[str, Any] | None = Field(
+        None, description="a DeepSpeed JSON file or dict passed through; recipe knobs fill what it leaves out"
+    )
+    micro_batch_size: int = Field(1, gt=0)
+    global_batch_size: int = Field(8, gt=0)
+    max_steps: int = Field(100, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.1, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    activation_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    save_every: int = Field(50, gt=0)
+    keep_last: int = Field(2, gt=0)
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    log_every: int = Field(1, gt=0)
+    kd: KDConfig | None = None
+    seed: int = 0
+
+
+class SFTConfig(Section):
+    """LoRA instruction tuning (PEFT) with the Shortened LLaMA defaults."""
+
+    input: str | None = Field(None, description="checkpoint to tune; defaults to the cpt stage's export")
+    output: str | None = None
+    data: str | None = Field(None, description="Alpaca-style JSON/JSONL or chat-style `messages` records")
+    prompt_format: Literal["auto", "alpaca", "chat"] = "auto"
+    max_samples: int | None = Field(None, gt=0)
+    max_seq_len: int = Field(512, gt=8)
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    global_batch_size: int = Field(64, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    warmup_steps: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
