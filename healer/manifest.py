@@ -1,0 +1,73 @@
+"""Stage completion manifests.
+
+A stage that finished writes ``<stage_dir>/manifest.json`` last, atomically, so its
+presence alone means "done": ``healer run`` skips such stages and resumes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("healer", "torch", "transformers", "deepspeed", "peft", "accelerate", "datasets", "lm-eval"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The healer checkout's commit, when it runs from one."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
+    """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
+    path = Path(stage_dir) / MANIFEST
+    write_json_atomic(path, {
+        "stage": stage,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "outputs": outputs or {},
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    })
+    return path
+
+
+def read_stage_manifest(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
