@@ -1,0 +1,278 @@
+"""Process group, DeepSpeed config and engine creation, shared by CPT and SFT.
+
+The same code runs under torchrun, the DeepSpeed launcher, srun, or as one plain
+process; on a machine without a GPU it uses the gloo backend (``DS_ACCELERATOR=cpu``).
+
+    dist = init_distributed()
+    ds_config = build_ds_config(zero_stage=2, micro_batch_size=4, global_batch_size=64,
+                                world_size=dist.world_size, grad_clip=1.0)
+    optimizer = make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    engine = init_engine(model, ds_config, optimizer, lr_lambda)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from healer.errors import HealerError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host() -> str | None:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=20, check=True).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fill_rank_env() -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist: from a launcher, from srun, or for one lone process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        # srun started one task per rank: SLURM's variables are the only ones we get.
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        if int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in os.environ:
+            host = _first_slurm_host()
+            if host is None:
+                raise HealerError("running under srun with several tasks but MASTER_ADDR is not set and "
+                                  "`scontrol show hostnames $SLURM_JOB_NODELIST` failed; export MASTER_ADDR")
+            os.environ["MASTER_ADDR"] = host
+        if "MASTER_PORT" not in os.environ:
+            job = int(os.environ.get("SLURM_JOB_ID", "0"))
+            os.environ["MASTER_PORT"] = str(20000 + job % 20000)  # same on every task, differs between jobs
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Join (or create) the process group and pick this rank's device.
+
+    Uses NCCL when CUDA is available, gloo otherwise. Safe to call twice.
+    """
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    _fill_rank_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU that has it, fp32 elsewhere (CPU runs are exact in fp32)."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and device.type == "cpu":
+            raise HealerError(f"precision {precision} needs a GPU; on CPU use precision: fp32 (or auto)")
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def load_ds_json(source: str | Mapping[str, Any] | None) -> dict:
+    """A DeepSpeed config given as a dict, a JSON file path, or a preset name (``zero2`` -> configs/deepspeed)."""
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    path = Path(source)
+    if not path.is_file() and (PRESET_DIR / f"{source}.json").is_file():
+        path = PRESET_DIR / f"{source}.json"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        raise HealerError(f"deepspeed_config: {source} is neither a JSON file nor a preset ({presets})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HealerError(f"deepspeed_config: {path} line {err.lineno}: not valid JSON: {err.msg}") from None
+
+
+def _setdefault_deep(tree: dict, defaults: Mapping[str, Any]) -> None:
+    for key, value in defaults.items():
+        if isinstance(value, Mapping) and isinstance(tree.get(key), dict):
+            _setdefault_deep(tree[key], value)
+        else:
+            tree.setdefault(key, copy.deepcopy(value))
+
+
+def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size: int, world_size: int,
+                    grad_clip: float = 1.0, precision: str = "fp32", offload_optimizer: bool = False,
+                    offload_params: bool = False, base: str | Mapping[str, Any] | None = None,
+                    section: str = "cpt") -> dict:
+    """The DeepSpeed JSON for a run: ``base`` (passed through as is) plus the recipe's knobs for what it leaves out.
+
+    Gradient accumulation is derived as ``global_batch_size / (micro_batch_size * world_size)``; a global
+    batch that does not divide is refused with the numbers, naming ``<section>.global_batch_size``.
+    ``precision`` is already resolved (bf16, fp16 or fp32).
+    """
+    cfg = load_ds_json(base)
+    micro = int(cfg.get("train_micro_batch_size_per_gpu", micro_batch_size))
+    total = int(cfg.get("train_batch_size", global_batch_size))
+    if total % (micro * world_size):
+        raise HealerError(
+            f"{section}.global_batch_size={total} is not a multiple of micro_batch_size*world_size = "
+            f"{micro}*{world_size} = {micro * world_size}; pick e.g. {max(1, round(total / (micro * world_size))) * micro * world_size}")
+    accum = total // (micro * world_size)
+    if "gradient_accumulation_steps" in cfg and int(cfg["gradient_accumulation_steps"]) != accum:
+        raise HealerError(f"deepspeed_config: gradient_accumulation_steps={cfg['gradient_accumulation_steps']} "
+                          f"disagrees with train_batch_size {total} / ({micro} micro * {world_size} ranks) = {accum}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if zero_stage == 3:
+        # gathered 16-bit weights are what the HF export needs without a fp32 consolidation step
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        if zero_stage != 3:
+            raise HealerError(f"{section}.offload_params needs {section}.zero_stage: 3 (got {zero_stage})")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    defaults: dict[str, Any] = {
+        "train_batch_size": total,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # we log ourselves, every step, on rank 0
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        defaults["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        defaults["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    _setdefault_deep(cfg, defaults)
+    return cfg
+
+
+def batch_summary(ds_config: Mapping[str, Any], world_size: int, seq_len: int | None = None) -> str:
+    """One line a person reads to check the batch arithmetic."""
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    accum = ds_config["gradient_accumulation_steps"]
+    total = ds_config["train_batch_size"]
+    line = f"batch: {micro} micro x {accum} accumulation x {world_size} ranks = {total} sequences/step"
+    if seq_len:
+        line += f" = {total * seq_len:,} tokens/step"
+    return line
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights (any parameter with fewer than 2 dims)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                   weight_decay: float = 0.1, offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters; DeepSpeed's CPU Adam when the optimizer state lives on the CPU."""
+    groups = param_groups(model, weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+    kwargs: dict[str, Any] = {}
+    if next(model.parameters()).is_cuda:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+
+
+def init_engine(model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer | None = None,
+                lr_lambda: Callable[[int], float] | None = None):
+    """``deepspeed.initialize`` with our optimizer and an LR schedule (a multiplier of the base LR per step).
+
+    The scheduler is built on the optimizer DeepSpeed wraps, so it is saved in and restored from the
+    engine's checkpoints.
+    """
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    scheduler = (lambda opt: LambdaLR(opt, lr_lambda)) if lr_lambda is not None else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def init_frozen_engine(model: torch.nn.Module, ds_config: Mapping[str, Any], device: torch.device):
+    """A forward-only engine for a frozen model (the KD teacher).
+
+    Under ZeRO-3 its weights are partitioned across ranks like the student's; under stage 0-2 it is a plain
+    replica on each device (those stages shard optimizer state, which a frozen model does not have).
+    """
+    import deepspeed
+
+    model.requires_grad_(False)
+    model.eval()
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    cfg: dict[str, Any] = {k: ds_config[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                      "gradient_accumulation_steps", "bf16", "fp16") if k in ds_config}
+    cfg["steps_per_print"] = 10**9
+    if stage == 3:
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 10_000}
+        if "offload_param" in ds_config.get("zero_optimization", {}):
+            zero["offload_param"] = ds_config["zero_optimization"]["offload_param"]
+        cfg["zero_optimization"] = zero
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine.eval()
+        return engine
+    if "bf16" in cfg and cfg["bf16"].get("enabled"):
+        model.to(torch.bfloat16)
+    elif "fp16" in cfg and cfg["fp16"].get("enabled"):
+        model.to(torch.float16)
+    return model.to(device)

@@ -1,0 +1,136 @@
+"""Per-step metrics: TensorBoard scalars and a progress bar, on rank 0 only.
+
+Every rank may call :meth:`MetricsLogger.log`; ranks other than 0 do nothing, so
+training loops need no ``if rank == 0`` around their logging. Scalars go to
+``<log_dir>`` as TensorBoard event files under the names given (use ``/`` to group:
+``train/loss``, ``tokens/source/arxiv``); the bar shows a few chosen keys.
+
+    logger = MetricsLogger(stage_dir / "tensorboard", total_steps=cfg.max_steps, rank=rank, initial_step=start)
+    for step in ...:
+        logger.log(step, {"train/loss": loss, "train/lr": lr})
+    logger.close()
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+# What the bar shows, in this order, when present in a step's scalars (key -> short label).
+DEFAULT_BAR_KEYS = {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s", "val/loss": "val"}
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.detach().float().item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+class MetricsLogger:
+    """TensorBoard scalars every step plus a tqdm bar, written by rank 0 only.
+
+    Args:
+        log_dir: directory for the TensorBoard event files (created on rank 0).
+        total_steps: the run's last step, so the bar shows progress and an ETA.
+        rank: this process's global rank; only rank 0 writes or draws anything.
+        initial_step: where a resumed run starts, so the bar does not restart at 0.
+        desc: the bar's label (the stage name).
+        bar_keys: scalar names shown on the bar, mapped to short labels.
+        progress_bar: False turns the bar off (e.g. benchmarks); None shows it
+            only when stderr is a terminal, and otherwise prints a line every
+            ``print_every`` steps so a batch job's log still shows progress.
+        print_every: steps between plain-text progress lines when there is no bar.
+    """
+
+    def __init__(self, log_dir: str | Path | None, total_steps: int, *, rank: int = 0, initial_step: int = 0,
+                 desc: str = "train", bar_keys: Mapping[str, str] | None = None, progress_bar: bool | None = None,
+                 print_every: int = 10):
+        self.rank = rank
+        self.enabled = rank == 0
+        self.total_steps = total_steps
+        self.bar_keys = dict(DEFAULT_BAR_KEYS if bar_keys is None else bar_keys)
+        self.print_every = max(1, print_every)
+        self.desc = desc
+        self.last: dict[str, float] = {}
+        self._writer = None
+        self._bar = None
+        if not self.enabled:
+            return
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            # purge_step drops events past the resume point that a killed run may have written,
+            # so a resumed curve is not drawn twice.
+            self._writer = SummaryWriter(str(log_dir), purge_step=initial_step + 1 if initial_step else None,
+                                         flush_secs=30)
+        show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self._text_progress = progress_bar is None and not show_bar
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Record ``scalars`` at ``step`` (non-numbers and None are ignored) and advance the bar to ``step``."""
+        if not self.enabled:
+            return
+        values = {k: v for k, v in ((k, _as_float(v)) for k, v in scalars.items()) if v is not None}
+        self.last.update(values)
+        if self._writer is not None:
+            for key, value in values.items():
+                if math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+                else:  # TensorBoard drops NaN/inf silently; keep a trace that it happened
+                    self._writer.add_scalar(key + "_nonfinite", 1.0, step)
+        shown = {label: self.last[k] for k, label in self.bar_keys.items() if k in self.last}
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self._bar.update(max(0, step - self._bar.n))
+        elif self._text_progress and (step % self.print_every == 0 or step == self.total_steps):
+            body = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"[{self.desc}] step {step}/{self.total_steps} {body}", file=sys.stderr, flush=True)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Write a text note (the run's settings, a decoded sample) to TensorBoard."""
+        if self.enabled and self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
+    def write(self, message: str) -> None:
+        """Print a line on rank 0 without breaking the bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
