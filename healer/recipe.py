@@ -75,9 +75,9 @@ class Recipe(Section):
         return self.model.source
 
     def model_dir(self, stage: str) -> Path:
-        """The Hugging Face directory a stage leaves for the next one."""
-        sub = {"prune": "model", "cpt": "hf", "sft": "merged"}[stage]
-        return self.stage_dir(stage) / sub
+        """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory)."""
+        sub = {"prune": "", "cpt": "hf", "sft": "merged"}[stage]
+        return self.stage_dir(stage) / sub if sub else self.stage_dir(stage)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -1,0 +1,196 @@
+"""Running a decoder one block at a time.
+
+Every data-driven criterion walks the same path: embed the calibration tokens, push the hidden
+states through block 0, 1, 2, ... and look at what each block does. :class:`BlockStack` is that
+walk. Its blocks come either from a model already in memory or straight from the safetensors shards
+of a checkpoint directory, one block resident at a time, so a model larger than memory can be scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from healer.adapter import Architecture, architecture_for, get_module
+
+
+def _output_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockStack:
+    """Embedding, blocks, final norm and LM head of a causal LM, usable block by block.
+
+    Build it with :meth:`from_model` or :meth:`from_pretrained_dir`. Hidden states are kept in
+    ``[batch, seq, hidden]`` on CPU/the model's device; callers choose the batch chunking.
+    """
+
+    def __init__(self, config, arch: Architecture, embed: nn.Module, rotary: nn.Module, norm: nn.Module,
+                 lm_head: nn.Module, block_loader, num_blocks: int):
+        self.config = config
+        self.arch = arch
+        self.embed_tokens = embed
+        self.rotary = rotary
+        self.norm = norm
+        self.lm_head = lm_head
+        self._block_loader = block_loader
+        self.num_blocks = num_blocks
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "BlockStack":
+        arch = architecture_for(model.config)
+        blocks = get_module(model, arch.blocks)
+
+        @contextlib.contextmanager
+        def loader(i: int):
+            yield blocks[i]
+
+        return cls(model.config, arch, get_module(model, arch.embed_tokens), get_module(model, arch.rotary),
+                   get_module(model, arch.final_norm), get_module(model, arch.lm_head), loader, len(blocks))
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockStack":
+        """Read only the non-block weights now; each block is read from its shard when asked for."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path)
+        arch = architecture_for(config)
+        shards = _ShardIndex(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        resident = {}
+        for mod_path in (arch.embed_tokens, arch.final_norm, arch.lm_head):
+            module = get_module(skeleton, mod_path)
+            module.to_empty(device="cpu")
+            resident[mod_path] = module
+        shards.load_into(resident[arch.embed_tokens], arch.embed_tokens, dtype)
+        shards.load_into(resident[arch.final_norm], arch.final_norm, dtype)
+        if shards.has(f"{arch.lm_head}.weight"):
+            shards.load_into(resident[arch.lm_head], arch.lm_head, dtype)
+        else:  # tied embeddings
+            resident[arch.lm_head].weight = resident[arch.embed_tokens].weight
+        rotary_cls = type(get_module(skeleton, arch.rotary))
+        rotary = rotary_cls(config=config)  # inv_freq is a non-persistent buffer: rebuild it for real
+        blocks = get_module(skeleton, arch.blocks)
+
+        @contextlib.contextmanager
+        def loader(i: int):
+            block = blocks[i]
+            block.to_empty(device="cpu")
+            shards.load_into(block, f"{arch.blocks}.{i}", dtype)
+            try:
+                yield block
+            finally:
+                block.to("meta")  # give the memory back before the next block is read
+
+        return cls(config, arch, resident[arch.embed_tokens], rotary, resident[arch.final_norm],
+                   resident[arch.lm_head], loader, len(blocks))
+
+    # -- running -----------------------------------------------------------------------------------
+    def block(self, i: int):
+        """Context manager giving block ``i`` (resident only inside the ``with``)."""
+        return self._block_loader(i)
+
+    def blocks(self) -> Iterator[tuple[int, nn.Module]]:
+        for i in range(self.num_blocks):
+            with self.block(i) as block:
+                yield i, block
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def context(self, hidden: torch.Tensor) -> "BlockContext":
+        """Rotary embeddings and attention masks for hidden states of this shape (computed once)."""
+        return BlockContext(self, hidden)
+
+    def run_block(self, block: nn.Module, index: int, hidden: torch.Tensor, ctx: "BlockContext") -> torch.Tensor:
+        out = block(hidden, attention_mask=ctx.mask_for(index), position_ids=ctx.position_ids,
+                    position_embeddings=ctx.position_embeddings, use_cache=False)
+        return _output_tensor(out)
+
+    @torch.no_grad()
+    def nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 1024) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood of ``input_ids`` given final hidden states, and the count.
+
+        The vocabulary projection is done in chunks of tokens, so a 49K- or 128K-token vocabulary never
+        materialises logits for the whole batch at once.
+        """
+        h = self.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = input_ids[:, 1:].reshape(-1).to(h.device)
+        total = 0.0
+        for start in range(0, h.shape[0], chunk_tokens):
+            logits = self.lm_head(h[start:start + chunk_tokens]).float()
+            total += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk_tokens],
+                                                       reduction="sum").item()
+        return total, targets.numel()
+
+
+class BlockContext:
+    """Per-shape inputs every block needs besides the hidden states: rotary cos/sin and masks."""
+
+    def __init__(self, stack: BlockStack, hidden: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        batch, seq = hidden.shape[:2]
+        self.position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        with torch.no_grad():
+            self.position_embeddings = stack.rotary(hidden, self.position_ids)
+        config = stack.config
+        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                      position_ids=self.position_ids)
+        self.layer_types = getattr(config, "layer_types", None)
+        self.masks = {"full_attention": create_causal_mask(**kwargs)}
+        needs_sliding = (self.layer_types and "sliding_attention" in self.layer_types) or (
+            not self.layer_types and getattr(config, "sliding_window", None))
+        if needs_sliding:
+            self.masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+
+    def mask_for(self, index: int):
+        if self.layer_types:
+            return self.masks[self.layer_types[index]]
+        return self.masks.get("sliding_attention", self.masks["full_attention"])
+
+
+class _ShardIndex:
+    """Which safetensors file holds which tensor, and lazy reads of the tensors under a prefix."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: path / v for k, v in weight_map.items()}
+        else:
+            single = path / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(f"{path} has no safetensors weights to read block by block")
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as fh:
+                self.files = {k: single for k in fh.keys()}
+
+    def has(self, key: str) -> bool:
+        return key in self.files
+
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype) -> None:
+        from safetensors import safe_open
+
+        wanted = {name: f"{prefix}.{name}" for name, _ in module.named_parameters()}
+        by_file: dict[Path, list[str]] = {}
+        for name, key in wanted.items():
+            if key not in self.files:
+                raise KeyError(f"checkpoint has no tensor {key}")
+            by_file.setdefault(self.files[key], []).append(name)
+        for file, names in by_file.items():
+            with safe_open(file, "pt") as fh:
+                for name in names:
+                    tensor = fh.get_tensor(f"{prefix}.{name}").to(dtype)
+                    target = module.get_parameter(name)
+                    target.data = tensor

@@ -1,0 +1,123 @@
+"""Width pruning: score GLU MLP neurons and attention key-value groups, keep the best in every block.
+
+Neuron scores are per block, higher = more important. The kept count is the same in every block so
+``intermediate_size`` and the head counts stay single numbers in ``config.json``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from healer.adapter import ModelAdapter, get_module
+from healer.prune.blockwise import BlockStack
+from healer.prune.depth import _boundary_walk
+
+
+def kept_width(total: int, ratio: float, multiple: int) -> int:
+    """Neurons kept when removing ``ratio`` of ``total``, rounded to a multiple of ``multiple``."""
+    keep = round(total * (1.0 - ratio) / multiple) * multiple
+    keep = min(keep, total)
+    if keep <= 0:
+        raise ValueError(
+            f"prune.ratio {ratio} leaves {total * (1 - ratio):.1f} of {total} neurons, which rounds to 0 at "
+            f"prune.round_to {multiple}; lower the ratio or round_to"
+        )
+    return keep
+
+
+def kept_groups(total: int, ratio: float) -> int:
+    keep = round(total * (1.0 - ratio))
+    if keep <= 0:
+        raise ValueError(f"prune.ratio {ratio} would remove all {total} key-value groups; lower the ratio")
+    if keep == total:
+        raise ValueError(f"prune.ratio {ratio} of {total} key-value groups rounds to removing none; raise the ratio")
+    return keep
+
+
+def maw_scores(adapter: ModelAdapter) -> list[torch.Tensor]:
+    """max(w) + |min(w)| of each gate row plus the same of each up row (the pruned Llama-3.2 method, no data)."""
+    out = []
+    for block in adapter.blocks:
+        gate, up, _ = adapter.mlp_projections(block)
+        g, u = gate.weight.detach().float(), up.weight.detach().float()
+        out.append(g.max(1).values + g.min(1).values.abs() + u.max(1).values + u.min(1).values.abs())
+    return out
+
+
+def l2_scores(adapter: ModelAdapter) -> list[torch.Tensor]:
+    """L2 norm of everything a neuron owns: its gate row, up row and down column."""
+    out = []
+    for block in adapter.blocks:
+        gate, up, down = adapter.mlp_projections(block)
+        sq = gate.weight.detach().float().pow(2).sum(1) + up.weight.detach().float().pow(2).sum(1) \
+            + down.weight.detach().float().pow(2).sum(0)
+        out.append(sq.sqrt())
+    return out
+
+
+def activation_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = True) -> list[torch.Tensor]:
+    """Minitron-style: mean |act(gate x) * up x| of each intermediate neuron over calibration tokens.
+
+    Block by block: only one block and the calibration activations are resident.
+    """
+    sums = [torch.zeros(0)] * stack.num_blocks
+    counts = [0] * stack.num_blocks
+
+    def watch(i, block):
+        def hook(module, args):
+            x = args[0].detach().float()  # the down projection's input: act(gate x) * up x
+            s = x.abs().reshape(-1, x.shape[-1]).sum(0)
+            sums[i] = s if counts[i] == 0 else sums[i] + s
+            counts[i] += x.shape[0] * x.shape[1]
+
+        down = get_module(get_module(block, stack.arch.mlp), stack.arch.down_proj)
+        return [down.register_forward_pre_hook(hook)]
+
+    _boundary_walk(stack, tokens, _ignore, progress, "mlp activations", watch=watch)
+    return [s / n for s, n in zip(sums, counts)]
+
+
+def head_output_scores(stack: BlockStack, tokens: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                       progress: bool = True) -> list[torch.Tensor]:
+    """Per key-value group: the summed mean norm of what each of its query heads adds to the residual
+    stream (the head's slice of the o_proj input times its o_proj columns), on calibration data."""
+    group = num_heads // num_kv_heads
+    sums = [torch.zeros(num_kv_heads) for _ in range(stack.num_blocks)]
+    counts = [0] * stack.num_blocks
+
+    def watch(i, block):
+        def hook(module, args):
+            x = args[0].detach().float()  # [batch, seq, heads * head_dim]
+            w = module.weight.detach().float()  # [hidden, heads * head_dim]
+            per_head = torch.stack([
+                (x[..., h * head_dim:(h + 1) * head_dim] @ w[:, h * head_dim:(h + 1) * head_dim].T).norm(dim=-1).sum()
+                for h in range(num_heads)
+            ])
+            sums[i] += per_head.view(num_kv_heads, group).sum(1)
+            counts[i] += x.shape[0] * x.shape[1]
+
+        o_proj = get_module(get_module(block, stack.arch.attention), stack.arch.o_proj)
+        return [o_proj.register_forward_pre_hook(hook)]
+
+    _boundary_walk(stack, tokens, _ignore, progress, "head output norms", watch=watch)
+    return [s / n for s, n in zip(sums, counts)]
+
+
+def _ignore(*_args) -> None:
+    pass
+
+
+def top_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """Per block, the ``keep`` highest-scoring indices, in ascending order (original layout preserved)."""
+    return [torch.sort(torch.topk(s, keep).indices).values for s in scores]
+
+
+def describe(scores: list[torch.Tensor], kept: list[torch.Tensor]) -> dict:
+    """What the report records: per-block kept indices are implied by removed ones, which are fewer."""
+    removed = []
+    for s, k in zip(scores, kept):
+        mask = torch.ones(len(s), dtype=torch.bool)
+        mask[k] = False
+        removed.append(torch.nonzero(mask).flatten().tolist())
+    return {"removed_per_block": removed,
+            "score_summary": [{"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max())} for s in scores]}
