@@ -1,1 +1,18 @@
+"""The corpus stream for continued pretraining: shards -> mixture -> tokens -> packed blocks.
 
+``build_loader(cfg, tokenizer, rank=, world_size=, micro_batch_size=)`` is the one entry point the
+trainer uses; ``build_demo_corpus`` writes the offline demo's corpus from the Python standard library.
+"""
+
+from healer.train.data.config import DataConfig, SourceConfig
+from healer.train.data.loader import StreamLoader, build_loader
+
+__all__ = ["DataConfig", "SourceConfig", "StreamLoader", "build_loader", "build_demo_corpus"]
+
+
+def __getattr__(name):
+    if name == "build_demo_corpus":  # imported lazily: it is not needed to train
+        from healer.train.data.corpus import build_demo_corpus
+
+        return build_demo_corpus
+    raise AttributeError(name)

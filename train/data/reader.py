@@ -1,0 +1,187 @@
+"""Documents of one corpus (or one domain of it) for one dataloader worker, with a resumable position.
+
+A worker reads either its own subset of the shard files (when there are at least as many files as
+workers in the whole job) or, when files are fewer, every file but only every ``stride``-th line.
+Either way the workers of all ranks together read each record exactly once per epoch.
+
+Bad records are skipped and counted by kind (``skip``) or stop the run with the file and line
+(``strict``). When one stream is split into domains, each domain has its own reader over the same
+files; only the first one counts bad records, so each is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+from healer.errors import HealerError
+from healer.train.data.shards import CorruptShard, iter_lines, iter_parquet_rows, shard_kind
+
+MAX_EXAMPLES = 10
+
+
+@dataclass
+class Skips:
+    """Skipped records by kind, with ``file:line`` of the first few (for the log and ``healer data stats``)."""
+
+    strict: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, where: str, detail: str = "") -> None:
+        msg = f"{where}: {kind}{' (' + detail + ')' if detail else ''}"
+        if self.strict:
+            raise HealerError(f"{msg}; fix the shard or set data.bad_records: skip to skip and count such records")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(msg)
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.counts = dict(sd["counts"])
+        self.examples = list(sd["examples"])
+
+
+def dotted(record, path: str):
+    """``record["meta"]["redpajama_set_name"]`` for ``path="meta.redpajama_set_name"``; None when absent."""
+    node = record
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+class DocReader:
+    """Texts of one mixture entry for one global worker, epoch after epoch, resumable at any record.
+
+    Args:
+        files: every shard of the source, in the same order on every rank.
+        worker, num_workers: this worker's global index (rank * workers_per_rank + worker) and the total.
+        text_field, domain_field: dotted record keys of the text and of the domain label.
+        domain: keep only records whose domain is this (None: keep all).
+        skips: where bad records are reported; ``count_skips=False`` reports none (strict still raises).
+        shuffle_seed: shuffle this worker's file order each epoch with this seed (None: keep sorted order).
+    """
+
+    def __init__(self, files: list[str], *, worker: int, num_workers: int, text_field: str = "text",
+                 domain_field: str | None = None, domain: str | None = None, skips: Skips,
+                 count_skips: bool = True, shuffle_seed: int | None = None):
+        if len(files) >= num_workers:
+            self.files, self.stride, self.phase = files[worker::num_workers], 1, 0
+        else:  # fewer files than workers: everybody reads every file, each its own lines
+            self.files, self.stride, self.phase = list(files), num_workers, worker
+        self.text_field, self.domain_field, self.domain = text_field, domain_field, domain
+        self.skips, self.count_skips, self.shuffle_seed = skips, count_skips, shuffle_seed
+        # A record of another domain cannot contain the domain's JSON string, so such lines are
+        # dropped before parsing (only when the name needs no JSON escaping, and never by the
+        # reader that counts bad records: it must see every line).
+        needle = json.dumps(domain) if domain is not None else None
+        self._needle = needle.encode() if needle and needle.isascii() and needle == f'"{domain}"' else None
+        self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = 0, 0, 0, 0, 0
+        self._order = self._epoch_order()
+        self._it = None
+
+    # -- position -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "line": self.line,
+                "docs_this_epoch": self.docs_this_epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.index, self.offset = sd["epoch"], sd["index"], sd["offset"]
+        self.line, self.docs_this_epoch = sd["line"], sd["docs_this_epoch"]
+        self._order = self._epoch_order()
+        self._it = None
+
+    def new_epoch(self) -> None:
+        self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = self.epoch + 1, 0, 0, 0, 0
+        self._order = self._epoch_order()
+        self._it = None
+
+    def _epoch_order(self) -> list[str]:
+        order = list(self.files)
+        if self.shuffle_seed is not None:
+            random.Random(f"{self.shuffle_seed}:{self.phase}:{self.epoch}").shuffle(order)
+        return order
+
+    # -- reading --------------------------------------------------------------------------------
+    def next_text(self) -> str | None:
+        """The next document's text, or None at the end of this epoch's files."""
+        while self.index < len(self._order):
+            path = self._order[self.index]
+            if self._it is None:
+                self._it = self._open(path)
+            try:
+                for raw, pos in self._it:
+                    self.offset = pos
+                    self.line += 1
+                    if (self.line - 1) % self.stride != self.phase:
+                        continue
+                    text = self._parse(raw, path)
+                    if text is not None:
+                        self.docs_this_epoch += 1
+                        return text
+                if self.line == 0 and self.offset == 0 and self.phase == 0:
+                    self._skip("empty_file", path)
+            except CorruptShard as err:
+                self._skip("corrupt_shard", f"{path}:{self.line + 1}", str(err))
+            except HealerError:
+                raise
+            except Exception as err:  # unreadable file, broken parquet footer, ...
+                self._skip("corrupt_shard", f"{path}:{self.line + 1}", f"{type(err).__name__}: {err}")
+            self.index, self.offset, self.line, self._it = self.index + 1, 0, 0, None
+        return None
+
+    def _open(self, path: str):
+        if shard_kind(path) == "parquet":
+            columns = [self.text_field.split(".")[0]]
+            if self.domain is not None:
+                columns.append(self.domain_field.split(".")[0])
+            return iter_parquet_rows(path, columns, self.offset)
+        return iter_lines(path, self.offset)
+
+    def _skip(self, kind: str, where: str, detail: str = "") -> None:
+        if self.count_skips or self.skips.strict:
+            self.skips.add(kind, where, detail)
+
+    def _parse(self, raw, path: str) -> str | None:
+        where = f"{path}:{self.line}"
+        kind = shard_kind(path)
+        if kind == "txt":  # one document per line, as the `text` loader of `datasets` does
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                self._skip("non_utf8", where, str(err))
+                return None
+            return text.rstrip("\r") if text.strip() else None
+        if kind == "parquet":
+            record = raw
+        else:
+            if not raw.strip():  # blank line between records
+                return None
+            if self._needle is not None and not self.count_skips and self._needle not in raw:
+                return None
+            try:
+                record = json.loads(raw)
+            except UnicodeDecodeError as err:
+                self._skip("non_utf8", where, str(err))
+                return None
+            except ValueError as err:
+                self._skip("malformed_json", where, str(err).split(":")[0])
+                return None
+            if not isinstance(record, dict):
+                self._skip("malformed_json", where, f"a record is a JSON object, got {type(record).__name__}")
+                return None
+        if self.domain is not None and dotted(record, self.domain_field) != self.domain:
+            return None
+        text = dotted(record, self.text_field)
+        if not isinstance(text, str):
+            self._skip("missing_text", where, f"no string field {self.text_field!r}")
+            return None
+        if not text.strip():
+            self._skip("empty_text", where)
+            return None
+        return text

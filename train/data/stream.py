@@ -1,0 +1,277 @@
+"""One worker's packed token stream: mix documents from several sources, tokenize in batches, pack.
+
+The stream reads ``tokenizer_batch_size`` documents at a time, choosing each one's source with a
+seeded draw, tokenizes them in one call, appends EOS to each and lays them end to end in one flat
+array. Blocks of ``seq_len`` tokens are cut from that array; a block that reaches the end of it
+continues in the next batch, so a document's remainder carries into the next block and nothing is
+padded.
+
+Resuming needs no packing buffer and no token ids in the checkpoint: the state is the position of
+every reader *before* the current batch (plus the counters at that point) and a cursor into the
+batch. Loading it re-reads and re-tokenizes that one batch and skips to the cursor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from healer.errors import HealerError
+from healer.train.data.reader import DocReader, Skips
+
+_M64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One member of the mixture: a source, or one domain of a source, with its token weight."""
+
+    name: str
+    files: tuple[str, ...]
+    weight: float
+    text_field: str = "text"
+    domain_field: str | None = None
+    domain: str | None = None
+    count_skips: bool = True
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    seq_len: int
+    micro_batch_size: int
+    policy: str = "repeat"  # repeat | stop | drain
+    seed: int = 0
+    strict: bool = False
+    reset_position_ids: bool = False
+    tokenizer_batch_size: int = 256
+    shuffle_files: bool = True
+    bos: bool = False
+
+
+def _mix(x: int) -> int:
+    # splitmix64 finalizer: a counter-based generator needs no state beyond the counter.
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, stream: int, counter: int) -> float:
+    """A float in [0, 1), a pure function of (seed, stream, counter)."""
+    return (_mix(_mix(_mix(seed & _M64) ^ stream) ^ counter) >> 11) / 9007199254740992.0
+
+
+class PackedStream:
+    """Packed micro-batches for global worker ``worker`` of ``num_workers``, resumable at any batch.
+
+    Iterating yields ``{"input_ids": LongTensor[micro_batch_size, seq_len]}`` (plus ``position_ids``
+    when asked); :meth:`state_dict` after a batch resumes right after it.
+    """
+
+    def __init__(self, entries: list[Entry], tokenizer, settings: StreamSettings, *, worker: int, num_workers: int):
+        if not entries:
+            raise HealerError("data: no sources to read (add data.sources)")
+        self.entries, self.s, self.worker = entries, settings, worker
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise HealerError("the tokenizer has no EOS token, which separates packed documents; set one")
+        self.bos = tokenizer.bos_token_id if settings.bos else None
+        if settings.bos and self.bos is None:
+            raise HealerError("data.bos is true but the tokenizer has no BOS token")
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend = copy.deepcopy(backend)  # a tokenizer.json may enable truncation; documents must stay whole
+            backend.no_truncation()
+            backend.no_padding()
+        self._backend, self._tokenizer = backend, tokenizer
+        self.skips = Skips(strict=settings.strict)
+        self.readers = [
+            DocReader(list(e.files), worker=worker, num_workers=num_workers, text_field=e.text_field,
+                      domain_field=e.domain_field, domain=e.domain, skips=self.skips, count_skips=e.count_skips,
+                      shuffle_seed=settings.seed if settings.shuffle_files else None)
+            for e in entries
+        ]
+        n = len(entries)
+        self.status = ["active"] * n  # active | done (drained) | empty (no document for this worker)
+        self.picks = 0
+        # per entry: chars and count of documents read, tokens and chars of documents tokenized
+        self.est = [[0, 0, 0, 0] for _ in range(n)]
+        self.ended = False
+        self.tokens, self.docs = [0] * n, [0] * n
+        self._snapshot: dict | None = None
+        self._flat = np.zeros(0, dtype=np.int64)
+        self._starts: list[int] = []
+        self._owners: list[int] = []
+        self.cursor = 0
+
+    # -- state ----------------------------------------------------------------------------------
+    def _core(self) -> dict:
+        return {"readers": [r.state_dict() for r in self.readers], "status": list(self.status), "picks": self.picks,
+                "est": [list(e) for e in self.est], "skips": self.skips.state_dict(), "ended": self.ended}
+
+    def _load_core(self, core: dict) -> None:
+        for reader, sd in zip(self.readers, core["readers"]):
+            reader.load_state_dict(sd)
+        self.status, self.picks, self.ended = list(core["status"]), core["picks"], core["ended"]
+        self.est = [list(e) for e in core["est"]]
+        self.skips.load_state_dict(core["skips"])
+
+    def state_dict(self) -> dict:
+        return {"batch_start": self._snapshot, "cursor": self.cursor, "tokens": list(self.tokens),
+                "docs": list(self.docs), "skips": self.skips.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if len(sd["tokens"]) != len(self.entries):
+            raise HealerError("data checkpoint: it was written for a different list of sources/domains")
+        if sd["batch_start"] is not None:
+            self._load_core(sd["batch_start"])
+            self._fill()  # the same documents, read and tokenized again: a pure function of the snapshot
+            self.cursor = sd["cursor"]
+        self.tokens, self.docs = list(sd["tokens"]), list(sd["docs"])
+        self.skips.load_state_dict(sd["skips"])
+
+    def stats(self) -> dict:
+        return {"tokens": {e.name: t for e, t in zip(self.entries, self.tokens)},
+                "documents": {e.name: d for e, d in zip(self.entries, self.docs)},
+                "skipped": dict(self.skips.counts), "skipped_examples": list(self.skips.examples)}
+
+    # -- mixing ---------------------------------------------------------------------------------
+    def _pick(self) -> int | None:
+        """Draw the next document's entry with probability ~ weight / expected tokens per document,
+        so that tokens, not documents, follow the weights."""
+        active = [i for i, st in enumerate(self.status) if st == "active"]
+        if not active:
+            return None
+        if len(active) == 1:
+            return active[0]
+        chars = sum(e[0] for e in self.est)
+        docs = sum(e[1] for e in self.est)
+        tok_chars = sum(e[3] for e in self.est)
+        mean_chars = chars / docs if docs else 1.0
+        tpc = sum(e[2] for e in self.est) / tok_chars if tok_chars else 0.25
+        scores = []
+        for i in active:
+            c, d, t, tc = self.est[i]
+            length = (c / d if d else mean_chars) * (t / tc if tc else tpc)
+            scores.append(self.entries[i].weight / max(length, 1e-6))
+        u = uniform(self.s.seed, self.worker, self.picks) * sum(scores)
+        self.picks += 1
+        for i, score in zip(active, scores):
+            u -= score
+            if u < 0:
+                return i
+        return active[-1]
+
+    def _fill(self) -> bool:
+        """Read and tokenize the next batch of documents; False when the stream has ended."""
+        if self.ended:
+            return False
+        self._snapshot = self._core()
+        texts: list[str] = []
+        owners: list[int] = []
+        while len(texts) < self.s.tokenizer_batch_size:
+            i = self._pick()
+            if i is None:
+                self.ended = True
+                break
+            reader = self.readers[i]
+            text = reader.next_text()
+            if text is None:  # this entry's files are used up for this epoch
+                if reader.docs_this_epoch == 0:
+                    self.status[i] = "empty"
+                elif self.s.policy == "repeat":
+                    reader.new_epoch()
+                elif self.s.policy == "stop":
+                    self.ended = True
+                    break
+                else:
+                    self.status[i] = "done"
+                continue
+            texts.append(text)
+            owners.append(i)
+            self.est[i][0] += len(text)
+            self.est[i][1] += 1
+        if not texts:
+            self.ended = True
+            return False
+        flat: list[int] = []
+        starts: list[int] = []
+        for i, text, ids in zip(owners, texts, self._encode(texts)):
+            starts.append(len(flat))
+            if self.bos is not None:
+                flat.append(self.bos)
+            flat.extend(ids)
+            flat.append(self.eos)
+            self.est[i][2] += len(flat) - starts[-1]
+            self.est[i][3] += len(text)
+        self._flat = np.array(flat, dtype=np.int64)
+        self._starts, self._owners, self.cursor = starts, owners, 0
+        return True
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is not None:
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # -- packing --------------------------------------------------------------------------------
+    def _block(self):
+        """The next ``seq_len`` tokens, the in-block offsets where documents start, and the counters
+        they add; None when the stream ends first (a last partial block is dropped, never padded)."""
+        need = self.s.seq_len
+        pieces, doc_starts = [], []
+        tokens: dict[int, int] = {}
+        docs: dict[int, int] = {}
+        got = 0
+        while got < need:
+            if self.cursor >= len(self._flat) and not self._fill():
+                return None
+            a = self.cursor
+            b = min(len(self._flat), a + need - got)
+            j = bisect.bisect_right(self._starts, a) - 1
+            while j < len(self._starts) and self._starts[j] < b:
+                start = self._starts[j]
+                end = self._starts[j + 1] if j + 1 < len(self._starts) else len(self._flat)
+                owner = self._owners[j]
+                tokens[owner] = tokens.get(owner, 0) + min(b, end) - max(a, start)
+                if start >= a:
+                    docs[owner] = docs.get(owner, 0) + 1
+                    doc_starts.append(got + start - a)
+                j += 1
+            pieces.append(self._flat[a:b])
+            got += b - a
+            self.cursor = b
+        return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces)), doc_starts, tokens, docs
+
+    def _positions(self, doc_starts: list[int]) -> np.ndarray:
+        # position ids restart at 0 where a document starts (and at the block start, as Megatron does)
+        n = self.s.seq_len
+        mark = np.zeros(n, dtype=np.int64)
+        mark[doc_starts] = doc_starts
+        return np.arange(n, dtype=np.int64) - np.maximum.accumulate(mark)
+
+    def __iter__(self):
+        while True:
+            blocks, positions, pending = [], [], []
+            for _ in range(self.s.micro_batch_size):
+                block = self._block()
+                if block is None:
+                    return
+                ids, doc_starts, tokens, docs = block
+                blocks.append(ids)
+                if self.s.reset_position_ids:
+                    positions.append(self._positions(doc_starts))
+                pending.append((tokens, docs))
+            for tokens, docs in pending:  # counters move only with batches that are handed out
+                for i, n in tokens.items():
+                    self.tokens[i] += n
+                for i, n in docs.items():
+                    self.docs[i] += n
+            batch = {"input_ids": torch.from_numpy(np.stack(blocks))}
+            if self.s.reset_position_ids:
+                batch["position_ids"] = torch.from_numpy(np.stack(positions))
+            yield batch
