@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from healer.config_base import Section
@@ -10,12 +12,26 @@ from healer.config_base import Section
 class EvalConfig(Section):
     input: str | None = Field(None, description="checkpoint to evaluate; defaults to the last stage's output")
     output: str | None = None
-    perplexity_files: list[str] = Field(default_factory=list, description="plain text or jsonl files")
-    context_lengths: list[int] = Field(default_factory=lambda: [128, 2048])
-    max_tokens: int | None = Field(None, gt=0, description="cap on tokens read per file")
-    tasks: dict[str, str] = Field(
-        default_factory=dict, description="zero-shot task name -> local data file (HF schema), e.g. arc_easy: path"
+    perplexity_files: list[str] = Field(
+        default_factory=list, description="plain text, .jsonl/.json (field `text`) or .jsonl.zst files"
     )
-    limit: int | None = Field(None, gt=0, description="examples per task")
+    context_lengths: list[int] = Field(
+        default_factory=lambda: [128, 2048],
+        description="perplexity window sizes; one above the model's max positions is skipped with a note",
+    )
+    max_tokens: int | None = Field(None, gt=0, description="cap on tokens read per file")
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="BOS at the start of each perplexity window and lm-eval request: auto = as the tokenizer "
+        "does by default; the policy used is written into eval.json",
+    )
+    tasks: dict[str, str] = Field(
+        default_factory=dict,
+        description="zero-shot task -> local data file in the HF schema (arc_easy, arc_challenge, piqa, boolq, "
+        "hellaswag, winogrande, openbookqa, lambada), e.g. arc_easy: data/arc_easy/validation.jsonl",
+    )
+    limit: int | None = Field(None, gt=0, description="examples per task (the first N)")
     batch_size: int = Field(8, gt=0)
-    compare_to: str | None = Field(None, description="eval.json of the dense model, or 'dense' to evaluate it")
+    compare_to: str | None = Field(
+        None, description="eval.json of the dense model, or 'dense' to evaluate model.source with the same settings"
+    )

@@ -1,0 +1,132 @@
+"""One model's evaluation: perplexity at each context length and zero-shot tasks -> ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from healer.errors import HealerError
+from healer.eval.config import EvalConfig
+from healer.eval.ppl import perplexity, read_text, resolve_bos, tokenize
+from healer.manifest import write_json_atomic
+from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source, torch_dtype
+
+EVAL_FILE = "eval.json"
+
+
+def settings(cfg: EvalConfig) -> dict:
+    """What decides the numbers; two eval.json files compare only when these agree."""
+    return {
+        "perplexity_files": [str(Path(f)) for f in cfg.perplexity_files],
+        "context_lengths": list(cfg.context_lengths),
+        "max_tokens": cfg.max_tokens,
+        "bos": cfg.bos,
+        "tasks": dict(cfg.tasks),
+        "limit": cfg.limit,
+    }
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed: int = 0) -> dict:
+    """Evaluate a model already in memory; see :func:`evaluate`."""
+    start = time.time()
+    limit_pos = max_positions(model)
+    bos_id = resolve_bos(tokenizer, cfg.bos)
+    ppl: dict[str, dict] = {}
+    notes: list[str] = []
+    for file in cfg.perplexity_files:
+        ids = tokenize(tokenizer, read_text(file), cfg.max_tokens)
+        per_ctx: dict[str, dict] = {}
+        for ctx in cfg.context_lengths:
+            if limit_pos is not None and ctx > limit_pos:
+                note = f"context length {ctx} skipped: the model has max_position_embeddings={limit_pos}"
+                per_ctx[str(ctx)] = {"skipped": note}
+                if note not in notes:
+                    notes.append(note)
+                continue
+            per_ctx[str(ctx)] = perplexity(model, tokenizer, ids, ctx, bos=cfg.bos, batch_size=cfg.batch_size)
+        ppl[Path(file).name] = per_ctx
+    tasks = {}
+    if cfg.tasks:
+        from healer.eval.harness import run_tasks
+
+        tasks = run_tasks(model, tokenizer, cfg.tasks, out_dir, limit=cfg.limit, batch_size=cfg.batch_size,
+                          add_bos_token=bos_id is not None, seed=seed)
+    return {
+        "parameters": count_parameters(model),
+        "num_layers": getattr(model.config, "num_hidden_layers", None),
+        "max_position_embeddings": limit_pos,
+        "bos": {"policy": cfg.bos, "prepended": bos_id is not None, "bos_token_id": bos_id},
+        "perplexity": ppl,
+        "tasks": tasks,
+        "notes": notes,
+        "settings": settings(cfg),
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file: str | None = None,
+             dtype: str = "float32", seed: int = 0) -> dict:
+    """Evaluate ``model_source`` (HF dir, .gguf, 'smollm2', hub id) and write ``out_dir/eval.json``.
+
+    Args:
+        cfg: which text files and context lengths for perplexity, which zero-shot tasks.
+        out_dir: gets ``eval.json`` and ``tasks/`` (the converted task data and lm-eval YAMLs).
+        gguf_file, dtype: as ``model.gguf_file`` / ``model.dtype`` in the recipe.
+
+    Returns the dict written to ``eval.json``.
+    """
+    location = resolve_source(model_source, gguf_file)
+    torch.manual_seed(seed)
+    model = load_model(location, torch_dtype(dtype))
+    tokenizer = load_tokenizer(location)
+    result = {"model": str(location), **evaluate_loaded(model, tokenizer, cfg, out_dir, seed=seed)}
+    write_json_atomic(Path(out_dir) / EVAL_FILE, result)
+    return result
+
+
+def read_eval(path: str | Path) -> dict:
+    """An eval.json (or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EVAL_FILE
+    if not path.is_file():
+        raise HealerError(f"eval.compare_to: {path} does not exist; give a dense eval.json or 'dense'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HealerError(f"eval.compare_to: {path} is not valid JSON ({err})") from None
+
+
+def compare(result: dict, dense: dict) -> dict:
+    """Deltas of ``result`` against ``dense`` for every number both have (model minus dense, and ratio)."""
+
+    def pair(model_value, dense_value) -> dict | None:
+        if not isinstance(model_value, (int, float)) or not isinstance(dense_value, (int, float)):
+            return None
+        return {"dense": dense_value, "model": model_value, "delta": model_value - dense_value,
+                "ratio": model_value / dense_value if dense_value else None}
+
+    deltas: dict = {"parameters": pair(result.get("parameters"), dense.get("parameters")),
+                    "perplexity": {}, "tasks": {}}
+    for file, per_ctx in result.get("perplexity", {}).items():
+        for ctx, entry in per_ctx.items():
+            other = dense.get("perplexity", {}).get(file, {}).get(ctx, {})
+            p = pair(entry.get("ppl"), other.get("ppl"))
+            if p:
+                deltas["perplexity"].setdefault(file, {})[ctx] = p
+    for task, entry in result.get("tasks", {}).items():
+        other = dense.get("tasks", {}).get(task, {})
+        for metric in ("acc", "acc_norm", "perplexity"):
+            p = pair(entry.get(metric), other.get(metric))
+            if p:
+                deltas["tasks"].setdefault(task, {})[metric] = p
+    if result.get("settings") != dense.get("settings"):
+        deltas["warning"] = "the dense numbers were measured with different eval settings"
+    return deltas

@@ -1,0 +1,116 @@
+"""Perplexity in non-overlapping windows, the BOS policy, and the context-length guard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from healer.eval import perplexity, read_text
+from healer.eval.config import EvalConfig
+from healer.eval.suite import evaluate
+
+
+class ToyTokenizer:
+    """A character tokenizer with a BOS it adds by default, like Llama-2's (ids: 1 = BOS, 3.. = bytes)."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, adds_bos: bool = True):
+        self.adds_bos = adds_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (b % 120) for b in text.encode()]
+        if add_special_tokens and self.adds_bos:
+            ids = [self.bos_token_id] + ids
+
+        class Out:
+            input_ids = ids
+        return Out()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 8  # 360 characters -> 360 tokens
+
+
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    """Mean token NLL the way transformers computes a causal LM loss, over all windows."""
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))  # windows are equal length, so the mean of means is the mean
+
+
+def test_windows_without_bos_match_transformers_loss(model):
+    tok = ToyTokenizer(adds_bos=True)
+    result = perplexity(model, tok, TEXT, 32, bos="never", progress=False)
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False).input_ids)
+    windows = ids[: (len(ids) // 32) * 32].view(-1, 32)
+    assert result["windows"] == len(ids) // 32 == 11
+    assert result["tokens_scored"] == 11 * 31  # the first token of a window has nothing to predict it
+    assert result["ppl"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+    assert result["bos"]["prepended"] is False
+
+
+def test_bos_auto_follows_the_tokenizer_and_scores_every_text_token(model):
+    with_bos = perplexity(model, ToyTokenizer(adds_bos=True), TEXT, 32, bos="auto", progress=False)
+    without = perplexity(model, ToyTokenizer(adds_bos=False), TEXT, 32, bos="auto", progress=False)
+    assert with_bos["bos"] == {"policy": "auto", "prepended": True, "bos_token_id": 1}
+    assert without["bos"]["prepended"] is False
+    # [BOS] + 31 text tokens per window: 360 // 31 = 11 windows, all 31 text tokens of each scored
+    assert with_bos["windows"] == 11 and with_bos["tokens_scored"] == 11 * 31
+    ids = torch.tensor(ToyTokenizer()(TEXT, add_special_tokens=False).input_ids)
+    windows = torch.cat([torch.ones(11, 1, dtype=torch.long), ids[: 11 * 31].view(11, 31)], dim=1)
+    assert with_bos["ppl"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+    assert with_bos["ppl"] != pytest.approx(without["ppl"], rel=1e-6)
+
+
+def test_max_tokens_caps_what_is_read(model):
+    result = perplexity(model, ToyTokenizer(), TEXT, 16, bos="never", max_tokens=64, progress=False)
+    assert result["windows"] == 4 and result["tokens_scored"] == 4 * 15
+
+
+def test_jsonl_text_is_joined_and_bad_lines_are_named(tmp_path):
+    good = tmp_path / "docs.jsonl"
+    good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert read_text(good) == "one\n\ntwo"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(Exception, match=r"bad.jsonl:2: .*`text`"):
+        read_text(bad)
+
+
+def test_context_longer_than_the_model_is_skipped_with_a_note(model, tmp_path):
+    from healer.modeling import save_and_verify
+
+    model_dir = tmp_path / "model"
+    save_and_verify(model, None, model_dir)
+    # a tokenizer for the saved dir: a byte-level BPE made in-process (no download)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(33 + i): i for i in range(90)}
+    vocab["[UNK]"] = 90
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    cfg = EvalConfig(perplexity_files=[str(text)], context_lengths=[16, 128])
+    result = evaluate(str(model_dir), cfg, tmp_path / "out")
+    assert result["perplexity"]["text.txt"]["16"]["ppl"] > 1
+    assert "max_position_embeddings=64" in result["perplexity"]["text.txt"]["128"]["skipped"]
+    assert any("128" in note for note in result["notes"])
+    on_disk = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert on_disk["perplexity"]["text.txt"]["16"]["ppl"] == pytest.approx(result["perplexity"]["text.txt"]["16"]["ppl"])
+    assert on_disk["bos"]["prepended"] is False
