@@ -43,6 +43,26 @@ VERBS: dict[str, Verb] = {
          "--calibration": "prune.calibration.path", "--num-samples": "prune.calibration.num_samples",
          "--seq-len": "prune.calibration.seq_len", "--output": "prune.output"},
     ),
+    "cpt": Verb(
+        "healer.train.cpt:run_cpt_stage",
+        "continued pretraining under DeepSpeed ZeRO (optional KD from the unpruned model); --resume auto|none|DIR",
+        {**_MODEL, "--input": "cpt.input", "--output": "cpt.output", "--zero-stage": "cpt.zero_stage",
+         "--max-steps": "cpt.max_steps", "--lr": "cpt.lr", "--micro-batch-size": "cpt.micro_batch_size",
+         "--global-batch-size": "cpt.global_batch_size", "--save-every": "cpt.save_every"},
+    ),
+    "eval": Verb(
+        "healer.eval.stage:run_eval_stage",
+        "perplexity at each context length and zero-shot tasks (lm-eval, local files) -> eval.json",
+        {**_MODEL, "--input": "eval.input", "--output": "eval.output", "--compare-to": "eval.compare_to",
+         "--limit": "eval.limit", "--batch-size": "eval.batch_size", "--max-tokens": "eval.max_tokens",
+         "--bos": "eval.bos"},
+    ),
+    "release": Verb(
+        "healer.release:run_release_stage",
+        "package the final checkpoint with a model card, learning curves and a hash manifest",
+        {**_MODEL, "--input": "release.input", "--output": "release.output", "--name": "release.model_name",
+         "--license": "release.license"},
+    ),
     "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
 }
 
