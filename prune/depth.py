@@ -80,7 +80,7 @@ def perplexity(model, tokens: torch.Tensor) -> float:
     total, count = 0.0, 0
     for chunk in _chunks(tokens):
         chunk = chunk.to(next(model.parameters()).device)
-        logits = model(chunk).logits[:, :-1].float()
+        logits = model(chunk, use_cache=False).logits[:, :-1].float()
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                                    reduction="sum").item()
         count += chunk[:, 1:].numel()
@@ -100,7 +100,7 @@ def taylor_scores(model, tokens: torch.Tensor, candidates: list[int], progress: 
     chunks = _chunks(tokens)
     for chunk in tqdm(chunks, desc="taylor: gradients", disable=not progress):
         chunk = chunk.to(next(model.parameters()).device)
-        logits = model(chunk).logits[:, :-1].float()
+        logits = model(chunk, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
         (loss / len(chunks)).backward()
     scores = {}
