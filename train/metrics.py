@@ -13,7 +13,9 @@ training loops need no ``if rank == 0`` around their logging. Scalars go to
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +40,22 @@ def _as_float(value: Any) -> float | None:
     return out
 
 
+def _open_jsonl(path: Path, initial_step: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept: list[str] = []
+    if initial_step and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= initial_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
 class MetricsLogger:
     """TensorBoard scalars every step plus a tqdm bar, written by rank 0 only.
 
@@ -52,11 +70,13 @@ class MetricsLogger:
             only when stderr is a terminal, and otherwise prints a line every
             ``print_every`` steps so a batch job's log still shows progress.
         print_every: steps between plain-text progress lines when there is no bar.
+        jsonl_path: also append every step's scalars as one JSON line (``{"step": n, ...}``) for scripts and
+            plots; on a resume, lines past ``initial_step`` (from the interrupted run) are dropped first.
     """
 
     def __init__(self, log_dir: str | Path | None, total_steps: int, *, rank: int = 0, initial_step: int = 0,
                  desc: str = "train", bar_keys: Mapping[str, str] | None = None, progress_bar: bool | None = None,
-                 print_every: int = 10):
+                 print_every: int = 10, jsonl_path: str | Path | None = None):
         self.rank = rank
         self.enabled = rank == 0
         self.total_steps = total_steps
@@ -66,8 +86,11 @@ class MetricsLogger:
         self.last: dict[str, float] = {}
         self._writer = None
         self._bar = None
+        self._jsonl = None
         if not self.enabled:
             return
+        if jsonl_path is not None:
+            self._jsonl = _open_jsonl(Path(jsonl_path), initial_step)
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -95,6 +118,9 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
                 else:  # TensorBoard drops NaN/inf silently; keep a trace that it happened
                     self._writer.add_scalar(key + "_nonfinite", 1.0, step)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
         shown = {label: self.last[k] for k, label in self.bar_keys.items() if k in self.last}
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -122,6 +148,9 @@ class MetricsLogger:
             self._writer.flush()
 
     def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -134,3 +163,47 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Dense bf16/fp16 tensor-core peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
+# Longest match wins ("H100 PCIe" before "H100"). Unknown devices (and every CPU) give no MFU.
+PEAK_FLOPS_16BIT = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12, "L40": 181e12, "A10G": 125e12,
+    "A10": 125e12, "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "B200": 2250e12,
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s per device or None, the device's name). Only 16-bit GPU peaks are known."""
+    if device.type != "cuda":
+        import platform
+
+        return None, f"cpu ({platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name(device)
+    if precision not in ("bf16", "fp16"):
+        return None, name
+    matches = [k for k in PEAK_FLOPS_16BIT if k in name]
+    if not matches:
+        return None, name
+    return PEAK_FLOPS_16BIT[max(matches, key=len)], name
+
+
+def training_flops_per_token(config, matmul_params: int, seq_len: int) -> float:
+    """6 * (parameters used in matmuls) + attention scores/values (12 * layers * hidden * seq), per token.
+
+    ``matmul_params`` excludes the input embedding (a lookup) but counts the output head even when tied.
+    """
+    layers = getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_attention_heads", 0)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(1, heads))
+    return 6.0 * matmul_params + 12.0 * layers * heads * head_dim * seq_len
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
