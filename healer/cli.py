@@ -63,6 +63,11 @@ VERBS: dict[str, Verb] = {
         {**_MODEL, "--input": "release.input", "--output": "release.output", "--name": "release.model_name",
          "--license": "release.license"},
     ),
+    "data": Verb(
+        "healer.train.data.cli:main",
+        "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
+        {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
+    ),
     "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
 }
 
@@ -138,6 +143,7 @@ _VERB_FLAGS = {"--resume", "--nproc", "--nnodes", "--node-rank", "--slurm", "--d
                "--gpus-per-node", "--hostfile", "--no-ssh", "--master-addr", "--master-port", "--force",
                "--stage", "--steps", "--dense", "--only"}
 
+_VERB_FLAGS |= {"--output", "--max-docs", "--batches", "--split"}  # healer data
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config, overrides, rest = split_args(argv, verb.aliases)
-        recipe = load_recipe(config, overrides) if verb.needs_recipe else None
+        recipe = load_recipe(config, overrides) if verb.needs_recipe or config or overrides else None
     except RecipeError as err:
         print(f"healer {name}: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,98 @@
+"""``healer data ACTION``: look at a corpus stream, or build the offline demo corpus.
+
+    healer data stats --config recipe.yaml [--batches 16] [--split train|validation]
+    healer data build-corpus --output DIR [--max-docs N]
+"""
+
+from __future__ import annotations
+
+import json
+
+from healer.errors import HealerError
+
+USAGE = ("usage: healer data stats --config recipe.yaml [--batches N] [--split train|validation]\n"
+         "       healer data build-corpus --output DIR [--max-docs N]")
+
+
+def _options(args: list[str], known: dict[str, type]) -> dict:
+    """``--name value`` / ``--name=value`` pairs of the sub-action, converted by type."""
+    opts: dict = {}
+    i = 0
+    while i < len(args):
+        flag, _, inline = args[i].partition("=")
+        if flag not in known:
+            raise HealerError(f"unexpected argument {args[i]!r}\n{USAGE}")
+        if inline:
+            value = inline
+        elif i + 1 < len(args):
+            i += 1
+            value = args[i]
+        else:
+            raise HealerError(f"{flag} needs a value\n{USAGE}")
+        try:
+            opts[flag[2:].replace("-", "_")] = known[flag](value)
+        except ValueError:
+            raise HealerError(f"{flag}: {value!r} is not a {known[flag].__name__}") from None
+        i += 1
+    return opts
+
+
+def main(recipe, args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    action, rest = args[0], args[1:]
+    if action == "build-corpus":
+        opts = _options(rest, {"--output": str, "--max-docs": int})
+        if "output" not in opts:
+            raise HealerError(f"build-corpus needs --output DIR\n{USAGE}")
+        from healer.train.data.corpus import build_demo_corpus
+
+        counts = build_demo_corpus(opts["output"], max_docs=opts.get("max_docs"))
+        print(json.dumps(counts, indent=2))
+        return 0
+    if action == "stats":
+        opts = _options(rest, {"--batches": int, "--split": str})
+        if recipe is None or recipe.data is None:
+            raise HealerError("healer data stats needs a recipe with a `data:` section: --config recipe.yaml")
+        return stats(recipe, batches=opts.get("batches", 16), split=opts.get("split", "train"))
+    raise HealerError(f"unknown action {action!r}\n{USAGE}")
+
+
+def stats(recipe, *, batches: int, split: str) -> int:
+    """Read ``batches`` micro-batches as rank 0 of 1 and print what came out of the stream."""
+    from tqdm import tqdm
+
+    from healer.modeling import load_tokenizer, resolve_source
+    from healer.train.data import build_loader
+
+    cfg = recipe.data
+    tokenizer = load_tokenizer(resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision))
+    loader = build_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=1, split=split)
+    last = None
+    for n, batch in enumerate(tqdm(loader, total=batches, desc=f"reading {split} blocks", unit="block")):
+        last = batch
+        if n + 1 >= batches:
+            break
+    s = loader.stats()
+    total = sum(s["tokens"].values()) or 1
+    weights = {e.name: e.weight for e in loader.entries}
+    print(f"\n{split} stream: {len(loader.entries)} source(s), seq_len {cfg.seq_len}, "
+          f"{total:,} tokens in {batches} block(s)")
+    print(f"{'source':<32} {'documents':>10} {'tokens':>12} {'share':>7} {'weight':>7}")
+    for name, tokens in s["tokens"].items():
+        print(f"{name:<32} {s['documents'][name]:>10,} {tokens:>12,} {tokens / total:>7.1%} {weights[name]:>7.1%}")
+    if s["skipped"]:
+        print("skipped: " + ", ".join(f"{kind} {n}" for kind, n in sorted(s["skipped"].items())))
+        for example in s["skipped_examples"]:
+            print(f"  {example}")
+    else:
+        print("skipped: none")
+    if last is not None:
+        text = tokenizer.decode(last["input_ids"][0].tolist())
+        print(f"\nsample block ({cfg.seq_len} tokens, decoded; EOS marks document ends):\n{'-' * 60}")
+        print(text[:1500] + (" [...]" if len(text) > 1500 else ""))
+        print("-" * 60)
+    else:
+        print("\nthe stream gave no complete block (fewer tokens than seq_len?)")
+    return 0
