@@ -68,6 +68,11 @@ VERBS: dict[str, Verb] = {
         "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
         {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
     ),
+    "launch": Verb(
+        "healer.launch.cli:main",
+        "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
+        {"--run-dir": "run_dir"},
+    ),
     "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
 }
 
@@ -141,7 +146,7 @@ _TOP_KEYS = {"name", "run_dir", "seed"}
 # Flags a verb handles itself (they are not recipe keys).
 _VERB_FLAGS = {"--resume", "--nproc", "--nnodes", "--node-rank", "--slurm", "--dry-run", "--nodes",
                "--gpus-per-node", "--hostfile", "--no-ssh", "--master-addr", "--master-port", "--force",
-               "--stage", "--steps", "--dense", "--only"}
+               "--stage", "--steps", "--dense", "--only", "--wait"}
 
 _VERB_FLAGS |= {"--output", "--max-docs", "--batches", "--split"}  # healer data
 

@@ -1,0 +1,154 @@
+"""SLURM: an sbatch script per stage, submitted (or shown with ``--dry-run``) and, when asked, waited on.
+
+Inside the allocation the script runs one ``srun`` task per node; each task is
+``python -m healer.launch.node`` (master address, port and node rank from SLURM's environment), which
+runs torchrun for that node's ranks. Preemption: ``--signal=USR1@N`` warns the ranks N seconds before
+the time limit, the trainer checkpoints and exits with PREEMPTED_EXIT_CODE, and the script requeues the
+job; the requeued job resumes from the checkpoint because the trainer's ``--resume auto`` finds it.
+Failures are requeued too, at most ``max_restarts`` times, counted in a file next to the log.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from healer.errors import HealerError
+from healer.launch.config import LaunchConfig
+from healer.launch.supervise import PREEMPTED_EXIT_CODE
+
+
+class SlurmError(HealerError):
+    pass
+
+
+def render_sbatch(stage: str, entry: list[str], cfg: LaunchConfig, launch_dir: Path, workdir: Path) -> str:
+    """The job script. ``entry`` is what every rank runs after ``python`` (``-m healer cpt --config ...``)."""
+    s = cfg.slurm
+    nproc = s.gpus_per_node or cfg.nproc_per_node or 1
+    sb = [f"--job-name=healer-{stage}", f"--nodes={cfg.nodes}", "--ntasks-per-node=1",
+          f"--output={launch_dir}/slurm-%j.out", "--open-mode=append",  # a requeued job appends to the same log
+          f"--signal=USR1@{s.signal_seconds}", "--requeue", f"--chdir={workdir}"]
+    for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time),
+                        ("constraint", s.constraint), ("cpus-per-task", s.cpus_per_task), ("mem", s.mem)):
+        if value is not None:
+            sb.append(f"--{flag}={value}")
+    if s.gpus_per_node:
+        sb.append(f"--gpus-per-node={s.gpus_per_node}")
+    sb += [line.removeprefix("#SBATCH").strip() for line in s.extra_sbatch]
+
+    node_cmd = [sys.executable, "-m", "healer.launch.node", f"--nproc-per-node={nproc}", f"--stage={stage}",
+                f"--log-dir={launch_dir}/logs"]
+    if cfg.master_port is not None:
+        node_cmd.append(f"--master-port={cfg.master_port}")
+    if cfg.master_addr is not None:
+        node_cmd.append(f"--master-addr={cfg.master_addr}")
+    node_cmd += ["--", *entry]
+    q = shlex.quote
+    lines = ["#!/bin/bash", f"# healer {stage}: written by `healer launch --slurm`"]
+    lines += [f"#SBATCH {opt}" for opt in sb]
+    lines += ["", "# network / NCCL settings from the recipe's launch.env"]
+    lines += [f"export {k}={q(v)}" for k, v in cfg.env.items()]
+    lines += s.setup
+    lines += [
+        "",
+        f'echo "healer: job $SLURM_JOB_ID stage {stage} on $SLURM_JOB_NODELIST (restart ${{SLURM_RESTART_COUNT:-0}})"',
+        "# one task per node; each runs torchrun for that node's ranks. --wait: if one node's ranks are gone,",
+        "# stop the others after 120 s instead of letting them hang in a collective.",
+        "srun --nodes=$SLURM_JOB_NUM_NODES --ntasks-per-node=1 --kill-on-bad-exit=0 --wait=120 \\",
+        "    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \\",
+        "    " + " ".join(q(a) for a in node_cmd),
+        "rc=$?",
+        f"failures_file={q(str(launch_dir))}/failures.$SLURM_JOB_ID",
+        'if [ "$rc" -eq 0 ]; then',
+        f'    echo "healer: {stage} finished"; rm -f "$failures_file"; exit 0',
+        "fi",
+        f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ]; then',
+        f'    echo "healer: {stage} was preempted and saved a checkpoint; requeueing job $SLURM_JOB_ID to resume it"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        '    echo "healer: scontrol requeue failed; resubmit this script to resume"; exit "$rc"',
+        "fi",
+        'failures=$(( $(cat "$failures_file" 2>/dev/null || echo 0) + 1 )); echo "$failures" > "$failures_file"',
+        f'if [ "$failures" -le {s.max_restarts} ]; then',
+        f'    echo "healer: {stage} failed with exit code $rc; requeueing (retry $failures of {s.max_restarts})"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        f'echo "healer: {stage} failed with exit code $rc and has failed $failures times; giving up after '
+        f'{s.max_restarts} retries (launch.slurm.max_restarts). Per-rank logs: {launch_dir}/logs"',
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(script: Path, env: dict[str, str] | None = None) -> str:
+    """sbatch the script; a refusal (bad partition, account, time, constraint...) becomes a SlurmError."""
+    try:
+        done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120,
+                              env=env)
+    except FileNotFoundError:
+        raise SlurmError("sbatch is not installed here; run `healer launch --slurm` on a SLURM login node, "
+                         "or use --dry-run to only write the script") from None
+    if done.returncode != 0:
+        why = done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}"
+        raise SlurmError(f"SLURM refused the job script {script}:\n  {why}\n"
+                         "Nothing was started. Fix the matching launch.slurm key (partition, account, qos, time, "
+                         "constraint, gpus_per_node, extra_sbatch) in the recipe or on the command line.")
+    return done.stdout.strip().split(";")[0]
+
+
+_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+          "PREEMPTED", "SPECIAL_EXIT"}
+
+
+def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``scontrol show job`` as a dict; empty once SLURM has forgotten the job."""
+    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60,
+                          env=env)
+    if done.returncode != 0:
+        return {}
+    return dict(part.split("=", 1) for part in done.stdout.split() if "=" in part)
+
+
+def wait(job_id: str, log: Path, env: dict[str, str] | None = None, poll_s: float = 2.0) -> int:
+    """Block until the job (requeues included) ends, echoing its main log; return its exit code."""
+    offset = 0
+    state = "PENDING"
+    info: dict[str, str] = {}
+    while True:
+        info = job_info(job_id, env) or info
+        state = info.get("JobState", state)
+        if log.exists():
+            with open(log, errors="replace") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+                offset = fh.tell()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        if state in _FINAL:
+            break
+        time.sleep(poll_s)
+    code, _, sig = info.get("ExitCode", "1:0").partition(":")
+    if state == "COMPLETED":
+        return 0
+    print(f"healer launch: SLURM job {job_id} ended {state} (exit code {code}, signal {sig}); log: {log}",
+          file=sys.stderr)
+    return int(code) or 1
+
+
+def slurm_node_addr(hostname: str) -> str:
+    """The address SLURM reaches a node at (NodeAddr), which is what the other nodes must connect to."""
+    done = subprocess.run(["scontrol", "show", "node", "-o", hostname], capture_output=True, text=True, timeout=60)
+    match = re.search(r"\bNodeAddr=(\S+)", done.stdout)
+    return match.group(1) if match else hostname
+
+
+def first_node(nodelist: str) -> str:
+    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60,
+                          check=True)
+    return done.stdout.split()[0]
