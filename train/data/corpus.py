@@ -127,6 +127,13 @@ def demo_documents(max_docs: int | None = None) -> list[dict]:
     for name, text in sorted(harvest_docstrings(stdlib_module_names()).items()):
         if len(text) > len(f"Module {name}") + 20:  # a name and nothing to read is not a document
             records.append({"text": text, "meta": {"redpajama_set_name": "StdlibDocstrings", "title": name}})
+    seen: set[str] = set()
+    unique = []
+    for record in records:  # some topics share a text ("if" and "elif"): train and holdout must not share one
+        if record["text"] not in seen:
+            seen.add(record["text"])
+            unique.append(record)
+    records = unique
     if max_docs is not None:
         # keep both domains: every k-th record rather than the first ones
         step = max(1, len(records) // max_docs)

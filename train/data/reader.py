@@ -34,7 +34,7 @@ class Skips:
         if self.strict:
             raise HealerError(f"{msg}; fix the shard or set data.bad_records: skip to skip and count such records")
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if len(self.examples) < MAX_EXAMPLES:
+        if len(self.examples) < MAX_EXAMPLES and msg not in self.examples:  # a repeated source meets it again
             self.examples.append(msg)
 
     def state_dict(self) -> dict:
