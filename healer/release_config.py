@@ -8,8 +8,12 @@ from healer.config_base import Section
 
 
 class ReleaseConfig(Section):
-    input: str | None = None
-    output: str | None = None
-    model_name: str | None = None
+    input: str | None = Field(None, description="checkpoint to release; defaults to the last training stage's output")
+    output: str | None = Field(None, description="release directory; defaults to <run_dir>/release")
+    model_name: str | None = Field(None, description="name in the model card; defaults to the recipe's name")
+    repo_id: str | None = Field(None, description="hub id the card's usage snippet loads, e.g. org/name")
+    base_model: str | None = Field(
+        None, description="hub id of the base model for the card's front matter; guessed from model.source when unset"
+    )
     license: str | None = Field(None, description="defaults to the base model's licence when known")
     tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"])

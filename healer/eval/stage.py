@@ -1,4 +1,4 @@
-"""``healer eval``: evaluate the pipeline's latest checkpoint (or ``eval.input``) and compare it with the dense model."""
+"""``healer eval``: evaluate the pipeline's latest checkpoint (or ``eval.input``), compare it with the dense model."""
 
 from __future__ import annotations
 

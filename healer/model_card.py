@@ -1,0 +1,187 @@
+"""The model card (``README.md``) of a release: Hugging Face front matter, then what was done, measured and how.
+
+:func:`render` takes plain data (gathered by ``healer.release``) and returns Markdown.
+Every section says so when its input is missing instead of leaving a hole.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def front_matter(base_model: str | None, license: str | None, tags: list[str]) -> str:
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+    meta["library_name"] = "transformers"
+    if license:
+        meta["license"] = license
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = tags
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def pruning_summary(report: dict) -> str:
+    """One sentence: what was removed."""
+    if "removed" in report:
+        removed = report["removed"]
+        which = ("block " if len(removed) == 1 else "blocks ") + ", ".join(map(str, removed))
+        return f"removed {len(removed)} of {len(removed) + len(report.get('kept', []))} decoder blocks ({which})"
+    if "intermediate_size" in report:
+        before, after = report["intermediate_size"]
+        return f"shrank every GLU MLP from {before} to {after} neurons (gate, up and down projections together)"
+    if "attention_heads" in report:
+        before, after = report["attention_heads"]
+        return f"removed attention heads: {before} -> {after} query heads per block"
+    return "pruned (the report does not say which structures)"
+
+
+def pruning_section(report: dict | None) -> str:
+    if report is None:
+        return "No pruning report was found (`prune_report.json`); this checkpoint may not have been pruned by healer."
+    lines = [f"**{pruning_summary(report)}**, one-shot, no weight update.", ""]
+    rows = [["method", str(report.get("method", "-"))], ["criterion", str(report.get("criterion", "-"))],
+            ["target", str(report.get("target", "-"))]]
+    if report.get("ratio") is not None:
+        rows.append(["ratio", str(report["ratio"])])
+    if "kept" in report:
+        rows.append(["blocks kept", ", ".join(map(str, report["kept"]))])
+    protected = report.get("protected")
+    if isinstance(protected, dict):
+        rows.append(["protected", f"first {protected.get('keep_first', 0)}, last {protected.get('keep_last', 0)} "
+                     "blocks never removed"])
+    elif protected:
+        rows.append(["protected", str(protected)])
+    calib = report.get("calibration")
+    if isinstance(calib, dict):
+        rows.append(["calibration", f"{calib.get('path') or 'built-in text'}, {_num(calib.get('tokens'))} tokens"])
+    if report.get("calibration_ppl_before") is not None:
+        rows.append(["calibration perplexity", f"{_num(report['calibration_ppl_before'])} before -> "
+                     f"{_num(report.get('calibration_ppl_after'))} right after pruning"])
+    for key, (old, new) in (report.get("config_changes") or {}).items():
+        rows.append([f"config `{key}`", f"{old} -> {new}"])
+    if report.get("seed") is not None:
+        rows.append(["seed", str(report["seed"])])
+    lines.append(_table(["", ""], rows))
+    scores = report.get("scores")
+    if isinstance(scores, dict) and scores:
+        lines += ["", f"Block importance ({report.get('score_meaning', 'as computed by the criterion')}):", "",
+                  _table(["block", "score"], [[k, _num(v)] for k, v in scores.items()])]
+    return "\n".join(lines)
+
+
+def training_section(stages: list[dict]) -> str:
+    if not stages:
+        return "No training stage left a manifest; the pruned weights are released as they are."
+    rows = []
+    for s in stages:
+        if s.get("missing"):
+            rows.append([s["stage"], "not run (no manifest)", "-", "-", "-"])
+            continue
+        rows.append([s["stage"], s.get("how", "-"), _num(s.get("tokens_trained")), _num(s.get("steps")),
+                     _num(s.get("final_loss"))])
+    return _table(["stage", "how", "tokens trained", "optimizer steps", "final train loss"], rows)
+
+
+def curves_section(curves: list[tuple[str, str]], missing: list[str]) -> str:
+    lines = [f"![{stage} learning curves]({png})" for stage, png in curves]
+    lines += [f"*{stage}: no TensorBoard log was found, so there is no curve.*" for stage in missing]
+    return "\n\n".join(lines) if lines else "No TensorBoard logs were found."
+
+
+def eval_section(result: dict | None, released_source: str | None = None) -> str:
+    if result is None:
+        return "No `eval.json` was found: run `healer eval` before `healer release` to get this table."
+    dense = result.get("dense") or {}
+    has_dense = bool(dense)
+    header = ["metric", "dense", "this model", "change"] if has_dense else ["metric", "this model"]
+    rows = []
+
+    def row(name: str, value, dense_value, lower_is_better: bool = False):
+        if not has_dense:
+            rows.append([name, _num(value)])
+            return
+        change = "-"
+        if isinstance(value, (int, float)) and isinstance(dense_value, (int, float)) and dense_value:
+            change = f"{(value - dense_value) / dense_value:+.1%}" if lower_is_better or name == "parameters" \
+                else f"{value - dense_value:+.3f}"
+        rows.append([name, _num(dense_value), _num(value), change])
+
+    row("parameters", result.get("parameters"), dense.get("parameters"))
+    for file, per_ctx in (result.get("perplexity") or {}).items():
+        for ctx, entry in per_ctx.items():
+            if "skipped" in entry:
+                continue
+            other = (dense.get("perplexity") or {}).get(file, {}).get(ctx, {})
+            row(f"perplexity `{file}` @ {ctx} tokens", entry.get("ppl"), other.get("ppl"), lower_is_better=True)
+    for task, entry in (result.get("tasks") or {}).items():
+        other = (dense.get("tasks") or {}).get(task, {})
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if metric in entry:
+                row(f"{task} {metric}", entry.get(metric), other.get(metric), lower_is_better=metric == "perplexity")
+    lines = [_table(header, rows), ""]
+    bos = result.get("bos") or {}
+    limit = (result.get("settings") or {}).get("limit")
+    bos_how = "prepended to" if bos.get("prepended") else "not added to"
+    lines.append(f"Perplexity: non-overlapping windows; BOS {bos_how} each window (policy `{bos.get('policy', '?')}`). "
+                 "Tasks: zero-shot, lm-evaluation-harness, acc_norm = length-normalised accuracy"
+                 + (f", first {limit} examples per task" if limit else "") + ".")
+    for note in result.get("notes") or []:
+        lines.append(f"\n*{note}.*")
+    if not has_dense:
+        lines.append("\n*No dense baseline was evaluated (set `eval.compare_to: dense`).*")
+    if released_source and result.get("source") and result["source"] != released_source:
+        lines.append(f"\n*The evaluated checkpoint ({result['source']}) is not the released input "
+                     f"({released_source}).*")
+    return "\n".join(lines)
+
+
+def render(info: dict) -> str:
+    """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
+    prune_report, training, curves, curves_missing, eval, recipe_yaml, source."""
+    name = info["name"]
+    base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
+    report = info.get("prune_report")
+    summary = pruning_summary(report) if report else "not pruned by healer"
+    before, after = info.get("params_before"), info.get("params_after")
+    intro = f"`{name}` is " + (f"[{base}](https://huggingface.co/{base}) " if info.get("base_model") else f"{base} ")
+    parts = [front_matter(info.get("base_model"), info.get("license"), info.get("tags") or []), f"# {name}", "", intro]
+    done = [s["how"] for s in info.get("training") or [] if not s.get("missing") and s.get("how")]
+    healing = f" and healing with healer: {'; then '.join(done)}" if done else " (no healing stage ran)"
+    parts[-1] += (f"after structured pruning ({summary}){healing}. It is a plain `transformers` checkpoint; "
+                  "no custom code is needed.")
+    if not info.get("license"):
+        parts += ["", "*The base model's licence could not be determined; set `release.license` in the recipe.*"]
+    parts += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{info.get("repo_id") or "path/to/" + name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{info.get("repo_id") or "path/to/" + name}")', "```", ""]
+    parts += ["## Parameters", ""]
+    if before and after:
+        removed = f"{_num(before - after)} ({(before - after) / before:.1%})"
+        parts.append(_table(["", "parameters"], [["base", _num(before)], ["this model", _num(after)],
+                                                ["removed", removed]]))
+    else:
+        parts.append(f"This model has {_num(after)} parameters; the base model's count is unknown (no pruning report).")
+    parts += ["", "## What was pruned and how", "", pruning_section(report), ""]
+    parts += ["## Training", "", training_section(info.get("training") or []), ""]
+    parts += ["## Learning curves", "", curves_section(info.get("curves") or [], info.get("curves_missing") or []), ""]
+    parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source")), ""]
+    parts += ["## Recipe", "", "The healer recipe that produced this checkpoint (also in `recipe.yaml`):", "",
+              "```yaml", info.get("recipe_yaml", "").rstrip(), "```", ""]
+    parts += ["## Files", "", "`manifest.json` lists every file of this directory with its SHA-256 and size "
+              "(`outputs.files`), the package versions and the healer git commit that wrote it.", ""]
+    return "\n".join(parts)

@@ -1,0 +1,218 @@
+"""``healer release``: package the final checkpoint as a directory ready to publish on the Hugging Face Hub.
+
+The release directory holds the weights (safetensors), config, generation config,
+tokenizer, ``recipe.yaml``, the learning-curve PNGs under ``images/``, a model card
+``README.md`` and, written last, ``manifest.json``: the stage-completion manifest,
+whose ``outputs.files`` maps every other file to its SHA-256 and size (package
+versions and the git commit sit beside it, as in every stage manifest).
+
+It reads, when present, ``<prune>/prune_report.json``, the ``cpt``/``sft``
+TensorBoard logs and manifests, and ``<eval>/eval.json``; a missing one is said so
+in the card. The directory is built under ``<output>.partial`` and moved into place
+at the end, so an interrupted release never leaves a half-written one behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from healer.errors import HealerError
+from healer.manifest import read_stage_manifest, write_stage_manifest
+from healer.release_config import ReleaseConfig
+
+# model.source shortcuts whose hub id is known (the GGUF file does not carry it).
+KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+TRAINING_STAGES = ("cpt", "sft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, dict]:
+    """Every file under ``folder`` (relative POSIX path) -> sha256 and size, except the manifest itself."""
+    return {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def _front_matter(readme: Path) -> dict:
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_identity(source: str, gguf_file: str | None) -> tuple[str | None, str | None]:
+    """(hub id, licence) of the base model as far as they can be known offline.
+
+    The licence comes from the base's own metadata: a GGUF's ``general.license``, or the
+    ``license`` in a local model directory's README front matter.
+    """
+    from healer.modeling import resolve_source
+
+    hub_id = KNOWN_BASES.get(source)
+    license = None
+    try:
+        location = resolve_source(source, gguf_file)
+    except HealerError:
+        return hub_id, None
+    if location.gguf_file:
+        try:
+            import gguf
+
+            field = gguf.GGUFReader(str(Path(location.path) / location.gguf_file)).fields.get("general.license")
+            license = field.contents() if field is not None else None
+        except Exception:  # an unreadable GGUF header only costs the licence line
+            license = None
+    elif Path(location.path).is_dir():
+        meta = _front_matter(Path(location.path) / "README.md")
+        license = meta.get("license")
+        base = meta.get("base_model")
+        hub_id = hub_id or (base if isinstance(base, str) else None)
+    elif HUB_ID.match(source):
+        hub_id = source
+    return hub_id, license if isinstance(license, str) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def training_stages(recipe) -> list[dict]:
+    """What each training stage's manifest says it did; a stage in the recipe without a manifest is 'missing'."""
+    out = []
+    for stage in TRAINING_STAGES:
+        manifest = read_stage_manifest(recipe.stage_dir(stage))
+        if manifest is None:
+            if getattr(recipe, stage) is not None:
+                out.append({"stage": stage, "missing": True})
+            continue
+        o = manifest.get("outputs", {})
+        if stage == "cpt":
+            how = "continued pretraining" + (" with knowledge distillation from the dense model" if o.get("kd") else "")
+        else:
+            rank = (o.get("lora") or {}).get("rank")
+            how = "LoRA instruction tuning" + (f" (rank {rank})" if rank else "") + ", merged into the weights"
+        out.append({"stage": stage, "how": how, "tokens_trained": o.get("tokens_trained"), "steps": o.get("steps"),
+                    "final_loss": o.get("final_loss"), "finished_at": manifest.get("finished_at")})
+    return out
+
+
+def _check_output(out: Path) -> None:
+    """Refuse to replace a directory that is not an earlier release: it may hold someone's work."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir())
+                         and (read_stage_manifest(out) or {}).get("stage") != "release"):
+        raise HealerError(f"release.output: {out} exists and is not a healer release; pick another "
+                          "release.output or remove it")
+
+
+def _replace_dir(partial: Path, out: Path) -> None:
+    _check_output(out)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+
+
+def build_release(recipe, out: Path) -> dict:
+    """Write the release directory ``out``; returns the manifest outputs."""
+    from healer.model_card import render
+    from healer.modeling import (count_parameters, load_model, load_tokenizer, resolve_source, save_and_verify,
+                                 torch_dtype)
+    from healer.plots import plot_curves, read_scalars
+    from healer.recipe import dump_recipe
+
+    cfg = recipe.release or ReleaseConfig()
+    source = recipe.stage_input("release")
+    gguf = recipe.model.gguf_file if source == recipe.model.source else None
+    _check_output(out)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+    print(f"healer release: packaging {source}")
+    location = resolve_source(source, gguf)
+    model = load_model(location, torch_dtype(recipe.model.dtype))
+    tokenizer = load_tokenizer(location)
+    save_and_verify(model, tokenizer, partial)  # safetensors + config + tokenizer, proven to reload as saved
+    if not (partial / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(model.config).save_pretrained(partial)
+    params_after = count_parameters(model)
+    del model
+
+    recipe_yaml = dump_recipe(recipe)
+    (partial / "recipe.yaml").write_text(recipe_yaml)
+
+    prune_report = _read_json(recipe.stage_dir("prune") / "prune_report.json")
+    eval_result = _read_json(recipe.stage_dir("eval") / "eval.json")
+    dense_eval = (eval_result or {}).get("dense") or {}
+    params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
+    curves, curves_missing = [], []
+    for stage in TRAINING_STAGES:
+        scalars = read_scalars(recipe.stage_dir(stage) / "tensorboard")
+        png = plot_curves(scalars, partial / "images" / f"{stage}_curves.png", f"{stage}: {recipe.name}")
+        if png is not None:
+            curves.append((stage, f"images/{png.name}"))
+        elif getattr(recipe, stage) is not None:
+            curves_missing.append(stage)
+
+    base_model, base_license = base_identity(recipe.model.source, recipe.model.gguf_file)
+    base_model = cfg.base_model or base_model
+    license = cfg.license or base_license
+    method = (prune_report or {}).get("method")
+    tags = list(dict.fromkeys([*cfg.tags, *([f"{method}-pruning"] if method in ("depth", "width") else [])]))
+    info = {
+        "name": cfg.model_name or recipe.name, "repo_id": cfg.repo_id, "base_model": base_model,
+        "base_source": recipe.model.source, "license": license, "tags": tags, "source": source,
+        "params_before": params_before, "params_after": params_after, "prune_report": prune_report,
+        "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
+        "eval": eval_result, "recipe_yaml": recipe_yaml,
+    }
+    (partial / "README.md").write_text(render(info), encoding="utf-8")
+
+    outputs = {
+        "source": source, "base_model": base_model, "license": license,
+        "parameters_before": params_before, "parameters_after": params_after,
+        "tokens_trained": {s["stage"]: s.get("tokens_trained") for s in info["training"]},
+        "curves": [png for _, png in curves],
+        "inputs_found": {"prune_report": prune_report is not None, "eval": eval_result is not None,
+                         **{f"{s}_tensorboard": s not in curves_missing and any(c[0] == s for c in curves)
+                            for s in TRAINING_STAGES}},
+        "files": file_hashes(partial),
+    }
+    write_stage_manifest(partial, "release", outputs)
+    _replace_dir(partial, out)
+    return outputs
+
+
+def run_release_stage(recipe, args: list[str]) -> int:
+    out = recipe.stage_dir("release")
+    outputs = build_release(recipe, out)
+    print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"
+          + (f" (base {outputs['parameters_before']:,})" if outputs["parameters_before"] else "")
+          + f"\nwrote {out} (model card: {out / 'README.md'})")
+    return 0
