@@ -132,10 +132,10 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     if dry_run:
         print(shlex.join(cmd))
         return 0
+    check_ssh(hosts)
     if shutil.which("pdsh") is None:
         raise HealerError("the DeepSpeed launcher needs pdsh to reach the hosts over ssh; install pdsh, or run "
                           "with --no-ssh and start `healer launch --no-ssh --node-rank K ...` on each host")
-    check_ssh(hosts)
     logs.mkdir(parents=True, exist_ok=True)
     env = rank_env(cfg.env)
     # The DeepSpeed launcher exports these to the remote ranks (it only forwards a few prefixes itself).
