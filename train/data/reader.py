@@ -84,6 +84,7 @@ class DocReader:
         self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = 0, 0, 0, 0, 0
         self._order = self._epoch_order()
         self._it = None
+        self._kind = "jsonl"
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -136,7 +137,8 @@ class DocReader:
         return None
 
     def _open(self, path: str):
-        if shard_kind(path) == "parquet":
+        self._kind = shard_kind(path)
+        if self._kind == "parquet":
             columns = [self.text_field.split(".")[0]]
             if self.domain is not None:
                 columns.append(self.domain_field.split(".")[0])
@@ -148,13 +150,12 @@ class DocReader:
             self.skips.add(kind, where, detail)
 
     def _parse(self, raw, path: str) -> str | None:
-        where = f"{path}:{self.line}"
-        kind = shard_kind(path)
+        kind = self._kind
         if kind == "txt":  # one document per line, as the `text` loader of `datasets` does
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                self._skip("non_utf8", where, str(err))
+                self._skip("non_utf8", f"{path}:{self.line}", str(err))
                 return None
             return text.rstrip("\r") if text.strip() else None
         if kind == "parquet":
@@ -167,21 +168,21 @@ class DocReader:
             try:
                 record = json.loads(raw)
             except UnicodeDecodeError as err:
-                self._skip("non_utf8", where, str(err))
+                self._skip("non_utf8", f"{path}:{self.line}", str(err))
                 return None
             except ValueError as err:
-                self._skip("malformed_json", where, str(err).split(":")[0])
+                self._skip("malformed_json", f"{path}:{self.line}", str(err).split(":")[0])
                 return None
             if not isinstance(record, dict):
-                self._skip("malformed_json", where, f"a record is a JSON object, got {type(record).__name__}")
+                self._skip("malformed_json", f"{path}:{self.line}", f"a record is a JSON object, got {type(record).__name__}")
                 return None
         if self.domain is not None and dotted(record, self.domain_field) != self.domain:
             return None
         text = dotted(record, self.text_field)
         if not isinstance(text, str):
-            self._skip("missing_text", where, f"no string field {self.text_field!r}")
+            self._skip("missing_text", f"{path}:{self.line}", f"no string field {self.text_field!r}")
             return None
         if not text.strip():
-            self._skip("empty_text", where)
+            self._skip("empty_text", f"{path}:{self.line}")
             return None
         return text

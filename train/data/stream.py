@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,7 @@ class PackedStream:
         if settings.bos and self.bos is None:
             raise HealerError("data.bos is true but the tokenizer has no BOS token")
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
+        if backend is not None and (backend.truncation is not None or backend.padding is not None):
             backend = copy.deepcopy(backend)  # a tokenizer.json may enable truncation; documents must stay whole
             backend.no_truncation()
             backend.no_padding()
@@ -98,8 +99,9 @@ class PackedStream:
         n = len(entries)
         self.status = ["active"] * n  # active | done (drained) | empty (no document for this worker)
         self.picks = 0
-        # per entry: chars and count of documents read, tokens and chars of documents tokenized
-        self.est = [[0, 0, 0, 0] for _ in range(n)]
+        # per entry: chars and count of documents read, tokens and chars of documents tokenized, and the
+        # tokens handed to it so far (estimated from characters at read time), which the mixture balances
+        self.est = [[0, 0, 0, 0, 0.0] for _ in range(n)]
         self.ended = False
         self.tokens, self.docs = [0] * n, [0] * n
         self._snapshot: dict | None = None
@@ -140,31 +142,37 @@ class PackedStream:
                 "skipped": dict(self.skips.counts), "skipped_examples": list(self.skips.examples)}
 
     # -- mixing ---------------------------------------------------------------------------------
+    def _tokens_per_char(self, i: int) -> float:
+        _, _, tokens, chars, _ = self.est[i]
+        if chars:
+            return tokens / chars
+        all_chars = sum(e[3] for e in self.est)
+        return sum(e[2] for e in self.est) / all_chars if all_chars else 0.25
+
     def _pick(self) -> int | None:
-        """Draw the next document's entry with probability ~ weight / expected tokens per document,
-        so that tokens, not documents, follow the weights."""
+        """The entry furthest behind its token share, with a seeded jitter of up to one mean document.
+
+        Following the deficit keeps every entry within about one document of its share at any point
+        (a plain weighted draw drifts by many long documents); the jitter makes the interleaving a
+        seeded random one. Tokens of documents not yet tokenized are estimated from their characters.
+        """
         active = [i for i, st in enumerate(self.status) if st == "active"]
         if not active:
             return None
         if len(active) == 1:
             return active[0]
-        chars = sum(e[0] for e in self.est)
         docs = sum(e[1] for e in self.est)
-        tok_chars = sum(e[3] for e in self.est)
-        mean_chars = chars / docs if docs else 1.0
-        tpc = sum(e[2] for e in self.est) / tok_chars if tok_chars else 0.25
-        scores = []
-        for i in active:
-            c, d, t, tc = self.est[i]
-            length = (c / d if d else mean_chars) * (t / tc if tc else tpc)
-            scores.append(self.entries[i].weight / max(length, 1e-6))
-        u = uniform(self.s.seed, self.worker, self.picks) * sum(scores)
+        mean_doc = sum(e[4] for e in self.est) / docs if docs else 1.0
+        weight = sum(self.entries[i].weight for i in active)
+        assigned = sum(self.est[i][4] for i in active)
+        best, best_score = active[0], float("-inf")
+        for k, i in enumerate(active):
+            deficit = self.entries[i].weight / weight * assigned - self.est[i][4]
+            score = deficit + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
+            if score > best_score:
+                best, best_score = i, score
         self.picks += 1
-        for i, score in zip(active, scores):
-            u -= score
-            if u < 0:
-                return i
-        return active[-1]
+        return best
 
     def _fill(self) -> bool:
         """Read and tokenize the next batch of documents; False when the stream has ended."""
@@ -195,20 +203,23 @@ class PackedStream:
             owners.append(i)
             self.est[i][0] += len(text)
             self.est[i][1] += 1
+            self.est[i][4] += len(text) * self._tokens_per_char(i)
         if not texts:
             self.ended = True
             return False
-        flat: list[int] = []
+        pieces: list[list[int]] = []  # bos?, ids, eos for every document, flattened once at the end
         starts: list[int] = []
+        pos = 0
+        head = [] if self.bos is None else [self.bos]
+        tail = [self.eos]
         for i, text, ids in zip(owners, texts, self._encode(texts)):
-            starts.append(len(flat))
-            if self.bos is not None:
-                flat.append(self.bos)
-            flat.extend(ids)
-            flat.append(self.eos)
-            self.est[i][2] += len(flat) - starts[-1]
+            starts.append(pos)
+            pieces += (head, ids, tail)
+            n = len(head) + len(ids) + 1
+            pos += n
+            self.est[i][2] += n
             self.est[i][3] += len(text)
-        self._flat = np.array(flat, dtype=np.int64)
+        self._flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=pos)
         self._starts, self._owners, self.cursor = starts, owners, 0
         return True
 
