@@ -108,7 +108,8 @@ def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn
         model = AutoModelForCausalLM.from_pretrained(location.path, **kwargs)
     except OSError as err:
         raise HealerError(f"cannot load model from {location}: {err}") from err
-    _forget_gguf_origin(model.config)
+    if location.gguf_file:
+        _forget_gguf_origin(model)
     model.eval()
     return model
 
@@ -125,10 +126,16 @@ def load_tokenizer(location: ModelLocation):
     return tokenizer
 
 
-def _forget_gguf_origin(config) -> None:
-    # A de-quantized GGUF model is a plain float model; leaving quantization_config in
-    # config.json would make from_pretrained of our output look for a GGUF file.
-    if getattr(config, "quantization_config", None) and config.quantization_config.get("quant_method") == "gguf":
+def _forget_gguf_origin(model) -> None:
+    # A de-quantized GGUF model is a plain float model; leaving the GGUF quantizer attached makes
+    # save_pretrained refuse, and quantization_config in config.json would send from_pretrained of
+    # our output looking for a GGUF file.
+    config = model.config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method is not None and str(getattr(method, "value", method)) == "gguf":
         del config.quantization_config
     if hasattr(config, "_name_or_path"):
         config._name_or_path = ""
