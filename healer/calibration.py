@@ -12,7 +12,8 @@ from healer.errors import CalibrationError
 
 
 def read_documents(path: str | Path, text_field: str = "text", max_documents: int = 20000) -> list[str]:
-    """Non-empty documents from ``path``: jsonl records' ``text_field``, or blank-line separated plain text.
+    """Non-empty documents from ``path``: jsonl records' ``text_field`` (``.zst`` allowed), or blank-line
+    separated plain text.
 
     Malformed jsonl lines are skipped; if nothing usable remains the error names the file.
     """
@@ -22,8 +23,9 @@ def read_documents(path: str | Path, text_field: str = "text", max_documents: in
     docs: list[str] = []
     bad_lines = 0
     first_bad: int | None = None
-    is_jsonl = file.suffix in (".jsonl", ".json")
-    with open(file, encoding="utf-8", errors="replace") as fh:
+    name = file.name[:-4] if file.name.endswith(".zst") else file.name
+    is_jsonl = name.endswith((".jsonl", ".json"))
+    with _open_text(file) as fh:
         if is_jsonl:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -57,6 +59,17 @@ def read_documents(path: str | Path, text_field: str = "text", max_documents: in
                 if bad_lines else "")
         raise CalibrationError(f"calibration file {file} has no usable text{hint}")
     return docs
+
+
+def _open_text(file: Path):
+    if file.name.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(file, "rb"), closefd=True),
+                                encoding="utf-8", errors="replace")
+    return open(file, encoding="utf-8", errors="replace")
 
 
 def calibration_tokens(docs: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0,

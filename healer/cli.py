@@ -63,16 +63,34 @@ VERBS: dict[str, Verb] = {
         {**_MODEL, "--input": "release.input", "--output": "release.output", "--name": "release.model_name",
          "--license": "release.license"},
     ),
-    "data": Verb(
-        "healer.train.data.cli:main",
-        "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
-        {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
-    ),
     "launch": Verb(
         "healer.launch.cli:main",
         "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
         {"--run-dir": "run_dir"},
     ),
+    "sft": Verb(
+        "healer.train.sft:run_sft_stage",
+        "LoRA instruction tuning (PEFT) under DeepSpeed -> adapter/ + merged/ HF model; --resume auto|none, --steps N",
+        {**_MODEL, "--input": "sft.input", "--output": "sft.output", "--data": "sft.data", "--lr": "sft.lr",
+         "--rank": "sft.rank", "--epochs": "sft.epochs", "--max-steps": "sft.max_steps",
+         "--zero-stage": "sft.zero_stage", "--max-samples": "sft.max_samples",
+         "--prompt-format": "sft.prompt_format"},
+    ),
+    "instruct": Verb(
+        "healer.train.self_distill:main",
+        "instruction data without downloads: `instruct build --output F.json` (teacher answers corpus prompts)",
+        {**_MODEL, "--teacher": "sft.self_distill.teacher", "--corpus": "sft.self_distill.corpus",
+         "--num-examples": "sft.self_distill.num_examples",
+         "--max-new-tokens": "sft.self_distill.max_new_tokens", "--output": "sft.self_distill.output"},
+    ),
+    "data": Verb(
+        "healer.train.data.cli:main",
+        "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
+        {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
+    ),
+    "run": Verb("healer.pipeline:run_pipeline",
+                "the whole recipe: prune -> cpt -> sft -> eval -> release; skips finished stages, resumes the rest",
+                dict(_MODEL)),
     "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
 }
 
@@ -134,12 +152,21 @@ def split_args(argv: list[str], aliases: dict[str, str]) -> tuple[str | None, li
             overrides.append(f"{key}={value}")
         elif "=" in arg and not arg.startswith("/"):
             overrides.append(arg)
-        elif config is None and (arg.endswith((".yaml", ".yml"))):
+        elif config is None and _is_recipe(arg):
             config = arg
         else:
             rest.append(arg)
         i += 1
     return config, overrides, rest
+
+
+def _is_recipe(arg: str) -> bool:
+    """A recipe file, or the name of a recipe shipped in healer.configs (``demo``)."""
+    import importlib.resources
+
+    if arg.endswith((".yaml", ".yml")):
+        return True
+    return "/" not in arg and (importlib.resources.files("healer.configs") / f"{arg}.yaml").is_file()
 
 
 _TOP_KEYS = {"name", "run_dir", "seed"}

@@ -38,11 +38,19 @@ class ModelConfig(Section):
     dtype: str = Field("float32", description="float32, bfloat16 or float16: the dtype weights are loaded in")
 
 
+class CorpusBuildConfig(Section):
+    """Build the offline demo corpus (Python's own documentation, as SlimPajama-style shards) before training."""
+
+    output: str = Field(description="directory to write train/ and validation/ shards into (skipped if present)")
+    max_docs: int | None = Field(None, gt=0)
+
+
 class Recipe(Section):
     name: str = "healer"
     run_dir: str = Field("runs/healer", description="every stage writes <run_dir>/<stage> unless told otherwise")
     seed: int = 0
     model: ModelConfig
+    build_corpus: CorpusBuildConfig | None = None
     prune: PruneConfig | None = None
     data: DataConfig | None = None
     cpt: CPTConfig | None = None
