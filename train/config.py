@@ -52,24 +52,54 @@ class CPTConfig(Section):
     seed: int = 0
 
 
+class SelfDistillConfig(Section):
+    """Instruction data made offline: prompts built from corpus text, answered by the unpruned teacher."""
+
+    teacher: str | None = Field(None, description="model that writes the answers; defaults to model.source")
+    corpus: str | None = Field(
+        None, description="directory/glob/file of .jsonl(.zst)/.txt text; defaults to the first data source, "
+                          "else the Python docs every install carries (pydoc_data)")
+    output: str | None = Field(None, description="Alpaca JSON written here; defaults to <sft stage dir>/self_distill.json")
+    num_examples: int = Field(128, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")
+    batch_size: int = Field(8, gt=0)
+    passage_chars: int = Field(500, gt=50, description="length of the corpus passage quoted in a prompt")
+    seed: int = 0
+
+
 class SFTConfig(Section):
-    """LoRA instruction tuning (PEFT) with the Shortened LLaMA defaults."""
+    """LoRA instruction tuning (PEFT) with the Shortened LLaMA defaults: rank 8, lr 1e-4, batch 64, 2 epochs."""
 
     input: str | None = Field(None, description="checkpoint to tune; defaults to the cpt stage's export")
     output: str | None = None
     data: str | None = Field(None, description="Alpaca-style JSON/JSONL or chat-style `messages` records")
-    prompt_format: Literal["auto", "alpaca", "chat"] = "auto"
-    max_samples: int | None = Field(None, gt=0)
-    max_seq_len: int = Field(512, gt=8)
+    self_distill: SelfDistillConfig | None = Field(
+        None, description="build the data with the teacher when `data` is not given (the offline demo)")
+    prompt_format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="auto: the tokenizer's chat template when it has one, else the Alpaca template")
+    max_samples: int | None = Field(None, gt=0, description="train on a seeded random subset of this many records")
+    max_seq_len: int = Field(512, gt=8, description="longer examples are cut; ones left with no reply are dropped")
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; all-linear = every linear projection except lm_head")
     lr: float = Field(1e-4, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
     epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     micro_batch_size: int = Field(4, gt=0)
     global_batch_size: int = Field(64, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    warmup_steps: int = Field(0, ge=0)
+    deepspeed_config: str | dict[str, Any] | None = Field(
+        None, description="a DeepSpeed JSON file, preset name or dict; recipe knobs fill what it leaves out")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints")
+    keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     seed: int = 0

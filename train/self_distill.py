@@ -1,0 +1,281 @@
+"""Instruction data without a download: prompts from corpus text, answered by the unpruned teacher.
+
+Self-data distillation: the dense model writes the replies its pruned copy is then tuned on, so tuning
+pulls the student back towards the teacher's behaviour instead of towards someone else's data set.
+Prompts are built from passages of the corpus (in the offline demo: the Python documentation every
+installation carries), e.g. "Summarize the following passage" with the passage as the Alpaca ``input``.
+
+    healer instruct build --model smollm2 --output runs/demo/instruct.json --num-examples 128
+
+or from Python, :func:`build_self_distilled_instructions`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from healer.errors import HealerError
+from healer.manifest import write_json_atomic
+
+# (instruction, whether the passage goes in as the Alpaca `input`). {title} is the passage's heading.
+TEMPLATES = (
+    ("Summarize the following passage from the Python documentation in two or three sentences.", True),
+    ("Explain in simple words what the following Python documentation passage is about.", True),
+    ("Explain what the Python topic \"{title}\" is about.", False),
+    ("List the key points of the following text as short bullet points.", True),
+    ("What is \"{title}\" in Python? Answer briefly.", False),
+    ("Write one question that the following passage answers, and then answer it.", True),
+)
+TEXT_SUFFIXES = (".jsonl.zst", ".jsonl", ".json.zst", ".txt")
+
+
+# ---------------------------------------------------------------- corpus text
+
+def default_corpus(data_cfg) -> str | None:
+    """The first local training source of the recipe's ``data:`` section, if it exists on disk."""
+    for source in getattr(data_cfg, "sources", None) or []:
+        if Path(source.path).exists() or glob.glob(source.path):
+            return source.path
+    return None
+
+
+def self_distill_output(sd_cfg, stage_dir: str | Path) -> Path:
+    return Path(sd_cfg.output) if sd_cfg.output else Path(stage_dir) / "self_distill.json"
+
+
+def pydoc_texts() -> list[str]:
+    """The Python documentation topics shipped with every CPython (``pydoc_data``), as a fallback corpus."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some distributions strip it
+        raise HealerError("no corpus given and this Python has no pydoc_data; set sft.self_distill.corpus") from err
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_texts(corpus: str | Path, text_field: str = "text", limit: int = 20000) -> list[str]:
+    """Texts from a directory (searched recursively), a glob or a file: .jsonl(.zst) records or plain .txt."""
+    path = Path(corpus)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(corpus), recursive=True))
+    if not files:
+        raise HealerError(f"sft.self_distill.corpus: {corpus} has no .jsonl, .jsonl.zst or .txt files")
+    texts: list[str] = []
+    for file in files:
+        for text in _file_texts(file, text_field):
+            if text.strip():
+                texts.append(text)
+            if len(texts) >= limit:
+                return texts
+    return texts
+
+
+def _file_texts(file: Path, text_field: str) -> Iterator[str]:
+    if file.suffix == ".txt":
+        yield from re.split(r"\n\s*\n\s*\n", file.read_text(encoding="utf-8", errors="replace"))
+        return
+    for lineno, line in enumerate(_lines(file), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line).get(text_field)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a bad record costs one prompt, not the run
+        if isinstance(text, str):
+            yield text
+
+
+def _lines(file: Path) -> Iterable[str]:
+    if file.name.endswith(".zst"):
+        import zstandard
+
+        with open(file, "rb") as raw:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            yield from io.TextIOWrapper(reader, encoding="utf-8", errors="replace")
+    else:
+        with open(file, encoding="utf-8", errors="replace") as fh:
+            yield from fh
+
+
+# ---------------------------------------------------------------- prompts
+
+def title_of(text: str) -> str:
+    """A document's heading: its first line with reST/markdown decoration stripped."""
+    for line in text.splitlines():
+        line = line.strip().strip("#*=-~`").strip()
+        if len(line) >= 3:
+            return line[:80].rstrip(" .:")
+    return ""
+
+
+def passage_of(text: str, rng: random.Random, chars: int) -> str:
+    """About ``chars`` characters from a random paragraph onwards, cut at a sentence end when one is near."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 40]
+    if not paragraphs:
+        return ""
+    start = rng.randrange(len(paragraphs))
+    passage = ""
+    for p in paragraphs[start:]:
+        passage = f"{passage}\n\n{p}" if passage else p
+        if len(passage) >= chars:
+            break
+    if len(passage) > chars:
+        cut = passage[:chars]
+        end = max(cut.rfind(". "), cut.rfind(".\n"))
+        passage = cut[:end + 1] if end > chars // 2 else cut.rsplit(" ", 1)[0]
+    return passage.strip()
+
+
+def build_prompts(texts: list[str], n: int, seed: int = 0, passage_chars: int = 500) -> list[dict]:
+    """Up to ``n`` distinct Alpaca prompts (``instruction``, ``input``), spread over documents and templates."""
+    rng = random.Random(seed)
+    docs = [t for t in texts if len(t) >= 200]
+    if not docs:
+        raise HealerError("the corpus has no document of 200 characters or more to build prompts from")
+    rng.shuffle(docs)
+    prompts, seen = [], set()
+    for round_ in range(len(TEMPLATES)):
+        for i, doc in enumerate(docs):
+            instruction, with_passage = TEMPLATES[(i + round_) % len(TEMPLATES)]
+            title = title_of(doc)
+            if "{title}" in instruction and not title:
+                continue
+            record = {"instruction": instruction.format(title=title),
+                      "input": passage_of(doc, rng, passage_chars) if with_passage else ""}
+            key = (record["instruction"], record["input"])
+            if (with_passage and not record["input"]) or key in seen:
+                continue
+            seen.add(key)
+            prompts.append(record)
+            if len(prompts) == n:
+                return prompts
+    return prompts
+
+
+# ---------------------------------------------------------------- answers
+
+def tidy_reply(text: str, finished: bool) -> str:
+    """Strip the reply; one cut off by max_new_tokens loses its unfinished last sentence."""
+    text = text.strip()
+    if not finished:
+        end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
+        if text.endswith((".", "!", "?")):
+            end = len(text) - 1
+        if end >= len(text) // 2:
+            text = text[:end + 1].strip()
+    return text
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, temperature: float = 0.0,
+           batch_size: int = 8, seed: int = 0) -> list[str]:
+    """The teacher's reply to each prompt, in the teacher's own chat template when it has one."""
+    from tqdm.auto import tqdm
+
+    from healer.train.instruct import alpaca_prompt, to_messages
+
+    def render(p: dict) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(to_messages({**p, "output": ""})[:1], tokenize=False,
+                                                 add_generation_prompt=True)
+        return alpaca_prompt(p["instruction"], p["input"])
+
+    texts = [render(p) for p in prompts]
+    # Batch prompts of similar length so little compute goes to padding; answers go back in order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    replies: list[str] = [""] * len(texts)
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else \
+        {"do_sample": False}
+    bar = tqdm(total=len(texts), desc="teacher answers", unit="prompt")
+    # A prompt that leaves no room for the reply inside the model's context is skipped (its reply stays "").
+    room = getattr(model.config, "max_position_embeddings", None)
+    if room:
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = [i for i in order if lengths[i] + max_new_tokens <= room]
+        bar.update(len(texts) - len(order))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=not getattr(tokenizer, "chat_template", None))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos, repetition_penalty=1.1, **sampling)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            finished = eos is not None and bool((new[row] == eos).any())
+            replies[i] = tidy_reply(tokenizer.decode(new[row], skip_special_tokens=True), finished)
+        bar.update(len(idx))
+    bar.close()
+    return replies
+
+
+def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: str | Path | list[str] | None,
+                                      out_file: str | Path, n: int = 128, max_new_tokens: int = 96,
+                                      seed: int = 0, *, temperature: float = 0.0, batch_size: int = 8,
+                                      passage_chars: int = 500, gguf_file: str | None = None,
+                                      dtype: str = "float32") -> Path:
+    """Write ``n`` Alpaca records (instruction, input, output) to ``out_file`` and return its path.
+
+    Args:
+        teacher_source: the unpruned model (any ``model.source``: HF dir, hub id, .gguf, ``smollm2``).
+        corpus_dir_or_texts: a corpus directory/glob/file, a list of texts, or None for ``pydoc_data``.
+        n: records wanted; fewer when the corpus has fewer distinct prompts.
+        max_new_tokens: length cap of a reply; a cut-off reply is trimmed to its last full sentence.
+        seed: picks documents, passages and (when ``temperature`` > 0) the sampled tokens.
+        temperature: 0 decodes greedily (the default, deterministic); above 0 samples with top-p 0.95.
+    """
+    from healer.modeling import load_model, load_tokenizer, resolve_source, torch_dtype
+
+    t0 = time.perf_counter()
+    if corpus_dir_or_texts is None:
+        texts = pydoc_texts()
+    elif isinstance(corpus_dir_or_texts, (list, tuple)):
+        texts = list(corpus_dir_or_texts)
+    else:
+        texts = read_texts(corpus_dir_or_texts)
+    prompts = build_prompts(texts, n, seed=seed, passage_chars=passage_chars)
+    location = resolve_source(teacher_source, gguf_file)
+    tokenizer = load_tokenizer(location)
+    model = load_model(location, dtype=torch_dtype(dtype))
+    replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     batch_size=batch_size, seed=seed)
+    records = [{**p, "output": r} for p, r in zip(prompts, replies) if len(r) >= 10]  # empty, too long or junk
+    if not records:
+        raise HealerError(f"the teacher {teacher_source} gave no usable reply to {len(prompts)} prompts")
+    write_json_atomic(out_file, records)
+    print(f"instruct: {len(records)} records ({len(prompts) - len(records)} empty replies dropped) from "
+          f"{len(texts)} documents, answered by {location} in {time.perf_counter() - t0:.0f}s -> {out_file}")
+    return Path(out_file)
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(recipe, args: list[str]) -> int:
+    """``healer instruct build [--output F] [--num-examples N] [--corpus DIR] [--teacher M]``."""
+    if args[:1] != ["build"] or len(args) > 1:
+        raise HealerError("usage: healer instruct build [--config recipe.yaml] [--output F.json] "
+                          "[--num-examples N] [--max-new-tokens T] [--corpus DIR] [--teacher MODEL]")
+    from healer.train.config import SelfDistillConfig
+
+    sd = (recipe.sft.self_distill if recipe.sft and recipe.sft.self_distill else SelfDistillConfig())
+    out = self_distill_output(sd, recipe.stage_dir("sft"))
+    build_self_distilled_instructions(
+        sd.teacher or recipe.model.source, sd.corpus or default_corpus(recipe.data), out, n=sd.num_examples,
+        max_new_tokens=sd.max_new_tokens, seed=sd.seed, temperature=sd.temperature, batch_size=sd.batch_size,
+        passage_chars=sd.passage_chars, gguf_file=None if sd.teacher else recipe.model.gguf_file,
+        dtype=recipe.model.dtype)
+    return 0
