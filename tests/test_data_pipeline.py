@@ -284,3 +284,23 @@ def test_domain_weights_rebalance_the_skewed_slimpajama_sample():
     assert total == 250 * 8 * 1024
     for domain, weight in weights.items():
         assert abs(tokens[domain] / total - weight) < 0.03, tokens
+
+
+def test_later_epochs_from_memory_match_rereading_and_resume(tmp_path, tok):
+    docs = make_docs(40)
+    docs[7] = {"text": "", "meta": {"redpajama_set_name": "A"}}  # one bad record, met again every epoch
+    write_shards(tmp_path / "c", docs, per_shard=9)
+    base = dict(sources=[{"path": str(tmp_path / "c"), "domains": {"A": 0.6, "B": 0.4}}], seq_len=16,
+                tokenizer_batch_size=5)
+    reread = build_loader(DataConfig(**base, repeat_cache_mb=0), tok, micro_batch_size=2)
+    cached_cfg = DataConfig(**base, repeat_cache_mb=1)
+    cached = build_loader(cached_cfg, tok, micro_batch_size=2)
+    a, b = take(reread, 60), take(cached, 60)  # ~1900 tokens: the ~500-token corpus several times over
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    assert cached.stats() == reread.stats() and cached.stats()["skipped"] == {"empty_text": 1}
+    first = build_loader(cached_cfg, tok, micro_batch_size=2)
+    take(first, 41)  # well into a later epoch
+    assert first.state_dict()["streams"][0]["batch_start"]["readers"][0]["epoch"] >= 2
+    resumed = build_loader(cached_cfg, tok, micro_batch_size=2)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(take(resumed, 19), b[41:]))

@@ -43,4 +43,8 @@ class DataConfig(Section):
     tokenizer_batch_size: int = Field(256, gt=0, description="documents tokenized per call")
     num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank (0: read in the trainer)")
     shuffle_files: bool = Field(True, description="shuffle each worker's shard order every epoch (seeded)")
+    repeat_cache_mb: int = Field(
+        16, ge=0, description="from its 2nd epoch on, keep a source's (domain's) documents in memory when a "
+                              "worker's share is at most this many MB of text: upsampled small domains are "
+                              "then not re-read from the shards; 0 = off")
     seed: int = 0

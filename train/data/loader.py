@@ -189,7 +189,8 @@ def build_loader(cfg: DataConfig, tokenizer, *, rank: int = 0, world_size: int =
         raise HealerError(f"data loader: split must be 'train' or 'validation', not {split!r}")
     settings = StreamSettings(seq_len=cfg.seq_len, micro_batch_size=micro_batch_size, policy=policy, seed=cfg.seed,
                               strict=cfg.bad_records == "strict", reset_position_ids=cfg.reset_position_ids,
-                              tokenizer_batch_size=cfg.tokenizer_batch_size, shuffle_files=shuffle, bos=cfg.bos)
+                              tokenizer_batch_size=cfg.tokenizer_batch_size, shuffle_files=shuffle, bos=cfg.bos,
+                              cache_chars=cfg.repeat_cache_mb * 1_000_000)
     return StreamLoader(entries, tokenizer, settings, rank=rank, world_size=world_size,
                         num_workers=cfg.num_workers, split=split)
 

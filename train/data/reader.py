@@ -6,11 +6,12 @@ Either way the workers of all ranks together read each record exactly once per e
 
 Bad records are skipped and counted by kind (``skip``) or stop the run with the file and line
 (``strict``). When one stream is split into domains, each domain has its own reader over the same
-files; only the first one counts bad records, so each is counted once.
+files; only the first one counts bad records, and only in its first epoch, so each is counted once.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from dataclasses import dataclass, field
@@ -65,11 +66,14 @@ class DocReader:
         domain: keep only records whose domain is this (None: keep all).
         skips: where bad records are reported; ``count_skips=False`` reports none (strict still raises).
         shuffle_seed: shuffle this worker's file order each epoch with this seed (None: keep sorted order).
+        cache_chars: from the second epoch on, serve documents from memory when this worker's share of
+            the source holds at most this many characters; an upsampled small domain then costs no
+            re-reading of the shards it is scattered in. 0 turns it off.
     """
 
     def __init__(self, files: list[str], *, worker: int, num_workers: int, text_field: str = "text",
                  domain_field: str | None = None, domain: str | None = None, skips: Skips,
-                 count_skips: bool = True, shuffle_seed: int | None = None):
+                 count_skips: bool = True, shuffle_seed: int | None = None, cache_chars: int = 0):
         if len(files) >= num_workers:
             self.files, self.stride, self.phase = files[worker::num_workers], 1, 0
         else:  # fewer files than workers: everybody reads every file, each its own lines
@@ -85,6 +89,9 @@ class DocReader:
         self._order = self._epoch_order()
         self._it = None
         self._kind = "jsonl"
+        self.cache_chars = cache_chars
+        # path -> (offsets, lines, texts) of this worker's documents; None: not built; False: too big
+        self._cache: dict | bool | None = None
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -111,6 +118,11 @@ class DocReader:
     # -- reading --------------------------------------------------------------------------------
     def next_text(self) -> str | None:
         """The next document's text, or None at the end of this epoch's files."""
+        if self.epoch > 0 and self.cache_chars:
+            if self._cache is None:
+                self._cache = self._build_cache()
+            if self._cache:
+                return self._next_cached()
         while self.index < len(self._order):
             path = self._order[self.index]
             if self._it is None:
@@ -121,7 +133,7 @@ class DocReader:
                     self.line += 1
                     if (self.line - 1) % self.stride != self.phase:
                         continue
-                    text = self._parse(raw, path)
+                    text = self._parse(raw, path, self.line)
                     if text is not None:
                         self.docs_this_epoch += 1
                         return text
@@ -136,26 +148,70 @@ class DocReader:
             self.index, self.offset, self.line, self._it = self.index + 1, 0, 0, None
         return None
 
-    def _open(self, path: str):
+    def _build_cache(self) -> dict | bool:
+        """Every document of this worker's files with the position after it, or False past ``cache_chars``.
+
+        Bad records were counted in the first epoch; this pass counts nothing."""
+        cache, chars = {}, 0
+        for path in self.files:
+            offsets, lines, texts = [], [], []
+            line = 0
+            try:
+                for raw, pos in self._open(path, 0):
+                    line += 1
+                    if (line - 1) % self.stride != self.phase:
+                        continue
+                    text = self._parse(raw, path, line)
+                    if text is not None:
+                        chars += len(text)
+                        if chars > self.cache_chars:
+                            return False
+                        offsets.append(pos)
+                        lines.append(line)
+                        texts.append(text)
+            except HealerError:
+                raise
+            except Exception:  # a damaged shard ends where the first epoch found it ending
+                pass
+            cache[path] = (offsets, lines, texts)
+        return cache
+
+    def _next_cached(self) -> str | None:
+        while self.index < len(self._order):
+            offsets, lines, texts = self._cache[self._order[self.index]]
+            k = bisect.bisect_right(offsets, self.offset)
+            if k < len(offsets):
+                self.offset, self.line = offsets[k], lines[k]
+                self.docs_this_epoch += 1
+                return texts[k]
+            self.index, self.offset, self.line = self.index + 1, 0, 0
+        return None
+
+    def _open(self, path: str, offset: int | None = None):
+        offset = self.offset if offset is None else offset
         self._kind = shard_kind(path)
         if self._kind == "parquet":
             columns = [self.text_field.split(".")[0]]
             if self.domain is not None:
                 columns.append(self.domain_field.split(".")[0])
-            return iter_parquet_rows(path, columns, self.offset)
-        return iter_lines(path, self.offset)
+            return iter_parquet_rows(path, columns, offset)
+        return iter_lines(path, offset)
+
+    def _counting(self) -> bool:
+        # each bad record is counted once: by the first domain's reader, in the first epoch
+        return self.count_skips and self.epoch == 0
 
     def _skip(self, kind: str, where: str, detail: str = "") -> None:
-        if self.count_skips or self.skips.strict:
+        if self._counting() or self.skips.strict:
             self.skips.add(kind, where, detail)
 
-    def _parse(self, raw, path: str) -> str | None:
+    def _parse(self, raw, path: str, line: int) -> str | None:
         kind = self._kind
         if kind == "txt":  # one document per line, as the `text` loader of `datasets` does
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                self._skip("non_utf8", f"{path}:{self.line}", str(err))
+                self._skip("non_utf8", f"{path}:{line}", str(err))
                 return None
             return text.rstrip("\r") if text.strip() else None
         if kind == "parquet":
@@ -163,26 +219,26 @@ class DocReader:
         else:
             if not raw.strip():  # blank line between records
                 return None
-            if self._needle is not None and not self.count_skips and self._needle not in raw:
+            if self._needle is not None and not self._counting() and self._needle not in raw:
                 return None
             try:
                 record = json.loads(raw)
             except UnicodeDecodeError as err:
-                self._skip("non_utf8", f"{path}:{self.line}", str(err))
+                self._skip("non_utf8", f"{path}:{line}", str(err))
                 return None
             except ValueError as err:
-                self._skip("malformed_json", f"{path}:{self.line}", str(err).split(":")[0])
+                self._skip("malformed_json", f"{path}:{line}", str(err).split(":")[0])
                 return None
             if not isinstance(record, dict):
-                self._skip("malformed_json", f"{path}:{self.line}", f"a record is a JSON object, got {type(record).__name__}")
+                self._skip("malformed_json", f"{path}:{line}", f"a record is a JSON object, got {type(record).__name__}")
                 return None
         if self.domain is not None and dotted(record, self.domain_field) != self.domain:
             return None
         text = dotted(record, self.text_field)
         if not isinstance(text, str):
-            self._skip("missing_text", f"{path}:{self.line}", f"no string field {self.text_field!r}")
+            self._skip("missing_text", f"{path}:{line}", f"no string field {self.text_field!r}")
             return None
         if not text.strip():
-            self._skip("empty_text", f"{path}:{self.line}")
+            self._skip("empty_text", f"{path}:{line}")
             return None
         return text

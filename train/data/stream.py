@@ -51,6 +51,7 @@ class StreamSettings:
     tokenizer_batch_size: int = 256
     shuffle_files: bool = True
     bos: bool = False
+    cache_chars: int = 16_000_000
 
 
 def _mix(x: int) -> int:
@@ -93,7 +94,7 @@ class PackedStream:
         self.readers = [
             DocReader(list(e.files), worker=worker, num_workers=num_workers, text_field=e.text_field,
                       domain_field=e.domain_field, domain=e.domain, skips=self.skips, count_skips=e.count_skips,
-                      shuffle_seed=settings.seed if settings.shuffle_files else None)
+                      shuffle_seed=settings.seed if settings.shuffle_files else None, cache_chars=settings.cache_chars)
             for e in entries
         ]
         n = len(entries)
