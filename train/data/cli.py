@@ -69,16 +69,16 @@ def stats(recipe, *, batches: int, split: str) -> int:
     cfg = recipe.data
     tokenizer = load_tokenizer(resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision))
     loader = build_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=1, split=split)
-    last = None
-    for n, batch in enumerate(tqdm(loader, total=batches, desc=f"reading {split} blocks", unit="block")):
-        last = batch
-        if n + 1 >= batches:
+    last, read = None, 0
+    for batch in tqdm(loader, total=batches, desc=f"reading {split} blocks", unit="block"):
+        last, read = batch, read + 1
+        if read >= batches:
             break
     s = loader.stats()
     total = sum(s["tokens"].values()) or 1
     weights = {e.name: e.weight for e in loader.entries}
     print(f"\n{split} stream: {len(loader.entries)} source(s), seq_len {cfg.seq_len}, "
-          f"{total:,} tokens in {batches} block(s)")
+          f"{total:,} tokens in {read} block(s)" + ("" if read == batches else " (the stream ended)"))
     print(f"{'source':<32} {'documents':>10} {'tokens':>12} {'share':>7} {'weight':>7}")
     for name, tokens in s["tokens"].items():
         print(f"{name:<32} {s['documents'][name]:>10,} {tokens:>12,} {tokens / total:>7.1%} {weights[name]:>7.1%}")
