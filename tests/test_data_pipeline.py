@@ -304,3 +304,26 @@ def test_later_epochs_from_memory_match_rereading_and_resume(tmp_path, tok):
     resumed = build_loader(cached_cfg, tok, micro_batch_size=2)
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(take(resumed, 19), b[41:]))
+
+
+def test_remote_paths_go_through_fsspec_and_resume(tok):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")  # an fsspec filesystem in this process: the s3:// / hf:// code path, offline
+    docs = make_docs(30)
+    for k in range(3):
+        body = b"".join(json.dumps(d).encode() + b"\n" for d in docs[k * 10:(k + 1) * 10])
+        with fs.open(f"/healer-test/train/example_train_{k}.jsonl.zst", "wb") as fh:
+            fh.write(zstandard.ZstdCompressor().compress(body))
+    try:
+        cfg = DataConfig(sources=[{"path": "memory://healer-test/train/*.jsonl.zst"}], seq_len=8,
+                         shuffle_files=False, tokenizer_batch_size=4)
+        reference = take(build_loader(cfg, tok, micro_batch_size=1), 30)
+        got = torch.cat([b["input_ids"].flatten() for b in reference]).tolist()
+        assert got == expected_stream(tok, docs)[: len(got)]
+        first = build_loader(cfg, tok, micro_batch_size=1)
+        take(first, 11)
+        resumed = build_loader(cfg, tok, micro_batch_size=1)
+        resumed.load_state_dict(first.state_dict())
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 19), reference[11:]))
+    finally:
+        fs.rm("/healer-test", recursive=True)

@@ -63,14 +63,19 @@ def resolve_files(path: str, key: str = "data.sources") -> list[str]:
     ``s3://``, ``https://`` and ``hf://datasets/org/name/...`` paths go through fsspec.
     """
     if is_remote(path):
-        fs, _, paths = _fsspec().get_fs_token_paths(path)
+        from fsspec.core import url_to_fs
+
+        _fsspec()
+        fs, stripped = url_to_fs(path)
         protocol = path.split("://", 1)[0]
         if any(ch in path for ch in "*?["):
-            found = fs.glob(paths[0])
-        elif fs.isdir(paths[0]):
-            found = fs.find(paths[0])
+            found = fs.glob(stripped)
+        elif fs.isdir(stripped):
+            found = fs.find(stripped)
+        elif fs.isfile(stripped):
+            found = [stripped]
         else:
-            found = paths
+            raise HealerError(f"{key}: {path!r} does not exist")
         files = sorted(f if "://" in f else f"{protocol}://{f}" for f in found if _supported(f))
     elif any(ch in path for ch in "*?["):
         files = sorted(f for f in globlib.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
