@@ -84,6 +84,14 @@ def test_jsonl_text_is_joined_and_bad_lines_are_named(tmp_path):
     good = tmp_path / "docs.jsonl"
     good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert read_text(good) == "one\n\ntwo"
+    import zstandard
+
+    shard = tmp_path / "shard.jsonl.zst"
+    lines = "".join(json.dumps({"text": f"doc {i} " * 50, "meta": {}}) + "\n" for i in range(100))
+    shard.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    assert read_text(shard).count("doc 99") == 50
+    capped = read_text(shard, max_chars=1000)  # stops after the documents that reach 1000 characters
+    assert 1000 <= len(capped) < 1000 + 400 and "doc 3 " in capped and "doc 4 " not in capped
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(Exception, match=r"bad.jsonl:2: .*`text`"):

@@ -21,41 +21,50 @@ from tqdm import tqdm
 from healer.errors import HealerError
 
 
-def read_text(path: str | Path) -> str:
+def _open_text(path: Path):
+    """A text stream over ``path``, decompressing ``.zst`` on the fly."""
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def read_text(path: str | Path, max_chars: int | None = None) -> str:
     """The text of a plain text file, or of a JSON-lines / JSON-list file's ``text`` fields (``.zst`` allowed).
 
     Documents are joined with a blank line, the way a web corpus reads as one stream.
+    ``max_chars`` stops reading once that much text is in hand, so a cap on tokens does not
+    mean decompressing a whole corpus shard.
     """
     path = Path(path)
     if not path.is_file():
         raise HealerError(f"eval.perplexity_files: {path} does not exist")
-    name = path.name
-    raw = path.read_bytes()
-    if name.endswith(".zst"):
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
-        name = name[: -len(".zst")]
-    text = raw.decode("utf-8", errors="replace")
-    if name.endswith(".jsonl"):
-        docs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HealerError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise HealerError(f"{path}:{lineno}: a JSON-lines record needs a string field `text`")
-            docs.append(record["text"])
-        return "\n\n".join(docs)
-    if name.endswith(".json"):
-        records = json.loads(text)
-        if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
-            raise HealerError(f"{path}: a JSON file for perplexity is a list of objects with a `text` field")
-        return "\n\n".join(r["text"] for r in records)
-    return text
+    name = path.name[: -len(".zst")] if path.name.endswith(".zst") else path.name
+    with _open_text(path) as fh:
+        if name.endswith(".jsonl"):
+            docs, size = [], 0
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise HealerError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise HealerError(f"{path}:{lineno}: a JSON-lines record needs a string field `text`")
+                docs.append(record["text"])
+                size += len(record["text"]) + 2
+                if max_chars is not None and size >= max_chars:
+                    break
+            return "\n\n".join(docs)
+        if name.endswith(".json"):
+            records = json.load(fh)
+            if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
+                raise HealerError(f"{path}: a JSON file for perplexity is a list of objects with a `text` field")
+            return "\n\n".join(r["text"] for r in records)
+        return fh.read(max_chars) if max_chars is not None else fh.read()
 
 
 def resolve_bos(tokenizer, policy: str) -> int | None:

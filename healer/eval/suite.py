@@ -41,7 +41,9 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
     ppl: dict[str, dict] = {}
     notes: list[str] = []
     for file in cfg.perplexity_files:
-        ids = tokenize(tokenizer, read_text(file), cfg.max_tokens)
+        # Tokens average well under 16 characters, so this many characters always holds max_tokens tokens.
+        max_chars = cfg.max_tokens * 16 if cfg.max_tokens else None
+        ids = tokenize(tokenizer, read_text(file, max_chars), cfg.max_tokens)
         per_ctx: dict[str, dict] = {}
         for ctx in cfg.context_lengths:
             if limit_pos is not None and ctx > limit_pos:
@@ -52,6 +54,8 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
                 continue
             per_ctx[str(ctx)] = perplexity(model, tokenizer, ids, ctx, bos=cfg.bos, batch_size=cfg.batch_size)
         ppl[Path(file).name] = per_ctx
+    if not cfg.perplexity_files and not cfg.tasks:
+        notes.append("nothing to measure: set eval.perplexity_files and/or eval.tasks")
     tasks = {}
     if cfg.tasks:
         from healer.eval.harness import run_tasks
