@@ -38,6 +38,12 @@ class Skips:
         if len(self.examples) < MAX_EXAMPLES and msg not in self.examples:  # a repeated source meets it again
             self.examples.append(msg)
 
+    def note(self, kind: str, msg: str) -> None:
+        """Count something worth a look that is not a bad record (never stops a strict run)."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES and msg not in self.examples:
+            self.examples.append(msg)
+
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "examples": list(self.examples)}
 

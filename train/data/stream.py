@@ -192,6 +192,9 @@ class PackedStream:
             if text is None:  # this entry's files are used up for this epoch
                 if reader.docs_this_epoch == 0:
                     self.status[i] = "empty"
+                    # legitimate for a rare domain split over many workers, a typo when every worker says it
+                    self.skips.note("empty_source", f"{self.entries[i].name}: no document in worker {self.worker}'s "
+                                                    "share (check the path, text_field and domain name)")
                 elif self.s.policy == "repeat":
                     reader.new_epoch()
                 elif self.s.policy == "stop":
