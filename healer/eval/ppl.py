@@ -85,6 +85,8 @@ def resolve_bos(tokenizer, policy: str) -> int | None:
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of ``text`` with no special tokens (BOS is the window's business, not the text's)."""
+    if max_tokens is not None:
+        text = text[: max_tokens * 16]  # tokens average well under 16 characters; spare tokenizing the rest
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if max_tokens is not None:
         ids = ids[:max_tokens]

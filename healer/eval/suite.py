@@ -41,8 +41,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
     ppl: dict[str, dict] = {}
     notes: list[str] = []
     for file in cfg.perplexity_files:
-        # Tokens average well under 16 characters, so this many characters always holds max_tokens tokens.
-        max_chars = cfg.max_tokens * 16 if cfg.max_tokens else None
+        max_chars = cfg.max_tokens * 16 if cfg.max_tokens else None  # see tokenize()
         ids = tokenize(tokenizer, read_text(file, max_chars), cfg.max_tokens)
         per_ctx: dict[str, dict] = {}
         for ctx in cfg.context_lengths:
