@@ -327,3 +327,20 @@ def test_remote_paths_go_through_fsspec_and_resume(tok):
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 19), reference[11:]))
     finally:
         fs.rm("/healer-test", recursive=True)
+
+
+def test_resume_does_not_reread_finished_shards(tmp_path, tok):
+    shards = write_shards(tmp_path / "c", make_docs(60), per_shard=10)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=16, shuffle_files=False, tokenizer_batch_size=3,
+                     repeat_cache_mb=0)
+    reference = take(build_loader(cfg, tok, micro_batch_size=1), 40)
+    first = build_loader(cfg, tok, micro_batch_size=1)
+    take(first, 30)
+    position = first.state_dict()["streams"][0]["batch_start"]["readers"][0]
+    assert position["epoch"] == 0 and position["index"] >= 2
+    for done in shards[: position["index"]]:
+        done.write_bytes(b"garbage that a re-read would count as a corrupt shard")
+    resumed = build_loader(cfg, tok, micro_batch_size=1)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 10), reference[30:]))
+    assert resumed.stats()["skipped"] == {}
