@@ -11,7 +11,7 @@ import json
 from healer.errors import HealerError
 
 USAGE = ("usage: healer data stats --config recipe.yaml [--batches N] [--split train|validation]\n"
-         "       healer data build-corpus --output DIR [--max-docs N]")
+         "       healer data build-corpus --output DIR [--max-docs N]   (or: healer data build-corpus demo)")
 
 
 def _options(args: list[str], known: dict[str, type]) -> dict:
@@ -44,8 +44,12 @@ def main(recipe, args: list[str]) -> int:
     action, rest = args[0], args[1:]
     if action == "build-corpus":
         opts = _options(rest, {"--output": str, "--max-docs": int})
-        if "output" not in opts:
-            raise HealerError(f"build-corpus needs --output DIR\n{USAGE}")
+        section = getattr(recipe, "build_corpus", None)  # the recipe's `build_corpus:` fills what flags leave out
+        if section is not None:
+            opts.setdefault("output", section.output)
+            opts.setdefault("max_docs", getattr(section, "max_docs", None))
+        if not opts.get("output"):
+            raise HealerError(f"build-corpus needs --output DIR (or a recipe with build_corpus.output)\n{USAGE}")
         from healer.train.data.corpus import build_demo_corpus
 
         counts = build_demo_corpus(opts["output"], max_docs=opts.get("max_docs"))
