@@ -156,14 +156,14 @@ def render(info: dict) -> str:
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
-    summary = pruning_summary(report) if report else "not pruned by healer"
     before, after = info.get("params_before"), info.get("params_after")
     intro = f"`{name}` is " + (f"[{base}](https://huggingface.co/{base}) " if info.get("base_model") else f"{base} ")
     parts = [front_matter(info.get("base_model"), info.get("license"), info.get("tags") or []), f"# {name}", "", intro]
-    done = [s["how"] for s in info.get("training") or [] if not s.get("missing") and s.get("how")]
-    healing = f" and healing with healer: {'; then '.join(done)}" if done else " (no healing stage ran)"
-    parts[-1] += (f"after structured pruning ({summary}){healing}. It is a plain `transformers` checkpoint; "
-                  "no custom code is needed.")
+    steps = [f"structured pruning ({pruning_summary(report)})"] if report else []
+    steps += [s["how"] for s in info.get("training") or [] if not s.get("missing") and s.get("how")]
+    parts[-1] += (f"after {', then '.join(steps)}, done with healer." if steps
+                  else "packaged by healer, with no pruning or training recorded.")
+    parts[-1] += " It is a plain `transformers` checkpoint; no custom code is needed."
     if not info.get("license"):
         parts += ["", "*The base model's licence could not be determined; set `release.license` in the recipe.*"]
     parts += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -154,7 +154,7 @@ def build_release(recipe, out: Path) -> dict:
 
     print(f"healer release: packaging {source}")
     location = resolve_source(source, gguf)
-    model = load_model(location, torch_dtype(recipe.model.dtype))
+    model = load_model(location, torch_dtype(cfg.dtype or recipe.model.dtype))
     tokenizer = load_tokenizer(location)
     save_and_verify(model, tokenizer, partial)  # safetensors + config + tokenizer, proven to reload as saved
     if not (partial / "generation_config.json").is_file():
@@ -164,6 +164,8 @@ def build_release(recipe, out: Path) -> dict:
     params_after = count_parameters(model)
     del model
 
+    for path in partial.iterdir():  # transformers writes weights owner-only; a release is for everyone to read
+        path.chmod(0o644)
     recipe_yaml = dump_recipe(recipe)
     (partial / "recipe.yaml").write_text(recipe_yaml)
 

@@ -15,5 +15,7 @@ class ReleaseConfig(Section):
     base_model: str | None = Field(
         None, description="hub id of the base model for the card's front matter; guessed from model.source when unset"
     )
+    dtype: str | None = Field(None, description="dtype of the released weights (float32, bfloat16, float16); "
+                              "defaults to model.dtype")
     license: str | None = Field(None, description="defaults to the base model's licence when known")
     tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"])

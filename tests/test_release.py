@@ -86,7 +86,8 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     assert meta["library_name"] == "transformers"
     assert meta["license"] == "mit" and meta["base_model"] == "someorg/tiny-base"  # carried from the base
     assert {"pruned", "healer", "tiny", "depth-pruning"} <= set(meta["tags"])
-    assert "removed 1 of 4 decoder blocks (block 2)" in card
+    assert ("is [someorg/tiny-base](https://huggingface.co/someorg/tiny-base) after structured pruning (removed 1 of 4 "
+            "decoder blocks (block 2)), then continued pretraining, then LoRA instruction tuning (rank 4)") in card
     assert "123,456" in card and "100,000" in card
     assert "| cpt | continued pretraining | 65,536 | 12 |" in card
     assert "| sft | LoRA instruction tuning (rank 4), merged into the weights | 4,096 | 6 |" in card
@@ -116,8 +117,13 @@ def test_missing_inputs_are_said_in_the_card_not_a_crash(tmp_path):
     model = save_tiny(tmp_path, name="plain", layers=2)
     out = tmp_path / "rel"
     assert main(["release", "--model", str(model), "--output", str(out), "--run-dir", str(tmp_path / "empty"),
-                 "--release.license", "apache-2.0"]) == 0
+                 "--release.license", "apache-2.0", "--release.dtype", "bfloat16"]) == 0
     card = (out / "README.md").read_text()
+    assert "packaged by healer, with no pruning or training recorded" in card
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert all(weights.get_tensor(k).dtype == torch.bfloat16 for k in weights.keys())
     assert "No pruning report was found" in card
     assert "No `eval.json` was found" in card
     assert "No TensorBoard logs were found" in card
