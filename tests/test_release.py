@@ -156,3 +156,19 @@ def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
     assert values[-1] == pytest.approx(1 / 8)
 
 
+
+
+def test_card_for_width_pruning_without_a_dense_baseline():
+    from healer.model_card import render
+
+    report = {"method": "width", "criterion": "maw", "target": "mlp", "ratio": 0.2, "intermediate_size": [1536, 1232],
+              "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800}
+    card = render({"name": "w", "base_model": None, "base_source": "/models/base", "license": None, "tags": ["x"],
+                   "params_before": 1000, "params_after": 800, "prune_report": report, "training": [],
+                   "eval": {"parameters": 800, "perplexity": {"t.txt": {"128": {"ppl": 9.5}}}, "tasks": {}},
+                   "recipe_yaml": "name: w\n"})
+    assert "shrank every GLU MLP from 1536 to 1232 neurons" in card
+    assert "base_model" not in card.split("---")[1]  # a local path is not a hub id
+    assert "licence could not be determined" in card
+    assert "| perplexity `t.txt` @ 128 tokens | 9.5 |" in card and "No dense baseline was evaluated" in card
+    assert "| removed | 200 (20.0%) |" in card
