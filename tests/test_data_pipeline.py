@@ -200,19 +200,23 @@ def test_bad_records_are_skipped_and_counted_or_refused(tmp_path, tok):
     frames = [zstandard.ZstdCompressor().compress(b"".join(json.dumps({"text": f"d{i} w1 w2"}).encode() + b"\n"
                                                            for i in range(k, k + 50))) for k in range(100, 400, 50)]
     (folder / "c.jsonl.zst").write_bytes(b"".join(frames)[:-20])  # the last of 6 frames is cut short
+    (folder / "d.jsonl.zst").write_bytes(frames[0][:30] + b"\x00" * 64 + frames[0][30:])  # damaged inside
     cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=2, on_exhausted="drain", shuffle_files=False)
     loader = build_loader(cfg, tok, micro_batch_size=1)
     seen = doc_ids(tok, list(loader))
     stats = loader.stats()
     assert stats["skipped"] == {"malformed_json": 1, "missing_text": 1, "empty_text": 1, "non_utf8": 1,
-                                "empty_file": 1, "corrupt_shard": 1}
+                                "empty_file": 1, "corrupt_shard": 2}
     assert seen[:2] == [1, 5] and seen[2:] == list(range(100, 350))
     assert any(str(folder / "a.jsonl") + ":2: malformed_json" in e for e in stats["skipped_examples"])
     assert any("c.jsonl.zst" in e and "truncated" in e for e in stats["skipped_examples"])
+    assert any("d.jsonl.zst:1: corrupt_shard (zstd" in e for e in stats["skipped_examples"])
 
-    strict = build_loader(cfg.model_copy(update={"bad_records": "strict"}), tok, micro_batch_size=1)
-    with pytest.raises(HealerError, match=r"a\.jsonl:2: malformed_json"):
-        list(strict)
+    for workers in (0, 1):  # from a worker process too, the message comes through as it is
+        strict = build_loader(cfg.model_copy(update={"bad_records": "strict", "num_workers": workers}), tok,
+                              micro_batch_size=1)
+        with pytest.raises(HealerError, match=r"^[^\n]*a\.jsonl:2: malformed_json[^\n]*$"):
+            list(strict)
 
 
 def test_every_format_gives_the_same_tokens(tmp_path, tok):

@@ -80,9 +80,14 @@ class _Streams(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         local = ((info.id if info is not None else 0) + self.first) % self.workers
-        stream = self.stream(local)
-        for batch in stream:
-            yield local, batch, stream.state_dict()
+        try:
+            stream = self.stream(local)
+            for batch in stream:
+                yield local, batch, stream.state_dict()
+        except HealerError as err:
+            # torch would re-raise it in the trainer with the worker's traceback in the message;
+            # hand the message over instead, so the user sees one clear line
+            yield local, None, str(err)
 
 
 def _identity(item):
@@ -120,6 +125,8 @@ class StreamLoader:
             items = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers,
                                     collate_fn=_identity, prefetch_factor=4))
         for local, batch, state in items:
+            if batch is None:
+                raise HealerError(state)
             self._data.states[local] = state
             self._next = (local + 1) % self.workers
             self._batches += 1
