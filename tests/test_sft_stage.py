@@ -96,9 +96,17 @@ def test_sft_stage_self_distills_trains_and_writes_adapter_and_merged_model(tmp_
 
 
 @pytest.mark.slow
-def test_interrupted_sft_resumes_to_the_same_adapter(tmp_path):
-    """Stop after 3 of 6 steps (ZeRO-3, dropout on), run again: same losses and adapter as never stopping."""
+def test_interrupted_sft_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """Stop at step 2 (--steps), get SIGTERM during step 4, finish: same losses and adapter as never stopping.
+
+    ZeRO-3 with LoRA dropout on, so the adapter shards, optimizer state and RNG must all come back.
+    """
+    import signal
+
     from safetensors.torch import load_file
+
+    from healer.train.metrics import MetricsLogger
+    from healer.train.sft import Preempted
 
     model_dir = save_tiny(tmp_path, layers=2)
     data = tmp_path / "data.json"
@@ -107,8 +115,24 @@ def test_interrupted_sft_resumes_to_the_same_adapter(tmp_path):
                     dropout=0.1)
 
     whole = train_lora(str(model_dir), data, cfg, tmp_path / "whole")
-    assert train_lora(str(model_dir), data, cfg, tmp_path / "split", opts=StageOptions(steps=3)) is None
-    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    assert train_lora(str(model_dir), data, cfg, tmp_path / "split", opts=StageOptions(steps=2)) is None
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step00000002"
+
+    log = MetricsLogger.log
+
+    def log_then_preempt(self, step, scalars):  # a scheduler's SIGTERM, arriving while step 4 is logged
+        log(self, step, scalars)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_preempt)
+    with pytest.raises(Preempted):
+        train_lora(str(model_dir), data, cfg, tmp_path / "split")
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    # the flag is honoured at the next step boundary: step 5 is finished and saved, not lost
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step00000005"
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before  # our handler is gone again
     assert not (tmp_path / "split" / "merged").exists()
     split = train_lora(str(model_dir), data, cfg, tmp_path / "split")
 

@@ -173,7 +173,7 @@ def tidy_reply(text: str, finished: bool) -> str:
         end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
         if text.endswith((".", "!", "?")):
             end = len(text) - 1
-        if end >= len(text) // 2:
+        if end > 0:  # a reply ending mid-sentence would teach the student to stop mid-sentence
             text = text[:end + 1].strip()
     return text
 

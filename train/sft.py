@@ -36,6 +36,10 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved at the step boundary and the run should exit."""
+
+
 @dataclass
 class StageOptions:
     resume: str = "auto"  # auto: newest checkpoint if any; none: start over
@@ -81,8 +85,13 @@ def run_sft_stage(recipe, args: list[str]) -> int:
 
     dist_info = init_distributed()
     data_path = instruction_data(recipe, cfg, stage_dir, is_main=dist_info.is_main)
-    outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts,
-                         dtype=recipe.model.dtype, dist_info=dist_info)
+    try:
+        outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts,
+                             dtype=recipe.model.dtype, dist_info=dist_info)
+    except Preempted:
+        from healer.train.signals import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE
     if outputs is None:  # stopped early by --steps; a checkpoint is on disk
         return 0
     if dist_info.is_main:
@@ -180,6 +189,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     from healer.modeling import load_tokenizer, resolve_source, torch_dtype
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer, resolve_precision
     from healer.train.metrics import MetricsLogger
+    from healer.train.signals import PreemptionWatcher
 
     opts = opts or StageOptions()
     stage_dir = Path(stage_dir)
@@ -228,10 +238,11 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
         logger.text("sft/config", "```\n" + cfg.model_dump_json(indent=2) + "\n```")
 
     stop_at = steps if opts.steps is None else min(steps, start + opts.steps)
+    watcher = PreemptionWatcher()
     engine.train()
     for step in range(start, stop_at):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(3, dtype=torch.float64)  # summed micro losses, tokens, supervised tokens
+        loss_sum = torch.zeros(4, dtype=torch.float64)  # summed micro losses, tokens, supervised tokens, stop asks
         for m in range(accum):
             first = step * global_batch + (m * world + rank) * micro
             batch = collate(micro_batch(data.examples, cfg.seed, first, micro), tokenizer.pad_token_id)
@@ -239,9 +250,10 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
             engine.backward(out.loss)
             engine.step()
             loss_sum += torch.tensor([out.loss.item(), batch["attention_mask"].sum().item(),
-                                      (batch["labels"] != -100).sum().item()], dtype=torch.float64)
+                                      (batch["labels"] != -100).sum().item(), 0.0], dtype=torch.float64)
+        loss_sum[3] = float(watcher.requested)
         if world > 1:
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(loss_sum)  # also tells every rank that one of them was asked to stop
         loss_value = loss_sum[0].item() / (accum * world)
         totals["tokens"] += int(loss_sum[1].item())
         totals["supervised"] += int(loss_sum[2].item())
@@ -252,8 +264,15 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
             logger.log(done, {"train/loss": loss_value, "train/lr": engine.get_lr()[0],
                               "train/grad_norm": grad_norm, "train/epoch": done * global_batch / len(data.examples),
                               "perf/tokens_per_s": loss_sum[1].item() / elapsed, "tokens/trained": totals["tokens"]})
-        if done % cfg.save_every == 0 or done == stop_at:
+        preempted = loss_sum[3].item() > 0
+        if done % cfg.save_every == 0 or done == stop_at or preempted:
             _save_checkpoint(engine, ckpt_dir, done, totals, loss_value, world, cfg.keep_last, info.is_main)
+        if preempted and done < stop_at:
+            watcher.restore()
+            logger.write(f"sft: preempted at step {done}; checkpoint in {ckpt_dir}, run again to resume")
+            logger.close()
+            raise Preempted
+    watcher.restore()
     logger.close()
     if stop_at < steps:
         return None
