@@ -94,6 +94,10 @@ def _identity(item):
     return item
 
 
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 class StreamLoader:
     """Packed batches for one rank; iterate it, checkpoint it with :meth:`state_dict`, read :meth:`stats`.
 
@@ -141,7 +145,7 @@ class StreamLoader:
     def _fingerprint(self) -> dict:
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.workers, "micro_batch_size": self.settings.micro_batch_size,
-                "seq_len": self.settings.seq_len, "entries": [(e.name, len(e.files)) for e in self.entries]}
+                "seq_len": self.settings.seq_len, "entries": [[e.name, len(e.files)] for e in self.entries]}
 
     def state_dict(self) -> dict:
         """Small and picklable: per stream the reader positions before its current document batch,
@@ -152,7 +156,7 @@ class StreamLoader:
     def load_state_dict(self, sd: dict) -> None:
         mine = self._fingerprint()
         for key, value in mine.items():
-            if sd.get(key) != value:
+            if _plain(sd.get(key)) != value:  # a checkpoint written as JSON has lists where tuples were
                 raise HealerError(
                     f"data checkpoint: {key} was {sd.get(key)!r} when it was saved and is {value!r} now; "
                     "resume with the same data settings, ranks and workers (or start the data stream afresh)"
