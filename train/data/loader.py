@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healer.errors import HealerError
@@ -127,7 +128,8 @@ class StreamLoader:
             # only fight over the same cores (and tokenizers warns after a fork).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             items = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_identity, prefetch_factor=4))
+                                    collate_fn=_identity, prefetch_factor=4,
+                                    pin_memory=torch.cuda.is_available()))  # for non_blocking copies
         for local, batch, state in items:
             if batch is None:
                 raise HealerError(state)

@@ -87,7 +87,10 @@ def resolve_files(path: str, key: str = "data.sources") -> list[str]:
         elif p.is_file():
             files = [str(p)]
         else:
-            raise HealerError(f"{key}: path {path!r} does not exist (give a file, a directory or a glob)")
+            hint = ""
+            if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+                hint = f"; for a Hugging Face dataset give its files, e.g. hf://datasets/{path}/train/**/*.jsonl.zst"
+            raise HealerError(f"{key}: path {path!r} does not exist (give a file, a directory or a glob){hint}")
     if not files:
         raise HealerError(
             f"{key}: {path!r} names no shard files; supported: {', '.join(SUFFIXES)}"
