@@ -38,7 +38,8 @@ def run_eval_stage(recipe, args: list[str]) -> int:
     result = evaluate(source, cfg, out_dir, gguf_file=gguf, dtype=recipe.model.dtype, seed=recipe.seed)
     result["source"] = source
     if cfg.compare_to:
-        dense = given_dense or dense_eval(recipe, cfg, out_dir)
+        same = source == recipe.model.source  # evaluating the dense model itself: nothing to measure twice
+        dense = given_dense or (result if same else dense_eval(recipe, cfg, out_dir))
         result["dense"] = {k: dense.get(k) for k in ("model", "parameters", "num_layers", "perplexity", "tasks")}
         result["compare_to"] = cfg.compare_to
         result["deltas"] = compare(result, dense)
