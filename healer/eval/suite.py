@@ -65,7 +65,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
         "parameters": count_parameters(model),
         "num_layers": getattr(model.config, "num_hidden_layers", None),
         "max_position_embeddings": limit_pos,
-        "bos": {"policy": cfg.bos, "prepended": bos_id is not None, "bos_token_id": bos_id},
+        "bos": {"policy": cfg.bos, "prepended": bos_id is not None, "bos_token_id": getattr(tokenizer, "bos_token_id", None)},
         "perplexity": ppl,
         "tasks": tasks,
         "notes": notes,
