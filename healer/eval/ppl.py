@@ -141,5 +141,6 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, context_length: int, 
         "tokens_scored": total_tokens,
         "windows": len(windows),
         "context_length": context_length,
-        "bos": {"policy": bos, "prepended": bos_id is not None, "bos_token_id": getattr(tokenizer, "bos_token_id", None)},
+        "bos": {"policy": bos, "prepended": bos_id is not None,
+                "bos_token_id": getattr(tokenizer, "bos_token_id", None)},
     }
