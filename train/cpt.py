@@ -222,7 +222,18 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_student(location, cfg: CPTConfig, ds_config: dict):
+def attn_implementation(requested: str, device: torch.device, precision: str) -> str:
+    """``auto`` -> flash_attention_2 where it can run (GPU, 16-bit, flash-attn installed), else sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if device.type == "cuda" and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _load_student(location, attn: str, cfg: CPTConfig, ds_config: dict):
     from healer.modeling import load_model
 
     hf_ds = None
@@ -232,7 +243,7 @@ def _load_student(location, cfg: CPTConfig, ds_config: dict):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
-    model = load_model(location, torch.float32, attn_implementation=cfg.attn_implementation)
+    model = load_model(location, torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -267,7 +278,8 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
 
     _set_seed(cfg.seed + rank)
     tokenizer = load_tokenizer(location)
-    model, hf_ds = _load_student(location, cfg, ds_config)
+    attn = attn_implementation(cfg.attn_implementation, device, precision)
+    model, hf_ds = _load_student(location, attn, cfg, ds_config)
     n_params, n_matmul = _matmul_params(model)
     offload = "offload_optimizer" in ds_config["zero_optimization"]
     optimizer = make_optimizer(model, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -278,7 +290,7 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
 
     teacher = None
     if cfg.kd is not None and not opts.export_only:
-        teacher_model = load_model(teacher_location, torch.float32, attn_implementation=cfg.attn_implementation)
+        teacher_model = load_model(teacher_location, torch.float32, attn_implementation=attn)
         t_vocab = teacher_model.get_output_embeddings().weight
         t_vocab = getattr(t_vocab, "ds_shape", t_vocab.shape)[0]
         if t_vocab != model.config.vocab_size:
@@ -311,7 +323,7 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=step, desc="cpt",
                            jsonl_path=stage_dir / "metrics.jsonl")
     logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{ds_config['zero_optimization']['stage']}"
-                 f" | {precision} | {world} ranks on {device_name}")
+                 f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))
     if resume_from is not None:
@@ -326,7 +338,7 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
                                            micro_batch_size=micro, split="validation")
 
     watcher = PreemptionWatcher()
-    batches = _Batches(loader, device, must_agree=data_cfg.on_exhausted == "stop")
+    batches = _Batches(loader, device, must_agree=data_cfg.on_exhausted != "repeat")
     last: dict[str, float] = {}
     times: list[float] = []
     preempted = exhausted = False
@@ -347,7 +359,7 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
             for i, value in enumerate(losses):
                 stats[i] += value.detach().float() / accum
         if exhausted:
-            logger.write(f"healer cpt: the data stream ran out at step {step} (data.on_exhausted: stop)")
+            logger.write(f"healer cpt: the data stream ran out at step {step} (data.on_exhausted: {data_cfg.on_exhausted})")
             break
         step += 1
         tokens_seen += tokens_per_step
