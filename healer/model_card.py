@@ -61,7 +61,9 @@ def pruning_section(report: dict | None) -> str:
     if "kept" in report:
         rows.append(["blocks kept", ", ".join(map(str, report["kept"]))])
     protected = report.get("protected")
-    if isinstance(protected, dict):
+    if isinstance(protected, dict) and not protected.get("keep_first") and not protected.get("keep_last"):
+        rows.append(["protected", "none"])
+    elif isinstance(protected, dict):
         rows.append(["protected", f"first {protected.get('keep_first', 0)}, last {protected.get('keep_last', 0)} "
                      "blocks never removed"])
     elif protected:
@@ -137,9 +139,11 @@ def eval_section(result: dict | None, released_source: str | None = None) -> str
     bos = result.get("bos") or {}
     limit = (result.get("settings") or {}).get("limit")
     bos_how = "prepended to" if bos.get("prepended") else "not added to"
-    lines.append(f"Perplexity: non-overlapping windows; BOS {bos_how} each window (policy `{bos.get('policy', '?')}`). "
-                 "Tasks: zero-shot, lm-evaluation-harness, acc_norm = length-normalised accuracy"
-                 + (f", first {limit} examples per task" if limit else "") + ".")
+    how = f"Perplexity: non-overlapping windows; BOS {bos_how} each window (policy `{bos.get('policy', '?')}`)."
+    if result.get("tasks"):
+        how += (" Tasks: zero-shot, lm-evaluation-harness, acc_norm = length-normalised accuracy"
+                + (f", first {limit} examples per task" if limit else "") + ".")
+    lines.append(how)
     for note in result.get("notes") or []:
         lines.append(f"\n*{note}.*")
     if not has_dense:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 # Panels of one figure: a title and which tags go on it (a tag goes on the first panel it matches).
 PANELS = (
-    ("loss", lambda tag: "loss" in tag),
+    # train/ce and train/kl are the two halves of a distillation loss
+    ("loss", lambda tag: "loss" in tag or tag.endswith(("/ce", "/kl"))),
     ("learning rate", lambda tag: tag.endswith("/lr") or tag == "lr"),
     ("grad norm", lambda tag: "grad_norm" in tag),
+    ("tokens / s", lambda tag: tag.endswith("tokens_per_s")),
 )
 
 
@@ -50,14 +52,16 @@ def plot_curves(scalars: dict[str, tuple[list[int], list[float]]], out_png: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, tags) in zip(axes[0], panels):
         for tag in tags:
             steps, values = scalars[tag]
             ax.plot(steps, values, label=tag, marker="o" if len(steps) < 20 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         if name == "learning rate":
