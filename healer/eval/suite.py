@@ -84,7 +84,16 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
         out_dir: gets ``eval.json`` and ``tasks/`` (the converted task data and lm-eval YAMLs).
         gguf_file, dtype: as ``model.gguf_file`` / ``model.dtype`` in the recipe.
 
-    Returns the dict written to ``eval.json``.
+    Returns the dict written to ``eval.json``::
+
+        {"model", "parameters", "num_layers", "max_position_embeddings",
+         "bos": {"policy", "prepended", "bos_token_id"},
+         "perplexity": {file name: {context length: {"ppl", "nll", "tokens_scored", "windows", ...}
+                                                    or {"skipped": why}}},
+         "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "data"}},
+         "notes": [...], "settings": {...}, "seconds"}
+
+    ``healer eval`` adds ``source`` and, with ``compare_to``, ``dense`` and ``deltas``.
     """
     location = resolve_source(model_source, gguf_file)
     torch.manual_seed(seed)
