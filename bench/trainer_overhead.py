@@ -158,7 +158,8 @@ def main() -> int:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--teacher-layers", type=int, default=None,
-                    help="KD teacher depth (default: 1.5x the student's, like a model before pruning)")
+                    help="KD teacher depth (default: the student is the teacher with 20%% of its blocks removed, "
+                         "as in the demo recipe and Shortened LLaMA's 20%% setting)")
     ap.add_argument("--no-kd", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per process (default on CPU: 1; several threads spin-wait on a busy "
@@ -189,7 +190,7 @@ def main() -> int:
     tokenizer, tok_name = _tokenizer(kind)
     vocab = len(tokenizer)
     n_layers = PRESETS[args.preset][2]
-    t_layers = args.teacher_layers or max(n_layers + 1, round(n_layers * 1.5))
+    t_layers = args.teacher_layers or max(n_layers + 1, round(n_layers / 0.8))
     if rank == 0:
         student = _save_model(root, "student", args.preset, None, vocab, tokenizer)
         teacher = _save_model(root, "teacher", args.preset, t_layers, vocab, tokenizer)

@@ -13,8 +13,8 @@ class KDConfig(Section):
     """Distillation from the unpruned teacher: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student)."""
 
     teacher: str | None = Field(None, description="teacher model; defaults to the recipe's unpruned model.source")
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the next-token CE; 1-alpha goes to the KL")
+    temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the KL is scaled by T^2")
     top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
 
 
@@ -23,15 +23,18 @@ class CPTConfig(Section):
 
     input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also "
+                                                              "gradients, 3 also parameters (the KD teacher too)")
+    offload_optimizer: bool = Field(False, description="optimizer state + step on the CPU (DeepSpeed CPU Adam)")
+    offload_params: bool = Field(False, description="parameters on the CPU between uses; needs zero_stage: 3")
     deepspeed_config: str | dict[str, Any] | None = Field(
-        None, description="a DeepSpeed JSON file or dict passed through; recipe knobs fill what it leaves out"
+        None, description="a DeepSpeed JSON file, preset name (zero1, zero2, zero3, zero3_offload) or dict passed "
+                          "through; recipe knobs fill what it leaves out"
     )
-    micro_batch_size: int = Field(1, gt=0)
-    global_batch_size: int = Field(8, gt=0)
-    max_steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(1, gt=0, description="sequences per rank per forward pass")
+    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step over all ranks; gradient "
+                                                         "accumulation = global / (micro * ranks), must divide")
+    max_steps: int = Field(100, gt=0, description="optimizer steps; tokens = max_steps * global_batch * seq_len")
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -40,8 +43,9 @@ class CPTConfig(Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.1, gt=0, le=1, description="wsd: fraction of steps spent decaying")
     grad_clip: float = Field(1.0, ge=0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    activation_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on a GPU that has "
+                                                                                  "it, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward to save memory")
     attn_implementation: str = Field(
         "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
     save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints (and at the end)")
