@@ -154,9 +154,22 @@ def eval_section(result: dict | None, released_source: str | None = None) -> str
     return "\n".join(lines)
 
 
+def stages_section(summary: dict | None) -> str:
+    """Dense vs pruned vs healed vs tuned, from the pipeline's summary.json."""
+    if not summary or not summary.get("rows"):
+        return ""
+    rows = [[r["label"], _num(r.get("params")), _num(r.get("layers")), _num(r.get("perplexity"))]
+            for r in summary["rows"]]
+    text = _table(["model", "parameters", "blocks", "perplexity"], rows)
+    if summary.get("text"):
+        text += (f"\n\nPerplexity on `{summary['text'].split('/')[-1]}` in {summary['context_length']}-token "
+                 "windows, measured the same way for every row.")
+    return text
+
+
 def render(info: dict) -> str:
     """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
-    prune_report, training, curves, curves_missing, eval, recipe_yaml, source."""
+    prune_report, training, curves, curves_missing, eval, summary, recipe_yaml, source."""
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
@@ -180,6 +193,9 @@ def render(info: dict) -> str:
                                                 ["removed", removed]]))
     else:
         parts.append(f"This model has {_num(after)} parameters; the base model's count is unknown (no pruning report).")
+    stages = stages_section(info.get("summary"))
+    if stages:
+        parts += ["", "## Stage by stage", "", stages]
     parts += ["", "## What was pruned and how", "", pruning_section(report), ""]
     parts += ["## Training", "", training_section(info.get("training") or []), ""]
     parts += ["## Learning curves", "", curves_section(info.get("curves") or [], info.get("curves_missing") or []), ""]

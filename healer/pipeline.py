@@ -70,7 +70,7 @@ def run_pipeline(recipe, args: list[str]) -> int:
             print(f"[{stage}] finished earlier ({stage_dir}); skipping")
             continue
         if stage == "release":
-            write_summary(recipe)
+            write_summary(recipe)  # the model card shows the dense/pruned/healed table
         print(f"[{stage}] starting -> {stage_dir}", flush=True)
         t0 = time.time()
         code = _run_stage(stage, recipe, resolved)
@@ -119,43 +119,27 @@ def checkpoints(recipe: Recipe) -> list[tuple[str, str]]:
     return out
 
 
-def summary_text(recipe: Recipe) -> tuple[str | None, int]:
-    """The text the closing table's perplexity is measured on: the eval stage's first file."""
-    if recipe.eval is not None and recipe.eval.perplexity_files:
-        return recipe.eval.perplexity_files[0], min(recipe.eval.context_lengths)
-    return None, 128
-
-
 def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | None = None) -> dict:
-    """Perplexity and parameters of dense, pruned, healed and tuned models on one text; saved as summary.json."""
-    import torch
+    """Parameters and perplexity of the dense, pruned, healed and tuned models, saved as summary.json.
 
-    from healer.eval.ppl import perplexity, read_text
-    from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source
-
+    Perplexity is measured exactly as the eval stage measures it (its first text file, its shortest
+    context length, its token cap and BOS policy); numbers the eval stage already has are reused.
+    """
     path = Path(recipe.run_dir) / SUMMARY
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    text_file, context = summary_text(recipe)
+    cached = {(r["label"], r["model"]): r for r in previous.get("rows", []) if r.get("stamp")}
+    cfg = recipe.eval
+    text_file = cfg.perplexity_files[0] if cfg is not None and cfg.perplexity_files else None
+    context = min(cfg.context_lengths) if cfg is not None and cfg.context_lengths else None
+    evaluated = _eval_numbers(recipe, text_file, context)
     rows = []
-    cached = {r["model"]: r for r in previous.get("rows", [])}
-    text = read_text(text_file) if text_file else None
     for label, source in checkpoints(recipe):
-        if source in cached and cached[source].get("label") == label and source != recipe.model.source \
-                and not _newer(source, path):
-            rows.append(cached[source])
-            continue
-        gguf = recipe.model.gguf_file if source == recipe.model.source else None
-        location = resolve_source(source, gguf)
-        model = load_model(location, torch.float32)
-        row = {"label": label, "model": source, "params": count_parameters(model),
-               "layers": model.config.num_hidden_layers}
-        if text is not None:
-            tokenizer = load_tokenizer(location)
-            result = perplexity(model, tokenizer, text, context, max_tokens=_SUMMARY_TOKENS, progress=False)
-            row["perplexity"] = result["ppl"]
-            row["tokens"] = result["tokens_scored"]
+        stamp = _stamp(source)
+        row = cached.get((label, source))
+        if row is None or row["stamp"] != stamp:
+            row = {"label": label, "model": source, "stamp": stamp, **_measure(recipe, source, text_file, context,
+                                                                                evaluated.get(source))}
         rows.append(row)
-        del model
     summary = {"recipe": recipe.name, "text": text_file, "context_length": context, "rows": rows,
                "release": str(recipe.stage_dir("release")) if recipe.release is not None else None,
                "stage_seconds": {**previous.get("stage_seconds", {}), **(timings or {})},
@@ -166,12 +150,49 @@ def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | N
     return summary
 
 
-_SUMMARY_TOKENS = 16384
+def _eval_numbers(recipe: Recipe, text_file: str | None, context: int | None) -> dict[str, float]:
+    """model source -> perplexity already in the eval stage's eval.json (the evaluated model and the dense one)."""
+    from healer.eval.suite import EVAL_FILE
+
+    eval_json = recipe.stage_dir("eval") / EVAL_FILE if recipe.eval is not None else None
+    if text_file is None or eval_json is None or not eval_json.is_file():
+        return {}
+    result = json.loads(eval_json.read_text())
+    name, ctx = Path(text_file).name, str(context)
+    out = {}
+    for source, numbers in ((result.get("source"), result), (recipe.model.source, result.get("dense") or {})):
+        ppl = numbers.get("perplexity", {}).get(name, {}).get(ctx, {}).get("ppl")
+        if source and ppl is not None:
+            out[source] = ppl
+    return out
 
 
-def _newer(model_dir: str, than: Path) -> bool:
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and config.stat().st_mtime > than.stat().st_mtime
+def _measure(recipe: Recipe, source: str, text_file: str | None, context: int | None, known_ppl: float | None) -> dict:
+    import torch
+
+    from healer.eval.ppl import perplexity, read_text, tokenize
+    from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source
+
+    location = resolve_source(source, recipe.model.gguf_file if source == recipe.model.source else None)
+    model = load_model(location, torch.float32)
+    row = {"params": count_parameters(model), "layers": model.config.num_hidden_layers,
+           "intermediate_size": model.config.intermediate_size}
+    if known_ppl is not None:
+        row["perplexity"] = known_ppl
+    elif text_file is not None:
+        cfg = recipe.eval
+        tokenizer = load_tokenizer(location)
+        max_chars = cfg.max_tokens * 16 if cfg.max_tokens else None  # as the eval stage reads it
+        ids = tokenize(tokenizer, read_text(text_file, max_chars), cfg.max_tokens)
+        row["perplexity"] = perplexity(model, tokenizer, ids, context, bos=cfg.bos, batch_size=cfg.batch_size,
+                                       progress=False)["ppl"]
+    return row
+
+
+def _stamp(model_source: str) -> float | None:
+    """When a local checkpoint was written (a re-run stage invalidates its cached row)."""
+    config = Path(model_source) / "config.json"
+    return config.stat().st_mtime if config.is_file() else None
 
 
 def _tokens_trained(recipe: Recipe) -> dict[str, int]:

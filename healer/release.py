@@ -193,6 +193,7 @@ def build_release(recipe, out: Path) -> dict:
         "params_before": params_before, "params_after": params_after, "prune_report": prune_report,
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
+        "summary": _read_json(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
     }
     (partial / "README.md").write_text(render(info), encoding="utf-8")
 

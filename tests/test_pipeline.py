@@ -75,7 +75,9 @@ def test_run_goes_from_base_model_to_release_and_skips_finished_stages(tmp_path,
     released = AutoModelForCausalLM.from_pretrained(run / "release")
     assert released.config.num_hidden_layers == 3
     card = (run / "release" / "README.md").read_text()
-    assert "tiny-healed" in card or "base_model" in card
+    assert card.startswith("---\n") and "# tiny-healed" in card
+    assert "## Stage by stage" in card and "| instruction-tuned |" in card
+    assert (run / "release" / "images" / "cpt_curves.png").is_file()
     summary = json.loads((run / "summary.json").read_text())
     labels = [r["label"] for r in summary["rows"]]
     assert labels == ["dense", "pruned", "healed (CPT)", "instruction-tuned"]
