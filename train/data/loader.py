@@ -124,12 +124,18 @@ class StreamLoader:
         if self.num_workers == 0:
             items = iter(self._data)
         else:
-            # Workers tokenize one document batch each at a time; rayon threads inside them would
-            # only fight over the same cores (and tokenizers warns after a fork).
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            items = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_identity, prefetch_factor=4,
-                                    pin_memory=torch.cuda.is_available()))  # for non_blocking copies
+            # Workers are the parallelism: their tokenizers run single-threaded (rayon threads would
+            # fight over the same cores, and tokenizers warns after a fork). The variable is set only
+            # while the workers fork, so the trainer's own process keeps its setting.
+            previous = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = previous or "false"
+            try:
+                items = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers,
+                                        collate_fn=_identity, prefetch_factor=4,
+                                        pin_memory=torch.cuda.is_available()))  # for non_blocking copies
+            finally:
+                if previous is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
         for local, batch, state in items:
             if batch is None:
                 raise HealerError(state)
