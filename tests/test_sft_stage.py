@@ -14,6 +14,7 @@ import yaml
 from conftest import save_tiny
 
 from healer.cli import main as cli_main
+from healer.errors import HealerError
 from healer.manifest import read_stage_manifest
 from healer.train.config import SFTConfig
 from healer.train.sft import StageOptions, train_lora
@@ -117,6 +118,8 @@ def test_interrupted_sft_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     whole = train_lora(str(model_dir), data, cfg, tmp_path / "whole")
     assert train_lora(str(model_dir), data, cfg, tmp_path / "split", opts=StageOptions(steps=2)) is None
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    with pytest.raises(HealerError, match=r"other settings \(examples: 24 -> 20, tokens: \d+ -> \d+, steps: 6 -> 5"):
+        train_lora(str(model_dir), data, cfg.model_copy(update={"max_samples": 20}), tmp_path / "split")
 
     log = MetricsLogger.log
 

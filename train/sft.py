@@ -17,6 +17,7 @@ after N more optimizer steps with a checkpoint, to be continued by the next call
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -28,11 +29,12 @@ from pathlib import Path
 import torch
 
 from healer.errors import HealerError
-from healer.manifest import read_stage_manifest, write_stage_manifest
+from healer.manifest import MANIFEST, read_stage_manifest, write_json_atomic, write_stage_manifest
 from healer.train.config import SFTConfig
 from healer.train.instruct import Example, collate, load_records, tokenize_records
 
 CHECKPOINTS = "checkpoints"
+PLAN = "plan.json"  # in checkpoints/: the run the step numbers belong to
 ADAPTER = "adapter"
 
 
@@ -84,6 +86,10 @@ def run_sft_stage(recipe, args: list[str]) -> int:
     from healer.train.engine import init_distributed
 
     dist_info = init_distributed()
+    if opts.force:  # train again from scratch: the old run's checkpoints and "finished" mark no longer hold
+        opts.resume = "none"
+        if dist_info.is_main:
+            (stage_dir / MANIFEST).unlink(missing_ok=True)
     data_path = instruction_data(recipe, cfg, stage_dir, is_main=dist_info.is_main)
     try:
         outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts,
@@ -121,6 +127,13 @@ def instruction_data(recipe, cfg: SFTConfig, stage_dir: Path, is_main: bool) -> 
             dtype=recipe.model.dtype)
     _barrier()
     return out
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _barrier() -> None:
@@ -213,6 +226,17 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
 
+    # What the step numbers in the checkpoints mean; resuming under another plan would mix two runs.
+    plan = {"data": str(data_path), "examples": len(data.examples), "tokens": data.tokens, "steps": steps,
+            "global_batch_size": global_batch, "seed": cfg.seed, "rank": cfg.rank,
+            "target_modules": cfg.target_modules}
+    resuming = opts.resume == "auto" and (ckpt_dir / "latest").is_file()
+    old = read_json_or_none(ckpt_dir / PLAN) if resuming else None
+    if old is not None and old != plan:
+        changed = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in plan.items() if old.get(k) != v)
+        raise HealerError(f"{ckpt_dir} holds a run with other settings ({changed}); "
+                          "run with --resume none (or --force) to start over, or restore the settings")
+
     torch.manual_seed(cfg.seed)
     model = _lora_model(location, cfg, torch_dtype(dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
@@ -220,7 +244,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     engine = init_engine(model, ds_config, optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, steps))
 
     start, totals, loss_value = 0, {"tokens": 0, "supervised": 0}, float("nan")
-    if opts.resume == "auto" and (ckpt_dir / "latest").is_file():
+    if resuming:
         path, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
@@ -228,6 +252,9 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
                               "rerun with --resume none to start over")
         start, totals, loss_value = client["step"], client["totals"], client["loss"]
         torch.set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
+    elif info.is_main:
+        write_json_atomic(ckpt_dir / PLAN, plan)
+    _barrier()
 
     logger = MetricsLogger(stage_dir / "tensorboard", total_steps=steps, rank=rank, initial_step=start, desc="sft")
     logger.write(f"sft: {len(data.examples)} examples ({data.prompt_format} format, {data.tokens:,} tokens; "
