@@ -152,10 +152,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         set_dotted(tree, key, value)
+    tree = _expand_run_dir(tree, str(tree.get("run_dir") or Recipe.model_fields["run_dir"].default))
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, origin)) from None
+
+
+def _expand_run_dir(node: Any, run_dir: str) -> Any:
+    """``${run_dir}`` in any string value becomes the recipe's run_dir, so one override moves every path."""
+    if isinstance(node, str):
+        return node.replace("${run_dir}", run_dir)
+    if isinstance(node, dict):
+        return {k: _expand_run_dir(v, run_dir) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_run_dir(v, run_dir) for v in node]
+    return node
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
