@@ -166,6 +166,19 @@ def build_prompts(texts: list[str], n: int, seed: int = 0, passage_chars: int = 
 
 # ---------------------------------------------------------------- answers
 
+def generation_dtype() -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (GPU, AVX512-BF16 or AMX CPUs), else float32.
+
+    Decoding is bound by reading the weights; half the bytes make it about 3x faster on such CPUs, and the
+    replies only need to be good text, not bit-exact.
+    """
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
 def tidy_reply(text: str, finished: bool) -> str:
     """Strip the reply; one cut off by max_new_tokens loses its unfinished last sentence."""
     text = text.strip()
@@ -227,7 +240,7 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
                                       out_file: str | Path, n: int = 128, max_new_tokens: int = 96,
                                       seed: int = 0, *, temperature: float = 0.0, batch_size: int = 8,
                                       passage_chars: int = 500, gguf_file: str | None = None,
-                                      dtype: str = "float32") -> Path:
+                                      dtype: str = "auto") -> Path:
     """Write ``n`` Alpaca records (instruction, input, output) to ``out_file`` and return its path.
 
     Args:
@@ -237,6 +250,7 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
         max_new_tokens: length cap of a reply; a cut-off reply is trimmed to its last full sentence.
         seed: picks documents, passages and (when ``temperature`` > 0) the sampled tokens.
         temperature: 0 decodes greedily (the default, deterministic); above 0 samples with top-p 0.95.
+        dtype: the teacher's weights while generating; ``auto`` picks :func:`generation_dtype`.
     """
     from healer.modeling import load_model, load_tokenizer, resolve_source, torch_dtype
 
@@ -250,7 +264,7 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
     prompts = build_prompts(texts, n, seed=seed, passage_chars=passage_chars)
     location = resolve_source(teacher_source, gguf_file)
     tokenizer = load_tokenizer(location)
-    model = load_model(location, dtype=torch_dtype(dtype))
+    model = load_model(location, dtype=generation_dtype() if dtype == "auto" else torch_dtype(dtype))
     replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                      batch_size=batch_size, seed=seed)
     records = [{**p, "output": r} for p, r in zip(prompts, replies) if len(r) >= 10]  # empty, too long or junk
@@ -258,7 +272,7 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
         raise HealerError(f"the teacher {teacher_source} gave no usable reply to {len(prompts)} prompts")
     write_json_atomic(out_file, records)
     print(f"instruct: {len(records)} records ({len(prompts) - len(records)} empty replies dropped) from "
-          f"{len(texts)} documents, answered by {location} in {time.perf_counter() - t0:.0f}s -> {out_file}")
+          f"{len(texts)} documents, answered by {location} ({model.dtype}) in {time.perf_counter() - t0:.0f}s -> {out_file}")
     return Path(out_file)
 
 
@@ -276,6 +290,5 @@ def main(recipe, args: list[str]) -> int:
     build_self_distilled_instructions(
         sd.teacher or recipe.model.source, sd.corpus or default_corpus(recipe.data), out, n=sd.num_examples,
         max_new_tokens=sd.max_new_tokens, seed=sd.seed, temperature=sd.temperature, batch_size=sd.batch_size,
-        passage_chars=sd.passage_chars, gguf_file=None if sd.teacher else recipe.model.gguf_file,
-        dtype=recipe.model.dtype)
+        passage_chars=sd.passage_chars, gguf_file=None if sd.teacher else recipe.model.gguf_file, dtype=sd.dtype)
     return 0

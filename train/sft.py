@@ -124,7 +124,7 @@ def instruction_data(recipe, cfg: SFTConfig, stage_dir: Path, is_main: bool) -> 
             teacher, sd.corpus or default_corpus(recipe.data), out, n=sd.num_examples,
             max_new_tokens=sd.max_new_tokens, seed=sd.seed, temperature=sd.temperature, batch_size=sd.batch_size,
             passage_chars=sd.passage_chars, gguf_file=None if sd.teacher else recipe.model.gguf_file,
-            dtype=recipe.model.dtype)
+            dtype=sd.dtype)
     _barrier()
     return out
 
