@@ -90,7 +90,7 @@ def _save_model(root: Path, name: str, preset: str, layers: int | None, vocab: i
     return out
 
 
-def bare_loop(model_dir: Path, cfg, world: int, steps: int, seq_len: int) -> list[float]:
+def bare_loop(model_dir: Path, cfg, data_cfg, tokenizer, world: int, steps: int) -> list[float]:
     """(a): the engine alone, on tensors built before the clock starts."""
     from healer.modeling import load_model, resolve_source
     from healer.train.engine import build_ds_config, init_engine, make_optimizer, resolve_precision
@@ -111,14 +111,17 @@ def bare_loop(model_dir: Path, cfg, world: int, steps: int, seq_len: int) -> lis
     engine = init_engine(model, ds, make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
                          make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps))
     accum = ds["gradient_accumulation_steps"]
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model.config.vocab_size, (cfg.micro_batch_size, seq_len), generator=gen).to(device)
-               for _ in range(accum * 2)]
+    # The same corpus tokens (b) trains on, drawn before the clock starts, so both sides see the same data.
+    from healer.train.data import build_loader
+
+    it = iter(build_loader(data_cfg, tokenizer, rank=dist.get_rank(), world_size=world,
+                           micro_batch_size=cfg.micro_batch_size))
+    batches = [next(it)["input_ids"].to(device) for _ in range(steps * accum)]
     times, cpu = [], []
     for s in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         for m in range(accum):
-            ids = batches[(s * accum + m) % len(batches)]
+            ids = batches[s * accum + m]
             loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
             engine.backward(loss)
             engine.step()
@@ -149,7 +152,8 @@ def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, dat
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant (after warmup)")
+    ap.add_argument("--steps", type=int, default=60, help="timed optimizer steps per variant (after warmup)")
+    ap.add_argument("--rounds", type=int, default=4, help="the variants run in turn this many times")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=2)
@@ -198,25 +202,29 @@ def main() -> int:
         dist.barrier()
     student, teacher = root / "student", root / "teacher"
 
-    total = args.warmup + args.steps + 1
+    # Rounds of (a), (b), (c) one after another, pooled: a drift in the machine's load (shared CI cores)
+    # hits every variant alike instead of the one that happened to run at the wrong time.
+    per_round = -(-args.steps // args.rounds)
+    total = args.warmup + per_round + 1
     cfg = CPTConfig(zero_stage=args.zero_stage, micro_batch_size=args.micro_batch,
                     global_batch_size=args.micro_batch * args.accum * world, max_steps=total,
                     save_every=10**6, eval_every=10**6, warmup_steps=2)
     data_cfg = DataConfig(sources=[SourceConfig(path=corpus, domain_field=domain)], seq_len=args.seq_len)
-
-    # The bare loop runs before and after (b), half the steps each, so a drift in machine load
-    # (shared CI cores) hits both sides alike.
-    half = args.warmup + (args.steps + 1) // 2
     w = args.warmup
-    a_wall, a_cpu = bare_loop(student, cfg, world, half, args.seq_len)
-    b_wall, b_cpu, out_b = healer_loop(root / "cpt", student, None, cfg, data_cfg)
-    a2_wall, a2_cpu = bare_loop(student, cfg, world, half, args.seq_len)
-    a = {"wall": a_wall[w:] + a2_wall[w:], "cpu": a_cpu[w:] + a2_cpu[w:]}
-    b = {"wall": b_wall[w:], "cpu": b_cpu[w:]}
-    c = None
-    if not args.no_kd:
-        c_wall, c_cpu, _ = healer_loop(root / "cpt_kd", student, teacher, cfg, data_cfg)
-        c = {"wall": c_wall[w:], "cpu": c_cpu[w:]}
+    a = {"wall": [], "cpu": []}
+    b = {"wall": [], "cpu": []}
+    c = None if args.no_kd else {"wall": [], "cpu": []}
+    for r in range(args.rounds):
+        wall, cpu = bare_loop(student, cfg, data_cfg, tokenizer, world, w + per_round)
+        a["wall"] += wall[w:]
+        a["cpu"] += cpu[w:]
+        wall, cpu, out_b = healer_loop(root / f"cpt{r}", student, None, cfg, data_cfg)
+        b["wall"] += wall[w:]
+        b["cpu"] += cpu[w:]
+        if c is not None:
+            wall, cpu, _ = healer_loop(root / f"cpt_kd{r}", student, teacher, cfg, data_cfg)
+            c["wall"] += wall[w:]
+            c["cpu"] += cpu[w:]
     if rank != 0:
         return 0
     med = statistics.median
@@ -224,7 +232,7 @@ def main() -> int:
     peak, device = peak_flops(info.device, out_b["precision"])
     print(f"device: {device} x {world}, {torch.get_num_threads()} threads/process | precision {out_b['precision']} | ZeRO-{args.zero_stage} | model {args.preset} "
           f"({out_b['parameters']:,} parameters, {n_layers} layers; KD teacher {t_layers} layers) | tokenizer "
-          f"{tok_name} (vocab {vocab}) | batch {cfg.global_batch_size} x {args.seq_len} tokens | {args.steps} timed steps")
+          f"{tok_name} (vocab {vocab}) | batch {cfg.global_batch_size} x {args.seq_len} tokens | {len(b['wall'])} timed steps per variant in {args.rounds} rounds")
     print("medians per optimizer step; checkpoint/eval steps excluded; CPU = this process's CPU seconds "
           "(the fair measure on a shared machine)")
     rows = [("(a) bare DeepSpeed loop", a), ("(b) healer cpt", b)] + ([("(c) healer cpt + KD", c)] if c else [])
