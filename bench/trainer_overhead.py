@@ -230,9 +230,11 @@ def main() -> int:
     med = statistics.median
     tokens = cfg.global_batch_size * args.seq_len
     peak, device = peak_flops(info.device, out_b["precision"])
-    print(f"device: {device} x {world}, {torch.get_num_threads()} threads/process | precision {out_b['precision']} | ZeRO-{args.zero_stage} | model {args.preset} "
+    print(f"device: {device} x {world}, {torch.get_num_threads()} threads/process | precision {out_b['precision']} "
+          f"| ZeRO-{args.zero_stage} | model {args.preset} "
           f"({out_b['parameters']:,} parameters, {n_layers} layers; KD teacher {t_layers} layers) | tokenizer "
-          f"{tok_name} (vocab {vocab}) | batch {cfg.global_batch_size} x {args.seq_len} tokens | {len(b['wall'])} timed steps per variant in {args.rounds} rounds")
+          f"{tok_name} (vocab {vocab}) | batch {cfg.global_batch_size} x {args.seq_len} tokens | "
+          f"{len(b['wall'])} timed steps per variant in {args.rounds} rounds")
     print("medians per optimizer step; checkpoint/eval steps excluded; CPU = this process's CPU seconds "
           "(the fair measure on a shared machine)")
     rows = [("(a) bare DeepSpeed loop", a), ("(b) healer cpt", b)] + ([("(c) healer cpt + KD", c)] if c else [])

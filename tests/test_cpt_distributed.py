@@ -71,7 +71,8 @@ def _run(ws, recipe: Path, fault: str | None = None) -> subprocess.CompletedProc
     if fault:
         env["HEALER_FAULT"] = fault
     cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", "cpt", "--config", str(recipe)]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", "cpt",
+           "--config", str(recipe)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
 
 

@@ -322,7 +322,8 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
     flops_per_token = training_flops_per_token(model.config, n_matmul, seq_len)
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=step, desc="cpt",
                            jsonl_path=stage_dir / "metrics.jsonl")
-    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{ds_config['zero_optimization']['stage']}"
+    stage = ds_config["zero_optimization"]["stage"]
+    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{stage}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))
@@ -359,7 +360,8 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
             for i, value in enumerate(losses):
                 stats[i] += value.detach().float() / accum
         if exhausted:
-            logger.write(f"healer cpt: the data stream ran out at step {step} (data.on_exhausted: {data_cfg.on_exhausted})")
+            logger.write(f"healer cpt: the data stream ran out at step {step} "
+                         f"(data.on_exhausted: {data_cfg.on_exhausted})")
             break
         step += 1
         tokens_seen += tokens_per_step

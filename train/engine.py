@@ -160,9 +160,10 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size
     micro = int(cfg.get("train_micro_batch_size_per_gpu", micro_batch_size))
     total = int(cfg.get("train_batch_size", global_batch_size))
     if total % (micro * world_size):
+        per_step = micro * world_size
         raise HealerError(
             f"{section}.global_batch_size={total} is not a multiple of micro_batch_size*world_size = "
-            f"{micro}*{world_size} = {micro * world_size}; pick e.g. {max(1, round(total / (micro * world_size))) * micro * world_size}")
+            f"{micro}*{world_size} = {per_step}; pick e.g. {max(1, round(total / per_step)) * per_step}")
     accum = total // (micro * world_size)
     if "gradient_accumulation_steps" in cfg and int(cfg["gradient_accumulation_steps"]) != accum:
         raise HealerError(f"deepspeed_config: gradient_accumulation_steps={cfg['gradient_accumulation_steps']} "

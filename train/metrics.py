@@ -73,7 +73,8 @@ class MetricsLogger:
         print_every: steps between plain-text progress lines when there is no bar.
         jsonl_path: also append every step's scalars as one JSON line (``{"step": n, ...}``) for scripts and
             plots (``time`` is the wall clock when the step was logged, ``cpu_time`` this process's CPU seconds so
-            far: on a shared machine the gaps in CPU time measure a step's cost better than wall time); on a resume, lines past ``initial_step`` (from the interrupted run) are dropped first.
+            far: on a shared machine the gaps in CPU time measure a step's cost better than wall time); on a
+            resume, lines past ``initial_step`` (from the interrupted run) are dropped first.
     """
 
     def __init__(self, log_dir: str | Path | None, total_steps: int, *, rank: int = 0, initial_step: int = 0,
@@ -121,7 +122,8 @@ class MetricsLogger:
                 else:  # TensorBoard drops NaN/inf silently; keep a trace that it happened
                     self._writer.add_scalar(key + "_nonfinite", 1.0, step)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "time": time.time(), "cpu_time": time.process_time(), **values}) + "\n")
+            row = {"step": step, "time": time.time(), "cpu_time": time.process_time(), **values}
+            self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         shown = {label: self.last[k] for k, label in self.bar_keys.items() if k in self.last}
         if self._bar is not None:
