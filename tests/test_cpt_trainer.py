@@ -112,7 +112,9 @@ def _steps(stage: Path) -> list[int]:
 def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
     corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {_TEXT}"}) + "\n" for i in range(50)))
+    lines = [json.dumps({"text": f"{i} {_TEXT}"}) for i in range(50)]
+    lines[1] = '{"text": "a line cut short'  # a bad record: skipped, counted, and shown with its line
+    corpus.write_text("\n".join(lines) + "\n")
     stage = tmp_path / "cpt"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -136,6 +138,7 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "skipped a bad record" in err and "train.jsonl" in err, err[-3000:]
     saved = find_resume_checkpoint(stage / "checkpoints")
     stopped_at = json.loads((saved / COMPLETE).read_text())["step"]
     assert stopped_at == _steps(stage)[-1] >= 3
@@ -149,4 +152,5 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     assert _steps(stage) == list(range(1, stopped_at + 3))
     assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == stopped_at + 2
     assert not (stage / "PREEMPTED").exists()
-    assert math.isfinite(json.loads((stage / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"])
+    last = json.loads((stage / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["train/loss"]) and last["data/skipped_records"] == 1

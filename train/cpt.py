@@ -136,10 +136,12 @@ def _source_tokens(loader) -> dict[str, int]:
     return total
 
 
-def _skipped(loader) -> int:
+def _skipped(loader) -> tuple[int, list[str]]:
+    """This rank's count of skipped bad records, and where the first few were (file, line, why)."""
     if not hasattr(loader, "stats"):
-        return 0
-    return int(sum(loader.stats().get("skipped", {}).values()))
+        return 0, []
+    stats = loader.stats()
+    return int(sum(stats.get("skipped", {}).values())), list(stats.get("skipped_examples", []))
 
 
 def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -344,6 +346,7 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
     times: list[float] = []
     preempted = exhausted = False
     stats = torch.zeros(5, device=device)
+    shown_skips: list[str] = []
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -367,7 +370,11 @@ def train(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: st
         tokens_seen += tokens_per_step
         _fault("kill_at_step", step)
         stats[3] = float(watcher.requested)
-        stats[4] = float(_skipped(loader))
+        n_skipped, examples = _skipped(loader)
+        stats[4] = float(n_skipped)
+        for example in examples[len(shown_skips):]:  # this rank's first few, once each
+            logger.write(f"healer cpt: skipped a bad record: {example}")
+        shown_skips = examples
         if dist.is_initialized():
             dist.all_reduce(stats)  # one collective: the mean losses, and whether any rank was told to stop
         loss, ce, kl, stop, skipped = stats.tolist()
