@@ -75,6 +75,7 @@ def test_sft_stage_self_distills_trains_and_writes_adapter_and_merged_model(tmp_
     assert out["tokens_trained"] > 0 and out["final_loss"] > 0
     assert [s for s, _ in scalars(stage / "tensorboard", "train/loss")] == [1, 2]
     assert len(scalars(stage / "tensorboard", "train/lr")) == 2
+    assert all(v > 0 for _, v in scalars(stage / "tensorboard", "train/grad_norm"))
 
     # standard PEFT adapter: base + adapter gives the same logits as the merged plain checkpoint
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(stage / "adapter"))

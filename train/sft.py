@@ -269,12 +269,17 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     engine.train()
     for step in range(start, stop_at):
         t0 = time.perf_counter()
+        own_norm = None
         loss_sum = torch.zeros(4, dtype=torch.float64)  # summed micro losses, tokens, supervised tokens, stop asks
         for m in range(accum):
             first = step * global_batch + (m * world + rank) * micro
             batch = collate(micro_batch(data.examples, cfg.seed, first, micro), tokenizer.pad_token_id)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(out.loss)
+            if m == accum - 1 and engine.zero_optimization_stage() == 0:
+                # DeepSpeed reports a grad norm only when ZeRO owns the gradients; here they sit on the params
+                own_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
+                                          if p.grad is not None)).item()
             engine.step()
             loss_sum += torch.tensor([out.loss.item(), batch["attention_mask"].sum().item(),
                                       (batch["labels"] != -100).sum().item(), 0.0], dtype=torch.float64)
@@ -287,7 +292,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
         elapsed = time.perf_counter() - t0
         done = step + 1
         if done % cfg.log_every == 0 or done == stop_at:
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = own_norm if engine.zero_optimization_stage() == 0 else engine.get_global_grad_norm()
             logger.log(done, {"train/loss": loss_value, "train/lr": engine.get_lr()[0],
                               "train/grad_norm": grad_norm, "train/epoch": done * global_batch / len(data.examples),
                               "perf/tokens_per_s": loss_sum[1].item() / elapsed, "tokens/trained": totals["tokens"]})
