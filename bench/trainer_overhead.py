@@ -225,6 +225,8 @@ def main() -> int:
             wall, cpu, _ = healer_loop(root / f"cpt_kd{r}", student, teacher, cfg, data_cfg)
             c["wall"] += wall[w:]
             c["cpu"] += cpu[w:]
+    if world > 1:
+        dist.barrier()
     if rank != 0:
         return 0
     med = statistics.median
@@ -257,6 +259,9 @@ def main() -> int:
         print(f"MFU (healer cpt) = {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s per device")
     else:
         print(f"MFU: unknown on {device} (no peak FLOP/s known for it in {out_b['precision']})")
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
