@@ -130,6 +130,8 @@ def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | N
     cached = {(r["label"], r["model"]): r for r in previous.get("rows", []) if r.get("stamp")}
     cfg = recipe.eval
     text_file = cfg.perplexity_files[0] if cfg is not None and cfg.perplexity_files else None
+    if text_file is not None and not Path(text_file).is_file():
+        text_file = None  # e.g. `--only prune,cpt` before the eval text exists: parameters only
     context = min(cfg.context_lengths) if cfg is not None and cfg.context_lengths else None
     evaluated = _eval_numbers(recipe, text_file, context)
     rows = []
