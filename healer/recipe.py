@@ -172,7 +172,7 @@ def _expand_run_dir(node: Any, run_dir: str) -> Any:
 
 def resolve_recipe_path(path: str | Path) -> Path:
     file = Path(path)
-    if file.exists():
+    if file.is_file():
         return file
     embedded = importlib.resources.files("healer.configs") / f"{path}.yaml"
     if embedded.is_file():
