@@ -171,7 +171,7 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         "calibration_ppl_before": ppl_before,
         "calibration_ppl_after": ppl_after,
         "config_changes": {k: [config_before.get(k), v] for k, v in config_after.items()
-                           if config_before.get(k) != v and k not in ("transformers_version", "dtype")},
+                           if config_before.get(k) != v and k not in ("transformers_version", "dtype", "architectures")},
         "reload_max_logit_diff": max_diff,
         "scored_from": "disk, one block at a time" if layerwise_scores is not None else "memory",
         "seed": seed,
