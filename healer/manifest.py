@@ -63,11 +63,16 @@ def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, A
     return path
 
 
-def read_stage_manifest(stage_dir: str | Path) -> dict | None:
-    path = Path(stage_dir) / MANIFEST
+def read_json_if_present(path: str | Path) -> dict | None:
+    """The JSON at ``path``, or None when it is missing or half-written."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def read_stage_manifest(stage_dir: str | Path) -> dict | None:
+    return read_json_if_present(Path(stage_dir) / MANIFEST)

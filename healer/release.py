@@ -15,13 +15,12 @@ at the end, so an interrupted release never leaves a half-written one behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
 
 from healer.errors import HealerError
-from healer.manifest import read_stage_manifest, write_stage_manifest
+from healer.manifest import read_json_if_present, read_stage_manifest, write_stage_manifest
 from healer.release_config import ReleaseConfig
 
 # model.source shortcuts whose hub id is known (the GGUF file does not carry it).
@@ -89,15 +88,6 @@ def base_identity(source: str, gguf_file: str | None) -> tuple[str | None, str |
     elif HUB_ID.match(source):
         hub_id = source
     return hub_id, license if isinstance(license, str) else None
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 def training_stages(recipe) -> list[dict]:
@@ -169,8 +159,8 @@ def build_release(recipe, out: Path) -> dict:
     recipe_yaml = dump_recipe(recipe)
     (partial / "recipe.yaml").write_text(recipe_yaml)
 
-    prune_report = _read_json(recipe.stage_dir("prune") / "prune_report.json")
-    eval_result = _read_json(recipe.stage_dir("eval") / "eval.json")
+    prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
     curves, curves_missing = [], []
@@ -193,7 +183,7 @@ def build_release(recipe, out: Path) -> dict:
         "params_before": params_before, "params_after": params_after, "prune_report": prune_report,
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
-        "summary": _read_json(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
+        "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
     }
     (partial / "README.md").write_text(render(info), encoding="utf-8")
 

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, save_tiny
