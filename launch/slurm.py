@@ -95,6 +95,9 @@ def submit(script: Path, env: dict[str, str] | None = None) -> str:
                          "or use --dry-run to only write the script") from None
     if done.returncode != 0:
         why = done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}"
+        if "configuration source" in why:
+            raise SlurmError(f"sbatch found no SLURM configuration (SLURM_CONF, /etc/slurm/slurm.conf):\n  {why}\n"
+                             f"Run this on the cluster's login node; the script is kept at {script}")
         raise SlurmError(f"SLURM refused the job script {script}:\n  {why}\n"
                          "Nothing was started. Fix the matching launch.slurm key (partition, account, qos, time, "
                          "constraint, gpus_per_node, extra_sbatch) in the recipe or on the command line.")

@@ -1,16 +1,22 @@
-"""A tiny `healer cpt` job for the launch tests: a 2-layer random Llama, a small jsonl corpus, ZeRO-2 on CPU."""
+"""A tiny `healer cpt` job for the launch tests: a 2-layer random Llama, a small jsonl corpus, ZeRO-2 on CPU.
+
+:func:`reference_run` trains it once per test session, uninterrupted, as `healer launch --nproc 2 cpt`
+(one node, two ranks); the loopback and SLURM tests compare their runs against it.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from conftest import _TEXT, save_tiny
 
-STEPS = 6
+STEPS = 60  # a few seconds of training: long enough for a preemption signal to land mid-run
 
 
 def cpt_workspace(root: Path) -> dict[str, Path]:
@@ -19,7 +25,7 @@ def cpt_workspace(root: Path) -> dict[str, Path]:
     words = _TEXT.split()
     corpus = root / "train.jsonl"
     with open(corpus, "w") as fh:
-        for _ in range(80):
+        for _ in range(300):
             fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
     return {"root": root, "student": student, "train": corpus}
 
@@ -48,3 +54,20 @@ def weights(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(run_dir / "cpt" / "hf" / "model.safetensors")
+
+
+_REFERENCE: dict = {}
+
+
+def reference_run(tmp_path_factory) -> tuple[dict[str, Path], Path]:
+    """The workspace and the run dir of one uninterrupted single-node 2-rank run (made once per session)."""
+    if not _REFERENCE:
+        root = tmp_path_factory.mktemp("cpt_reference")
+        ws = cpt_workspace(root)
+        run_dir = root / "one_node"
+        recipe = cpt_recipe(ws, run_dir)
+        done = subprocess.run([sys.executable, "-m", "healer", "launch", "--nproc", "2", "cpt", str(recipe)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        _REFERENCE.update(ws=ws, run=run_dir)
+    return _REFERENCE["ws"], _REFERENCE["run"]

@@ -21,10 +21,9 @@ from healer.errors import HealerError  # noqa: E402
 from healer.launch import slurm  # noqa: E402
 from healer.launch.config import LaunchConfig, SlurmConfig  # noqa: E402
 from healer.launch.run import run_entry, run_stage  # noqa: E402
-from launch_cpt_recipe import cpt_recipe, cpt_workspace, losses, weights  # noqa: E402
+from launch_cpt_recipe import STEPS, cpt_recipe, losses, reference_run, weights  # noqa: E402
 
 TOY = str(Path(__file__).with_name("launch_toy_trainer.py"))
-CPT_STEPS = 40  # long enough (a few seconds) for the preemption signal to land mid-run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -58,47 +57,21 @@ def _job_id(cluster, name: str) -> str:
     return ids[0]
 
 
-def _submit_cpt(cluster, ws, run_dir: Path) -> tuple[str, Path]:
-    """`healer run`'s path: run_stage(cpt) with backend slurm, without waiting; the job id and its main log."""
-    recipe = cpt_recipe(ws, run_dir, steps=CPT_STEPS)
-    cfg = _two_nodes()
-    assert run_stage("cpt", str(recipe), [], cfg, wait=False) == 0
-    job = _job_id(cluster, "healer-cpt")
-    return job, run_dir / "launch" / "cpt" / f"slurm-{job}.out"
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return cpt_workspace(tmp_path_factory.mktemp("cptws"))
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def reference(cluster, workspace, tmp_path_factory):
-    """An uninterrupted two-node `healer cpt` job: its run dir, main log and exit code."""
-    run_dir = tmp_path_factory.mktemp("ref")
-    job, log = _submit_cpt(cluster, workspace, run_dir)
-    rc = slurm.wait(job, log, poll_s=1)
-    return run_dir, log, rc
-
-
-def test_two_node_slurm_job_runs_healer_cpt_to_the_end(cluster, reference):
-    run_dir, log, rc = reference
-    text = log.read_text()
-    assert rc == 0, text + cluster.logs()
-    manifest = json.loads((run_dir / "cpt" / "manifest.json").read_text())
-    assert manifest["outputs"]["steps"] == CPT_STEPS and manifest["outputs"]["world_size"] == 2
-    assert "node 0/2" in text and "node 1/2" in text  # srun put one launcher on each SLURM node
-    assert "healer: cpt finished" in text
-    assert f"step {CPT_STEPS}/{CPT_STEPS}" in text  # rank 0's progress is on the job's main output
-    per_rank = list((run_dir / "launch" / "cpt" / "logs").glob("node*/*/attempt_0/0/stderr.log"))
-    assert len(per_rank) == 2  # one log per rank (one rank per node here)
-
-
-def test_preempted_job_saves_requeues_and_ends_like_an_uninterrupted_one(cluster, workspace, reference, tmp_path):
+def test_preempted_two_node_job_saves_requeues_and_ends_like_an_uninterrupted_run(cluster, reference, tmp_path):
+    ws, one_node = reference  # the same recipe, run uninterrupted on one node with 2 ranks
     run_dir = tmp_path / "run"
-    job, log = _submit_cpt(cluster, workspace, run_dir)
+    recipe = cpt_recipe(ws, run_dir)
+    # `healer run`'s path for a distributed stage: run_stage with the recipe's launch.backend slurm.
+    assert run_stage("cpt", str(recipe), [], _two_nodes(), wait=False) == 0
+    job = _job_id(cluster, "healer-cpt")
+    log = run_dir / "launch" / "cpt" / f"slurm-{job}.out"
     metrics = run_dir / "cpt" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not metrics.exists():  # the trainer is stepping
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), cluster.logs()
         time.sleep(0.2)
@@ -107,16 +80,21 @@ def test_preempted_job_saves_requeues_and_ends_like_an_uninterrupted_one(cluster
     rc = slurm.wait(job, log, poll_s=1)
     text = log.read_text()
     assert rc == 0, text + cluster.logs()
+    assert "node 0/2" in text and "node 1/2" in text  # srun put one launcher on each SLURM node
     assert "preempted and saved a checkpoint; requeueing" in text
     assert cluster.job_field(job, "Restarts") == "1"
-    assert "resumed from" in text
-    ref_dir, _, ref_rc = reference
-    assert ref_rc == 0
-    got, want = losses(run_dir), losses(ref_dir)
-    assert sorted(got) == list(range(1, CPT_STEPS + 1))
-    assert got == want  # the same loss at every step as the job nobody interrupted
-    a, b = weights(run_dir), weights(ref_dir)
+    assert "resumed from" in text and "healer: cpt finished" in text
+    assert f"step {STEPS}/{STEPS}" in text  # rank 0's progress is on the job's main output
+    manifest = json.loads((run_dir / "cpt" / "manifest.json").read_text())
+    assert manifest["outputs"]["steps"] == STEPS and manifest["outputs"]["world_size"] == 2
+
+    got, want = losses(run_dir), losses(one_node)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == want  # the same loss at every step as the run nobody interrupted
+    a, b = weights(run_dir), weights(one_node)
     assert all((a[k] == b[k]).all() for k in b)
+    # one log per rank per attempt (one rank per node, two attempts)
+    assert len(list((run_dir / "launch" / "cpt" / "logs").glob("node*/*/attempt_0/0/stderr.log"))) == 4
 
 
 def test_failing_job_is_retried_then_gives_up_with_the_reason(cluster, tmp_path):
