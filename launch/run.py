@@ -7,6 +7,7 @@ this module checks (recipe, hostfile, slots, ssh, sbatch options) is checked bef
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import socket
@@ -14,13 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from healer.errors import HealerError
 from healer.launch import slurm
 from healer.launch.config import LaunchConfig
 from healer.launch.hostfile import check_slots, check_ssh, parse_hostfile
 from healer.launch.supervise import supervise
 from healer.launch.torchrun import NodeSpec, free_port, rank_env, torchrun_command
-from healer.recipe import load_recipe, resolve_recipe_path
+from healer.recipe import Recipe, load_recipe, resolve_recipe_path
+from healer.redact import REDACTED, redact_text, redact_tree, write_text
 
 DEFAULT_PORT = 29500
 NOT_STAGES = {"launch", "run", "schema"}
@@ -29,6 +33,34 @@ NOT_STAGES = {"launch", "run", "schema"}
 def launch_dir(run_dir: str | Path, stage: str, cfg: LaunchConfig) -> Path:
     """Where the launcher writes its script, per-rank logs and the resolved recipe."""
     return Path(cfg.log_dir or Path(run_dir) / "launch" / stage).resolve()
+
+
+def write_rank_recipe(recipe: Recipe, path: Path) -> bool:
+    """Write the recipe the ranks read to ``path``; return True when it had to be private (mode 0600).
+
+    The ranks take ``launch.env`` from their environment (the launcher sets it), never from this file, so
+    its values are written as <redacted>. Anything else that looks secret (a token in a data URL, a
+    ``*_token`` key) is needed by the ranks as it is: then the file is kept, readable by its owner only.
+    """
+    tree = recipe.model_dump(mode="json", exclude_none=True)
+    env = tree.get("launch", {}).get("env")
+    if env:
+        tree["launch"]["env"] = {key: REDACTED for key in env}
+    private = redact_tree(tree) != tree
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, yaml.safe_dump(tree, sort_keys=False), private=private)
+    if private:
+        print(f"healer launch: {path} holds values that look like secrets, which the ranks need; it is "
+              "readable by you only (mode 0600). Pass secrets in launch.env to keep them out of files.",
+              file=sys.stderr)
+    return private
+
+
+def _check_env(cfg: LaunchConfig) -> None:
+    stale = [key for key, value in cfg.env.items() if value == REDACTED]
+    if stale:
+        raise HealerError(f"launch.env.{stale[0]} is {REDACTED}: this recipe is a copy healer wrote with its secrets "
+                          "removed; launch from your own recipe, or set the value (--launch.env.KEY VALUE)")
 
 
 def run_stage(stage: str, recipe_path: str, overrides: list[str], cfg: LaunchConfig, *,
@@ -53,6 +85,7 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str], cfg: LaunchCon
 def run_entry(entry: list[str], cfg: LaunchConfig, logs: Path, stage: str = "job", *, dry_run: bool = False,
               wait: bool = True) -> int:
     """Run ``python <entry>`` on every rank (``entry`` = ``["-m", "module", ...]`` or ``["script.py", ...]``)."""
+    _check_env(cfg)
     if cfg.backend == "slurm":
         return _run_slurm(entry, cfg, logs, stage, dry_run, wait)
     if cfg.backend == "hostfile" and cfg.ssh:
@@ -132,16 +165,20 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     if dry_run:
         print(shlex.join(cmd))
         return 0
-    check_ssh(hosts)
+    check_ssh(hosts, cfg.ssh_host_key_checking)
     if shutil.which("pdsh") is None:
         raise HealerError("the DeepSpeed launcher needs pdsh to reach the hosts over ssh; install pdsh, or run "
                           "with --no-ssh and start `healer launch --no-ssh --node-rank K ...` on each host")
     logs.mkdir(parents=True, exist_ok=True)
     env = rank_env(cfg.env)
+    # pdsh's ssh gets the same host-key policy as the check above.
+    env["PDSH_SSH_ARGS_APPEND"] = f"{env.get('PDSH_SSH_ARGS_APPEND', '')} -o StrictHostKeyChecking=" \
+                                  f"{cfg.ssh_host_key_checking}".strip()
     # The DeepSpeed launcher exports these to the remote ranks (it only forwards a few prefixes itself).
+    # It may hold secrets (launch.env), so only its owner may read it.
     env_file = logs / "deepspeed_env"
     wanted = {**cfg.env, **{k: env[k] for k in ("DS_ACCELERATOR",) if k in env}}
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in wanted.items()))
+    write_text(env_file, "".join(f"{k}={v}\n" for k, v in wanted.items()), private=True)
     env["DS_ENV_FILE"] = str(env_file)
     return subprocess.run(cmd, env=env).returncode
 
@@ -150,12 +187,23 @@ def _run_slurm(entry: list[str], cfg: LaunchConfig, logs: Path, stage: str, dry_
     logs.mkdir(parents=True, exist_ok=True)
     script = slurm.render_sbatch(stage, entry, cfg, logs, Path.cwd())
     path = logs / f"{stage}.sbatch"
-    path.write_text(script)
+    # launch.env is not in the script; a secret typed into launch.slurm.setup would be, so then only the
+    # owner may read the file, and the console copy hides it.
+    shown = redact_text(script)
+    write_text(path, script, private=shown != script)
+    if shown != script:
+        print(f"healer launch: {path} holds a value that looks like a secret (launch.slurm.setup?); it is readable "
+              "by you only (mode 0600). Put secrets in launch.env: they reach the job without being written.",
+              file=sys.stderr)
     if dry_run or not cfg.slurm.submit:
-        print(script)
+        print(shown)
         print(f"# written to {path}; submit it with: sbatch {path}", file=sys.stderr)
+        if cfg.env:
+            print(f"# the job expects {', '.join(cfg.env)} (launch.env) in sbatch's environment: export them "
+                  "before submitting by hand", file=sys.stderr)
         return 0
-    job_id = slurm.submit(path)
+    # Not rank_env(): the login node's lack of a GPU says nothing about the compute nodes.
+    job_id = slurm.submit(path, env={**os.environ, **cfg.env})
     log = logs / f"slurm-{job_id}.out"
     print(f"healer launch: submitted {stage} as SLURM job {job_id}; main log {log}; per-rank logs {logs}/logs",
           file=sys.stderr, flush=True)
