@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 REDACTED = "<redacted>"
 
 # Where every value is a secret, whatever it looks like: (section, key) paths into the recipe.
@@ -129,6 +131,11 @@ def secret_values(tree: Any) -> list[str]:
     found: list[str] = []
     _walk(tree, (), found, False)
     return found
+
+
+def public_yaml(tree: Any) -> str:
+    """``tree`` (a recipe as plain data) as YAML with every secret <redacted>: the copy others may read."""
+    return yaml.safe_dump(redact_tree(tree), sort_keys=False)
 
 
 def write_text(path: str | Path, text: str, *, private: bool = False) -> None:
