@@ -8,6 +8,7 @@ this module checks (recipe, hostfile, slots, ssh, sbatch options) is checked bef
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -150,6 +151,19 @@ def _check_resolves(host: str, what: str) -> None:
         raise HealerError(f"{what}: cannot resolve host {host!r} ({err.strerror}); fix the name or use an IP address")
 
 
+def _check_pdsh_env(env: dict[str, str]) -> None:
+    """Refuse launch.env values the DeepSpeed launcher would run or change on the remote hosts.
+
+    Over pdsh it pastes every value into the remote shell command as ``export K="value";`` (stripped, in
+    double quotes), where ``$(...)``, backquotes, ``"`` and ``\\`` act, and outer spaces are lost.
+    """
+    for key, value in env.items():
+        if re.search(r'[$`"\\]', value) or value != value.strip():
+            raise HealerError(f"launch.env.{key}: its value holds $, `, \" or \\ (or starts or ends with a space), "
+                              "which the DeepSpeed launcher would run or change in the remote shell over ssh; "
+                              "use --no-ssh (one `healer launch` per host), or set it in the hosts' own environment")
+
+
 def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run: bool) -> int:
     """Several nodes over ssh: the DeepSpeed launcher (pdsh) starts the ranks on every host of the hostfile."""
     if cfg.hostfile is None:
@@ -157,6 +171,7 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     hosts = parse_hostfile(cfg.hostfile)
     nproc = check_slots(hosts, cfg.nproc_per_node, cfg.hostfile)
     master = cfg.master_addr or hosts[0].name
+    _check_pdsh_env(cfg.env)
     module = entry[0] == "-m"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={cfg.hostfile}", "--launcher=pdsh",
            f"--master_addr={master}", f"--master_port={cfg.master_port or DEFAULT_PORT}", f"--num_gpus={nproc}",

@@ -244,3 +244,15 @@ def test_ssh_trusts_unknown_host_keys_only_when_asked(monkeypatch):
     assert "StrictHostKeyChecking=accept-new" in calls[-1]
     assert calls[-1][-3:] == ["--", "node1", "true"]  # the host can never be taken for an option
     assert LaunchConfig().ssh_host_key_checking == "yes"
+
+
+def test_env_value_the_deepspeed_launcher_would_run_over_ssh_is_refused(tmp_path, recipe, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    args = ["launch", "--hostfile", str(hosts), "--dry-run", "cpt", str(recipe)]
+    assert healer_main(args) == 0  # a token is letters and digits: passed as it is
+    out, err = capsys.readouterr()
+    assert "deepspeed.launcher.runner" in out and TOKEN not in out + err
+    assert healer_main([*args, "--launch.env", "{HF_TOKEN: '$(touch PWNED)'}"]) == 2
+    err = capsys.readouterr().err
+    assert "launch.env.HF_TOKEN: its value holds $" in err and "--no-ssh" in err and "touch" not in err
