@@ -32,7 +32,8 @@ class Options:
 
     stage: str = field(default="", metadata={"help": "the stage every rank runs (cpt, sft, ...)", "positional": True})
     nproc: int | None = field(default=None, metadata={"help": "ranks per node (launch.nproc_per_node)"})
-    nnodes: int | None = field(default=None, metadata={"help": "number of nodes (launch.nodes)", "aliases": ("--nodes",)})
+    nnodes: int | None = field(default=None,
+                               metadata={"help": "number of nodes (launch.nodes)", "aliases": ("--nodes",)})
     node_rank: int | None = field(default=None,
                                   metadata={"help": "this node's rank, for multi-node runs without ssh"})
     hostfile: str | None = field(default=None, metadata={"help": "DeepSpeed hostfile (`host slots=N` lines)"})

@@ -7,7 +7,6 @@ searching its text.
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
@@ -256,3 +255,12 @@ def test_env_value_the_deepspeed_launcher_would_run_over_ssh_is_refused(tmp_path
     assert healer_main([*args, "--launch.env", "{HF_TOKEN: '$(touch PWNED)'}"]) == 2
     err = capsys.readouterr().err
     assert "launch.env.HF_TOKEN: its value holds $" in err and "--no-ssh" in err and "touch" not in err
+
+
+def test_secret_typed_into_setup_keeps_the_script_private_and_the_console_clean(tmp_path, recipe, capsys):
+    args = ["launch", "--slurm", "--dry-run", "cpt", str(recipe), "--launch.slurm.setup", f"[export WANDB={TOKEN}]"]
+    assert healer_main(args) == 0
+    out, err = capsys.readouterr()
+    script = tmp_path / "run" / "launch" / "cpt" / "cpt.sbatch"
+    assert TOKEN not in out and "export WANDB=<redacted>" in out and "mode 0600" in err
+    assert TOKEN in script.read_text() and stat.S_IMODE(script.stat().st_mode) == 0o600  # the job needs it
