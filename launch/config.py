@@ -156,6 +156,14 @@ class LaunchConfig(Section):
     def _host(cls, value: str | None) -> str | None:
         return _shaped(value, _HOST, "a host name or IP address (it may not start with '-')")
 
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_numbers(cls, env):
+        # `NCCL_IB_DISABLE: 1` in YAML is a number; the environment only holds text.
+        if isinstance(env, dict):
+            return {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in env.items()}
+        return env
+
     @field_validator("env")
     @classmethod
     def _env(cls, env: dict[str, str]) -> dict[str, str]:

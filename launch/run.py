@@ -28,6 +28,8 @@ from healer.recipe import Recipe, load_recipe, resolve_recipe_path
 from healer.redact import REDACTED, redact_text, redact_tree, write_text
 
 DEFAULT_PORT = 29500
+# What the DeepSpeed launcher can put in its remote pdsh command as it is (it does not quote).
+_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]*", re.ASCII)
 NOT_STAGES = {"launch", "run", "schema"}
 
 
@@ -172,6 +174,12 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     nproc = check_slots(hosts, cfg.nproc_per_node, cfg.hostfile)
     master = cfg.master_addr or hosts[0].name
     _check_pdsh_env(cfg.env)
+    for what, word in (("the working directory", os.getcwd()), ("the log directory", str(logs / "logs")),
+                       *(("the rank argument", arg) for arg in entry)):
+        if not _PLAIN_WORD.fullmatch(word):
+            raise HealerError(f"{what} {word!r} holds characters a shell acts on (space, quote, $, ;, ...), and the "
+                              "DeepSpeed launcher passes it unquoted to the remote shell over ssh; use paths of "
+                              "letters, digits and _@%+=:,./- (run_dir), or --no-ssh (one `healer launch` per host)")
     module = entry[0] == "-m"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={cfg.hostfile}", "--launcher=pdsh",
            f"--master_addr={master}", f"--master_port={cfg.master_port or DEFAULT_PORT}", f"--num_gpus={nproc}",

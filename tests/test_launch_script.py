@@ -264,3 +264,20 @@ def test_secret_typed_into_setup_keeps_the_script_private_and_the_console_clean(
     script = tmp_path / "run" / "launch" / "cpt" / "cpt.sbatch"
     assert TOKEN not in out and "export WANDB=<redacted>" in out and "mode 0600" in err
     assert TOKEN in script.read_text() and stat.S_IMODE(script.stat().st_mode) == 0o600  # the job needs it
+
+
+def test_path_the_deepspeed_launcher_would_paste_into_the_remote_shell_is_refused(tmp_path, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    run_dir = tmp_path / "run;touch PWNED"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": {"source": "unused"}}))
+    assert healer_main(["launch", "--hostfile", str(hosts), "--dry-run", "cpt", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "holds characters a shell acts on" in err and "--no-ssh" in err
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_numeric_env_value_from_yaml_becomes_text():
+    recipe = load_recipe(None, {"model.source": "unused", "launch.env": {"NCCL_IB_DISABLE": 1}})
+    assert recipe.launch.env == {"NCCL_IB_DISABLE": "1"}
