@@ -66,22 +66,24 @@ def _check_env(cfg: LaunchConfig) -> None:
                           "removed; launch from your own recipe, or set the value (--launch.env.KEY VALUE)")
 
 
-def run_stage(stage: str, recipe_path: str, overrides: list[str], cfg: LaunchConfig, *,
+def run_stage(stage: str, recipe_path: str, args: list[str], cfg: LaunchConfig, *,
               dry_run: bool = False, wait: bool = True) -> int:
     """Run ``healer STAGE`` on the ranks ``cfg`` describes; block until it ends and return its exit code.
 
-    ``overrides`` are ``key=value`` recipe overrides handed to every rank. ``dry_run`` prints the
-    command (or the sbatch script) instead of running it. ``wait=False`` returns right after a SLURM
-    submission.
+    ``args`` go on every rank's command line after the recipe: the stage's flags (``["--resume", "none"]``)
+    and ``key=value`` recipe overrides; the overrides are applied here too, so a bad one is refused before
+    any rank starts. ``dry_run`` prints the command (or the sbatch script) instead of running it.
+    ``wait=False`` returns right after a SLURM submission.
     """
     from healer.cli import VERBS
 
     if stage not in VERBS or stage in NOT_STAGES:
         stages = ", ".join(v for v in VERBS if v not in NOT_STAGES)
         raise HealerError(f"launch: {stage!r} is not a stage; one of: {stages}")
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe is refused here, not on 64 ranks
     path = resolve_recipe_path(recipe_path).resolve()
-    entry = ["-m", "healer", stage, "--config", str(path), *overrides]
+    entry = ["-m", "healer", stage, "--config", str(path), *args]
     return run_entry(entry, cfg, launch_dir(recipe.run_dir, stage, cfg), stage, dry_run=dry_run, wait=wait)
 
 

@@ -281,3 +281,13 @@ def test_path_the_deepspeed_launcher_would_paste_into_the_remote_shell_is_refuse
 def test_numeric_env_value_from_yaml_becomes_text():
     recipe = load_recipe(None, {"model.source": "unused", "launch.env": {"NCCL_IB_DISABLE": 1}})
     assert recipe.launch.env == {"NCCL_IB_DISABLE": "1"}
+
+
+def test_run_stage_hands_flags_and_overrides_to_every_rank_and_checks_the_overrides(tmp_path, recipe, capsys):
+    from healer.launch.run import run_stage
+
+    cfg = LaunchConfig(nproc_per_node=2)
+    assert run_stage("cpt", str(recipe), ["--resume", "none", "seed=7"], cfg, dry_run=True) == 0
+    assert f"-m healer cpt --config {recipe.resolve()} --resume none seed=7" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="seed"):
+        run_stage("cpt", str(recipe), ["seed=seven"], cfg, dry_run=True)
