@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from healer.errors import HealerError
+from healer.train import kd
 from healer.train.kd import chunked_head_loss, distill_loss
 from healer.train.objectives import OBJECTIVES, Distill, HiddenMSE, NextTokenCE, ReplyCE, make_objective
 
@@ -39,31 +40,52 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.fixture(params=["fused", "recompute"])
+def head_path(request, monkeypatch):
+    """Runs a test through both chunked paths: gradients in forward, and checkpoint recomputation (ZeRO-3's)."""
+    if request.param == "recompute":
+        monkeypatch.setattr(kd, "_plain_linear", lambda head: False)
+    return request.param
+
+
 # --- hand computations --------------------------------------------------------------------------------------
 
-def test_kd_terms_match_a_hand_computation():
+def _identity_head(n: int) -> torch.nn.Linear:
+    head = torch.nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(n))
+    return head
+
+
+def test_kd_terms_match_a_hand_computation(head_path):
     # One position, vocabulary 2: student logits (0, ln 3) -> q = (1/4, 3/4); teacher (0, 0) -> p = (1/2, 1/2).
     # CE(target 1) = ln(4/3); KL(p||q) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3); alpha 0.5, T 1 -> 3/4 ln(4/3).
     hidden = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
-    teacher = torch.zeros(1, 2)
-    loss, ce, kl = chunked_head_loss(hidden, torch.tensor([1]), lambda h: h, teacher_hidden=teacher,
-                                     teacher_head=lambda h: h, alpha=0.5, temperature=1.0)
+    loss, ce, kl = chunked_head_loss(hidden, torch.tensor([1]), _identity_head(2), teacher_hidden=torch.zeros(1, 2),
+                                     teacher_head=_identity_head(2), alpha=0.5, temperature=1.0)
     assert ce.item() == pytest.approx(math.log(4 / 3), abs=1e-6)
     assert kl.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
     assert loss.item() == pytest.approx(0.75 * math.log(4 / 3), abs=1e-6)
+    loss.backward()
+    # d/ds = alpha (q - onehot) + (1-alpha) T (q - p) = 0.5 (1/4, -1/4) + 0.5 (-1/4, 1/4) = 0
+    assert hidden.grad.abs().max().item() < 1e-6
 
 
-def test_kd_temperature_and_top_k_match_a_hand_computation():
+def test_kd_temperature_and_top_k_match_a_hand_computation(head_path):
     # Teacher (2, 0, 0) with top_k=1 keeps token 0 with probability 1; the student (0, 0, 0) gives it 1/3
     # from its full softmax, so KL = ln 3 at any temperature, scaled by T^2 = 4 in the loss (alpha 0).
     hidden = torch.zeros(1, 3, requires_grad=True)
-    loss, _, kl = chunked_head_loss(hidden, torch.tensor([2]), lambda h: h, teacher_hidden=torch.tensor([[2.0, 0, 0]]),
-                                    teacher_head=lambda h: h, alpha=0.0, temperature=2.0, top_k=1)
+    teacher = torch.tensor([[2.0, 0, 0]])
+    loss, _, kl = chunked_head_loss(hidden, torch.tensor([2]), _identity_head(3), teacher_hidden=teacher,
+                                    teacher_head=_identity_head(3), alpha=0.0, temperature=2.0, top_k=1)
     assert kl.item() == pytest.approx(math.log(3.0), abs=1e-6)
     assert loss.item() == pytest.approx(4 * math.log(3.0), abs=1e-6)
+    loss.backward()
+    # d(T^2 KL)/ds = T (q - p) with p = (1, 0, 0) on the top-k and 0 elsewhere: 2 * (-2/3, 1/3, 1/3)
+    assert torch.allclose(hidden.grad, torch.tensor([[-4 / 3, 2 / 3, 2 / 3]]), atol=1e-6)
     # Without top-k at T=2: p = softmax((1, 0, 0)), q uniform: KL = sum p ln(3p).
-    _, _, kl_full = chunked_head_loss(hidden, torch.tensor([2]), lambda h: h, teacher_hidden=torch.tensor([[2.0, 0, 0]]),
-                                      teacher_head=lambda h: h, alpha=0.0, temperature=2.0)
+    _, _, kl_full = chunked_head_loss(hidden, torch.tensor([2]), _identity_head(3), teacher_hidden=teacher,
+                                      teacher_head=_identity_head(3), alpha=0.0, temperature=2.0)
     e = math.e
     p = [e / (e + 2), 1 / (e + 2), 1 / (e + 2)]
     assert kl_full.item() == pytest.approx(sum(x * math.log(3 * x) for x in p), abs=1e-6)
@@ -110,7 +132,7 @@ def test_hidden_mse_inner_layers_and_padding():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("top_k", [None, 7], ids=["full", "top7"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_chunked_kd_equals_unchunked_loss_and_gradients(alpha, top_k, tied):
+def test_chunked_kd_equals_unchunked_loss_and_gradients(alpha, top_k, tied, head_path):
     student, teacher = _pair(tied)
     ids = _ids()
     reference = copy.deepcopy(student)
@@ -132,16 +154,24 @@ def test_chunked_kd_equals_unchunked_loss_and_gradients(alpha, top_k, tied):
         assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
 
 
-def test_chunked_loss_never_builds_more_than_a_chunk_of_logits():
+def test_chunked_loss_never_builds_more_than_a_chunk_of_logits(head_path, monkeypatch):
     student, teacher = _pair()
+    heads = {id(student.get_output_embeddings().weight), id(teacher.get_output_embeddings().weight)}
     rows: list[int] = []
-    head = student.get_output_embeddings()
-    hook = head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, 32).shape[0]))
+    linear = F.linear
+
+    def counting_linear(x, weight, bias=None):
+        if id(weight) in heads:
+            rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", counting_linear)
     loss, _ = Distill(teacher, alpha=0.5, chunk_size=8)(student, {"input_ids": _ids(4, 33)})
     loss.backward()
-    hook.remove()
-    # 4*32 = 128 positions: the model's own head sees 4 (one per row), ours 16 chunks of 8, twice (backward)
-    assert max(rows) == 8 and sum(r == 8 for r in rows) == 2 * 16
+    # 4*32 = 128 positions: each model's own head sees 4 (logits_to_keep=1), ours 16 chunks of 8 per model
+    # (twice when recomputed in backward); never a whole sequence
+    chunks = 2 * 16 * (2 if head_path == "recompute" else 1)
+    assert max(rows) == 8 and rows.count(8) == chunks and rows.count(4) == 2
 
 
 # --- CE objectives ------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ Two forms of the same loss:
   the tests and ``bench/kd_memory.py`` compare against; with a 128K vocabulary its fp32 temporaries alone
   are several GiB per micro-batch.
 * :func:`chunked_head_loss` takes final hidden states and the output head, and walks the positions in
-  chunks. Each chunk's logits are computed, reduced to per-token losses and dropped; the backward pass
-  recomputes them chunk by chunk (``torch.utils.checkpoint``), so at most one chunk of logits is alive
-  at any time. It returns sums, which the training loop normalises over its accumulation window.
+  chunks, so at most one chunk of logits is alive at any time. For a plain linear head the gradient is
+  computed chunk by chunk during the forward pass (the closed form of the CE and KL gradients, pushed
+  through the head at once); for a head partitioned by ZeRO-3 each chunk is recomputed in backward
+  (``torch.utils.checkpoint``) so DeepSpeed's module hooks gather the weight. It returns sums, which the
+  training loop normalises over its accumulation window.
 
 What ``top_k`` means (both forms): only the teacher's ``k`` largest logits at a position are kept; the
 teacher distribution is renormalised over those ``k`` tokens (softmax of the ``k`` logits divided by T),
@@ -82,26 +84,100 @@ def _chunk_sums(hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, targe
         return ce, ce.new_zeros(())
     with torch.no_grad():
         t_logits = teacher_head(teacher_hidden)
-    if t_logits.shape[-1] != logits.shape[-1]:
-        raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {logits.shape[-1]}")
+    _same_vocab(t_logits, logits)
     return ce, token_kl(logits, t_logits, temperature, top_k).sum()
+
+
+def _same_vocab(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+    if teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(f"teacher vocabulary {teacher_logits.shape[-1]} != student vocabulary "
+                         f"{student_logits.shape[-1]}")
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunked loss of a plain linear head with its gradient computed during the forward pass.
+
+    Per chunk the gradient w.r.t. the logits is known in closed form -- CE: softmax(s) - onehot(y);
+    T^2 * KL: T * (q - p) with q = softmax(s/T) and p the teacher's (top-k: p scattered into zeros, which
+    is exact because the renormalised p sums to 1) -- so it is pushed through the head at once and the
+    chunk's logits are freed. Backward only scales the stored gradients: no recomputation, the same
+    three head matmuls as the unchunked loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_head, alpha, temperature, top_k, chunk_size):
+        want_h, want_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) needs no [V, H] gradient buffer
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.shape[0], chunk_size):
+            h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(h, weight).float()
+            rows = torch.arange(y.shape[0], device=y.device)
+            lse = logits.logsumexp(-1)
+            ce_sum += (lse - logits[rows, y]).sum()
+            d_logits = (logits - lse[:, None]).exp_().mul_(alpha)  # alpha * softmax(s)
+            d_logits[rows, y] -= alpha
+            if teacher_head is not None:
+                t = teacher_head(teacher_hidden[start:start + chunk_size])
+                _same_vocab(t, logits)
+                log_q = F.log_softmax(logits / temperature, dim=-1)
+                t = t.float() / temperature
+                if top_k is not None and top_k < t.shape[-1]:
+                    t_vals, t_idx = t.topk(top_k, dim=-1)
+                    log_p = F.log_softmax(t_vals, dim=-1)
+                    kl_sum += (log_p.exp() * (log_p - log_q.gather(-1, t_idx))).sum()
+                    p = torch.zeros_like(log_q).scatter_(-1, t_idx, log_p.exp())
+                else:
+                    log_p = F.log_softmax(t, dim=-1)
+                    kl_sum += (log_p.exp() * (log_p - log_q)).sum()
+                    p = log_p.exp_()
+                d_logits += (log_q.exp_() - p).mul_((1 - alpha) * temperature)
+            d_logits = d_logits.to(weight.dtype)
+            if want_h:
+                grad_h[start:start + chunk_size] = d_logits @ weight
+            if want_w:
+                grad_w.addmm_(d_logits.t().float(), h.float())
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return loss, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        scale = (lambda g: None if g is None else g * grad_loss)
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
+
+
+def _plain_linear(head) -> bool:
+    """A bias-free ``nn.Linear`` whose weight is a whole tensor here (not partitioned by ZeRO-3)."""
+    return (type(head) is torch.nn.Linear and head.bias is None  # noqa: E721 (a LoRA-wrapped head is not)
+            and not hasattr(head.weight, "ds_id"))
 
 
 def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *,
                       teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None,
                       alpha: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_sum, ce_sum, kl_sum)`` over the positions of ``targets`` that are not -100.
 
     hidden: the student's final hidden states (after the final norm), ``[..., H]``, aligned with ``targets``
         (position i predicts ``targets[i]``; the caller has already shifted).
     targets: next-token ids ``[...]``; -100 positions are skipped before the head ever sees them.
-    head: the student's output head (a module; called once per chunk, and once more per chunk in backward).
+    head: the student's output head module.
     teacher_hidden / teacher_head: the frozen teacher's final hidden states (same shape as ``hidden``) and
         head; without them the loss is plain CE (``kl_sum`` is 0) and ``alpha`` must be 1.
     alpha, temperature, top_k: the distillation mix, as in :func:`distill_loss`.
     chunk_size: positions per chunk; the memory of the loss is about a handful of ``chunk_size x V`` fp32
         tensors instead of ``positions x V``.
+    fused: True = gradients computed in the forward pass (:class:`_FusedHeadLoss`; needs a plain bias-free
+        ``nn.Linear`` head); False = each chunk recomputed in backward by ``torch.utils.checkpoint``, calling
+        the head module again, which is what a ZeRO-3-partitioned head needs (its hooks gather the weight
+        and route its gradient). None picks fused whenever the head allows it.
     ``ce_sum`` and ``kl_sum`` are detached; ``loss_sum = alpha*ce_sum + (1-alpha)*T^2*kl_sum`` carries the grad.
     """
     if teacher_head is None and alpha != 1.0:
@@ -111,17 +187,25 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
     targets = targets.reshape(-1)[keep]
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep]
+    if teacher_head is None:
+        alpha = 1.0
+    training = torch.is_grad_enabled() and (hidden.requires_grad or getattr(head, "weight", hidden).requires_grad)
+    if fused is None:
+        fused = _plain_linear(head)
+    if fused and training:
+        return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
+                                    top_k, chunk_size)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kl_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_size):
         end = start + chunk_size
         args = (hidden[start:end], None if teacher_hidden is None else teacher_hidden[start:end],
                 targets[start:end], head, teacher_head, temperature, top_k)
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if training:
             ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             ce, kl = _chunk_sums(*args)
         ce_sum = ce_sum + ce
         kl_sum = kl_sum + kl
-    loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum if teacher_head is not None else ce_sum
+    loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum
     return loss, ce_sum.detach(), kl_sum.detach()
