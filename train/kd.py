@@ -94,6 +94,39 @@ def _same_vocab(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> N
                          f"{student_logits.shape[-1]}")
 
 
+def _loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, alpha: float,
+                         temperature: float, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE sum, KL sum, d loss_sum / d logits) of one chunk. Works in place on ``logits`` and ``t_logits``
+    (fp32 temporaries the caller gives up) so about five chunk-sized tensors are alive, not ten."""
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    lse = logits.logsumexp(-1)
+    ce = (lse - logits[rows, targets]).sum()
+    if t_logits is None:
+        kl, log_q = ce.new_zeros(()), None
+    else:
+        _same_vocab(t_logits, logits)
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+    grad = logits.sub_(lse[:, None]).exp_().mul_(alpha)  # alpha * (softmax(s) - onehot), in the logits' memory
+    grad[rows, targets] -= alpha
+    if log_q is None:
+        return ce, kl, grad
+    scale = (1 - alpha) * temperature  # d(T^2 KL)/ds = T (q - p)
+    t = t_logits.float().div_(temperature)
+    if top_k is not None and top_k < t.shape[-1]:
+        t_vals, t_idx = t.topk(top_k, dim=-1)
+        log_p = F.log_softmax(t_vals, dim=-1)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q.gather(-1, t_idx))).sum()
+        q = log_q.exp_().mul_(scale).scatter_add_(-1, t_idx, p.mul_(-scale))
+    else:
+        log_p = F.log_softmax(t, dim=-1)
+        p = log_p.exp()
+        kl = torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q), no [n, V] temporary
+        del log_p
+        q = log_q.exp_().sub_(p).mul_(scale)
+    return ce, kl, grad.add_(q)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The chunked loss of a plain linear head with its gradient computed during the forward pass.
 
@@ -113,27 +146,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = F.linear(h, weight).float()
-            rows = torch.arange(y.shape[0], device=y.device)
-            lse = logits.logsumexp(-1)
-            ce_sum += (lse - logits[rows, y]).sum()
-            d_logits = (logits - lse[:, None]).exp_().mul_(alpha)  # alpha * softmax(s)
-            d_logits[rows, y] -= alpha
-            if teacher_head is not None:
-                t = teacher_head(teacher_hidden[start:start + chunk_size])
-                _same_vocab(t, logits)
-                log_q = F.log_softmax(logits / temperature, dim=-1)
-                t = t.float() / temperature
-                if top_k is not None and top_k < t.shape[-1]:
-                    t_vals, t_idx = t.topk(top_k, dim=-1)
-                    log_p = F.log_softmax(t_vals, dim=-1)
-                    kl_sum += (log_p.exp() * (log_p - log_q.gather(-1, t_idx))).sum()
-                    p = torch.zeros_like(log_q).scatter_(-1, t_idx, log_p.exp())
-                else:
-                    log_p = F.log_softmax(t, dim=-1)
-                    kl_sum += (log_p.exp() * (log_p - log_q)).sum()
-                    p = log_p.exp_()
-                d_logits += (log_q.exp_() - p).mul_((1 - alpha) * temperature)
+            t_logits = None if teacher_head is None else teacher_head(teacher_hidden[start:start + chunk_size])
+            ce, kl, d_logits = _loss_and_logit_grad(F.linear(h, weight).float(), y, t_logits, alpha, temperature,
+                                                    top_k)
+            del t_logits
+            ce_sum += ce
+            kl_sum += kl
             d_logits = d_logits.to(weight.dtype)
             if want_h:
                 grad_h[start:start + chunk_size] = d_logits @ weight
@@ -148,7 +166,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         grad_h, grad_w = ctx.grads
         del ctx.grads
-        scale = (lambda g: None if g is None else g * grad_loss)
+        scale = (lambda g: None if g is None else g.mul_(grad_loss))  # the buffers are ours: scale in place
         return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
 
 
