@@ -48,7 +48,7 @@ def _reference_loss(kind: str, args: dict, student, teacher, ids: torch.Tensor) 
 
 
 def run_case(stage: int, tied: bool, kind: str, args: dict, rank: int, world: int) -> dict[str, float]:
-    size = dict(layers=2, hidden=32, intermediate=64, tie_word_embeddings=tied)
+    size = {"layers": 2, "hidden": 32, "intermediate": 64, "tie_word_embeddings": tied}
     student = tiny_model("llama", seed=1, **size).train()
     teacher = tiny_model("llama", seed=2, **{**size, "layers": 3}).requires_grad_(False)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)

@@ -29,7 +29,7 @@ def test_objectives_under_zero2_and_zero3_match_references(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = ["timeout", "540", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=WORKER.parent)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=WORKER.parent)
     assert done.returncode == 0, done.stderr[-4000:]
     diffs = json.loads(out.read_text())
     assert set(diffs) == {"z3_kd_top7", "z3_kd_tied", "z3_ce", "z3_hidden_mse", "z2_kd_top7"}

@@ -234,7 +234,6 @@ def test_reply_ce_window_is_token_weighted_not_a_mean_of_means():
 
 
 def test_reply_ce_refuses_batches_without_labels():
-    student, _ = _pair()
     with pytest.raises(HealerError, match="'reply_ce' needs batches with `labels`"):
         ReplyCE().tokens({"input_ids": _ids()})
 
@@ -278,13 +277,19 @@ def test_kd_refuses_a_teacher_with_another_vocabulary():
 
 
 def test_make_objective_errors_name_the_problem():
+    teacher = object()  # construction only; no forward
     assert set(OBJECTIVES) == {"ce", "reply_ce", "kd", "hidden_mse"}
     with pytest.raises(HealerError, match="objective 'kld' is unknown; choose one of: ce, reply_ce, kd, hidden_mse"):
         make_objective("kld")
     with pytest.raises(HealerError, match="'kd' does not take alpah"):
-        make_objective("kd", teacher=None, alpah=0.5)
+        make_objective("kd", teacher=teacher, alpah=0.5)
     with pytest.raises(HealerError, match="'hidden_mse' needs teacher_layer"):
-        make_objective("hidden_mse", teacher=None, student_layer=1)
+        make_objective("hidden_mse", teacher=teacher, student_layer=1)
     with pytest.raises(HealerError, match="alpha=1.5"):
-        make_objective("kd", teacher=None, alpha=1.5)
-    assert make_objective("kd", teacher=None, alpha=0.5, top_k=8).name == "kd"
+        make_objective("kd", teacher=teacher, alpha=1.5)
+    with pytest.raises(HealerError, match="'kd' needs a teacher model"):
+        make_objective("kd", teacher=None, alpha=0.5)
+    with pytest.raises(HealerError, match="chunk_size=0: must be >= 1"):
+        make_objective("ce", chunk_size=0)
+    objective = make_objective("kd", teacher=teacher, alpha=0.5, top_k=8)
+    assert (objective.name, objective.alpha, objective.top_k) == ("kd", 0.5, 8)

@@ -22,7 +22,7 @@ puts all its mass there, in the teacher's proportions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 def _plain_linear(head) -> bool:
     """A bias-free ``nn.Linear`` whose weight is a whole tensor here (not partitioned by ZeRO-3)."""
-    return (type(head) is torch.nn.Linear and head.bias is None  # noqa: E721 (a LoRA-wrapped head is not)
+    return (type(head) is torch.nn.Linear and head.bias is None  # exactly Linear: a LoRA-wrapped head is not
             and not hasattr(head.weight, "ds_id"))
 
 

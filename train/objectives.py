@@ -91,6 +91,17 @@ def _require_labels(name: str, batch: Batch) -> None:
                           "this data has none -- use objective 'ce' for plain next-token training")
 
 
+def _positive_chunk(chunk_size: int) -> int:
+    if chunk_size < 1:
+        raise HealerError(f"chunk_size={chunk_size}: must be >= 1 (positions per chunk of logits)")
+    return chunk_size
+
+
+def _need_teacher(kind: str, teacher) -> None:
+    if teacher is None:
+        raise HealerError(f"objective {kind!r} needs a teacher model (the frozen unpruned model); got none")
+
+
 class NextTokenCE:
     """Cross-entropy on every next token of ``input_ids`` (padding excluded); batch ``labels`` are ignored."""
 
@@ -98,7 +109,7 @@ class NextTokenCE:
     use_labels = False
 
     def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.chunk_size = chunk_size
+        self.chunk_size = _positive_chunk(chunk_size)
 
     def _targets(self, batch: Batch) -> torch.Tensor:
         return _next_token_targets(batch, self.use_labels)
@@ -138,6 +149,7 @@ class Distill:
 
     def __init__(self, teacher, *, alpha: float, temperature: float = 1.0, top_k: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
+        _need_teacher("kd", teacher)
         if not 0.0 <= alpha <= 1.0:
             raise HealerError(f"kd alpha={alpha}: must be within [0, 1]")
         if temperature <= 0:
@@ -145,7 +157,8 @@ class Distill:
         if top_k is not None and top_k < 1:
             raise HealerError(f"kd top_k={top_k}: must be >= 1 (or null for the full vocabulary)")
         self.teacher = teacher
-        self.alpha, self.temperature, self.top_k, self.chunk_size = alpha, temperature, top_k, chunk_size
+        self.alpha, self.temperature, self.top_k = alpha, temperature, top_k
+        self.chunk_size = _positive_chunk(chunk_size)
 
     def tokens(self, batch: Batch) -> int:
         return int((_next_token_targets(batch, batch.get("labels") is not None) != -100).sum())
@@ -176,6 +189,7 @@ class HiddenMSE:
     name = "hidden_mse"
 
     def __init__(self, teacher, *, student_layer: int, teacher_layer: int):
+        _need_teacher("hidden_mse", teacher)
         self.teacher = teacher
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
 
