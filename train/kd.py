@@ -155,8 +155,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             d_logits = d_logits.to(weight.dtype)
             if want_h:
                 grad_h[start:start + chunk_size] = d_logits @ weight
-            if want_w:
-                grad_w.addmm_(d_logits.t().float(), h.float())
+            if want_w and grad_w.dtype == d_logits.dtype:
+                grad_w.addmm_(d_logits.t(), h)
+            elif want_w:  # a 16-bit head: each chunk's product in 16 bits (as autograd would), summed in fp32
+                grad_w += d_logits.t() @ h
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum
         ctx.mark_non_differentiable(ce_sum, kl_sum)
