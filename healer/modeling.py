@@ -86,8 +86,11 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0].strip() if lines else type(err).__name__
+    """The gist of a library error on one line (a heading ending in ':' keeps the line that follows it)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _cannot_read(location: ModelLocation, what: str, err: BaseException) -> HealerError:
@@ -205,14 +208,20 @@ def check_seq_len(seq_len: int, config, key: str) -> None:
                           f"use at most {limit}")
 
 
-def model_dir(source: str, gguf_file: str | None = None) -> Path | None:
-    """The local directory a model source lives in (a GGUF's folder), resolved; None for a hub id."""
-    try:
-        location = resolve_source(source, gguf_file)
-    except HealerError:
-        return None
-    path = Path(location.path).expanduser()
-    return path.resolve() if path.is_dir() else None
+def model_dir(source: str) -> Path | None:
+    """The local directory a model source names (a GGUF's folder), resolved, whether or not it exists yet;
+    None for a hub id. What an output directory must be kept apart from."""
+    if source == "smollm2":
+        try:
+            return smollm2_gguf_path().parent.resolve()
+        except HealerError:
+            return None  # not installed: nothing there to overwrite
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        return path.resolve().parent
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return path.resolve()
+    return None  # org/name that is not a local path: a hub id
 
 
 def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> None:
