@@ -177,10 +177,16 @@ def check_weights(location: ModelLocation, config) -> None:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
         shapes.update(_tensor_shapes(file))
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return  # not a causal LM transformers knows: from_pretrained says so
+    # The class itself, not from_config: under ZeRO-3 (HfDeepSpeedConfig alive) from_config would enter
+    # deepspeed.zero.Init and partition this throw-away skeleton across ranks.
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = model_class(config)
     names_of: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # tied weights: one parameter, several names
     for name, param in skeleton.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append((name, tuple(param.shape)))

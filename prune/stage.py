@@ -25,6 +25,8 @@ from healer.prune.config import PruneConfig
 from healer.prune.criteria import DEFAULT_SCORES_ARE
 
 REPORT = "prune_report.json"
+WRITING = ".prune_incomplete"  # present while prune writes a directory; a report marks it finished
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "*.pt")
 
 
 def plan_depth(cfg: PruneConfig, num_blocks: int) -> tuple[int, list[int]]:
@@ -80,6 +82,11 @@ def check_inputs(cfg: PruneConfig, location, config, out: Path, keep_apart: dict
         if where is not None:
             protected[label] = where
     check_output_dir(out, "prune.output", protected)
+    if out.is_dir() and not (out / REPORT).exists() and not (out / WRITING).exists():
+        foreign = next((f for pattern in MODEL_FILES for f in sorted(out.glob(pattern))), None)
+        if foreign is not None:
+            raise HealerError(f"prune.output: {out} already holds {foreign.name} that healer prune did not write; "
+                              "choose another directory, or empty this one if it may be overwritten")
     architecture_for(config)  # refuse an unknown family before any work
     check_weights(location, config)
     if cfg.needs_calibration and cfg.calibration.path is None:
@@ -161,7 +168,9 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
 
     ppl_after = depth.perplexity(model, tokens) if tokens is not None else None
     # A report or manifest left by an earlier run must not describe the weights written now, even
-    # if this save is interrupted: remove them first; both are written again at the end.
+    # if this save is interrupted: remove them first (the marker says the directory is still ours).
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WRITING).touch()
     for stale in (REPORT, MANIFEST):
         (out / stale).unlink(missing_ok=True)
     max_diff = save_and_verify(model, tokenizer, out, atol=cfg.verify_atol)
@@ -194,6 +203,7 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         "elapsed_s": round(time.time() - started, 2),
     }
     write_json_atomic(out / REPORT, report)
+    (out / WRITING).unlink()
     return report
 
 

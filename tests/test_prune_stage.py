@@ -252,6 +252,21 @@ def test_a_rerun_never_leaves_an_old_report_beside_new_weights(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)
     assert not (out / "prune_report.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    report = prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)  # may retry
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4 - len(report["removed"]) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_directory_holding_another_model_is_not_overwritten(tmp_path):
+    src = save_tiny(tmp_path, "llama", layers=4)
+    other = save_tiny(tmp_path, "llama", name="other", layers=2)  # e.g. another stage's export
+    with pytest.raises(HealerError, match="already holds config.json that healer prune did not write"):
+        prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), other, progress=False)
+    assert json.loads((other / "config.json").read_text())["num_hidden_layers"] == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("unrelated files are no model")
+    prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path / "notes", progress=False)
 
 
 def test_unknown_family_refused_before_loading_weights(tmp_path):
@@ -280,7 +295,7 @@ if sys.argv[2] == "layerwise":
 else:
     from transformers import AutoModelForCausalLM
     stack = BlockStack.from_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]))
-scores = depth.block_influence_scores(stack, tokens, list(range(stack.num_blocks)), progress=False)
+scores = depth.block_influence_scores(stack, tokens, list(range(stack.num_blocks)), 1, progress=False)
 print((rss_kb("VmHWM:") - base) / 1024, sorted(scores.items()))
 """
 
