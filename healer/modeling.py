@@ -214,18 +214,16 @@ def check_seq_len(seq_len: int, config, key: str) -> None:
                           f"use at most {limit}")
 
 
-def model_dir(source: str) -> Path | None:
-    """The local directory a model source names (a GGUF's folder), resolved, whether or not it exists yet;
-    None for a hub id. What an output directory must be kept apart from."""
+def model_path(source: str) -> Path | None:
+    """Where a model source lives on this machine, resolved, whether or not it exists yet: its directory,
+    or its ``.gguf`` file; None for a hub id. What an output directory must be kept apart from."""
     if source == "smollm2":
         try:
-            return smollm2_gguf_path().parent.resolve()
+            return smollm2_gguf_path().resolve()
         except HealerError:
             return None  # not installed: nothing there to overwrite
     path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        return path.resolve().parent
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if path.exists() or source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
         return path.resolve()
     return None  # org/name that is not a local path: a hub id
 
@@ -234,7 +232,9 @@ def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> 
     """Refuse an output directory that cannot be written, or that would overwrite a model still needed.
 
     ``key`` names the setting the directory came from; ``keep_apart`` maps a label ("the input model
-    (model.source)") to a directory the output must be neither equal to nor inside.
+    (model.source)") to a model directory the output must be neither equal to nor inside, or to a
+    ``.gguf`` file whose folder the output must not be (a config.json written beside a lone GGUF
+    changes what that folder loads as).
     """
     out = Path(out).expanduser()
     resolved = out.resolve()
@@ -247,7 +247,11 @@ def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> 
         raise HealerError(f"{key}: cannot write in {existing} (permission denied); choose another directory")
     for label, protected in keep_apart.items():
         protected = Path(protected).expanduser().resolve()
-        if resolved == protected or protected in resolved.parents:
+        if protected.suffix == ".gguf":
+            if resolved == protected.parent:
+                raise HealerError(f"{key}: {out} is the folder of {label} {protected}; a checkpoint written there "
+                                  "would shadow the GGUF: choose another output directory")
+        elif resolved == protected or protected in resolved.parents:
             where = "is" if resolved == protected else "is inside"
             raise HealerError(f"{key}: {out} {where} {label} {protected}; writing there would overwrite or mix with "
                               "it: choose another output directory")

@@ -18,7 +18,7 @@ from healer.calibration import load_calibration
 from healer.errors import HealerError
 from healer.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
 from healer.modeling import (check_output_dir, check_seq_len, check_weights, count_parameters, load_config,
-                             load_model, load_tokenizer, model_dir, resolve_source, save_and_verify, torch_dtype)
+                             load_model, load_tokenizer, model_path, resolve_source, save_and_verify, torch_dtype)
 from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig
@@ -74,11 +74,13 @@ def _load_tokens(cfg: PruneConfig, tokenizer) -> torch.Tensor | None:
                             cal.max_documents)
 
 
-def check_inputs(cfg: PruneConfig, location, config, out: Path, keep_apart: dict[str, str]) -> None:
-    """Every refusal that needs no scoring: where the output goes, the model files, the calibration ask."""
-    protected = {"the input model (model.source)": Path(location.path)} if Path(location.path).is_dir() else {}
+def check_output(out: Path, location, keep_apart: dict[str, str]) -> None:
+    """Refuse an output directory that is a file, unwritable, the input or a teacher, or another model's."""
+    protected = {}
+    if Path(location.path).is_dir():  # not a hub id
+        protected["the input model (model.source)"] = Path(location.path) / (location.gguf_file or "")
     for label, source in keep_apart.items():
-        where = model_dir(source)
+        where = model_path(source)
         if where is not None:
             protected[label] = where
     check_output_dir(out, "prune.output", protected)
@@ -87,6 +89,10 @@ def check_inputs(cfg: PruneConfig, location, config, out: Path, keep_apart: dict
         if foreign is not None:
             raise HealerError(f"prune.output: {out} already holds {foreign.name} that healer prune did not write; "
                               "choose another directory, or empty this one if it may be overwritten")
+
+
+def check_model(cfg: PruneConfig, location, config) -> None:
+    """Refuse a model healer cannot prune or read, and calibration it cannot use, before any scoring."""
     architecture_for(config)  # refuse an unknown family before any work
     check_weights(location, config)
     if cfg.needs_calibration and cfg.calibration.path is None:
@@ -107,9 +113,11 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     started = time.time()
     torch.manual_seed(seed)
     out = Path(out_dir)
+    torch_type = torch_dtype(dtype)
     location = resolve_source(source, gguf_file)
+    check_output(out, location, keep_apart or {})
     config = load_config(location)
-    check_inputs(cfg, location, config, out, keep_apart or {})
+    check_model(cfg, location, config)
     spec = cfg.spec
     count, candidates, keep = None, None, None
     try:
@@ -122,7 +130,6 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
 
     tokenizer = load_tokenizer(location)
     tokens = _load_tokens(cfg, tokenizer)
-    torch_type = torch_dtype(dtype)
     explicit = cfg.method == "depth" and cfg.blocks is not None
 
     # Score from disk shards, one block resident, when the criterion allows and the source is a directory.

@@ -189,6 +189,10 @@ def test_output_directory_checks(tmp_path):
         with pytest.raises(HealerError, match=expected) as err:
             check_output_dir(out, "out", keep)
         one_line(err)
+    gguf = {"the input model (model.source)": tmp_path / "gguf" / "m.gguf"}
+    with pytest.raises(HealerError, match="is the folder of the input model .* would shadow the GGUF"):
+        check_output_dir(tmp_path / "gguf", "out", gguf)
+    check_output_dir(tmp_path / "gguf" / "pruned", "out", gguf)  # beside the GGUF's folder's files: fine
     check_output_dir(tmp_path / "new" / "deeper", "out", keep)  # created later: fine
     check_output_dir(tmp_path, "out", keep)  # the input inside the output is not overwritten
     assert not (tmp_path / "new").exists()  # checking writes nothing

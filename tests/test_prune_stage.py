@@ -198,6 +198,8 @@ def test_garbage_gguf_is_refused_naming_it(tmp_path):
     with pytest.raises(HealerError, match=f"{gguf}: cannot read the config from this GGUF file"):
         prune(str(gguf), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(HealerError, match="is the folder of the input model .*would shadow the GGUF"):
+        prune(str(gguf), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path, progress=False)
 
 
 CONFIG_REFUSALS = [
