@@ -121,15 +121,19 @@ def test_sharded_checkpoint_index_problems(tmp_path):
     index = model_dir / "model.safetensors.index.json"
     shard = sorted(model_dir.glob("model-*.safetensors"))[1]
     saved = index.read_text()
+    hidden = shard.with_suffix(".bak")
     for breakage, expected in ((lambda: index.write_text("{{"), "not a valid safetensors index"),
                                (lambda: index.write_text("{}"), "not a valid safetensors index"),
-                               (lambda: shard.rename(shard.with_suffix(".bak")), f"names {shard.name} but it is missing")):
+                               (lambda: shard.rename(hidden), f"names {shard.name} but it is missing")):
         breakage()
         for load in (lambda: load_model(location), lambda: BlockStack.from_pretrained_dir(model_dir)):
             with pytest.raises(HealerError, match=expected) as err:
                 load()
             one_line(err)
         index.write_text(saved)
+        if hidden.exists():
+            hidden.rename(shard)
+    check_weights(location, load_config(location))  # repaired, it passes again
 
 
 def test_tied_embeddings_are_not_reported_missing(tmp_path):
