@@ -17,8 +17,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -277,15 +278,31 @@ def _named_tensors(obj, arch: Architecture | None) -> tuple[Iterator[tuple[str, 
     return _read_safetensors(path), arch or architecture_for(AutoConfig.from_pretrained(path))
 
 
+def checkpoint_shards(path: Path) -> list[Path]:
+    """The safetensors files a checkpoint directory's loader reads: those its index names, else model.safetensors.
+
+    Stray ``*.safetensors`` files next to them are ignored, as ``from_pretrained`` ignores them.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise HealerError(f"{index} is not a safetensors index with a weight_map ({err})") from None
+        return [path / name for name in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise HealerError(f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
+
+
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise HealerError(f"{path} has no .safetensors weights to check")
-    for file in files:
+    for file in checkpoint_shards(path):
         with safe_open(file, "pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 -- safe_open handles are not iterable
                 yield key, fh.get_tensor(key)
 
 
@@ -311,8 +328,12 @@ class ShardWriter:
         self.source, self.out = Path(source), Path(out)
         if self.out.resolve() == self.source.resolve():
             raise HealerError(f"prune output {self.out} is the source checkpoint; write the pruned model elsewhere")
-        if not list(self.source.glob("*.safetensors")):
-            raise HealerError(f"{self.source} has no .safetensors shards to rewrite")
+        self.shards = checkpoint_shards(self.source)
+        names = {shard.name for shard in self.shards}
+        stray = sorted(p.name for p in self.out.glob("*.safetensors") if p.name not in names)
+        if stray:
+            raise HealerError(f"prune output {self.out} already holds other weights ({', '.join(stray[:3])}); "
+                              "give an empty directory")
         self.staging = self.out / ".sparse-staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.staged: dict[str, Path] = {}
@@ -330,11 +351,11 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         written, used = [], set()
-        for shard in sorted(self.source.glob("*.safetensors")):
+        for shard in self.shards:
             tensors, metadata = {}, None
             with safe_open(shard, "pt") as fh:
                 metadata = fh.metadata()
-                for key in fh.keys():
+                for key in fh.keys():  # noqa: SIM118 -- safe_open handles are not iterable
                     original = fh.get_tensor(key)
                     if key in self.staged:
                         with safe_open(self.staged[key], "pt") as staged:

@@ -180,14 +180,14 @@ def test_save_sparse_reload_keeps_every_zero(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(criterion="wanda", pattern="unstructured", ratio=1.5), "ratio must be between 0 and 1"),
-    (dict(criterion="wanda", pattern="unstructured"), "ratio is required"),
-    (dict(criterion="wanda", pattern="4:2"), "0 < N < M"),
-    (dict(criterion="wanda", pattern="2:4", ratio=0.3), "contradicts pattern"),
-    (dict(criterion="wanda", pattern="half"), "neither 'unstructured' nor N:M"),
-    (dict(criterion="wandaa", pattern="2:4"), "unknown sparse criterion 'wandaa'"),
-    (dict(criterion="wanda", pattern="2:4", layers=["lm_head"]), "lm_head"),
-    (dict(criterion="wanda", pattern="3:5"), "not a multiple of 5"),
+    ({"criterion": "wanda", "pattern": "unstructured", "ratio": 1.5}, "ratio must be between 0 and 1"),
+    ({"criterion": "wanda", "pattern": "unstructured"}, "ratio is required"),
+    ({"criterion": "wanda", "pattern": "4:2"}, "0 < N < M"),
+    ({"criterion": "wanda", "pattern": "2:4", "ratio": 0.3}, "contradicts pattern"),
+    ({"criterion": "wanda", "pattern": "half"}, "neither 'unstructured' nor N:M"),
+    ({"criterion": "wandaa", "pattern": "2:4"}, "unknown sparse criterion 'wandaa'"),
+    ({"criterion": "wanda", "pattern": "2:4", "layers": ["lm_head"]}, "lm_head"),
+    ({"criterion": "wanda", "pattern": "3:5"}, "not a multiple of 5"),
 ])
 def test_bad_requests_are_refused_before_any_change(kwargs, match):
     model = tiny_model("llama", layers=2)
@@ -212,3 +212,21 @@ def test_projection_roles_come_from_the_adapter():
 
     assert tuple(projection_paths(ARCHITECTURES["qwen3"])) == PROJECTIONS
     assert projection_paths(ARCHITECTURES["llama"])["down_proj"] == "mlp.down_proj"
+
+
+def test_disk_prune_keeps_the_checkpoint_dtype_and_refuses_a_used_output(tmp_path):
+    source = tmp_path / "bf16"
+    tiny_model("qwen2", layers=2).to(torch.bfloat16).save_pretrained(source)
+    out = tmp_path / "sparse"
+    writer = ShardWriter(source, out)
+    sparsify(BlockStack.from_pretrained_dir(source), None, criterion="magnitude", pattern="2:4", write=writer,
+             progress=False)
+    writer.finish()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    assert verify_sparsity(reloaded, "2:4")["sparsity"]["pattern_holds"]
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    with pytest.raises(HealerError, match="already holds other weights"):
+        ShardWriter(source, tmp_path / "used")
