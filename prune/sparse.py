@@ -104,6 +104,35 @@ def select_layers(arch: Architecture, layers: Iterable[str] | None) -> dict[str,
     return {role: paths[role] for role in layers}
 
 
+def plan_sparsity(config, pattern: str = "unstructured", ratio: float | None = None, *,
+                  layers: Iterable[str] | None = None) -> dict:
+    """Dry run from a model config alone: which projections would be pruned, how many weights zeroed.
+
+    Builds the model on the ``meta`` device (no memory, no weights), so a 70B config plans in a second. Raises
+    :class:`HealerError` for a bad pattern/ratio/layer name or a layer whose width does not fit N:M.
+    """
+    from transformers import AutoModelForCausalLM
+
+    parsed = parse_pattern(pattern, ratio)
+    arch = architecture_for(config)
+    roles = select_layers(arch, layers)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    blocks = get_module(skeleton, arch.blocks)
+    weights = zeros = 0
+    shapes = {}
+    for i, block in enumerate(blocks):
+        for role, path in roles.items():
+            weight = get_module(block, path).weight
+            check_shape(weight, parsed, f"{arch.blocks}.{i}.{path}")
+            rows, cols = weight.shape
+            shapes[role] = [rows, cols]
+            weights += rows * cols
+            zeros += rows * (cols - cols // parsed.m * parsed.n if parsed.is_nm else int(cols * parsed.ratio))
+    return {"blocks": len(blocks), "layers": shapes, "weights": weights, "zeros_at_least": zeros,
+            "pattern": str(parsed)}
+
+
 @torch.no_grad()
 def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None, *, criterion: str = "wanda",
              pattern: str = "unstructured", ratio: float | None = None, layers: Iterable[str] | None = None,
@@ -133,6 +162,7 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
         raise HealerError("sparsify: the blocks are read from disk and dropped after use; pass write=ShardWriter(...) "
                           "so the pruned weights are saved")
     roles = select_layers(stack.arch, layers)
+    plan_sparsity(stack.config, pattern, ratio, layers=layers)  # every block's shapes fit, before any change
     needs_data = crit.statistics is not None
     if needs_data and (tokens is None or tokens.numel() == 0):
         raise HealerError(f"prune.calibration.path is required by sparse criterion {criterion!r}")

@@ -230,3 +230,41 @@ def test_disk_prune_keeps_the_checkpoint_dtype_and_refuses_a_used_output(tmp_pat
     (tmp_path / "used" / "model-00001-of-00002.safetensors").write_bytes(b"old")
     with pytest.raises(HealerError, match="already holds other weights"):
         ShardWriter(source, tmp_path / "used")
+
+
+@pytest.mark.parametrize("recipe,pattern,ratio", [("wanda-llama2-7b-50.yaml", "unstructured", 0.5),
+                                                  ("wanda-llama2-7b-2of4.yaml", "2:4", None)])
+def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio):
+    """Everything but `prune` passes today's schema; the sparse `prune` section plans on Llama-2-7B's shapes."""
+    from pathlib import Path
+
+    import yaml
+    from transformers import LlamaConfig
+
+    from healer.prune.config import CalibrationConfig
+    from healer.prune.sparse import CRITERIA, plan_sparsity
+    from healer.recipe import load_recipe
+
+    tree = yaml.safe_load((Path(__file__).parents[1] / "configs" / recipe).read_text())
+    prune = tree.pop("prune")
+    assert load_recipe(overrides=tree).cpt.max_steps * 8 == 30000
+    assert prune["method"] == "sparse" and prune["criterion"] in CRITERIA
+    calibration = CalibrationConfig(**prune["calibration"])
+    assert (calibration.num_samples, calibration.seq_len) == (128, 2048)
+    sparsity = prune["sparsity"]
+    assert (sparsity["pattern"], sparsity.get("ratio")) == (pattern, ratio)
+    # LlamaConfig's defaults are Llama-2-7B's shapes: 32 blocks, hidden 4096, MLP 11008.
+    plan = plan_sparsity(LlamaConfig(), sparsity["pattern"], sparsity.get("ratio"))
+    assert plan["blocks"] == 32 and plan["layers"]["down_proj"] == [4096, 11008]
+    assert plan["weights"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert plan["zeros_at_least"] == plan["weights"] // 2
+
+
+def test_plan_refuses_a_width_that_does_not_fit_the_groups():
+    from conftest import tiny_config
+
+    from healer.prune.sparse import plan_sparsity
+
+    with pytest.raises(HealerError, match="model.layers.0.mlp.down_proj has 100 inputs, not a multiple of 8"):
+        plan_sparsity(tiny_config("llama", intermediate=100), "4:8")
+    assert plan_sparsity(tiny_config("llama", intermediate=100), "2:4")["zeros_at_least"] > 0
