@@ -76,8 +76,8 @@ def main() -> None:
             del model
 
     print(f"\ndense perplexity: {dense_ppl:.2f}\n")
-    print(f"| criterion | pattern | prune wall s | prune CPU s | time / magnitude | sparsity | pattern holds | "
-          f"WikiText-2 ppl | ppl / magnitude |")
+    print("| criterion | pattern | prune wall s | prune CPU s | time / magnitude | sparsity | pattern holds | "
+          "WikiText-2 ppl | ppl / magnitude |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for row in rows:
         base = next(r for r in rows if r["pattern"] == row["pattern"] and r["criterion"] == "magnitude")
