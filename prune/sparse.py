@@ -156,6 +156,8 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
     opts = SparseOptions(parse_pattern(pattern, ratio), blocksize, percdamp)
     if blocksize <= 0 or not 0 <= percdamp < 1:
         raise HealerError(f"prune.sparsity: blocksize must be > 0 and percdamp in [0, 1), got {blocksize}, {percdamp}")
+    if criterion == "sparsegpt" and opts.pattern.is_nm and blocksize % opts.pattern.m:
+        raise HealerError(f"prune.sparsity.blocksize {blocksize} must be a multiple of M={opts.pattern.m} for {pattern}")
     in_memory = isinstance(stack_or_model, nn.Module)
     stack = BlockStack.from_model(stack_or_model) if in_memory else stack_or_model
     if write is None and not in_memory and not _blocks_persist(stack):
@@ -186,7 +188,8 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
             del stats
             if needs_data and i < stack.num_blocks - 1:
                 # The paper's sequential step: block i+1 is scored on what the PRUNED block i produces.
-                hiddens = [stack.run_block(block, i, h, ctx) for h, ctx in zip(hiddens, contexts)]
+                for c, ctx in enumerate(contexts):
+                    hiddens[c] = stack.run_block(block, i, hiddens[c], ctx)
             if write is not None:
                 write(i, {f"{name}.weight": linear.weight.detach() for name, linear in linears.items()})
         bar.update(1)
@@ -422,8 +425,13 @@ def save_sparse(model: nn.Module, tokenizer, out_dir: str | Path, pattern: str =
     """
     from healer.modeling import save_and_verify
 
+    in_memory = verify_sparsity(model, pattern, ratio, layers=layers)["sparsity"]["zeros"]
     diff = save_and_verify(model, tokenizer, out_dir, atol=atol)
-    return {"reload_max_logit_diff": diff, **check_saved(out_dir, pattern, ratio, layers=layers)}
+    saved = check_saved(out_dir, pattern, ratio, layers=layers)
+    if saved["sparsity"]["zeros"] != in_memory:
+        raise VerificationError(f"{out_dir}: {saved['sparsity']['zeros']} zero weights on disk, {in_memory} in memory "
+                                f"(the {model.dtype} save rounded weights to zero or back)")
+    return {"reload_max_logit_diff": diff, **saved}
 
 
 def check_saved(out_dir: str | Path, pattern: str, ratio: float | None, *, layers: Iterable[str] | None = None) -> dict:
@@ -433,3 +441,52 @@ def check_saved(out_dir: str | Path, pattern: str, ratio: float | None, *, layer
         raise VerificationError(f"{out_dir}: the saved weights lost the {pattern} sparsity: "
                                 + "; ".join(result["sparsity"]["problems"][:3]))
     return result
+
+
+# -- the stage's entry (the lead hooks this into the criteria registry) ---------------------------------
+
+def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tokenizer, *, criterion: str,
+                 pattern: str, ratio: float | None = None, layers: Iterable[str] | None = None, blocksize: int = 128,
+                 percdamp: float = 0.01, dtype: torch.dtype = torch.float32, verify_atol: float = 1e-3,
+                 from_disk: bool | None = None, progress: bool = True) -> dict:
+    """``prune.method: sparse`` end to end: prune, write a plain HF directory, check it, write prune_report.json.
+
+    ``location``: a :class:`healer.modeling.ModelLocation`. A local directory with safetensors is pruned from its
+    shards one block at a time and rewritten shard by shard (the check re-reads the written files the way
+    ``from_pretrained`` does -- through the index -- without loading the whole model); anything else (GGUF, hub
+    id, .bin weights) is loaded into memory, pruned, saved, reloaded with ``from_pretrained`` and compared by
+    logits. ``tokens``/``criterion``/``pattern``/``ratio``/``layers``/``blocksize``/``percdamp`` as in
+    :func:`sparsify`; ``dtype`` is what blocks are computed in; ``verify_atol`` the allowed reload logit difference.
+    ``from_disk``: None chooses as above; False loads the model into memory even from a safetensors directory.
+    """
+    from healer.manifest import write_json_atomic
+    from healer.modeling import load_model
+
+    out = Path(out_dir)
+    readable = location.is_local_dir and (Path(location.path) / "config.json").is_file() and (
+        (Path(location.path) / "model.safetensors").is_file()
+        or (Path(location.path) / "model.safetensors.index.json").is_file())
+    kwargs = {"criterion": criterion, "pattern": pattern, "ratio": ratio, "layers": layers, "blocksize": blocksize,
+              "percdamp": percdamp, "progress": progress}
+    if from_disk and not readable:
+        raise HealerError(f"{location} is not a directory of safetensors shards; it cannot be pruned block by block")
+    if readable if from_disk is None else from_disk:
+        writer = ShardWriter(location.path, out)
+        report = sparsify(BlockStack.from_pretrained_dir(location.path, dtype), tokens, write=writer, **kwargs)
+        writer.finish()
+        saved = check_saved(out, pattern, ratio, layers=layers)
+        if saved["sparsity"]["zeros"] != report["sparsity"]["zeros"]:
+            raise VerificationError(f"{out}: {saved['sparsity']['zeros']} zero weights written, "
+                                    f"{report['sparsity']['zeros']} pruned (the checkpoint dtype rounds them)")
+        report["reload_check"] = "safetensors re-read through the index: every zero and the pattern present"
+        report["pruned_from"] = "disk, one block at a time"
+    else:
+        model = load_model(location, dtype)
+        report = sparsify(model, tokens, **kwargs)
+        saved = save_sparse(model, tokenizer, out, pattern, ratio, layers=layers, atol=verify_atol)
+        report["reload_check"] = (f"from_pretrained logits within {saved['reload_max_logit_diff']:.2e}; every zero "
+                                  "and the pattern present in the files")
+        report["pruned_from"] = "memory"
+    report["source"] = str(location)
+    write_json_atomic(out / "prune_report.json", report)
+    return report

@@ -268,3 +268,28 @@ def test_plan_refuses_a_width_that_does_not_fit_the_groups():
     with pytest.raises(HealerError, match="model.layers.0.mlp.down_proj has 100 inputs, not a multiple of 8"):
         plan_sparsity(tiny_config("llama", intermediate=100), "4:8")
     assert plan_sparsity(tiny_config("llama", intermediate=100), "2:4")["zeros_at_least"] > 0
+
+
+def test_prune_sparse_writes_a_checked_directory_and_report_from_disk_and_from_memory(tmp_path):
+    import json
+
+    from conftest import tiny_tokenizer
+
+    from healer.modeling import resolve_source
+    from healer.prune.sparse import prune_sparse
+
+    source = save_tiny(tmp_path, "qwen3", layers=2)
+    tokens = calib()
+    disk = prune_sparse(resolve_source(str(source)), tmp_path / "disk", tokens, None, criterion="sparsegpt",
+                        pattern="unstructured", ratio=0.5, progress=False)
+    memory = prune_sparse(resolve_source(str(source)), tmp_path / "memory", tokens, tiny_tokenizer(),
+                          criterion="sparsegpt", pattern="unstructured", ratio=0.5, from_disk=False, progress=False)
+    assert (disk["pruned_from"], memory["pruned_from"]) == ("disk, one block at a time", "memory")
+    assert disk["sparsity"]["zeros"] == memory["sparsity"]["zeros"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
+    ids = tokens[:2]
+    assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-4)
+    written = json.loads((tmp_path / "disk" / "prune_report.json").read_text())
+    assert written["sparsity"]["pattern_holds"] and written["sparsity"]["overall"] >= 0.5
+    assert (tmp_path / "disk" / "tokenizer.json").is_file()
