@@ -1,181 +1,274 @@
-"""``healer VERB [--config recipe.yaml] [--key.sub value ...]``: one verb per job.
+"""``healer VERB [recipe.yaml | --config recipe.yaml] [flags] [--key.sub value ...]``: one verb per job.
 
-Every verb reads the same recipe. Any recipe key can be overridden on the
-command line, as ``--prune.ratio 0.3``, ``--prune.ratio=0.3`` or
-``prune.ratio=0.3``; the common ones also have short flags (``--ratio``).
+Every verb reads the same recipe. Any recipe key can be overridden on the command line, as
+``--prune.ratio 0.3``, ``--prune.ratio=0.3`` or ``prune.ratio=0.3``; common ones also have short flags
+(``--ratio``, declared with the verb in ``healer/stages.py``).
+
+A verb's own flags (not recipe keys) are the fields of the ``Options`` dataclass in the module that
+implements it: field ``resume_from`` is the flag ``--resume-from``; a ``bool`` field is a switch; an
+``int``/``float``/``str`` field (or ``X | None``) takes a value of that type. ``metadata`` says
+``help`` (required), ``positional: True`` (filled from the positional arguments in field order),
+``choices`` and ``aliases`` (more flag names). The verb is called as ``func(recipe, opts)``.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import importlib.resources
+import os
 import sys
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from healer.recipe import RecipeError, load_recipe
+from healer.errors import HealerError, RecipeError
+from healer.stages import VERBS, Verb
 
-USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [--KEY VALUE ...] [ARGS ...]
+USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [flags] [--KEY VALUE ...]
 
 verbs:
 {verbs}
-Any recipe key can be overridden: --prune.ratio 0.3, --model.source path/to/model, cpt.max_steps=10.
-`healer schema` prints every recipe key with its type and default.
+`healer VERB --help` lists a verb's flags and recipe keys. Any recipe key can be overridden:
+--prune.ratio 0.3, --model.source path/to/model, cpt.max_steps=10. `healer schema` prints every key.
 """
+
+# Set by the DeepSpeed launcher on every rank's command line; the engine reads LOCAL_RANK from the
+# environment instead, so the flag is accepted and dropped.
+_LAUNCHER_FLAGS = ("--local_rank", "--local-rank")
+
+
+@dataclass
+class Parsed:
+    config: str | None
+    overrides: list[str]
+    opts: Any  # the verb's Options instance (or, for a module without one, its remaining argv)
 
 
 @dataclass(frozen=True)
-class Verb:
-    target: str  # "module:function"; the function takes (recipe, args) and returns an exit code or None
-    help: str
-    aliases: dict[str, str] = field(default_factory=dict)  # short flag -> recipe key
-    needs_recipe: bool = True
+class _Flag:
+    field: dataclasses.Field
+    kind: type  # bool, int, float or str
+
+    @property
+    def meta(self) -> typing.Mapping[str, Any]:
+        return self.field.metadata
 
 
-_MODEL = {"--model": "model.source", "--gguf-file": "model.gguf_file", "--dtype": "model.dtype",
-          "--run-dir": "run_dir", "--seed": "seed"}
-
-VERBS: dict[str, Verb] = {
-    "prune": Verb(
-        "healer.prune.stage:run_prune_stage",
-        "one-shot pruning: depth (drop blocks) or width (shrink MLPs / attention heads)",
-        {**_MODEL, "--method": "prune.method", "--criterion": "prune.criterion", "--target": "prune.target",
-         "--ratio": "prune.ratio", "--num-blocks": "prune.num_blocks", "--blocks": "prune.blocks",
-         "--keep-first": "prune.keep_first", "--keep-last": "prune.keep_last", "--round-to": "prune.round_to",
-         "--calibration": "prune.calibration.path", "--num-samples": "prune.calibration.num_samples",
-         "--seq-len": "prune.calibration.seq_len", "--output": "prune.output"},
-    ),
-    "cpt": Verb(
-        "healer.train.cpt:run_cpt_stage",
-        "continued pretraining under DeepSpeed ZeRO (optional KD from the unpruned model); --resume auto|none|DIR",
-        {**_MODEL, "--input": "cpt.input", "--output": "cpt.output", "--zero-stage": "cpt.zero_stage",
-         "--max-steps": "cpt.max_steps", "--lr": "cpt.lr", "--micro-batch-size": "cpt.micro_batch_size",
-         "--global-batch-size": "cpt.global_batch_size", "--save-every": "cpt.save_every"},
-    ),
-    "eval": Verb(
-        "healer.eval.stage:run_eval_stage",
-        "perplexity at each context length and zero-shot tasks (lm-eval, local files) -> eval.json",
-        {**_MODEL, "--input": "eval.input", "--output": "eval.output", "--compare-to": "eval.compare_to",
-         "--limit": "eval.limit", "--batch-size": "eval.batch_size", "--max-tokens": "eval.max_tokens",
-         "--bos": "eval.bos"},
-    ),
-    "release": Verb(
-        "healer.release:run_release_stage",
-        "package the final checkpoint with a model card, learning curves and a hash manifest",
-        {**_MODEL, "--input": "release.input", "--output": "release.output", "--name": "release.model_name",
-         "--license": "release.license"},
-    ),
-    "launch": Verb(
-        "healer.launch.cli:main",
-        "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
-        {"--run-dir": "run_dir"},
-    ),
-    "sft": Verb(
-        "healer.train.sft:run_sft_stage",
-        "LoRA instruction tuning (PEFT) under DeepSpeed -> adapter/ + merged/ HF model; --resume auto|none, --steps N",
-        {**_MODEL, "--input": "sft.input", "--output": "sft.output", "--data": "sft.data", "--lr": "sft.lr",
-         "--rank": "sft.rank", "--epochs": "sft.epochs", "--max-steps": "sft.max_steps",
-         "--zero-stage": "sft.zero_stage", "--max-samples": "sft.max_samples",
-         "--prompt-format": "sft.prompt_format"},
-    ),
-    "instruct": Verb(
-        "healer.train.self_distill:main",
-        "instruction data without downloads: `instruct build --output F.json` (teacher answers corpus prompts)",
-        {**_MODEL, "--teacher": "sft.self_distill.teacher", "--corpus": "sft.self_distill.corpus",
-         "--num-examples": "sft.self_distill.num_examples",
-         "--max-new-tokens": "sft.self_distill.max_new_tokens", "--output": "sft.self_distill.output"},
-    ),
-    "data": Verb(
-        "healer.train.data.cli:main",
-        "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
-        {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
-    ),
-    "run": Verb("healer.pipeline:run_pipeline",
-                "the whole recipe: prune -> cpt -> sft -> eval -> release; skips finished stages, resumes the rest",
-                dict(_MODEL)),
-    "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
-}
-
-
-def print_schema(recipe, args) -> int:
-    from healer.recipe import Recipe
-
-    def walk(model_cls, prefix: str) -> None:
-        for name, info in model_cls.model_fields.items():
-            ann = info.annotation
-            inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
-            nested = next((a for a in inner if hasattr(a, "model_fields")), None)
-            key = f"{prefix}{name}"
-            if nested is not None:
-                print(f"{key}:")
-                walk(nested, key + ".")
-            else:
-                default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-                desc = f"  # {info.description}" if info.description else ""
-                print(f"{key}: {getattr(ann, '__name__', str(ann)).replace('typing.', '')} = {default}{desc}")
-
-    walk(Recipe, "")
-    return 0
-
-
-def split_args(argv: list[str], aliases: dict[str, str]) -> tuple[str | None, list[str], list[str]]:
-    """Separate the recipe path, key=value overrides and the verb's own positional arguments."""
-    config: str | None = None
-    overrides: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise RecipeError("--config needs a recipe file")
-            config = argv[i + 1]
-            i += 2
+def option_flags(options: type) -> dict[str, _Flag]:
+    """``--flag`` -> field for every non-positional field of an ``Options`` dataclass (contract 1)."""
+    hints = typing.get_type_hints(options)
+    flags: dict[str, _Flag] = {}
+    for f in dataclasses.fields(options):
+        if "help" not in f.metadata:
+            raise TypeError(f"{options.__module__}.Options.{f.name}: metadata needs a 'help' text")
+        if f.metadata.get("positional"):
             continue
-        if arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            flag, _, inline = arg.partition("=")
-            key = aliases.get(flag) or (flag[2:].replace("-", "_") if "." in flag or flag[2:] in _TOP_KEYS else None)
-            if key is None:
-                if flag in _VERB_FLAGS:
-                    rest.append(arg)
-                    i += 1
-                    continue
-                known = ", ".join(sorted(aliases)) or "none"
-                raise RecipeError(f"unknown option {flag}; short flags here: {known}; any recipe key works as --section.key")
-            if inline or "=" in arg:
-                value = inline
-            elif i + 1 < len(argv):
-                value = argv[i + 1]
-                i += 1
-            else:
-                raise RecipeError(f"{flag} needs a value")
-            overrides.append(f"{key}={value}")
-        elif "=" in arg and not arg.startswith("/"):
-            overrides.append(arg)
-        elif config is None and _is_recipe(arg):
-            config = arg
-        else:
-            rest.append(arg)
-        i += 1
-    return config, overrides, rest
+        flag = _Flag(f, _scalar_type(hints[f.name], f"{options.__module__}.Options.{f.name}"))
+        for name in ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())):
+            flags[name] = flag
+    return flags
 
 
-def _is_recipe(arg: str) -> bool:
+def _scalar_type(hint: Any, where: str) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    if len(args) == 1 and args[0] in (bool, int, float, str):
+        return args[0]
+    raise TypeError(f"{where}: an option is bool, int, float or str (or one of them | None), not {hint}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _convert(flag: str, f: _Flag, raw: str) -> Any:
+    try:
+        value = f.kind(raw)
+    except ValueError:
+        raise HealerError(f"{flag}: {raw!r} is not {'an' if f.kind is int else 'a'} {f.kind.__name__}") from None
+    choices = f.meta.get("choices")
+    if choices and value not in choices:
+        raise HealerError(f"{flag}: {raw!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _looks_like_recipe(arg: str) -> bool:
     """A recipe file, or the name of a recipe shipped in healer.configs (``demo``)."""
-    import importlib.resources
-
-    if arg.endswith((".yaml", ".yml")):
+    if arg.endswith((".yaml", ".yml")) or Path(arg).is_file():
         return True
     return "/" not in arg and (importlib.resources.files("healer.configs") / f"{arg}.yaml").is_file()
 
 
-_TOP_KEYS = {"name", "run_dir", "seed"}
-# Flags a verb handles itself (they are not recipe keys).
-_VERB_FLAGS = {"--resume", "--nproc", "--nnodes", "--node-rank", "--slurm", "--dry-run", "--nodes",
-               "--gpus-per-node", "--hostfile", "--no-ssh", "--master-addr", "--master-port", "--force",
-               "--stage", "--steps", "--dense", "--only", "--wait"}
+def _is_override(arg: str) -> bool:
+    key, eq, _ = arg.partition("=")
+    return bool(eq) and key.replace(".", "").replace("_", "").replace("-", "").isalnum() and not key[0].isdigit()
 
-_VERB_FLAGS |= {"--output", "--max-docs", "--batches", "--split"}  # healer data
+
+def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Parsed:
+    """Split ``argv`` into the recipe, recipe overrides and the verb's ``Options``; anything unknown is an error."""
+    from healer.recipe import Recipe
+
+    flags = option_flags(options) if options is not None else {}
+    values: dict[str, Any] = {}
+    config: str | None = None
+    overrides: list[str] = []
+    positional: list[str] = []
+    legacy: list[str] = []  # argv for a verb module that has no Options dataclass yet
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+
+        def value() -> str:
+            nonlocal i
+            if eq:
+                return inline
+            if i + 1 >= len(argv):
+                raise HealerError(f"{name} needs a value")
+            i += 1
+            return argv[i]
+
+        if name in ("--config", "-c"):
+            if config is not None:
+                raise HealerError(f"two recipes given: {config} and {value()}")
+            config = value()
+        elif name in _LAUNCHER_FLAGS:
+            if not value().isdigit():
+                raise HealerError(f"{name} takes a number")
+        elif name in flags:
+            f = flags[name]
+            if f.kind is bool:
+                if eq:
+                    raise HealerError(f"{name} is a switch; give it without a value")
+                values[f.field.name] = True
+            else:
+                values[f.field.name] = _convert(name, f, value())
+        elif name in verb.flags:
+            overrides.append(f"{verb.flags[name]}={value()}")
+        elif arg.startswith("--") and ("." in name or name[2:].replace("-", "_") in Recipe.model_fields):
+            overrides.append(f"{name[2:].replace('-', '_')}={value()}")
+        elif arg.startswith("-") and arg != "-":
+            if options is None:  # the module parses its own flags (and refuses what it does not know)
+                legacy.append(arg)
+            else:
+                raise HealerError(f"unknown option {name}; {_known_flags(verb, flags)}")
+        elif _is_override(arg):
+            overrides.append(arg)
+        else:
+            positional.append(arg)
+        i += 1
+
+    config, rest = _take_recipe(verb, config, positional, options)
+    if options is None:
+        return Parsed(config, overrides, rest + legacy)
+    slots = [f for f in dataclasses.fields(options) if f.metadata.get("positional")]
+    hints = typing.get_type_hints(options)
+    for f, raw in zip(slots, rest):
+        values[f.name] = _convert(f.name.replace("_", "-"), _Flag(f, _scalar_type(hints[f.name], f.name)), raw)
+    if len(rest) > len(slots):
+        stray = " ".join(repr(a) for a in rest[len(slots):])
+        what = f"it takes {', '.join(f.name.upper() for f in slots)}" if slots else "it takes no positional arguments"
+        raise HealerError(f"unexpected argument {stray}: {what} (see `healer {verb.name} --help`)")
+    return Parsed(config, overrides, options(**values))
+
+
+def _take_recipe(verb: Verb, config: str | None, positional: list[str], options: type | None
+                 ) -> tuple[str | None, list[str]]:
+    """Pick the recipe out of the positional arguments; the rest fill the verb's positional fields."""
+    if config is not None:
+        return config, positional
+    # A value that is one of a positional field's choices (`cpt`, `stats`) is never taken for a recipe.
+    choices = {str(c) for f in (dataclasses.fields(options) if options else ())
+               for c in f.metadata.get("choices", ()) if f.metadata.get("positional")}
+    for k, arg in enumerate(positional):
+        if arg not in choices and _looks_like_recipe(arg):
+            return arg, positional[:k] + positional[k + 1:]
+    slots = sum(1 for f in dataclasses.fields(options) if f.metadata.get("positional")) if options else 0
+    if verb.needs_recipe and len(positional) > slots:
+        # No argument looks like a recipe and one is left over: it is meant as one (a missing file is
+        # then named by the loader rather than called a stray argument).
+        k = next((k for k, a in enumerate(positional) if a not in choices), len(positional) - 1)
+        return positional[k], positional[:k] + positional[k + 1:]
+    return None, positional
+
+
+def _known_flags(verb: Verb, flags: dict[str, _Flag]) -> str:
+    known = sorted({*flags, *verb.flags})
+    listed = f"flags of healer {verb.name}: {', '.join(known)}; " if known else ""
+    return f"{listed}any recipe key works as --section.key (`healer {verb.name} --help`)"
+
+
+# -- help ---------------------------------------------------------------------------------------------
+
+def verb_help(verb: Verb, options: type | None) -> str:
+    """``healer VERB --help``: usage, the verb's flags, its short flags and its recipe section's keys."""
+    from healer.recipe import Recipe
+    from healer.schema import schema_lines
+
+    slots = [f for f in dataclasses.fields(options) if f.metadata.get("positional")] if options else []
+    args = " ".join(f.name.upper() for f in slots)
+    recipe = "[recipe.yaml | --config recipe.yaml]" if verb.needs_recipe else "[--config recipe.yaml]"
+    lines = [f"usage: healer {verb.name} {args + ' ' if args else ''}{recipe} [flags] [--KEY VALUE ...]", "",
+             verb.help, ""]
+    if slots or options:
+        lines.append("arguments and flags:")
+        for f in slots:
+            choices = f" ({' | '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+            default = f" [default: {f.default}]" if f.default is not None else ""
+            lines.append(_row(f.name.upper() + choices, f.metadata["help"] + default))
+        seen = set()
+        for name, flag in option_flags(options).items():
+            if flag.field.name in seen:
+                continue
+            seen.add(flag.field.name)
+            names = ", ".join(n for n, g in option_flags(options).items() if g.field.name == flag.field.name)
+            arg = "" if flag.kind is bool else f" {flag.kind.__name__.upper()}"
+            choices = f" ({' | '.join(map(str, flag.meta['choices']))})" if flag.meta.get("choices") else ""
+            default = "" if flag.kind is bool or flag.field.default is None else f" [default: {flag.field.default}]"
+            lines.append(_row(names + arg + choices, flag.meta["help"] + default))
+        lines.append("")
+    if verb.flags:
+        lines.append("short flags for recipe keys:")
+        lines += [_row(f"{flag} VALUE", f"--{key}") for flag, key in verb.flags.items()]
+        lines.append("")
+    section = verb.name if verb.name in Recipe.model_fields else None
+    if section:
+        lines.append(f"recipe keys of `{section}:` (override any as --{section}.KEY VALUE):")
+        lines += ["  " + line for line in schema_lines(Recipe.model_fields[section].annotation, section + ".")]
+    lines.append("`healer schema` lists every recipe key.")
+    return "\n".join(lines)
+
+
+def _row(left: str, right: str) -> str:
+    return f"  {left:<30} {right}" if len(left) <= 30 else f"  {left}\n  {'':<30} {right}"
+
+
+# -- running a verb -----------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed job, or a single process (the launchers set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def invoke(verb: Verb, recipe, opts) -> int:
+    """Call ``verb`` with ``recipe`` and ``opts``; a stage holds its directory's lock and records its inputs."""
+    func, _ = verb.load()
+    if not verb.stage or recipe is None:
+        return int(func(recipe, opts) or 0)
+    from healer.lock import DirectoryLock
+    from healer.manifest import expect_inputs
+    from healer.stage_inputs import stage_inputs
+
+    expect_inputs(verb.name, stage_inputs(recipe, verb.name))
+    try:
+        if not is_main_process():
+            return int(func(recipe, opts) or 0)
+        with DirectoryLock(recipe.stage_dir(verb.name), f"healer {verb.name}"):
+            return int(func(recipe, opts) or 0)
+    finally:
+        expect_inputs(verb.name, None)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -188,21 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"healer: unknown verb {name!r}; verbs: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     try:
-        config, overrides, rest = split_args(argv, verb.aliases)
-        recipe = load_recipe(config, overrides) if verb.needs_recipe or config or overrides else None
+        _, options = verb.load()
+        if "-h" in argv or "--help" in argv:
+            print(verb_help(verb, options))
+            return 0
+        parsed = parse_command_line(verb, argv, options)
+        from healer.recipe import load_recipe
+
+        wanted = verb.needs_recipe or parsed.config or parsed.overrides
+        recipe = load_recipe(parsed.config, parsed.overrides) if wanted else None
+        return invoke(verb, recipe, parsed.opts)
     except RecipeError as err:
         print(f"healer {name}: {err}", file=sys.stderr)
         return 2
-    module_name, func_name = verb.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    from healer.errors import HealerError
-
-    try:
-        code = func(recipe, rest)
-    except (HealerError, RecipeError) as err:
+    except HealerError as err:
         print(f"healer {name}: error: {err}", file=sys.stderr)
         return 2
-    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage completion manifests.
 
 A stage that finished writes ``<stage_dir>/manifest.json`` last, atomically, so its
-presence alone means "done": ``healer run`` skips such stages and resumes the rest.
+presence alone means "done". The manifest also records the stage's effective inputs
+(``healer.stage_inputs``): ``healer run`` skips a finished stage only while they still match.
 """
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+
+# stage name -> effective inputs of that stage as this process runs it. The CLI records them when it
+# starts a stage verb (every stage goes through it), so the stage bodies need not carry the recipe to
+# the point where they write their manifest. Keyed by stage, not directory: release writes its manifest
+# in a temporary directory that it renames into place.
+_RUNNING_INPUTS: dict[str, dict[str, Any]] = {}
+
+
+def expect_inputs(stage: str, inputs: dict[str, Any] | None) -> None:
+    """Record what ``stage`` (run by this process) is built from; its manifest will carry it."""
+    if inputs is None:
+        _RUNNING_INPUTS.pop(stage, None)
+    else:
+        _RUNNING_INPUTS[stage] = inputs
 
 
 def package_versions() -> dict[str, str]:
@@ -52,9 +67,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
     """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
+    from healer.stage_inputs import canonical_hash
+
     path = Path(stage_dir) / MANIFEST
+    inputs = _RUNNING_INPUTS.get(stage)
     write_json_atomic(path, {
         "stage": stage,
+        "inputs": {"hash": canonical_hash(inputs), "values": inputs} if inputs is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "outputs": outputs or {},
         "versions": package_versions(),

@@ -14,32 +14,33 @@ The recipe the ranks read is the one given here with every override applied, wri
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 from healer.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.run import launch_dir, run_stage
 from healer.recipe import Recipe, dump_recipe
+from healer.stages import STAGES
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="healer launch", add_help=False, exit_on_error=False)
-    p.add_argument("stage")
-    p.add_argument("--nproc", type=int, help="ranks per node")
-    p.add_argument("--nnodes", "--nodes", dest="nodes", type=int, help="number of nodes")
-    p.add_argument("--node-rank", type=int, help="this node's rank (multi-node without ssh)")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
-    p.add_argument("--no-ssh", action="store_true", help="hostfile: start only this node's ranks")
-    p.add_argument("--master-addr")
-    p.add_argument("--master-port", type=int)
-    p.add_argument("--slurm", action="store_true", help="submit an sbatch job")
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, start nothing")
-    p.add_argument("--wait", action="store_true", help="SLURM: block until the job ends, echoing its log")
-    return p
+@dataclass
+class Options:
+    stage: str | None = field(default=None, metadata={"help": "the stage to run on the ranks", "positional": True,
+                                                       "choices": STAGES})
+    nproc: int | None = field(default=None, metadata={"help": "ranks per node"})
+    nodes: int | None = field(default=None, metadata={"help": "number of nodes", "aliases": ("--nnodes",)})
+    node_rank: int | None = field(default=None, metadata={"help": "this node's rank (multi-node without ssh)"})
+    hostfile: str | None = field(default=None, metadata={"help": "DeepSpeed hostfile (`host slots=N` lines)"})
+    no_ssh: bool = field(default=False, metadata={"help": "hostfile: start only this node's ranks"})
+    master_addr: str | None = field(default=None, metadata={"help": "node 0's address"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port, the same on every node"})
+    slurm: bool = field(default=False, metadata={"help": "submit an sbatch job"})
+    gpus_per_node: int | None = field(default=None, metadata={"help": "SLURM: GPUs per node"})
+    dry_run: bool = field(default=False, metadata={"help": "print the command or sbatch script, start nothing"})
+    wait: bool = field(default=False, metadata={"help": "SLURM: block until the job ends, echoing its log"})
 
 
-def launch_config(base: LaunchConfig, args: argparse.Namespace) -> LaunchConfig:
+def launch_config(base: LaunchConfig, args: Options) -> LaunchConfig:
     """The recipe's ``launch:`` section with the command-line flags on top."""
     cfg = base.model_dump()
     if args.slurm:
@@ -61,14 +62,10 @@ def launch_config(base: LaunchConfig, args: argparse.Namespace) -> LaunchConfig:
         raise HealerError(f"launch flags: {err}") from None
 
 
-def main(recipe: Recipe, args: list[str]) -> int:
-    try:
-        ns, extra = _parser().parse_known_args(args)
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise HealerError(f"{err}; usage: healer launch [--nproc N] [--hostfile F [--no-ssh --node-rank K]] "
-                          "[--slurm --nodes N --gpus-per-node G] [--dry-run] STAGE recipe.yaml") from None
-    if extra:
-        raise HealerError(f"unexpected arguments {extra}; give one STAGE, the recipe, then --key value overrides")
+def main(recipe: Recipe, ns: Options) -> int:
+    """The ``healer launch`` verb: run ``ns.stage`` of ``recipe`` on the ranks the flags and ``launch:`` say."""
+    if ns.stage is None:
+        raise HealerError(f"which stage? healer launch [flags] STAGE recipe.yaml (STAGE: {', '.join(STAGES)})")
     cfg = launch_config(recipe.launch, ns)
     # The ranks read the recipe exactly as resolved here (file + overrides), from a file beside the logs.
     out = launch_dir(recipe.run_dir, ns.stage, cfg)

@@ -23,7 +23,6 @@ from healer.launch.torchrun import NodeSpec, free_port, rank_env, torchrun_comma
 from healer.recipe import load_recipe, resolve_recipe_path
 
 DEFAULT_PORT = 29500
-NOT_STAGES = {"launch", "run", "schema"}
 
 
 def launch_dir(run_dir: str | Path, stage: str, cfg: LaunchConfig) -> Path:
@@ -31,22 +30,21 @@ def launch_dir(run_dir: str | Path, stage: str, cfg: LaunchConfig) -> Path:
     return Path(cfg.log_dir or Path(run_dir) / "launch" / stage).resolve()
 
 
-def run_stage(stage: str, recipe_path: str, overrides: list[str], cfg: LaunchConfig, *,
+def run_stage(stage: str, recipe_path: str, args: list[str], cfg: LaunchConfig, *,
               dry_run: bool = False, wait: bool = True) -> int:
     """Run ``healer STAGE`` on the ranks ``cfg`` describes; block until it ends and return its exit code.
 
-    ``overrides`` are ``key=value`` recipe overrides handed to every rank. ``dry_run`` prints the
+    ``args`` are command-line arguments handed to every rank's ``healer STAGE`` (``--resume none``). ``dry_run`` prints the
     command (or the sbatch script) instead of running it. ``wait=False`` returns right after a SLURM
     submission.
     """
-    from healer.cli import VERBS
+    from healer.stages import STAGES
 
-    if stage not in VERBS or stage in NOT_STAGES:
-        stages = ", ".join(v for v in VERBS if v not in NOT_STAGES)
-        raise HealerError(f"launch: {stage!r} is not a stage; one of: {stages}")
-    recipe = load_recipe(recipe_path, overrides)  # a bad recipe is refused here, not on 64 ranks
+    if stage not in STAGES:
+        raise HealerError(f"launch: {stage!r} is not a stage; one of: {', '.join(STAGES)}")
+    recipe = load_recipe(recipe_path)  # a bad recipe is refused here, not on 64 ranks
     path = resolve_recipe_path(recipe_path).resolve()
-    entry = ["-m", "healer", stage, "--config", str(path), *overrides]
+    entry = ["-m", "healer", stage, "--config", str(path), *args]
     return run_entry(entry, cfg, launch_dir(recipe.run_dir, stage, cfg), stage, dry_run=dry_run, wait=wait)
 
 

@@ -7,6 +7,7 @@ tokenizer) plus ``prune_report.json`` and the stage manifest.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -198,7 +199,13 @@ def _score(cfg, count, candidates, model, stack, tokens, config, progress):
     return width.head_output_scores(stack, tokens, heads, kv, head_dim, progress), None
 
 
-def run_prune_stage(recipe, args: list[str]) -> int:
+@dataclass
+class Options:
+    """``healer prune`` has no flags of its own: everything it does is a recipe key (``--prune.KEY``)."""
+
+
+def run_prune_stage(recipe, opts: Options) -> int:
+    """The ``healer prune`` verb: prune ``recipe.stage_input("prune")`` into the prune stage directory."""
     if recipe.prune is None:
         raise HealerError("the recipe has no prune: section (give --method/--ratio or a recipe with prune:)")
     out = recipe.stage_dir("prune")
