@@ -176,11 +176,14 @@ def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Par
 def _take_recipe(verb: Verb, config: str | None, positional: list[str], options: type | None
                  ) -> tuple[str | None, list[str]]:
     """Pick the recipe out of the positional arguments; the rest fill the verb's positional fields."""
-    if config is not None:
-        return config, positional
     # A value that is one of a positional field's choices (`cpt`, `stats`) is never taken for a recipe.
     choices = {str(c) for f in (dataclasses.fields(options) if options else ())
                for c in f.metadata.get("choices", ()) if f.metadata.get("positional")}
+    if config is not None:
+        second = next((a for a in positional if a not in choices and _looks_like_recipe(a)), None)
+        if second is not None:
+            raise HealerError(f"two recipes given: {config} and {second}")
+        return config, positional
     for k, arg in enumerate(positional):
         if arg not in choices and _looks_like_recipe(arg):
             return arg, positional[:k] + positional[k + 1:]
