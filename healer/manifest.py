@@ -95,3 +95,23 @@ def read_json_if_present(path: str | Path) -> dict | None:
 
 def read_stage_manifest(stage_dir: str | Path) -> dict | None:
     return read_json_if_present(Path(stage_dir) / MANIFEST)
+
+
+def supersede_stage_manifest(stage_dir: str | Path) -> None:
+    """Mark a finished stage as no longer finished before it runs again.
+
+    A run that stops half-way must not leave the old "done" behind over half-written files. The mark
+    keeps the stage name (so release still knows the directory as its own and may replace it) and
+    drops outputs and inputs, so neither a trainer nor ``healer run`` takes it for a finished run.
+    """
+    path = Path(stage_dir) / MANIFEST
+    manifest = read_json_if_present(path)
+    if manifest is not None:
+        write_json_atomic(path, {"stage": manifest.get("stage"), "superseded": True,
+                                 "superseded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def finished_manifest(stage_dir: str | Path) -> dict | None:
+    """The manifest of a finished stage in ``stage_dir``; None while it never finished or runs again."""
+    manifest = read_stage_manifest(stage_dir)
+    return manifest if manifest is not None and not manifest.get("superseded") else None

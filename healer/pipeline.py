@@ -17,7 +17,8 @@ from pathlib import Path
 
 from healer.errors import HealerError
 from healer.lock import DirectoryLock
-from healer.manifest import MANIFEST, read_stage_manifest, write_json_atomic
+from healer.manifest import (MANIFEST, finished_manifest, read_stage_manifest, supersede_stage_manifest,
+                             write_json_atomic)
 from healer.recipe import Recipe, dump_recipe
 from healer.stage_inputs import canonical_hash, describe_changes, stage_inputs
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
@@ -58,25 +59,27 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
     """
     last = max((stages.index(s) for s in stages if only is None or s in only), default=-1)
     reruns: list[str] = []
-    stale: list[str] = []
+    stale: list[str] = []  # the refusal's lines
+    stale_stages: list[str] = []
     out = []
     for stage in stages[:last + 1]:
         selected = only is None or stage in only
-        manifest = read_stage_manifest(recipe.stage_dir(stage))
+        manifest = finished_manifest(recipe.stage_dir(stage))
         if selected and (force or manifest is None):
             reruns.append(stage)
             out.append((stage, True))
             continue
         if manifest is None:
             continue
-        if reruns:
-            changes = [f"{', '.join(reruns)} will run again, so this stage would be built on a different model"]
+        if reruns or stale_stages:
+            changes = [f"built on {', '.join(reruns + stale_stages)}, which must run again"]
         else:
             recorded = (manifest.get("inputs") or {}).get("values")
             expected = stage_inputs(recipe, stage)
             changes = [] if recorded is not None and canonical_hash(recorded) == canonical_hash(expected) \
                 else describe_changes(recorded, expected)
         if changes:
+            stale_stages.append(stage)
             stale.append(f"  {stage} ({recipe.stage_dir(stage)}): " + "; ".join(changes))
         elif selected:
             out.append((stage, False))
@@ -116,8 +119,7 @@ def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: b
         if not run:
             print(f"[{stage}] finished earlier with the same inputs ({stage_dir}); skipping")
             continue
-        # No longer "done": a run that stops half-way must not look finished, and sft would skip.
-        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        supersede_stage_manifest(stage_dir)
         if stage == "release":
             write_summary(recipe)  # the model card shows the dense/pruned/healed table
         print(f"[{stage}] starting -> {stage_dir}", flush=True)
@@ -150,7 +152,7 @@ def _run_stage(stage: str, recipe: Recipe, resolved: Path, force: bool) -> int:
 
 def _check_finished(recipe: Recipe, stage: str) -> None:
     """A stage that exited 0 must have left a manifest recording the inputs this run gave it."""
-    manifest = read_stage_manifest(recipe.stage_dir(stage))
+    manifest = finished_manifest(recipe.stage_dir(stage))
     if manifest is None:
         raise HealerError(f"{stage} exited without error but wrote no {recipe.stage_dir(stage) / MANIFEST}; "
                           "its output is incomplete -- see the messages above")
