@@ -114,7 +114,7 @@ def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Par
     config: str | None = None
     overrides: list[str] = []
     positional: list[str] = []
-    legacy: list[str] = []  # argv for a verb module that has no Options dataclass yet
+    legacy: list[str] = []  # argv, in order, for a verb module that has no Options dataclass yet
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -157,11 +157,15 @@ def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Par
             overrides.append(arg)
         else:
             positional.append(arg)
+            legacy.append(arg)
         i += 1
 
+    given_config = config
     config, rest = _take_recipe(verb, config, positional, options)
-    if options is None:
-        return Parsed(config, overrides, rest + legacy)
+    if options is None:  # hand the module its arguments in their order, minus the recipe
+        if config is not None and config != given_config:
+            legacy.remove(config)
+        return Parsed(config, overrides, legacy)
     slots = [f for f in dataclasses.fields(options) if f.metadata.get("positional")]
     hints = typing.get_type_hints(options)
     for f, raw in zip(slots, rest):

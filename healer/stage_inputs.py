@@ -16,8 +16,11 @@ from healer.stages import STAGES, VERBS
 
 # Keys that change how a run is watched or saved, not what it computes: checkpoint and log cadence
 # (resume is exact, so where checkpoints fall does not change the weights), validation passes (logged,
-# never trained on). `launch:` (how many processes, which cluster) is not read by any stage either; the
-# result does not depend on it under ZeRO's exact averaging. Matched by the last part of a key, anywhere.
+# never trained on). Matched by the last part of a key, anywhere. `launch:` is left out by not being in
+# any stage's `reads`: it says where the same training runs (ranks, nodes, cluster). A different world
+# size does split the data stream differently across ranks -- the trainers themselves refuse to *resume*
+# across that -- but a finished stage is the recipe's result, and moving to another cluster must not
+# make it stale.
 NOT_RESULT_KEYS = frozenset({"log_every", "save_every", "keep_last", "eval_every", "eval_batches"})
 
 
