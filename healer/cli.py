@@ -83,13 +83,17 @@ def _is_union(hint: Any) -> bool:
 
 
 def _convert(flag: str, f: _Flag, raw: str) -> Any:
+    """``raw`` as the field's type; ``flag`` names it in errors (a positional field's name, or ``--flag``)."""
     try:
         value = f.kind(raw)
     except ValueError:
         raise HealerError(f"{flag}: {raw!r} is not {'an' if f.kind is int else 'a'} {f.kind.__name__}") from None
     choices = f.meta.get("choices")
     if choices and value not in choices:
-        raise HealerError(f"{flag}: {raw!r} is not one of {', '.join(map(str, choices))}")
+        if flag.startswith("-"):
+            raise HealerError(f"{flag}: {raw!r} is not one of {', '.join(map(str, choices))}")
+        article = "an" if flag[0] in "aeiou" else "a"
+        raise HealerError(f"{raw!r} is not {article} {flag}; one of: {', '.join(map(str, choices))}")
     return value
 
 

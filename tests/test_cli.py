@@ -55,7 +55,7 @@ def test_deepspeed_local_rank_is_accepted():
     (["demo", "--ratoi", "0.2"], "unknown option --ratoi; flags of healer toy: .*--ratio"),
     (["demo", "--dry-run"], "unknown option --dry-run"),
     (["demo", "export", "stray"], "unexpected argument 'stray'"),
-    (["demo", "build"], "action: 'build' is not one of train, export"),
+    (["demo", "build"], "'build' is not an action; one of: train, export"),
     (["demo", "--steps", "many"], "--steps: 'many' is not an int"),
     (["demo", "--force=yes"], "--force is a switch"),
     (["demo", "--resume"], "--resume needs a value"),
