@@ -283,6 +283,9 @@ def invoke(verb: Verb, recipe, opts) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The DeepSpeed launcher puts --local_rank=N before everything else: `-m healer --local_rank=0 cpt ...`.
+    while argv and argv[0].partition("=")[0] in _LAUNCHER_FLAGS:
+        argv = argv[1:] if "=" in argv[0] else argv[2:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(verbs="".join(f"  {n:<9} {v.help}\n" for n, v in VERBS.items())))
         return 0

@@ -51,6 +51,13 @@ def test_deepspeed_local_rank_is_accepted():
         assert parse(argv).opts == Options() and parse(argv).config == "demo"
 
 
+def test_deepspeed_launcher_argv_reaches_the_verb(capsys):
+    """`deepspeed -m healer cpt ...` runs `python -m healer --local_rank=N cpt ...` on every rank."""
+    assert main(["--local_rank=1", "schema"]) == 0
+    assert "prune.ratio" in capsys.readouterr().out
+    assert main(["--local_rank", "0", "prune", "--help"]) == 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--ratoi", "0.2"], "unknown option --ratoi; flags of healer toy: .*--ratio"),
     (["demo", "--dry-run"], "unknown option --dry-run"),
