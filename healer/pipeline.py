@@ -87,7 +87,8 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
         raise HealerError(
             f"{recipe.run_dir} holds finished stages built from other inputs than this recipe gives:\n"
             + "\n".join(stale)
-            + "\nto rebuild them, run again with --force; to keep them, use a new run_dir (--run-dir DIR)")
+            + f"\nto rebuild them, run again with --force --only {','.join(stale_stages)} (or --force for every "
+            "stage); to keep them, use a new run_dir (--run-dir DIR)")
     return out
 
 

@@ -127,6 +127,7 @@ def test_changed_recipe_is_refused_naming_the_change_and_force_rebuilds(tmp_path
     assert load_recipe(run / "recipe.yaml").prune.blocks == [1]  # the record of the last real run is kept
     assert json.loads((run / "release" / "manifest.json").read_text()) == first_release
 
+    assert "--force --only prune,release" in err
     assert main(["run", str(recipe), "--prune.blocks", "[2]", "--force"]) == 0
     assert load_recipe(run / "recipe.yaml").prune.blocks == [2]
     report = json.loads((run / "prune" / "prune_report.json").read_text())
@@ -147,6 +148,9 @@ def test_rerun_upstream_stage_invalidates_downstream(tmp_path, capsys):
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "release" in err and "prune finished again since" in err
+    assert "--force --only release" in err
+    assert main(["run", str(recipe), "--force", "--only", "release"]) == 0
+    assert main(["run", str(recipe)]) == 0
 
 
 def test_run_dir_in_use_is_refused(tmp_path, capsys):
