@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse_command_line(verb, argv, options)
         from healer.recipe import load_recipe
 
+        if verb.needs_recipe and parsed.config is None and not parsed.overrides:
+            raise RecipeError(f"which recipe? healer {name} recipe.yaml (or an embedded one: demo); "
+                              f"`healer {name} --help` lists the flags")
         wanted = verb.needs_recipe or parsed.config or parsed.overrides
         recipe = load_recipe(parsed.config, parsed.overrides) if wanted else None
         return invoke(verb, recipe, parsed.opts)

@@ -74,6 +74,8 @@ def test_bad_arguments_are_errors_naming_them(argv, message):
 
 
 def test_stray_argument_of_a_real_verb_is_an_error_not_ignored(capsys):
+    assert main(["run"]) == 2
+    assert "which recipe? healer run recipe.yaml" in capsys.readouterr().err
     assert main(["prune", "demo", "--dry-run"]) == 2
     assert "unknown option --dry-run" in capsys.readouterr().err
     assert main(["release", "demo", "extra"]) == 2
