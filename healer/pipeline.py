@@ -115,12 +115,16 @@ def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: b
     print(f"healer run {recipe.name}: {' -> '.join(s for s, _ in steps)}  (run directory {recipe.run_dir})")
     if recipe.build_corpus is not None:
         _ensure_corpus(recipe.build_corpus.output, recipe.build_corpus.max_docs)
+    # Every stage this run rebuilds stops counting as finished now, not when its turn comes: if the run
+    # is interrupted, the next `healer run` carries on with them instead of finding old results.
+    for stage, run in steps:
+        if run:
+            supersede_stage_manifest(recipe.stage_dir(stage))
     for stage, run in steps:
         stage_dir = recipe.stage_dir(stage)
         if not run:
             print(f"[{stage}] finished earlier with the same inputs ({stage_dir}); skipping")
             continue
-        supersede_stage_manifest(stage_dir)
         if stage == "release":
             write_summary(recipe)  # the model card shows the dense/pruned/healed table
         print(f"[{stage}] starting -> {stage_dir}", flush=True)

@@ -205,6 +205,12 @@ def test_force_reruns_every_training_stage_from_scratch(tmp_path, monkeypatch, c
     assert len(calls) == 2  # both finished with the same inputs: skipped
     assert main(["run", str(recipe), "--force"]) == 0
     assert calls[2:] == [("cpt", ["--resume", "none"]), ("sft", ["--resume", "none"])]
+    # A --force run that stops in cpt leaves both stages unfinished: the next plain run carries on.
+    monkeypatch.setattr("healer.launch.run.run_stage", lambda *a, **k: 75)
+    assert main(["run", str(recipe), "--force"]) == 75
+    monkeypatch.setattr("healer.launch.run.run_stage", fake_run_stage)
+    assert main(["run", str(recipe)]) == 0
+    assert calls[4:] == [("cpt", []), ("sft", [])]
     # A changed data section makes cpt stale, and sft with it.
     capsys.readouterr()
     assert main(["run", str(recipe), "--data.seq_len", "64"]) == 2
