@@ -17,8 +17,13 @@ from pathlib import Path
 
 from healer.errors import HealerError
 from healer.lock import DirectoryLock
-from healer.manifest import (MANIFEST, finished_manifest, read_stage_manifest, supersede_stage_manifest,
-                             write_json_atomic)
+from healer.manifest import (
+    MANIFEST,
+    finished_manifest,
+    read_stage_manifest,
+    supersede_stage_manifest,
+    write_json_atomic,
+)
 from healer.recipe import Recipe, dump_recipe
 from healer.stage_inputs import canonical_hash, describe_changes, stage_inputs
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
@@ -244,7 +249,12 @@ def _measure(recipe: Recipe, source: str, text_file: str | None, context: int | 
     import torch
 
     from healer.eval.ppl import perplexity, read_text, tokenize
-    from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source
+    from healer.modeling import (
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        resolve_source,
+    )
 
     location = resolve_source(source, recipe.model.gguf_file if source == recipe.model.source else None)
     model = load_model(location, torch.float32)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from healer import pipeline, recipe as recipe_module, stages
-from healer.cli import main, parse_command_line
+from healer.cli import main
+from healer.options import option_flags, parse_command_line
 from healer.errors import HealerError, RecipeError
 from healer.recipe import Recipe, load_recipe
 from healer.stages import VERBS, Verb
@@ -91,8 +92,6 @@ def test_every_verb_has_help_listing_its_flags_and_recipe_keys(verb, capsys):
     for flag in VERBS[verb].flags:
         assert flag in out
     if options is not None:
-        from healer.cli import option_flags
-
         for flag in option_flags(options):
             assert flag in out
     if verb in Recipe.model_fields:
@@ -141,8 +140,6 @@ def test_stage_lists_derive_from_the_one_declaration():
 
 
 def test_every_options_field_has_help():
-    from healer.cli import option_flags
-
     for verb in VERBS.values():
         _, options = verb.load()
         if options is not None:

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import _TEXT, save_tiny
 from healer.cli import main
-from healer.lock import DirectoryLock
 from healer.manifest import expect_inputs, write_stage_manifest
 from healer.recipe import load_recipe
 from healer.stage_inputs import stage_inputs
