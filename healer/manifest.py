@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, A
     inputs = _RUNNING_INPUTS.get(stage)
     write_json_atomic(path, {
         "stage": stage,
+        # Unique per finish: stages after this one record its manifest's hash, so a re-run of this stage
+        # makes them stale even when it finishes within the same second with the same numbers.
+        "run_id": uuid.uuid4().hex,
         "inputs": {"hash": canonical_hash(inputs), "values": inputs} if inputs is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "outputs": outputs or {},
