@@ -1,208 +1,144 @@
-"""``healer VERB [--config recipe.yaml] [--key.sub value ...]``: one verb per job.
+"""``healer VERB [recipe.yaml | --config recipe.yaml] [flags] [--key.sub value ...]``: one verb per job.
 
-Every verb reads the same recipe. Any recipe key can be overridden on the
-command line, as ``--prune.ratio 0.3``, ``--prune.ratio=0.3`` or
-``prune.ratio=0.3``; the common ones also have short flags (``--ratio``).
+Every verb reads the same recipe. Any recipe key can be overridden on the command line, as
+``--prune.ratio 0.3``, ``--prune.ratio=0.3`` or ``prune.ratio=0.3``; common ones also have short flags
+(``--ratio``, declared with the verb in ``healer/stages.py``).
+
+A verb's own flags (not recipe keys) are the fields of the ``Options`` dataclass in the module that
+implements it (``healer/options.py`` turns them into a parser); the verb is called as
+``func(recipe, opts)``.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import os
 import sys
-from dataclasses import dataclass, field
 
-from healer.recipe import RecipeError, load_recipe
+from healer.errors import HealerError, RecipeError
+from healer.options import LAUNCHER_FLAGS, option_flags, parse_command_line
+from healer.stages import VERBS, Verb
 
-USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [--KEY VALUE ...] [ARGS ...]
+USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [flags] [--KEY VALUE ...]
 
 verbs:
 {verbs}
-Any recipe key can be overridden: --prune.ratio 0.3, --model.source path/to/model, cpt.max_steps=10.
-`healer schema` prints every recipe key with its type and default.
+`healer VERB --help` lists a verb's flags and recipe keys. Any recipe key can be overridden:
+--prune.ratio 0.3, --model.source path/to/model, cpt.max_steps=10. `healer schema` prints every key.
 """
 
 
-@dataclass(frozen=True)
-class Verb:
-    target: str  # "module:function"; the function takes (recipe, args) and returns an exit code or None
-    help: str
-    aliases: dict[str, str] = field(default_factory=dict)  # short flag -> recipe key
-    needs_recipe: bool = True
+# -- help ---------------------------------------------------------------------------------------------
 
-
-_MODEL = {"--model": "model.source", "--gguf-file": "model.gguf_file", "--dtype": "model.dtype",
-          "--run-dir": "run_dir", "--seed": "seed"}
-
-VERBS: dict[str, Verb] = {
-    "prune": Verb(
-        "healer.prune.stage:run_prune_stage",
-        "one-shot pruning: depth (drop blocks) or width (shrink MLPs / attention heads)",
-        {**_MODEL, "--method": "prune.method", "--criterion": "prune.criterion", "--target": "prune.target",
-         "--ratio": "prune.ratio", "--num-blocks": "prune.num_blocks", "--blocks": "prune.blocks",
-         "--keep-first": "prune.keep_first", "--keep-last": "prune.keep_last", "--round-to": "prune.round_to",
-         "--calibration": "prune.calibration.path", "--num-samples": "prune.calibration.num_samples",
-         "--seq-len": "prune.calibration.seq_len", "--output": "prune.output"},
-    ),
-    "cpt": Verb(
-        "healer.train.cpt:run_cpt_stage",
-        "continued pretraining under DeepSpeed ZeRO (optional KD from the unpruned model); --resume auto|none|DIR",
-        {**_MODEL, "--input": "cpt.input", "--output": "cpt.output", "--zero-stage": "cpt.zero_stage",
-         "--max-steps": "cpt.max_steps", "--lr": "cpt.lr", "--micro-batch-size": "cpt.micro_batch_size",
-         "--global-batch-size": "cpt.global_batch_size", "--save-every": "cpt.save_every"},
-    ),
-    "eval": Verb(
-        "healer.eval.stage:run_eval_stage",
-        "perplexity at each context length and zero-shot tasks (lm-eval, local files) -> eval.json",
-        {**_MODEL, "--input": "eval.input", "--output": "eval.output", "--compare-to": "eval.compare_to",
-         "--limit": "eval.limit", "--batch-size": "eval.batch_size", "--max-tokens": "eval.max_tokens",
-         "--bos": "eval.bos"},
-    ),
-    "release": Verb(
-        "healer.release:run_release_stage",
-        "package the final checkpoint with a model card, learning curves and a hash manifest",
-        {**_MODEL, "--input": "release.input", "--output": "release.output", "--name": "release.model_name",
-         "--license": "release.license"},
-    ),
-    "launch": Verb(
-        "healer.launch.cli:main",
-        "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
-        {"--run-dir": "run_dir"},
-    ),
-    "sft": Verb(
-        "healer.train.sft:run_sft_stage",
-        "LoRA instruction tuning (PEFT) under DeepSpeed -> adapter/ + merged/ HF model; --resume auto|none, --steps N",
-        {**_MODEL, "--input": "sft.input", "--output": "sft.output", "--data": "sft.data", "--lr": "sft.lr",
-         "--rank": "sft.rank", "--epochs": "sft.epochs", "--max-steps": "sft.max_steps",
-         "--zero-stage": "sft.zero_stage", "--max-samples": "sft.max_samples",
-         "--prompt-format": "sft.prompt_format"},
-    ),
-    "instruct": Verb(
-        "healer.train.self_distill:main",
-        "instruction data without downloads: `instruct build --output F.json` (teacher answers corpus prompts)",
-        {**_MODEL, "--teacher": "sft.self_distill.teacher", "--corpus": "sft.self_distill.corpus",
-         "--num-examples": "sft.self_distill.num_examples",
-         "--max-new-tokens": "sft.self_distill.max_new_tokens", "--output": "sft.self_distill.output"},
-    ),
-    "data": Verb(
-        "healer.train.data.cli:main",
-        "the corpus stream: `data stats` (tokens per source, skips, a decoded block), `data build-corpus --output DIR`",
-        {**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False,
-    ),
-    "run": Verb("healer.pipeline:run_pipeline",
-                "the whole recipe: prune -> cpt -> sft -> eval -> release; skips finished stages, resumes the rest",
-                dict(_MODEL)),
-    "schema": Verb("healer.cli:print_schema", "print every recipe key with its type and default", needs_recipe=False),
-}
-
-
-def print_schema(recipe, args) -> int:
+def verb_help(verb: Verb, options: type | None) -> str:
+    """``healer VERB --help``: usage, the verb's flags, its short flags and its recipe section's keys."""
     from healer.recipe import Recipe
+    from healer.schema import schema_lines
 
-    def walk(model_cls, prefix: str) -> None:
-        for name, info in model_cls.model_fields.items():
-            ann = info.annotation
-            inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
-            nested = next((a for a in inner if hasattr(a, "model_fields")), None)
-            key = f"{prefix}{name}"
-            if nested is not None:
-                print(f"{key}:")
-                walk(nested, key + ".")
-            else:
-                default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-                desc = f"  # {info.description}" if info.description else ""
-                print(f"{key}: {getattr(ann, '__name__', str(ann)).replace('typing.', '')} = {default}{desc}")
+    slots = [f for f in dataclasses.fields(options) if f.metadata.get("positional")] if options else []
+    args = " ".join(f.name.upper() for f in slots)
+    recipe = "[recipe.yaml | --config recipe.yaml]" if verb.needs_recipe else "[--config recipe.yaml]"
+    lines = [f"usage: healer {verb.name} {args + ' ' if args else ''}{recipe} [flags] [--KEY VALUE ...]", "",
+             verb.help, ""]
+    if slots or options:
+        lines.append("arguments and flags:")
+        for f in slots:
+            choices = f" ({' | '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+            default = f" [default: {f.default}]" if f.default is not None else ""
+            lines.append(_row(f.name.upper() + choices, f.metadata["help"] + default))
+        seen = set()
+        for name, flag in option_flags(options).items():
+            if flag.field.name in seen:
+                continue
+            seen.add(flag.field.name)
+            names = ", ".join(n for n, g in option_flags(options).items() if g.field.name == flag.field.name)
+            arg = "" if flag.kind is bool else f" {flag.kind.__name__.upper()}"
+            choices = f" ({' | '.join(map(str, flag.meta['choices']))})" if flag.meta.get("choices") else ""
+            default = "" if flag.kind is bool or flag.field.default is None else f" [default: {flag.field.default}]"
+            lines.append(_row(names + arg + choices, flag.meta["help"] + default))
+        lines.append("")
+    if verb.flags:
+        lines.append("short flags for recipe keys:")
+        lines += [_row(f"{flag} VALUE", f"--{key}") for flag, key in verb.flags.items()]
+        lines.append("")
+    section = verb.name if verb.name in Recipe.model_fields else None
+    if section:
+        lines.append(f"recipe keys of `{section}:` (override any as --{section}.KEY VALUE):")
+        lines += ["  " + line for line in schema_lines(Recipe.model_fields[section].annotation, section + ".")]
+    lines.append("`healer schema` lists every recipe key.")
+    return "\n".join(lines)
 
-    walk(Recipe, "")
+
+def _row(left: str, right: str) -> str:
+    return f"  {left:<30} {right}" if len(left) <= 30 else f"  {left}\n  {'':<30} {right}"
+
+
+# -- running a verb -----------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed job, or a single process (the launchers set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def invoke(verb: Verb, recipe, opts) -> int:
+    """Call ``verb`` with ``recipe`` and ``opts``; a stage holds its directory's lock and records its inputs."""
+    func, _ = verb.load()
+    if not verb.stage or recipe is None:
+        return int(func(recipe, opts) or 0)
+    from healer.lock import DirectoryLock
+    from healer.manifest import expect_inputs
+    from healer.stage_inputs import stage_inputs
+
+    expect_inputs(verb.name, stage_inputs(recipe, verb.name))
+    try:
+        if not is_main_process():
+            return int(func(recipe, opts) or 0)
+        with DirectoryLock(recipe.stage_dir(verb.name), f"healer {verb.name}"):
+            return int(func(recipe, opts) or 0)
+    finally:
+        expect_inputs(verb.name, None)
+
+
+def _page(text: str) -> int:
+    """Print help; a reader that stops early (`| head`) is not an error worth a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def split_args(argv: list[str], aliases: dict[str, str]) -> tuple[str | None, list[str], list[str]]:
-    """Separate the recipe path, key=value overrides and the verb's own positional arguments."""
-    config: str | None = None
-    overrides: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise RecipeError("--config needs a recipe file")
-            config = argv[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            flag, _, inline = arg.partition("=")
-            key = aliases.get(flag) or (flag[2:].replace("-", "_") if "." in flag or flag[2:] in _TOP_KEYS else None)
-            if key is None:
-                if flag in _VERB_FLAGS:
-                    rest.append(arg)
-                    i += 1
-                    continue
-                known = ", ".join(sorted(aliases)) or "none"
-                raise RecipeError(f"unknown option {flag}; short flags here: {known}; any recipe key works as --section.key")
-            if inline or "=" in arg:
-                value = inline
-            elif i + 1 < len(argv):
-                value = argv[i + 1]
-                i += 1
-            else:
-                raise RecipeError(f"{flag} needs a value")
-            overrides.append(f"{key}={value}")
-        elif "=" in arg and not arg.startswith("/"):
-            overrides.append(arg)
-        elif config is None and _is_recipe(arg):
-            config = arg
-        else:
-            rest.append(arg)
-        i += 1
-    return config, overrides, rest
-
-
-def _is_recipe(arg: str) -> bool:
-    """A recipe file, or the name of a recipe shipped in healer.configs (``demo``)."""
-    import importlib.resources
-
-    if arg.endswith((".yaml", ".yml")):
-        return True
-    return "/" not in arg and (importlib.resources.files("healer.configs") / f"{arg}.yaml").is_file()
-
-
-_TOP_KEYS = {"name", "run_dir", "seed"}
-# Flags a verb handles itself (they are not recipe keys).
-_VERB_FLAGS = {"--resume", "--nproc", "--nnodes", "--node-rank", "--slurm", "--dry-run", "--nodes",
-               "--gpus-per-node", "--hostfile", "--no-ssh", "--master-addr", "--master-port", "--force",
-               "--stage", "--steps", "--dense", "--only", "--wait"}
-
-_VERB_FLAGS |= {"--output", "--max-docs", "--batches", "--split"}  # healer data
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The DeepSpeed launcher puts --local_rank=N before everything else: `-m healer --local_rank=0 cpt ...`.
+    while argv and argv[0].partition("=")[0] in LAUNCHER_FLAGS:
+        argv = argv[1:] if "=" in argv[0] else argv[2:]
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(verbs="".join(f"  {n:<9} {v.help}\n" for n, v in VERBS.items())))
-        return 0
+        return _page(USAGE.format(verbs="".join(f"  {n:<9} {v.help}\n" for n, v in VERBS.items())))
     name, argv = argv[0], argv[1:]
     verb = VERBS.get(name)
     if verb is None:
         print(f"healer: unknown verb {name!r}; verbs: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     try:
-        config, overrides, rest = split_args(argv, verb.aliases)
-        recipe = load_recipe(config, overrides) if verb.needs_recipe or config or overrides else None
+        _, options = verb.load()
+        if "-h" in argv or "--help" in argv:
+            return _page(verb_help(verb, options))
+        parsed = parse_command_line(verb, argv, options)
+        from healer.recipe import load_recipe
+
+        if verb.needs_recipe and parsed.config is None and not parsed.overrides:
+            raise RecipeError(f"which recipe? healer {name} recipe.yaml (or an embedded one: demo); "
+                              f"`healer {name} --help` lists the flags")
+        wanted = verb.needs_recipe or parsed.config or parsed.overrides
+        recipe = load_recipe(parsed.config, parsed.overrides) if wanted else None
+        return invoke(verb, recipe, parsed.opts)
     except RecipeError as err:
         print(f"healer {name}: {err}", file=sys.stderr)
         return 2
-    module_name, func_name = verb.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    from healer.errors import HealerError
-
-    try:
-        code = func(recipe, rest)
-    except (HealerError, RecipeError) as err:
+    except HealerError as err:
         print(f"healer {name}: error: {err}", file=sys.stderr)
         return 2
-    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ class HealerError(Exception):
     """Bad input or an impossible request; the message says what and where, and what to do."""
 
 
+class RecipeError(HealerError, ValueError):
+    """A recipe or override that cannot be used; the message names the file and key."""
+
+
 class UnsupportedArchitecture(HealerError):
     pass
 

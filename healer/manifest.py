@@ -1,7 +1,8 @@
 """Stage completion manifests.
 
 A stage that finished writes ``<stage_dir>/manifest.json`` last, atomically, so its
-presence alone means "done": ``healer run`` skips such stages and resumes the rest.
+presence alone means "done". The manifest also records the stage's effective inputs
+(``healer.stage_inputs``): ``healer run`` skips a finished stage only while they still match.
 """
 
 from __future__ import annotations
@@ -11,10 +12,25 @@ import os
 import platform
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+
+# stage name -> effective inputs of that stage as this process runs it. The CLI records them when it
+# starts a stage verb (every stage goes through it), so the stage bodies need not carry the recipe to
+# the point where they write their manifest. Keyed by stage, not directory: release writes its manifest
+# in a temporary directory that it renames into place.
+_RUNNING_INPUTS: dict[str, dict[str, Any]] = {}
+
+
+def expect_inputs(stage: str, inputs: dict[str, Any] | None) -> None:
+    """Record what ``stage`` (run by this process) is built from; its manifest will carry it."""
+    if inputs is None:
+        _RUNNING_INPUTS.pop(stage, None)
+    else:
+        _RUNNING_INPUTS[stage] = inputs
 
 
 def package_versions() -> dict[str, str]:
@@ -52,9 +68,16 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
     """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
+    from healer.stage_inputs import canonical_hash
+
     path = Path(stage_dir) / MANIFEST
+    inputs = _RUNNING_INPUTS.get(stage)
     write_json_atomic(path, {
         "stage": stage,
+        # Unique per finish: stages after this one record its manifest's hash, so a re-run of this stage
+        # makes them stale even when it finishes within the same second with the same numbers.
+        "run_id": uuid.uuid4().hex,
+        "inputs": {"hash": canonical_hash(inputs), "values": inputs} if inputs is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "outputs": outputs or {},
         "versions": package_versions(),
@@ -76,3 +99,23 @@ def read_json_if_present(path: str | Path) -> dict | None:
 
 def read_stage_manifest(stage_dir: str | Path) -> dict | None:
     return read_json_if_present(Path(stage_dir) / MANIFEST)
+
+
+def supersede_stage_manifest(stage_dir: str | Path) -> None:
+    """Mark a finished stage as no longer finished before it runs again.
+
+    A run that stops half-way must not leave the old "done" behind over half-written files. The mark
+    keeps the stage name (so release still knows the directory as its own and may replace it) and
+    drops outputs and inputs, so neither a trainer nor ``healer run`` takes it for a finished run.
+    """
+    path = Path(stage_dir) / MANIFEST
+    manifest = read_json_if_present(path)
+    if manifest is not None:
+        write_json_atomic(path, {"stage": manifest.get("stage"), "superseded": True,
+                                 "superseded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def finished_manifest(stage_dir: str | Path) -> dict | None:
+    """The manifest of a finished stage in ``stage_dir``; None while it never finished or runs again."""
+    manifest = read_stage_manifest(stage_dir)
+    return manifest if manifest is not None and not manifest.get("superseded") else None

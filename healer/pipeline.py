@@ -1,85 +1,147 @@
-"""``healer run recipe.yaml``: prune -> cpt -> sft -> eval -> release, resumable.
+"""``healer run recipe.yaml``: prune -> cpt -> sft -> eval -> release, resumable, never silently stale.
 
-Each stage writes its directory and, last, a completion manifest. Running again skips stages
-whose manifest exists and resumes an interrupted one (the trainers pick up their newest
-checkpoint). Training stages start through the launcher (local processes, a hostfile or SLURM,
-as ``launch:`` says); the others run in this process.
+Each stage writes its directory and, last, a completion manifest that records what the stage was built
+from (``healer.stage_inputs``). Running again skips a finished stage only while those inputs still
+match the recipe and the stages before it; when they do not, the run is refused before anything is
+written, naming what changed. An interrupted stage resumes (the trainers pick up their newest
+checkpoint). Training stages start through the launcher (local processes, a hostfile or SLURM, as
+``launch:`` says); the others run in this process.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from healer.errors import HealerError
-from healer.manifest import read_stage_manifest, write_json_atomic
-from healer.recipe import STAGES, Recipe
+from healer.lock import DirectoryLock
+from healer.manifest import (
+    MANIFEST,
+    finished_manifest,
+    read_stage_manifest,
+    supersede_stage_manifest,
+    write_json_atomic,
+)
+from healer.recipe import Recipe
+from healer.stage_inputs import canonical_hash, describe_changes, stage_inputs
+from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
 
-DISTRIBUTED_STAGES = ("cpt", "sft")
 SUMMARY = "summary.json"
 
 
-def _parse(args: list[str]) -> tuple[set[str] | None, bool]:
-    only: set[str] | None = None
-    force = False
-    i = 0
-    while i < len(args):
-        if args[i] == "--only" and i + 1 < len(args):
-            only = set(args[i + 1].split(","))
-            bad = only - set(STAGES)
-            if bad:
-                raise HealerError(f"--only: unknown stage(s) {', '.join(sorted(bad))}; stages: {', '.join(STAGES)}")
-            i += 2
-            continue
-        if args[i] == "--force":
-            force = True
-        else:
-            raise HealerError(f"healer run: unexpected argument {args[i]!r} (it takes --only STAGE[,STAGE] and --force)")
-        i += 1
-    return only, force
+@dataclass
+class Options:
+    only: str | None = field(default=None, metadata={
+        "help": f"comma-separated stages to run ({','.join(STAGES)}); the others are left as they are"})
+    force: bool = field(default=False, metadata={
+        "help": "run every stage again from scratch, even finished ones (training stages get --resume none)"})
 
 
 def stages_of(recipe: Recipe) -> list[str]:
     return [s for s in STAGES if getattr(recipe, s) is not None]
 
 
-def run_pipeline(recipe, args: list[str]) -> int:
-    """The ``healer run`` verb."""
-    only, force = _parse(args)
+def _selected(opts: Options) -> set[str] | None:
+    if opts.only is None:
+        return None
+    only = {s.strip() for s in opts.only.split(",") if s.strip()}
+    bad = only - set(STAGES)
+    if bad or not only:
+        raise HealerError(f"--only: unknown stage(s) {', '.join(sorted(bad)) or '(none given)'}; "
+                          f"stages: {', '.join(STAGES)}")
+    return only
+
+
+def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) -> list[tuple[str, bool]]:
+    """(stage, run it?) for the selected stages; refuses when a finished stage no longer matches its inputs.
+
+    A finished stage is skipped only while the inputs recorded in its manifest equal what the recipe and
+    the stages before it give now. A stage that runs again invalidates every finished stage after it.
+    Stages before the last selected one are checked even when not selected: a selected stage must not
+    be built on a stale one.
+    """
+    last = max((stages.index(s) for s in stages if only is None or s in only), default=-1)
+    reruns: list[str] = []
+    stale: list[str] = []  # the refusal's lines
+    stale_stages: list[str] = []
+    out = []
+    for stage in stages[:last + 1]:
+        selected = only is None or stage in only
+        manifest = finished_manifest(recipe.stage_dir(stage))
+        if selected and (force or manifest is None):
+            reruns.append(stage)
+            out.append((stage, True))
+            continue
+        if manifest is None:
+            continue
+        if reruns or stale_stages:
+            changes = [f"built on {', '.join(reruns + stale_stages)}, which must run again"]
+        else:
+            recorded = (manifest.get("inputs") or {}).get("values")
+            expected = stage_inputs(recipe, stage)
+            changes = [] if recorded is not None and canonical_hash(recorded) == canonical_hash(expected) \
+                else describe_changes(recorded, expected)
+        if changes:
+            stale_stages.append(stage)
+            stale.append(f"  {stage} ({recipe.stage_dir(stage)}): " + "; ".join(changes))
+        elif selected:
+            out.append((stage, False))
+    if stale:
+        raise HealerError(
+            f"{recipe.run_dir} holds finished stages built from other inputs than this recipe gives:\n"
+            + "\n".join(stale)
+            + f"\nto rebuild them, run again with --force --only {','.join(stale_stages)} (or --force for every "
+            "stage); to keep them, use a new run_dir (--run-dir DIR)")
+    return out
+
+
+def run_pipeline(recipe: Recipe, opts: Options) -> int:
+    """The ``healer run`` verb: every stage of ``recipe`` in order (``opts.only`` a subset, ``opts.force`` all anew)."""
+    only = _selected(opts)
     stages = stages_of(recipe)
     if not stages:
-        raise HealerError("the recipe has no stage sections (prune, cpt, sft, eval, release)")
+        raise HealerError(f"the recipe has no stage sections ({', '.join(STAGES)})")
     run_dir = Path(recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Every process of every stage reads this one resolved file: the recipe as it was run.
-    resolved = run_dir / "recipe.yaml"
-    from healer.launch.run import write_rank_recipe  # launch.env <redacted>: the ranks get it from their environment
+    with DirectoryLock(run_dir, "healer run"):
+        steps = plan(recipe, stages, only, opts.force)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Every process of every stage reads this one resolved file: the recipe as it is run now. Written
+        # only after the checks above, so a refused run leaves the previous one's record as it was.
+        resolved = run_dir / "recipe.yaml"
+        from healer.launch.run import write_rank_recipe  # launch.env <redacted>: the ranks get it from their environment
 
-    write_rank_recipe(recipe, resolved)
+        write_rank_recipe(recipe, resolved)
+        return _run(recipe, steps, resolved, opts.force)
+
+
+def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: bool) -> int:
     started = time.time()
     timings: dict[str, float] = {}
-    print(f"healer run {recipe.name}: {' -> '.join(stages)}  (run directory {run_dir})")
-
+    print(f"healer run {recipe.name}: {' -> '.join(s for s, _ in steps)}  (run directory {recipe.run_dir})")
     if recipe.build_corpus is not None:
         _ensure_corpus(recipe.build_corpus.output, recipe.build_corpus.max_docs)
-
-    for stage in stages:
-        if only is not None and stage not in only:
-            continue
+    # Every stage this run rebuilds stops counting as finished now, not when its turn comes: if the run
+    # is interrupted, the next `healer run` carries on with them instead of finding old results.
+    for stage, run in steps:
+        if run:
+            supersede_stage_manifest(recipe.stage_dir(stage))
+    for stage, run in steps:
         stage_dir = recipe.stage_dir(stage)
-        if read_stage_manifest(stage_dir) is not None and not force:
-            print(f"[{stage}] finished earlier ({stage_dir}); skipping")
+        if not run:
+            print(f"[{stage}] finished earlier with the same inputs ({stage_dir}); skipping")
             continue
         if stage == "release":
             write_summary(recipe)  # the model card shows the dense/pruned/healed table
         print(f"[{stage}] starting -> {stage_dir}", flush=True)
         t0 = time.time()
-        code = _run_stage(stage, recipe, resolved)
+        code = _run_stage(stage, recipe, resolved, force)
         timings[stage] = round(time.time() - t0, 1)
         if code != 0:
             print(f"[{stage}] stopped with exit code {code}; run `healer run` again to resume it")
             return code
+        _check_finished(recipe, stage)
         print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
 
     summary = write_summary(recipe, timings, time.time() - started)
@@ -87,16 +149,30 @@ def run_pipeline(recipe, args: list[str]) -> int:
     return 0
 
 
-def _run_stage(stage: str, recipe: Recipe, resolved: Path) -> int:
+def _run_stage(stage: str, recipe: Recipe, resolved: Path, force: bool) -> int:
     if stage in DISTRIBUTED_STAGES:
         from healer.launch.run import run_stage
 
-        return run_stage(stage, str(resolved), [], recipe.launch)
-    from healer.cli import VERBS
-    import importlib
+        args = ["--resume", "none"] if force and stage in TRAINING_STAGES else []
+        return run_stage(stage, str(resolved), args, recipe.launch)
+    from healer.cli import invoke
 
-    module, func = VERBS[stage].target.split(":")
-    return int(getattr(importlib.import_module(module), func)(recipe, []) or 0)
+    verb = VERBS[stage]
+    _, options = verb.load()
+    return invoke(verb, recipe, options() if options is not None else [])
+
+
+def _check_finished(recipe: Recipe, stage: str) -> None:
+    """A stage that exited 0 must have left a manifest recording the inputs this run gave it."""
+    manifest = finished_manifest(recipe.stage_dir(stage))
+    if manifest is None:
+        raise HealerError(f"{stage} exited without error but wrote no {recipe.stage_dir(stage) / MANIFEST}; "
+                          "its output is incomplete -- see the messages above")
+    recorded = (manifest.get("inputs") or {}).get("values")
+    if recorded is None or canonical_hash(recorded) != canonical_hash(stage_inputs(recipe, stage)):
+        changes = "; ".join(describe_changes(recorded, stage_inputs(recipe, stage)))
+        raise HealerError(f"{stage} finished, but not from the inputs this run gave it ({changes}); "
+                          "was another process writing it?")
 
 
 def _ensure_corpus(output: str, max_docs: int | None) -> None:
@@ -175,7 +251,12 @@ def _measure(recipe: Recipe, source: str, text_file: str | None, context: int | 
     import torch
 
     from healer.eval.ppl import perplexity, read_text, tokenize
-    from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source
+    from healer.modeling import (
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        resolve_source,
+    )
 
     location = resolve_source(source, recipe.model.gguf_file if source == recipe.model.source else None)
     model = load_model(location, torch.float32)
@@ -201,7 +282,7 @@ def _stamp(model_source: str) -> float | None:
 
 def _tokens_trained(recipe: Recipe) -> dict[str, int]:
     out = {}
-    for stage in DISTRIBUTED_STAGES:
+    for stage in TRAINING_STAGES:
         manifest = read_stage_manifest(recipe.stage_dir(stage)) if getattr(recipe, stage) is not None else None
         if manifest and "tokens_trained" in manifest.get("outputs", {}):
             out[stage] = manifest["outputs"]["tokens_trained"]

@@ -15,18 +15,16 @@ import yaml
 from pydantic import Field, ValidationError
 
 from healer.config_base import Section
+from healer.errors import RecipeError
 from healer.eval.config import EvalConfig
 from healer.launch.config import LaunchConfig
 from healer.prune.config import PruneConfig
 from healer.release_config import ReleaseConfig
+from healer.stages import MODEL_STAGES, STAGES, VERBS
 from healer.train.config import CPTConfig, SFTConfig
 from healer.train.data.config import DataConfig
 
-STAGES = ("prune", "cpt", "sft", "eval", "release")
-
-
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used; the message names the file and key."""
+__all__ = ["STAGES", "Recipe", "RecipeError", "dump_recipe", "load_recipe", "parse_override", "resolve_recipe_path"]
 
 
 class ModelConfig(Section):
@@ -75,16 +73,16 @@ class Recipe(Section):
         explicit = getattr(section, "input", None) if section is not None else None
         if explicit:
             return explicit
-        producers = {"prune": (), "cpt": ("prune",), "sft": ("cpt", "prune"), "eval": ("sft", "cpt", "prune"),
-                     "release": ("sft", "cpt", "prune")}[stage]
-        for producer in producers:
+        # The nearest earlier stage in the recipe that leaves a model (prune -> cpt -> sft -> eval, release).
+        earlier = [s for s in STAGES[:STAGES.index(stage)] if s in MODEL_STAGES]
+        for producer in reversed(earlier):
             if getattr(self, producer) is not None:
                 return str(self.model_dir(producer))
         return self.model.source
 
     def model_dir(self, stage: str) -> Path:
         """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory)."""
-        sub = {"prune": "", "cpt": "hf", "sft": "merged"}[stage]
+        sub = VERBS[stage].model_subdir
         return self.stage_dir(stage) / sub if sub else self.stage_dir(stage)
 
 
@@ -140,10 +138,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
     if path is not None:
         file = resolve_recipe_path(path)
         origin = str(file)
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{file}: not valid YAML: {err}") from err
+        loaded = _read_yaml(file)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -157,6 +152,26 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
         return Recipe.model_validate(tree)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, origin)) from None
+
+
+def _read_yaml(file: Path) -> Any:
+    """The YAML in ``file``; a binary, non-UTF-8 or unreadable file is one line naming it."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{file}: not a text recipe (byte {err.start} is not UTF-8); "
+                          "a recipe is a YAML file") from None
+    except OSError as err:
+        raise RecipeError(f"{file}: cannot read the recipe ({err.strerror})") from None
+    if "\x00" in text:
+        raise RecipeError(f"{file}: not a text recipe (it contains NUL bytes); a recipe is a YAML file")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{file}: not valid YAML{line}: {problem}") from None
 
 
 def _expand_run_dir(node: Any, run_dir: str) -> Any:
@@ -174,6 +189,8 @@ def resolve_recipe_path(path: str | Path) -> Path:
     file = Path(path)
     if file.is_file():
         return file
+    if file.is_dir():
+        raise RecipeError(f"recipe {path}: is a directory; give the recipe's .yaml file")
     embedded = importlib.resources.files("healer.configs") / f"{path}.yaml"
     if embedded.is_file():
         return Path(str(embedded))
@@ -181,4 +198,8 @@ def resolve_recipe_path(path: str | Path) -> Path:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    """The recipe as YAML that loads back to the same recipe (every process of a run reads it).
+
+    Nulls are kept: dropping them would turn a key the user set to null back into its default.
+    """
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

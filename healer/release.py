@@ -18,15 +18,16 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from healer.errors import HealerError
 from healer.manifest import read_json_if_present, read_stage_manifest, write_stage_manifest
 from healer.release_config import ReleaseConfig
+from healer.stages import TRAINING_STAGES
 
 # model.source shortcuts whose hub id is known (the GGUF file does not carry it).
 KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-TRAINING_STAGES = ("cpt", "sft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -206,7 +207,13 @@ def build_release(recipe, out: Path) -> dict:
     return outputs
 
 
-def run_release_stage(recipe, args: list[str]) -> int:
+@dataclass
+class Options:
+    """``healer release`` has no flags of its own: everything it does is a recipe key (``--release.KEY``)."""
+
+
+def run_release_stage(recipe, opts: Options) -> int:
+    """The ``healer release`` verb: package the final checkpoint and every report into the release dir."""
     out = recipe.stage_dir("release")
     outputs = build_release(recipe, out)
     print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"

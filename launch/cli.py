@@ -14,8 +14,6 @@ The recipe the ranks read is the one given here with every override applied, wri
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -24,16 +22,18 @@ from healer.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.run import launch_dir, run_stage, write_rank_recipe
 from healer.recipe import Recipe
+from healer.stages import STAGES
 
 
 @dataclass
 class Options:
     """``healer launch``'s own flags (contract 1); the recipe is the CLI's positional recipe argument."""
 
-    stage: str = field(default="", metadata={"help": "the stage every rank runs (cpt, sft, ...)", "positional": True})
+    stage: str | None = field(default=None, metadata={"help": "the stage every rank runs", "positional": True,
+                                                       "choices": STAGES})
     nproc: int | None = field(default=None, metadata={"help": "ranks per node (launch.nproc_per_node)"})
-    nnodes: int | None = field(default=None,
-                               metadata={"help": "number of nodes (launch.nodes)", "aliases": ("--nodes",)})
+    nodes: int | None = field(default=None,
+                              metadata={"help": "number of nodes (launch.nodes)", "aliases": ("--nnodes",)})
     node_rank: int | None = field(default=None,
                                   metadata={"help": "this node's rank, for multi-node runs without ssh"})
     hostfile: str | None = field(default=None, metadata={"help": "DeepSpeed hostfile (`host slots=N` lines)"})
@@ -47,32 +47,6 @@ class Options:
     wait: bool = field(default=False, metadata={"help": "SLURM: block until the job ends, echoing its log"})
 
 
-def _parser() -> argparse.ArgumentParser:
-    """argv -> Options, for the CLI that still hands ``healer launch`` its remaining arguments as a list."""
-    p = argparse.ArgumentParser(prog="healer launch", add_help=False, exit_on_error=False)
-    for f in dataclasses.fields(Options):
-        if f.metadata.get("positional"):
-            p.add_argument(f.name)
-            continue
-        names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        if f.type in ("bool", bool):
-            p.add_argument(*names, dest=f.name, action="store_true")
-        else:
-            p.add_argument(*names, dest=f.name, type=int if "int" in str(f.type) else str)
-    return p
-
-
-def parse_options(args: list[str]) -> Options:
-    try:
-        ns, extra = _parser().parse_known_args(args)
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise HealerError(f"{err}; usage: healer launch [--nproc N] [--hostfile F [--no-ssh --node-rank K]] "
-                          "[--slurm --nodes N --gpus-per-node G] [--dry-run] STAGE recipe.yaml") from None
-    if extra:
-        raise HealerError(f"unexpected arguments {extra}; give one STAGE, the recipe, then --key value overrides")
-    return Options(**vars(ns))
-
-
 def launch_config(base: LaunchConfig, opts: Options) -> LaunchConfig:
     """The recipe's ``launch:`` section with the command-line flags on top."""
     cfg = base.model_dump()
@@ -80,7 +54,7 @@ def launch_config(base: LaunchConfig, opts: Options) -> LaunchConfig:
         cfg["backend"] = "slurm"
     elif opts.hostfile:
         cfg["backend"] = "hostfile"
-    flags = {"nproc_per_node": ("--nproc", opts.nproc), "nodes": ("--nnodes", opts.nnodes),
+    flags = {"nproc_per_node": ("--nproc", opts.nproc), "nodes": ("--nodes", opts.nodes),
              "node_rank": ("--node-rank", opts.node_rank), "hostfile": ("--hostfile", opts.hostfile),
              "master_addr": ("--master-addr", opts.master_addr), "master_port": ("--master-port", opts.master_port)}
     for key, (_, value) in flags.items():
@@ -101,12 +75,10 @@ def launch_config(base: LaunchConfig, opts: Options) -> LaunchConfig:
         raise HealerError(f"{flag}: {problem['msg']}") from None
 
 
-def main(recipe: Recipe, opts: Options | list[str]) -> int:
+def main(recipe: Recipe, opts: Options) -> int:
     """Run ``opts.stage`` of ``recipe`` on the ranks the recipe's ``launch:`` section and the flags describe."""
-    if isinstance(opts, list):
-        opts = parse_options(opts)
     if not opts.stage:
-        raise HealerError("healer launch needs a STAGE: healer launch [flags] STAGE recipe.yaml")
+        raise HealerError(f"which stage? healer launch [flags] STAGE recipe.yaml (STAGE: {', '.join(STAGES)})")
     cfg = launch_config(recipe.launch, opts)
     # The ranks read the recipe exactly as resolved here (file + overrides), from a file beside the logs.
     resolved = launch_dir(recipe.run_dir, opts.stage, cfg) / "recipe.yaml"

@@ -30,7 +30,6 @@ from healer.redact import REDACTED, redact_text, redact_tree, write_text
 DEFAULT_PORT = 29500
 # What the DeepSpeed launcher can put in its remote pdsh command as it is (it does not quote).
 _PLAIN_WORD = re.compile(r"[\w@%+=:,./-]*", re.ASCII)
-NOT_STAGES = {"launch", "run", "schema"}
 
 
 def launch_dir(run_dir: str | Path, stage: str, cfg: LaunchConfig) -> Path:
@@ -45,7 +44,7 @@ def write_rank_recipe(recipe: Recipe, path: Path) -> bool:
     its values are written as <redacted>. Anything else that looks secret (a token in a data URL, a
     ``*_token`` key) is needed by the ranks as it is: then the file is kept, readable by its owner only.
     """
-    tree = recipe.model_dump(mode="json", exclude_none=True)
+    tree = recipe.model_dump(mode="json")  # nulls kept: a key set to null must not return to its default
     env = tree.get("launch", {}).get("env")
     if env:
         tree["launch"]["env"] = {key: REDACTED for key in env}
@@ -75,11 +74,10 @@ def run_stage(stage: str, recipe_path: str, args: list[str], cfg: LaunchConfig, 
     any rank starts. ``dry_run`` prints the command (or the sbatch script) instead of running it.
     ``wait=False`` returns right after a SLURM submission.
     """
-    from healer.cli import VERBS
+    from healer.stages import STAGES
 
-    if stage not in VERBS or stage in NOT_STAGES:
-        stages = ", ".join(v for v in VERBS if v not in NOT_STAGES)
-        raise HealerError(f"launch: {stage!r} is not a stage; one of: {stages}")
+    if stage not in STAGES:
+        raise HealerError(f"launch: {stage!r} is not a stage; one of: {', '.join(STAGES)}")
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe is refused here, not on 64 ranks
     path = resolve_recipe_path(recipe_path).resolve()

@@ -9,6 +9,7 @@ model, impossible amount, too long calibration) happens before any scoring.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,7 +215,13 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     return report
 
 
-def run_prune_stage(recipe, args: list[str]) -> int:
+@dataclass
+class Options:
+    """``healer prune`` has no flags of its own: everything it does is a recipe key (``--prune.KEY``)."""
+
+
+def run_prune_stage(recipe, opts: Options) -> int:
+    """The ``healer prune`` verb: prune ``recipe.stage_input("prune")`` into the prune stage directory."""
     if recipe.prune is None:
         raise HealerError("the recipe has no prune: section (give --method/--ratio or a recipe with prune:)")
     out = recipe.stage_dir("prune")

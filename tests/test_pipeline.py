@@ -1,4 +1,5 @@
-"""``healer run``: one recipe from a base model to a release directory; a second run skips what is done."""
+"""``healer run``: one recipe from a base model to a release directory; a second run skips what is done,
+a changed recipe is refused naming what changed, ``--force`` re-runs every stage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import _TEXT, save_tiny
 from healer.cli import main
+from healer.manifest import expect_inputs, write_stage_manifest
+from healer.recipe import load_recipe
+from healer.stage_inputs import stage_inputs
 
 
 def _write_inputs(tmp_path):
@@ -90,3 +94,128 @@ def test_run_goes_from_base_model_to_release_and_skips_finished_stages(tmp_path,
     assert main(["run", str(recipe)]) == 0
     again = capsys.readouterr().out
     assert again.count("finished earlier") == 5
+
+
+def _prune_release_recipe(tmp_path, blocks="[1]"):
+    src = save_tiny(tmp_path, "llama", layers=4, hidden=64, intermediate=128)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: tiny
+        run_dir: {tmp_path / 'run'}
+        model: {{source: {src}}}
+        prune: {{method: depth, blocks: {blocks}}}
+        release: {{model_name: tiny-pruned}}
+    """))
+    return recipe
+
+
+def test_changed_recipe_is_refused_naming_the_change_and_force_rebuilds(tmp_path, capsys):
+    recipe = _prune_release_recipe(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe)]) == 0
+    first_release = json.loads((run / "release" / "manifest.json").read_text())
+    assert main(["run", str(recipe)]) == 0
+    assert capsys.readouterr().out.count("finished earlier with the same inputs") == 2
+    # Settings that do not change the result do not invalidate anything.
+    assert main(["run", str(recipe), "--launch.nproc_per_node", "2"]) == 0
+
+    # The issue's case: a new prune setting over the old run would release the old weights under it.
+    assert main(["run", str(recipe), "--prune.blocks", "[2]"]) == 2
+    err = capsys.readouterr().err
+    assert "prune.blocks: [1] -> [2]" in err and "release" in err and "--force" in err and "run_dir" in err
+    assert load_recipe(run / "recipe.yaml").prune.blocks == [1]  # the record of the last real run is kept
+    assert json.loads((run / "release" / "manifest.json").read_text()) == first_release
+
+    assert "--force --only prune,release" in err
+    assert main(["run", str(recipe), "--prune.blocks", "[2]", "--force"]) == 0
+    assert load_recipe(run / "recipe.yaml").prune.blocks == [2]
+    report = json.loads((run / "prune" / "prune_report.json").read_text())
+    assert report["removed"] == [2]
+    release = json.loads((run / "release" / "manifest.json").read_text())
+    assert release["finished_at"] >= first_release["finished_at"] and release != first_release
+    assert release["inputs"]["values"]["prune manifest"] != first_release["inputs"]["values"]["prune manifest"]
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--prune.blocks", "[2]"]) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_rerun_upstream_stage_invalidates_downstream(tmp_path, capsys):
+    recipe = _prune_release_recipe(tmp_path)
+    assert main(["run", str(recipe)]) == 0
+    assert main(["prune", str(recipe)]) == 0  # the same settings, but new weights on disk
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "release" in err and "prune finished again since" in err
+    assert "--force --only release" in err
+    assert main(["run", str(recipe), "--force", "--only", "release"]) == 0
+    assert main(["run", str(recipe)]) == 0
+
+
+def test_run_dir_in_use_is_refused(tmp_path, capsys):
+    recipe = _prune_release_recipe(tmp_path)
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from healer.lock import DirectoryLock
+        with DirectoryLock({str(tmp_path / 'run')!r}, "healer run"):
+            print("held", flush=True)
+            time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", str(recipe)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "prune").exists()
+
+
+def test_force_reruns_every_training_stage_from_scratch(tmp_path, monkeypatch, capsys):
+    """`healer run --force` starts cpt and sft again with --resume none (it once never reached sft)."""
+    corpus, _, instruct = _write_inputs(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        run_dir: {tmp_path / 'run'}
+        model: {{source: {tmp_path / 'base'}}}
+        data: {{sources: [{{path: {corpus}}}], seq_len: 32}}
+        cpt: {{max_steps: 2}}
+        sft: {{data: {instruct}, max_steps: 2}}
+    """))
+    calls = []
+
+    def fake_run_stage(stage, recipe_path, args, cfg, **kw):
+        # What a rank does: record the inputs the recipe it reads gives, train, write the manifest.
+        calls.append((stage, list(args)))
+        loaded = load_recipe(recipe_path)
+        expect_inputs(stage, stage_inputs(loaded, stage))
+        write_stage_manifest(loaded.stage_dir(stage), stage, {"steps": 2})
+        expect_inputs(stage, None)
+        return 0
+
+    monkeypatch.setattr("healer.launch.run.run_stage", fake_run_stage)
+    monkeypatch.setattr("healer.pipeline.write_summary", lambda *a, **k: {"rows": []})
+    assert main(["run", str(recipe)]) == 0
+    assert calls == [("cpt", []), ("sft", [])]
+    assert main(["run", str(recipe)]) == 0
+    assert len(calls) == 2  # both finished with the same inputs: skipped
+    assert main(["run", str(recipe), "--force"]) == 0
+    assert calls[2:] == [("cpt", ["--resume", "none"]), ("sft", ["--resume", "none"])]
+    # A --force run that stops in cpt leaves both stages unfinished: the next plain run carries on.
+    monkeypatch.setattr("healer.launch.run.run_stage", lambda *a, **k: 75)
+    assert main(["run", str(recipe), "--force"]) == 75
+    monkeypatch.setattr("healer.launch.run.run_stage", fake_run_stage)
+    assert main(["run", str(recipe)]) == 0
+    assert calls[4:] == [("cpt", []), ("sft", [])]
+    # A changed data section makes cpt stale, and sft with it.
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--data.seq_len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len: 32 -> 64" in err and "sft" in err
+    # A stage that exits 0 without its manifest is not reported as done.
+    monkeypatch.setattr("healer.launch.run.run_stage", lambda *a, **k: 0)
+    assert main(["run", str(recipe), "--force", "--only", "cpt"]) == 2
+    assert "wrote no" in capsys.readouterr().err

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from healer.cli import split_args
-from healer.recipe import RecipeError, load_recipe
+from healer.recipe import RecipeError, dump_recipe, load_recipe
 
 
 def test_embedded_demo_recipe_is_valid_and_follows_run_dir():
@@ -35,17 +34,15 @@ def test_missing_model_is_named(tmp_path):
         load_recipe(path)
 
 
-def test_command_line_override_forms():
-    config, overrides, rest = split_args(
-        ["demo", "--prune.ratio", "0.3", "--cpt.max_steps=5", "sft.rank=4", "--ratio", "0.25", "--resume", "none"],
-        {"--ratio": "prune.ratio"})
-    assert config == "demo"
-    assert overrides == ["prune.ratio=0.3", "cpt.max_steps=5", "sft.rank=4", "prune.ratio=0.25"]
-    assert rest == ["--resume", "none"]
-    recipe = load_recipe(config, overrides)
-    assert (recipe.prune.ratio, recipe.cpt.max_steps, recipe.sft.rank) == (0.25, 5, 4)
+def test_dumped_recipe_loads_back_the_same_even_with_nulls(tmp_path):
+    """The ranks read the dumped recipe: a key set to null must not come back as its default."""
+    recipe = load_recipe("demo", ["data.sources=[{path: /x, domain_field: null}]"])
+    assert recipe.data.sources[0].domain_field is None  # its default is meta.redpajama_set_name
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
 
 
-def test_unknown_flag_is_refused():
-    with pytest.raises(RecipeError, match="unknown option --ratoi"):
-        split_args(["--ratoi", "0.2"], {"--ratio": "prune.ratio"})
+def test_recipe_path_that_is_a_directory_is_named(tmp_path):
+    with pytest.raises(RecipeError, match=f"recipe {tmp_path}: is a directory"):
+        load_recipe(tmp_path)

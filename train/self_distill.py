@@ -18,6 +18,7 @@ import json
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -279,11 +280,15 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
 
 # ---------------------------------------------------------------- CLI
 
-def main(recipe, args: list[str]) -> int:
+@dataclass
+class Options:
+    action: str = field(default="build", metadata={
+        "help": "build: write the instruction file (sft.self_distill.output)", "positional": True,
+        "choices": ("build",)})
+
+
+def main(recipe, opts: Options) -> int:
     """``healer instruct build [--output F] [--num-examples N] [--corpus DIR] [--teacher M]``."""
-    if args[:1] != ["build"] or len(args) > 1:
-        raise HealerError("usage: healer instruct build [--config recipe.yaml] [--output F.json] "
-                          "[--num-examples N] [--max-new-tokens T] [--corpus DIR] [--teacher MODEL]")
     from healer.train.config import SelfDistillConfig
 
     sd = (recipe.sft.self_distill if recipe.sft and recipe.sft.self_distill else SelfDistillConfig())

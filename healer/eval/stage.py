@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from healer.eval.config import EvalConfig
@@ -26,7 +27,13 @@ def dense_eval(recipe, cfg: EvalConfig, out_dir: Path) -> dict:
     return result
 
 
-def run_eval_stage(recipe, args: list[str]) -> int:
+@dataclass
+class Options:
+    """``healer eval`` has no flags of its own: everything it does is a recipe key (``--eval.KEY``)."""
+
+
+def run_eval_stage(recipe, opts: Options) -> int:
+    """The ``healer eval`` verb: evaluate ``recipe.stage_input("eval")`` (and the dense model) -> eval.json."""
     cfg = recipe.eval or EvalConfig()
     out_dir = recipe.stage_dir("eval")
     source = recipe.stage_input("eval")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from healer.errors import HealerError
 
@@ -14,53 +15,35 @@ USAGE = ("usage: healer data stats --config recipe.yaml [--batches N] [--split t
          "       healer data build-corpus --output DIR [--max-docs N]   (or: healer data build-corpus demo)")
 
 
-def _options(args: list[str], known: dict[str, type]) -> dict:
-    """``--name value`` / ``--name=value`` pairs of the sub-action, converted by type."""
-    opts: dict = {}
-    i = 0
-    while i < len(args):
-        flag, _, inline = args[i].partition("=")
-        if flag not in known:
-            raise HealerError(f"unexpected argument {args[i]!r}\n{USAGE}")
-        if inline:
-            value = inline
-        elif i + 1 < len(args):
-            i += 1
-            value = args[i]
-        else:
-            raise HealerError(f"{flag} needs a value\n{USAGE}")
-        try:
-            opts[flag[2:].replace("-", "_")] = known[flag](value)
-        except ValueError:
-            raise HealerError(f"{flag}: {value!r} is not a {known[flag].__name__}") from None
-        i += 1
-    return opts
+@dataclass
+class Options:
+    action: str = field(default="stats", metadata={
+        "help": "stats: what the stream yields; build-corpus: write the offline demo corpus",
+        "positional": True, "choices": ("stats", "build-corpus")})
+    output: str | None = field(default=None, metadata={
+        "help": "build-corpus: directory for train/ and validation/ shards (default: build_corpus.output)"})
+    max_docs: int | None = field(default=None, metadata={"help": "build-corpus: at most this many documents"})
+    batches: int = field(default=16, metadata={"help": "stats: micro-batches to read"})
+    split: str = field(default="train", metadata={"help": "stats: which stream to read",
+                                                  "choices": ("train", "validation")})
 
 
-def main(recipe, args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    action, rest = args[0], args[1:]
-    if action == "build-corpus":
-        opts = _options(rest, {"--output": str, "--max-docs": int})
+def main(recipe, opts: Options) -> int:
+    """The ``healer data`` verb; ``recipe`` may be None for ``build-corpus --output DIR``."""
+    if opts.action == "build-corpus":
         section = getattr(recipe, "build_corpus", None)  # the recipe's `build_corpus:` fills what flags leave out
-        if section is not None:
-            opts.setdefault("output", section.output)
-            opts.setdefault("max_docs", getattr(section, "max_docs", None))
-        if not opts.get("output"):
+        output = opts.output or (section.output if section is not None else None)
+        max_docs = opts.max_docs if opts.max_docs is not None else getattr(section, "max_docs", None)
+        if not output:
             raise HealerError(f"build-corpus needs --output DIR (or a recipe with build_corpus.output)\n{USAGE}")
         from healer.train.data.corpus import build_demo_corpus
 
-        counts = build_demo_corpus(opts["output"], max_docs=opts.get("max_docs"))
+        counts = build_demo_corpus(output, max_docs=max_docs)
         print(json.dumps(counts, indent=2))
         return 0
-    if action == "stats":
-        opts = _options(rest, {"--batches": int, "--split": str})
-        if recipe is None or recipe.data is None:
-            raise HealerError("healer data stats needs a recipe with a `data:` section: --config recipe.yaml")
-        return stats(recipe, batches=opts.get("batches", 16), split=opts.get("split", "train"))
-    raise HealerError(f"unknown action {action!r}\n{USAGE}")
+    if recipe is None or recipe.data is None:
+        raise HealerError("healer data stats needs a recipe with a `data:` section: --config recipe.yaml")
+    return stats(recipe, batches=opts.batches, split=opts.split)
 
 
 def stats(recipe, *, batches: int, split: str) -> int:

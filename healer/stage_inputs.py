@@ -1,0 +1,83 @@
+"""What a stage's result is built from, so ``healer run`` can tell a finished stage from a stale one.
+
+A stage's effective inputs are: its recipe section as resolved, the top-level recipe keys it reads
+(``Verb.reads``: the model, the data, the seed ...), the manifest of every earlier stage of the recipe
+(hashed: a re-run upstream stage has a new manifest, so everything after it no longer matches), and the
+healer version. They are kept flat (``prune.ratio: 0.34``) so a mismatch can be shown key by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from healer.stages import STAGES, VERBS
+
+# Keys that change how a run is watched or saved, not what it computes: checkpoint and log cadence
+# (resume is exact, so where checkpoints fall does not change the weights), validation passes (logged,
+# never trained on). Matched by the last part of a key, anywhere. `launch:` is left out by not being in
+# any stage's `reads`: it says where the same training runs (ranks, nodes, cluster). A different world
+# size does split the data stream differently across ranks -- the trainers themselves refuse to *resume*
+# across that -- but a finished stage is the recipe's result, and moving to another cluster must not
+# make it stale.
+NOT_RESULT_KEYS = frozenset({"log_every", "save_every", "keep_last", "eval_every", "eval_batches"})
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}", sub, out)
+    elif prefix.rsplit(".", 1)[-1] not in NOT_RESULT_KEYS:
+        out[prefix] = value
+
+
+def canonical_hash(data: Any) -> str:
+    """sha256 of ``data`` as canonical JSON (sorted keys), the same on every machine."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def healer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("healer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def stage_inputs(recipe, stage: str) -> dict[str, Any]:
+    """The flat ``{key: value}`` that ``stage``'s result depends on, under ``recipe`` and what is on disk now."""
+    from healer.manifest import read_stage_manifest
+
+    dumped = recipe.model_dump(mode="json")
+    out: dict[str, Any] = {"healer": healer_version()}
+    for key in (stage, *VERBS[stage].reads):
+        _flatten(key, dumped.get(key), out)
+    out[f"{stage}.input"] = recipe.stage_input(stage)  # the resolved input, also when it is implicit
+    for upstream in STAGES[:STAGES.index(stage)]:
+        if getattr(recipe, upstream, None) is not None:
+            manifest = read_stage_manifest(recipe.stage_dir(upstream))
+            out[f"{upstream} manifest"] = canonical_hash(manifest) if manifest is not None else None
+    return out
+
+
+def describe_changes(recorded: dict[str, Any] | None, expected: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every input that differs (upstream manifests as "was re-run")."""
+    if not recorded:
+        return ["its manifest records no inputs (written by an older healer)"]
+    lines = []
+    for key in sorted(set(recorded) | set(expected)):
+        old, new = recorded.get(key, "(unset)"), expected.get(key, "(unset)")
+        if old == new:
+            continue
+        if key.endswith(" manifest"):
+            lines.append(f"{key.split()[0]} finished again since (or its output is gone)")
+        else:
+            lines.append(f"{key}: {_short(old)} -> {_short(new)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
