@@ -333,7 +333,9 @@ def test_remote_paths_go_through_fsspec_and_resume(tok):
         fs.rm("/healer-test", recursive=True)
 
 
-def test_resume_does_not_reread_finished_shards(tmp_path, tok):
+def test_resume_does_not_reread_finished_shards(tmp_path, tok, monkeypatch):
+    import healer.train.data.reader as reader
+
     shards = write_shards(tmp_path / "c", make_docs(60), per_shard=10)
     cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=16, shuffle_files=False, tokenizer_batch_size=3,
                      repeat_cache_mb=0)
@@ -342,9 +344,32 @@ def test_resume_does_not_reread_finished_shards(tmp_path, tok):
     take(first, 30)
     position = first.state_dict()["streams"][0]["batch_start"]["readers"][0]
     assert position["epoch"] == 0 and position["index"] >= 2
-    for done in shards[: position["index"]]:
-        done.write_bytes(b"garbage that a re-read would count as a corrupt shard")
+    opened = []
+    real_open = reader.open_records
+    monkeypatch.setattr(reader, "open_records", lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
     resumed = build_loader(cfg, tok, micro_batch_size=1)
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 10), reference[30:]))
-    assert resumed.stats()["skipped"] == {}
+    assert opened and not set(opened) & {str(s) for s in shards[: position["index"]]}
+
+
+def test_resume_on_other_files_of_the_same_names_is_refused(tmp_path, tok):
+    shards = write_shards(tmp_path / "c", make_docs(60), per_shard=10)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c"), "name": "web"}], seq_len=16, tokenizer_batch_size=3)
+    first = build_loader(cfg, tok, micro_batch_size=1)
+    take(first, 5)
+    state = first.state_dict()
+    copied = tmp_path / "copy"  # the same bytes elsewhere (node-local scratch): resumes
+    copied.mkdir()
+    for shard in shards:
+        (copied / shard.name).write_bytes(shard.read_bytes())
+    moved = DataConfig(sources=[{"path": str(copied), "name": "web"}], seq_len=16, tokenizer_batch_size=3)
+    build_loader(moved, tok, micro_batch_size=1).load_state_dict(state)
+    # other documents under the same names (same sizes even): refused, naming the source
+    write_shards(tmp_path / "c", make_docs(60, first=300), per_shard=10)
+    with pytest.raises(HealerError, match=r"^data checkpoint: data.sources source 'web': .*same names but other "
+                                          r"contents[^\n]*$"):
+        build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
+    shards[-1].unlink()
+    with pytest.raises(HealerError, match=r"source 'web': its files are not the ones it had \(6 shard\(s\) then, 5 now"):
+        build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
