@@ -373,3 +373,40 @@ def test_resume_on_other_files_of_the_same_names_is_refused(tmp_path, tok):
     shards[-1].unlink()
     with pytest.raises(HealerError, match=r"source 'web': its files are not the ones it had \(6 shard\(s\) then, 5 now"):
         build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_shard_read_by_two_workers_is_counted_once(tmp_path, tok, workers):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    frames = [zstandard.ZstdCompressor().compress(b"".join(json.dumps({"text": f"d{i} w1 w2"}).encode() + b"\n"
+                                                           for i in range(k, k + 10))) for k in range(0, 40, 10)]
+    (folder / "a.jsonl.zst").write_bytes(b"".join(frames)[:-20])  # the last frame is cut short
+    # one file, two workers: both read it, every other line each, and both meet the truncation
+    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=4, num_workers=workers, tokenizer_batch_size=4)
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    take(loader, 200)  # several epochs (counts are kept with the batches after them)
+    assert loader.stats()["skipped"] == {"corrupt_shard": 1}
+
+
+@pytest.mark.parametrize("domains, message", [
+    ({"A": 1, "B": -0.5}, r"data\.sources\.0\.domains: .*domain 'B' is -0\.5"),
+    ({"A": 0, "B": 0}, r"data\.sources\.0\.domains: .*sum to 0"),
+    ({"A": float("nan")}, r"data\.sources\.0\.domains: .*domain 'A' is nan"),
+])
+def test_domain_weights_that_are_not_shares_are_refused_at_recipe_load(tmp_path, domains, message):
+    from healer.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": {"source": "m"}, "data": {"sources": [{"path": "x", "domains": domains}]}}))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
+
+
+def test_a_domain_of_weight_zero_is_left_out(tmp_path, tok):
+    write_shards(tmp_path / "c", make_docs(30), per_shard=10)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c"), "domains": {"A": 1, "B": 0}}], seq_len=2,
+                     on_exhausted="drain")
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    assert sorted(doc_ids(tok, list(loader))) == list(range(0, 30, 3))  # make_docs: d<i> is in domain "ABC"[i % 3]
+    assert list(loader.stats()["tokens"]) == ["A"]
