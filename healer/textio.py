@@ -378,30 +378,33 @@ def read_texts(paths: Iterable[str | Path], bad: BadRecords, *, text_field: str 
 _SEAM = re.compile(r"\S ")
 
 
-def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """``text`` cut into pieces of at most ``max_chars`` characters, each cut just before a space.
+def split_points(text: str, max_chars: int = PIECE_CHARS) -> list[int]:
+    """Offsets ``[0, c1, ..., len(text)]`` that cut ``text`` into pieces of at most ``max_chars`` characters.
 
-    A cut between a non-space character and the space after it is a word boundary for the
-    pre-tokenizers of byte-level BPE tokenizers (GPT-2, Llama-3, Qwen, SmolLM2: the space goes with the
-    next word), so tokenizing the pieces one by one gives the same ids as tokenizing the whole text.
-    Tokenizers that add a marker at the start of every input (SentencePiece's ``▁`` prefix) may differ
-    in the first token of a piece: one token per ``max_chars`` characters. Text with no whitespace in
-    a window is cut at ``max_chars`` exactly. Cuts are never made before a newline: Llama-3's
-    pre-tokenizer keeps punctuation and the newlines after it together.
+    Each cut falls just before a space that follows a non-space character, in the second half of the
+    window. That is a word boundary for the pre-tokenizers of byte-level BPE tokenizers (GPT-2, Llama-3,
+    Qwen, SmolLM2: the space goes with the next word), so tokenizing the pieces one by one gives the same
+    ids as tokenizing the whole text. Cuts are never made before a newline (Llama-3's pre-tokenizer keeps
+    punctuation and the newlines after it together). Tokenizers that mark the start of every input
+    (SentencePiece's ``▁`` prefix) may differ in the first token of a piece: one token per ``max_chars``
+    characters. Text with no such space in the window (CJK, base64) is cut at ``max_chars`` exactly.
     """
-    if len(text) <= max_chars:
-        return [text]
-    pieces = []
+    cuts = [0]
     start = 0
+    half = max_chars // 2
     while len(text) - start > max_chars:
         end = start + max_chars
-        window = text[start + max_chars // 2:end + 1]
-        seams = [m.start() for m in _SEAM.finditer(window)]
-        cut = start + max_chars // 2 + seams[-1] + 1 if seams else end
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+        seams = [m.start() for m in _SEAM.finditer(text, start + half, end + 1)]
+        start = seams[-1] + 1 if seams else end
+        cuts.append(start)
+    cuts.append(len(text))
+    return cuts
+
+
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``max_chars`` characters, cut where tokens do not change (see :func:`split_points`)."""
+    cuts = split_points(text, max_chars)
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def encode_in_pieces(encode: Callable[[list[str]], list[list[int]]], text: str,

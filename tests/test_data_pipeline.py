@@ -410,3 +410,89 @@ def test_a_domain_of_weight_zero_is_left_out(tmp_path, tok):
     loader = build_loader(cfg, tok, micro_batch_size=1)
     assert sorted(doc_ids(tok, list(loader))) == list(range(0, 30, 3))  # make_docs: d<i> is in domain "ABC"[i % 3]
     assert list(loader.stats()["tokens"]) == ["A"]
+
+
+def long_docs(n_words: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    long = " ".join(f"w{rng.randrange(50)}" + ("\n" if rng.random() < 0.05 else "") for _ in range(n_words))
+    return make_docs(10) + [{"text": "d500 " + long, "meta": {"redpajama_set_name": "A"}}] + make_docs(10, first=20)
+
+
+def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok, monkeypatch):
+    import healer.train.data.stream as stream
+    from conftest import tiny_tokenizer
+
+    monkeypatch.setattr(stream, "PIECE_CHARS", 300)  # a 6000-word document: some 90 pieces, cut over many batches
+    monkeypatch.setattr(stream, "FILL_CHARS", 1000)
+    docs = long_docs(6000)
+    write_shards(tmp_path / "c", docs, per_shard=7, suffix=".jsonl")
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
+                     reset_position_ids=True, tokenizer_batch_size=4)
+    for tokenizer in (tok, tiny_tokenizer()):  # word-level, and byte-level BPE (whose merges span a seam if cut badly)
+        batches = list(build_loader(cfg, tokenizer, micro_batch_size=1))
+        got = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+        want = expected_stream(tokenizer, docs)
+        assert got == want[: len(got)] and len(want) - len(got) < 64
+        for b in batches:  # positions restart only where a document starts, not where a piece does
+            ids, pos = b["input_ids"][0].tolist(), b["position_ids"][0].tolist()
+            assert pos[0] == 0
+            assert all(pos[t] == (0 if ids[t - 1] == tokenizer.eos_token_id else pos[t - 1] + 1) for t in range(1, 64))
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    reference = list(loader)
+    assert 500 in doc_ids(tok, reference)
+    assert loader.stats()["documents"] == {"c": len(doc_ids(tok, reference))}  # a document in pieces counts once
+    for cut in (2, 40, 97):  # before, inside and after the long document
+        first = build_loader(cfg, tok, micro_batch_size=1)
+        take(first, cut)
+        if cut == 40:
+            assert first.state_dict()["streams"][0]["batch_start"]["pending"]["piece"] > 0  # resumes mid-document
+        resumed = build_loader(cfg, tok, micro_batch_size=1)
+        resumed.load_state_dict(first.state_dict())
+        rest = list(resumed)
+        assert len(rest) == len(reference) - cut
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
+                   for a, b in zip(rest, reference[cut:]))
+        assert resumed.stats() == loader.stats()
+
+
+_PEAK = r"""
+import json, random, resource, sys
+sys.path.insert(0, sys.argv[3])
+from conftest import tiny_tokenizer
+from healer.train.data import DataConfig, build_loader
+
+chars, path = int(sys.argv[1]), sys.argv[2]
+rng = random.Random(0)
+words = ["the", "quick", "brown", "fox", "pruning", "heals", "model", "tokens", "def", "return", "0123", "x;"]
+text = " ".join(rng.choice(words) for _ in range(chars // 6))
+with open(path, "w") as fh:
+    fh.write(json.dumps({"text": "short one"}) + "\n" + json.dumps({"text": text}) + "\n")
+del text
+tok = tiny_tokenizer()
+tok("warm up the tokenizer " * 100)
+cfg = DataConfig(sources=[{"path": path}], seq_len=2048, on_exhausted="stop")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens = sum(b["input_ids"].numel() for b in build_loader(cfg, tok, micro_batch_size=16))
+print(json.dumps({"tokens": tokens, "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_length_of_one_document(tmp_path):
+    """One 20 MB record costs little more than a 2 MB one: its text (a few bytes a character), not its tokens.
+
+    Tokenized in one call, 20 MB of text takes some 4 GB here (~200 bytes a character); in pieces the
+    tokenizer's working memory stays at a few tens of MB whatever the document's length.
+    """
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    runs = {}
+    for mb in (2, 20):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(mb * 1_000_000), str(tmp_path / f"{mb}.jsonl"), tests],
+                             capture_output=True, text=True, timeout=600, check=True)
+        runs[mb] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs[20]["tokens"] > 9 * runs[2]["tokens"] > 0  # the whole document came through
+    extra = runs[20]["peak_growth_mb"] - runs[2]["peak_growth_mb"]
+    # 18 MB more text: the line, the str and one copy are ~60 MB; tokenizing it whole would be ~3500 MB
+    assert extra < 150, runs
