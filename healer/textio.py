@@ -14,8 +14,8 @@ so a file means the same thing to each of them. What a file holds is decided by 
   must keep its line breaks belongs in a ``.jsonl`` record.
 
 Bad records are handled one way everywhere (:class:`BadRecords`): ``skip`` skips each one and counts it
-by kind (``malformed_json``, ``missing_text``, ``empty_text``, ``non_utf8``, ``corrupt_shard``,
-``empty_file``) keeping ``file:line`` of the first few; ``strict`` stops at the first with one line
+by kind (``malformed_json``, ``missing_text``, ``empty_text``, ``non_utf8``, ``binary``,
+``corrupt_shard``, ``empty_file``) keeping ``file:line`` of the first few; ``strict`` stops at the first with one line
 naming the file and line. Positions are decompressed bytes (line files) or records (parquet, ``.json``
 lists): a reader remembers one integer to resume at a record without re-reading what came before.
 """
@@ -51,18 +51,19 @@ class BadRecords:
     """The bad-record policy and what it met: counts by kind, ``file:line`` of the first few.
 
     ``strict`` raises :class:`HealerError` at the first bad record instead of counting it.
-    ``setting`` names the recipe key that switches the policy, for the error message.
+    ``setting`` names the recipe key that switches the policy, for the error message (None: no key).
     """
 
     strict: bool = False
-    setting: str = "data.bad_records"
+    setting: str | None = "data.bad_records"
     counts: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
     def add(self, kind: str, where: str, detail: str = "") -> None:
         msg = f"{where}: {kind}{' (' + detail + ')' if detail else ''}"
         if self.strict:
-            raise HealerError(f"{msg}; fix the file or set {self.setting}: skip to skip and count such records")
+            hint = f" or set {self.setting}: skip to skip and count such records" if self.setting else ""
+            raise HealerError(f"{msg}; fix the file{hint}")
         self.note(kind, msg)
 
     def note(self, kind: str, msg: str) -> None:
@@ -72,11 +73,15 @@ class BadRecords:
             self.examples.append(msg)
 
     def summary(self) -> str:
-        """One line for a log: ``skipped 3 bad record(s): malformed_json 2, non_utf8 1; first: a.jsonl:2 ...``."""
+        """One line for a log: ``skipped 3 bad record(s): malformed_json 2, non_utf8 1, first at line 2 of a.jsonl (...)``."""
         if not self.counts:
             return "no bad records"
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items()))
-        first = f"; first: {self.examples[0]}" if self.examples else ""
+        first = ""
+        if self.examples:
+            where, _, what = self.examples[0].partition(": ")
+            path, _, line = where.rpartition(":")
+            first = f", first at line {line} of {path} ({what})" if line.isdigit() else f", first: {self.examples[0]}"
         return f"skipped {sum(self.counts.values())} bad record(s): {kinds}{first}"
 
     def state_dict(self) -> dict:
@@ -270,6 +275,9 @@ def decode_record(raw, kind: str, where: str, report: Report) -> dict | None:
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     if kind == "txt":
+        if b"\x00" in raw:  # UTF-8 text has no NUL; a line with one is from a binary file
+            report("binary", where, "a NUL byte: is this a text file?")
+            return None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -367,8 +375,8 @@ def read_texts(paths: Iterable[str | Path], bad: BadRecords, *, text_field: str 
     if not texts:
         names = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
         skipped = f"; {bad.summary()}" if bad.counts else ""
-        raise HealerError(f"{what}: {names} holds no usable text (field {text_field!r} for JSON and parquet "
-                          f"records, one document per line for .txt){skipped}")
+        raise HealerError(f"{what}: {names} has no usable text (a non-empty {text_field!r} in JSON and parquet "
+                          f"records, a non-blank line in .txt){skipped}")
     return texts
 
 
