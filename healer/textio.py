@@ -334,13 +334,13 @@ def iter_file_records(path: str, bad: BadRecords) -> Iterator[tuple[dict, str]]:
             if record is not None:
                 yield record, f"{path}:{n}"
     except CorruptShard as err:
-        report("corrupt_shard", f"{path}:{n + 1}", str(err))
+        report("corrupt_shard", f"{path}:{n + 1}" if n else path, str(err))
     except OSError as err:
         raise HealerError(f"{path}: cannot read it ({err.strerror or err})") from None
     except HealerError:
         raise
     except Exception as err:  # a broken parquet footer, ...
-        report("corrupt_shard", f"{path}:{n + 1}", f"{type(err).__name__}: {err}")
+        report("corrupt_shard", f"{path}:{n + 1}" if n else path, f"{type(err).__name__}: {err}")
     if n == 0:
         report("empty_file", path, "")
 
