@@ -73,7 +73,8 @@ class BadRecords:
             self.examples.append(msg)
 
     def summary(self) -> str:
-        """One line for a log: ``skipped 3 bad record(s): malformed_json 2, non_utf8 1, first at line 2 of a.jsonl (...)``."""
+        """One line for a log, e.g. ``skipped 3 bad record(s): malformed_json 2, non_utf8 1, first at line 2 of
+        a.jsonl (malformed_json (...))``."""
         if not self.counts:
             return "no bad records"
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items()))
@@ -410,7 +411,7 @@ def split_points(text: str, max_chars: int = PIECE_CHARS) -> list[int]:
 
 
 def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """``text`` in pieces of at most ``max_chars`` characters, cut where tokens do not change (see :func:`split_points`)."""
+    """``text`` in pieces of at most ``max_chars`` characters, cut where tokens do not change (:func:`split_points`)."""
     cuts = split_points(text, max_chars)
     return [text[a:b] for a, b in zip(cuts, cuts[1:])]
 

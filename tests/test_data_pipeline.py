@@ -346,7 +346,12 @@ def test_resume_does_not_reread_finished_shards(tmp_path, tok, monkeypatch):
     assert position["epoch"] == 0 and position["index"] >= 2
     opened = []
     real_open = reader.open_records
-    monkeypatch.setattr(reader, "open_records", lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
+
+    def spy(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "open_records", spy)
     resumed = build_loader(cfg, tok, micro_batch_size=1)
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 10), reference[30:]))
@@ -371,7 +376,7 @@ def test_resume_on_other_files_of_the_same_names_is_refused(tmp_path, tok):
                                           r"contents[^\n]*$"):
         build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
     shards[-1].unlink()
-    with pytest.raises(HealerError, match=r"source 'web': its files are not the ones it had \(6 shard\(s\) then, 5 now"):
+    with pytest.raises(HealerError, match=r"'web': its files are not the ones it had \(6 shard\(s\) then, 5 now"):
         build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
 
 
@@ -473,7 +478,8 @@ tok("warm up the tokenizer " * 100)
 cfg = DataConfig(sources=[{"path": path}], seq_len=2048, on_exhausted="stop")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tokens = sum(b["input_ids"].numel() for b in build_loader(cfg, tok, micro_batch_size=16))
-print(json.dumps({"tokens": tokens, "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps({"tokens": tokens, "peak_growth_mb": growth}))
 """
 
 

@@ -111,7 +111,7 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
 
         {"model", "parameters", "num_layers", "max_position_embeddings",
          "bos": {"policy", "prepended", "bos_token_id"},
-         "perplexity": {file label (see perplexity_labels): {context length: {"ppl", "nll", "tokens_scored", "windows", ...}
+         "perplexity": {file label (perplexity_labels): {context length: {"ppl", "nll", "tokens_scored", ...}
                                                     or {"skipped": why}}},
          "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "data"}},
          "notes": [...], "settings": {...}, "seconds"}

@@ -21,9 +21,6 @@ import random
 from healer.errors import HealerError
 from healer.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
 
-Skips = BadRecords  # the stream's name for it
-
-
 class DocReader:
     """Texts of one mixture entry for one global worker, epoch after epoch, resumable at any record.
 
@@ -40,7 +37,7 @@ class DocReader:
     """
 
     def __init__(self, files: list[str], *, worker: int, num_workers: int, text_field: str = "text",
-                 domain_field: str | None = None, domain: str | None = None, skips: Skips,
+                 domain_field: str | None = None, domain: str | None = None, skips: BadRecords,
                  count_skips: bool = True, shuffle_seed: int | None = None, cache_chars: int = 0):
         if len(files) >= num_workers:
             self.files, self.stride, self.phase = files[worker::num_workers], 1, 0

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from healer.errors import HealerError
-from healer.textio import PIECE_CHARS, split_points, tokenizer_encoder
-from healer.train.data.reader import DocReader, Skips
+from healer.textio import PIECE_CHARS, BadRecords, split_points, tokenizer_encoder
+from healer.train.data.reader import DocReader
 
 _M64 = (1 << 64) - 1
 FILL_CHARS = 1_000_000  # characters read per batch of documents, at most (plus one piece)
@@ -92,7 +92,7 @@ class PackedStream:
         if settings.bos and self.bos is None:
             raise HealerError("data.bos is true but the tokenizer has no BOS token")
         self._encode_batch = tokenizer_encoder(tokenizer)
-        self.skips = Skips(strict=settings.strict)
+        self.skips = BadRecords(strict=settings.strict)
         self.readers = [
             DocReader(list(e.files), worker=worker, num_workers=num_workers, text_field=e.text_field,
                       domain_field=e.domain_field, domain=e.domain, skips=self.skips, count_skips=e.count_skips,
@@ -130,13 +130,13 @@ class PackedStream:
         self._pending = None
         pending = core.get("pending")
         if pending is not None:  # read the cut document again from its reader's position before it
-            reader = self.readers[pending["entry"]]
-            reader.load_state_dict(pending["reader"])
-            text = reader.next_text()
+            i = pending["entry"]
+            self.readers[i].load_state_dict(pending["reader"])
+            text = self.readers[i].next_text()
             if text is None:
-                raise HealerError(f"data checkpoint: the document being read from {self.entries[pending['entry']].name!r} "
-                                  "is gone; the source's files changed since the checkpoint")
-            self._pending = (pending["entry"], pending["reader"], text, split_points(text, PIECE_CHARS), pending["piece"])
+                raise HealerError(f"data checkpoint: the document being read from {self.entries[i].name!r} is gone; "
+                                  "the source's files changed since the checkpoint")
+            self._pending = (i, pending["reader"], text, split_points(text, PIECE_CHARS), pending["piece"])
         for k, (reader, sd) in enumerate(zip(self.readers, core["readers"])):
             if pending is None or k != pending["entry"] or reader.state_dict() != sd:
                 reader.load_state_dict(sd)
