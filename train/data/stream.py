@@ -30,8 +30,9 @@ from healer.textio import PIECE_CHARS, BadRecords, split_points, tokenizer_encod
 from healer.train.data.reader import DocReader
 
 _M64 = (1 << 64) - 1
-FILL_CHARS = 1_000_000  # characters read per batch of documents, at most (plus one piece)
-ENCODE_CHARS = 250_000  # characters per tokenizer call: its working memory is ~100-200 bytes a character
+# characters per batch of documents (plus at most one piece), tokenized in one call: the tokenizer's
+# working memory is some 50-200 bytes a character, so this bounds it whatever the documents' lengths
+FILL_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class PackedStream:
         starts: list[int] = []
         pos = 0
         head = [] if self.bos is None else [self.bos]
-        for i, text, ids, first, last in zip(owners, texts, self._encode(texts), opens, closes):
+        for i, text, ids, first, last in zip(owners, texts, self._encode_batch(texts), opens, closes):
             starts.append(pos)
             pieces += (head if first else [], ids, [self.eos] if last else [])
             n = len(head) * first + len(ids) + last
@@ -263,19 +264,6 @@ class PackedStream:
         self._flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=pos)
         self._starts, self._owners, self._opens, self.cursor = starts, owners, opens, 0
         return True
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        out: list[list[int]] = []
-        group: list[str] = []
-        chars = 0
-        for text in texts + [None]:  # None flushes the last group
-            if group and (text is None or chars + len(text) > ENCODE_CHARS):
-                out += self._encode_batch(group)
-                group, chars = [], 0
-            if text is not None:
-                group.append(text)
-                chars += len(text)
-        return out
 
     # -- packing --------------------------------------------------------------------------------
     def _block(self):
