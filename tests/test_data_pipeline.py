@@ -229,19 +229,23 @@ def test_every_format_gives_the_same_tokens(tmp_path, tok):
         write_shards(tmp_path / suffix.strip("."), docs, per_shard=30, suffix=suffix)
     pq.write_table(pa.Table.from_pylist(docs), tmp_path / "docs.parquet", row_group_size=7)
     (tmp_path / "docs.txt").write_text("".join(d["text"] + "\n" for d in docs))
-    for path in ("jsonl", "jsonl.gz", "jsonl.zst/*.zst", "docs.parquet", "docs.txt"):
+    (tmp_path / "docs.txt.gz").write_bytes(gzip.compress((tmp_path / "docs.txt").read_bytes()))
+    (tmp_path / "docs.json").write_text(json.dumps(docs, indent=1))  # a JSON list, pretty-printed
+    for path in ("jsonl", "jsonl.gz", "jsonl.zst/*.zst", "docs.parquet", "docs.txt", "docs.txt.gz", "docs.json"):
         cfg = DataConfig(sources=[{"path": str(tmp_path / path)}], seq_len=8, on_exhausted="stop")
         streams[path] = torch.cat([b["input_ids"].flatten() for b in build_loader(cfg, tok, micro_batch_size=1)]).tolist()
     first = streams["jsonl"]
     assert len(first) > 100 and all(s == first for s in streams.values())
 
 
-def test_parquet_resumes_inside_a_row_group(tmp_path, tok):
+@pytest.mark.parametrize("name", ["docs.parquet", "docs.json"])
+def test_parquet_and_json_lists_resume_inside_a_file(tmp_path, tok, name):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(make_docs(60)), tmp_path / "docs.parquet", row_group_size=9)
-    cfg = DataConfig(sources=[{"path": str(tmp_path / "docs.parquet")}], seq_len=8, tokenizer_batch_size=4)
+    (tmp_path / "docs.json").write_text(json.dumps(make_docs(60)))
+    cfg = DataConfig(sources=[{"path": str(tmp_path / name)}], seq_len=8, tokenizer_batch_size=4)
     reference = take(build_loader(cfg, tok, micro_batch_size=1), 40)
     first = build_loader(cfg, tok, micro_batch_size=1)
     take(first, 13)
@@ -502,3 +506,21 @@ def test_peak_memory_does_not_grow_with_the_length_of_one_document(tmp_path):
     extra = runs[20]["peak_growth_mb"] - runs[2]["peak_growth_mb"]
     # 18 MB more text: the line, the str and one copy are ~60 MB; tokenizing it whole would be ~3500 MB
     assert extra < 150, runs
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_what_was_skipped_after_the_last_batch_is_counted_and_named(tmp_path, tok, workers):
+    folder = tmp_path / "c"
+    write_shards(folder, make_docs(8), per_shard=8, suffix=".jsonl")
+    (folder / "z.json").write_text('[{"text": "d1 w1"},')  # read last, after the last block
+    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=4, on_exhausted="drain", shuffle_files=False,
+                     num_workers=workers)
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    list(loader)
+    assert loader.stats()["skipped"]["corrupt_shard"] == 1
+    binary = tmp_path / "b"
+    binary.mkdir()
+    (binary / "x.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00\n\xff\xfe\xfd\n")
+    with pytest.raises(HealerError, match=r"^data: rank 0 found no usable document .*binary 1, .*non_utf8 1, first at "
+                                          r"line 1 of \S*x.txt \(binary[^\n]*$"):
+        list(build_loader(DataConfig(sources=[{"path": str(binary)}], seq_len=4, num_workers=workers), tok))

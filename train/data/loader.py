@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healer.errors import HealerError
 from healer.train.data.config import DataConfig, SourceConfig
-from healer.textio import MAX_EXAMPLES
+from healer.textio import MAX_EXAMPLES, BadRecords
 from healer.train.data.shards import fingerprint, resolve_files
 from healer.train.data.stream import Entry, PackedStream, StreamSettings
 
@@ -87,10 +87,15 @@ class _Streams(IterableDataset):
             stream = self.stream(local)
             for batch in stream:
                 yield local, batch, stream.state_dict()
+            # the state at the end holds what was skipped after the last batch (and resumes to the end)
+            yield local, _END, stream.state_dict()
         except HealerError as err:
             # torch would re-raise it in the trainer with the worker's traceback in the message;
             # hand the message over instead, so the user sees one clear line
             yield local, None, str(err)
+
+
+_END = "end"  # in place of a batch: this stream has ended; its final state comes with it
 
 
 def _identity(item):
@@ -143,13 +148,16 @@ class StreamLoader:
             if batch is None:
                 raise HealerError(state)
             self._data.states[local] = state
+            if isinstance(batch, str):  # _END
+                continue
             self._next = (local + 1) % self.workers
             self._batches += 1
             yield batch
         if self.settings.policy == "repeat":
+            skips = BadRecords(counts=self.stats()["skipped"], examples=self.stats()["skipped_examples"])
             raise HealerError(
                 f"data: rank {self.rank} found no usable document in its share of the corpus "
-                f"(skipped: {self.stats()['skipped']}); check the paths, text_field and domains"
+                f"({skips.summary()}); check the paths, text_field and domains"
             )
 
     # -- checkpoint -----------------------------------------------------------------------------

@@ -90,9 +90,9 @@ class DocReader:
                 return self._next_cached()
         while self.index < len(self._order):
             path = self._order[self.index]
-            if self._it is None:
-                self._it = self._open(path)
             try:
+                if self._it is None:
+                    self._it = self._open(path)  # a .json list is parsed here, and may be broken
                 for raw, pos in self._it:
                     self.offset = pos
                     self.line += 1
