@@ -8,15 +8,18 @@ so a file means the same thing to each of them. What a file holds is decided by 
 - ``.json``: one JSON document, a list of such objects (or ``{"data": [...]}``); parsed whole, so keep big
   corpora in ``.jsonl``. A ``.json`` file that holds one object per line is read as JSON lines.
 - ``.parquet``: one row per record, the text in column ``text_field``; read one row group at a time.
-- ``.txt``: **one line is one document**, as the ``text`` loader of Hugging Face ``datasets`` reads it;
-  blank lines are ignored. Lines, unlike paragraphs or whole files, stream and resume at a byte offset
-  the way JSON lines do, and the same file gives the same documents here as on the Hub. A document that
+- ``.txt`` (also ``.text`` and WikiText's ``.tokens``/``.raw``): **one line is one document**, as the
+  ``text`` loader of Hugging Face ``datasets`` reads it; blank lines are ignored. Lines, unlike
+  paragraphs or whole files, stream and resume at a byte offset the way JSON lines do, and the same
+  file gives the same documents here as on the Hub (a perplexity over them joins them with a blank
+  line, as the Hugging Face perplexity guide's ``"\\n\\n".join(dataset["text"])`` does). A document that
   must keep its line breaks belongs in a ``.jsonl`` record.
+- ``.ndjson`` is ``.jsonl``. Other names are refused rather than guessed at.
 
 Bad records are handled one way everywhere (:class:`BadRecords`): ``skip`` skips each one and counts it
 by kind (``malformed_json``, ``missing_text``, ``empty_text``, ``non_utf8``, ``binary``,
-``corrupt_shard``, ``empty_file``) keeping ``file:line`` of the first few; ``strict`` stops at the first with one line
-naming the file and line. Positions are decompressed bytes (line files) or records (parquet, ``.json``
+``corrupt_shard``, ``empty_file``) keeping ``file:line`` of the first few; ``strict`` stops at the first
+with one line naming the file and line. Positions are decompressed bytes (line files) or records (parquet, ``.json``
 lists): a reader remembers one integer to resume at a record without re-reading what came before.
 """
 
@@ -95,16 +98,22 @@ class BadRecords:
 
 # --------------------------------------------------------------------------- what a file is
 
-def file_kind(path: str) -> str:
-    """``jsonl`` | ``json`` | ``txt`` | ``parquet``: how records are cut out of ``path``."""
-    name = path.lower()
-    for suffix in COMPRESSIONS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    for kind in ("parquet", "txt", "json", "jsonl"):
-        if name.endswith("." + kind):
-            return kind
-    return "jsonl"
+# what each file name ending means; WikiText's own .tokens/.raw files are plain text
+KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+         ".txt": "txt", ".text": "txt", ".tokens": "txt", ".raw": "txt"}
+SUFFIXES = tuple(s + z for s in KINDS if s != ".parquet" for z in ("", *COMPRESSIONS)) + (".parquet",)
+SUPPORTED = ".jsonl, .json, .parquet or .txt (one document per line; also .ndjson, .text, .tokens, .raw), " \
+            "optionally compressed as .zst or .gz"
+
+
+def file_kind(path: str) -> str | None:
+    """``jsonl`` | ``json`` | ``txt`` | ``parquet``: how records are cut out of ``path``; None for other names."""
+    name = path.lower().rsplit("/", 1)[-1]
+    compressed = name.endswith(COMPRESSIONS)
+    if compressed:
+        name = name.rsplit(".", 1)[0]
+    kind = KINDS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
+    return None if compressed and kind == "parquet" else kind  # parquet compresses inside
 
 
 def open_binary(path: str):
@@ -251,6 +260,8 @@ def open_records(path: str, offset: int = 0, columns: list[str] | None = None) -
     already parsed: a parquet row or an item of a ``.json`` list). ``columns`` limits parquet reads.
     """
     kind = file_kind(path)
+    if kind is None:  # guessing would train on JSON syntax as text, or skip a whole text file as bad JSON
+        raise HealerError(f"{path}: unknown file type; name it {SUPPORTED}")
     if kind == "parquet":
         return "rows", iter_parquet_rows(path, columns, offset)
     if kind == "json":

@@ -42,8 +42,12 @@ def test_every_file_type_gives_the_same_documents(tmp_path):
         bad = BadRecords()
         assert read_texts([path], bad) == DOCS, name
         assert bad.counts == {}, name
-    assert [file_kind(p) for p in ("x.JSONL.ZST", "x.txt.gz", "x.parquet", "x.json", "x.jsonl", "x.other")] == [
-        "jsonl", "txt", "parquet", "json", "jsonl", "jsonl"]
+    kinds = [file_kind(p) for p in ("d/x.JSONL.ZST", "x.txt.gz", "x.parquet", "x.json", "wiki.valid.tokens",
+                                    "x.ndjson", "x.csv", "x.parquet.gz", "d.jsonl/README", "x")]
+    assert kinds == ["jsonl", "txt", "parquet", "json", "txt", "jsonl", None, None, None, None]
+    (tmp_path / "x.csv").write_text("text\nhello\n")
+    with pytest.raises(HealerError, match=r"^\S*x.csv: unknown file type; name it .jsonl"):
+        read_texts([tmp_path / "x.csv"], BadRecords())
 
 
 def test_one_policy_skip_and_count_or_strict_with_file_and_line(tmp_path):

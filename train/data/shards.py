@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 
 from healer.errors import HealerError
-
-SUFFIXES = tuple(f".{kind}{z}" for kind in ("jsonl", "json", "txt") for z in ("", ".zst", ".gz")) + (".parquet",)
+from healer.textio import SUFFIXES, SUPPORTED  # the reader decides what a file is
 
 
 def is_remote(path: str) -> bool:
@@ -60,6 +59,8 @@ def resolve_files(path: str, key: str = "data.sources") -> list[str]:
         if p.is_dir():
             files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _supported(str(f)))
         elif p.is_file():
+            if not _supported(str(p)):
+                raise HealerError(f"{key}: {path} is not a file type healer reads: {SUPPORTED}")
             files = [str(p)]
         else:
             hint = ""
@@ -68,7 +69,7 @@ def resolve_files(path: str, key: str = "data.sources") -> list[str]:
             raise HealerError(f"{key}: path {path!r} does not exist (give a file, a directory or a glob){hint}")
     if not files:
         raise HealerError(
-            f"{key}: {path!r} names no shard files; supported: {', '.join(SUFFIXES)}"
+            f"{key}: {path!r} names no shard files ({SUPPORTED})"
         )
     return files
 
