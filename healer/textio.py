@@ -5,8 +5,9 @@ so a file means the same thing to each of them. What a file holds is decided by 
 ``.zst`` or ``.gz`` is decompressed on the fly (``.jsonl.zst``, ``.txt.gz``, ...):
 
 - ``.jsonl``: one JSON object per line; the text is its (dotted) ``text_field``. Blank lines are ignored.
-- ``.json``: one JSON document, a list of such objects (or ``{"data": [...]}``); parsed whole, so keep big
-  corpora in ``.jsonl``. A ``.json`` file that holds one object per line is read as JSON lines.
+- ``.json``: one JSON document, a list of such objects (or ``{"data": [...]}``, or one object); parsed
+  whole, so keep big corpora in ``.jsonl``. A ``.json`` file that holds one object per line is read as
+  JSON lines (told apart by its first line, without reading the file whole).
 - ``.parquet``: one row per record, the text in column ``text_field``; read one row group at a time.
 - ``.txt`` (also ``.text`` and WikiText's ``.tokens``/``.raw``): **one line is one document**, as the
   ``text`` loader of Hugging Face ``datasets`` reads it; blank lines are ignored. Lines, unlike
@@ -85,7 +86,7 @@ class BadRecords:
         if self.examples:
             where, _, what = self.examples[0].partition(": ")
             path, _, line = where.rpartition(":")
-            first = f", first at line {line} of {path} ({what})" if line.isdigit() else f", first: {self.examples[0]}"
+            first = f", first at line {line} of {path} ({what})" if line.isdigit() else f", first in {where} ({what})"
         return f"skipped {sum(self.counts.values())} bad record(s): {kinds}{first}"
 
     def state_dict(self) -> dict:
@@ -231,26 +232,33 @@ def iter_parquet_rows(path: str, columns: list[str] | None, offset: int = 0) -> 
 
 
 def _json_items(path: str, offset: int) -> Iterator[tuple[Any, int]] | None:
-    """The items of a ``.json`` file that is one JSON list (or ``{"data": [...]}``); None when it is JSON lines."""
+    """The items of a ``.json`` file that is one JSON list (or ``{"data": [...]}``); None when it is JSON lines.
+
+    Only a file that is one document is read whole; JSON lines are told apart by their first line.
+    """
+    lines = iter_lines(path)
+    first = next(lines, (b"", 0))[0].lstrip(b" \t\r" + codecs.BOM_UTF8)
+    if not first.startswith(b"["):
+        try:
+            head = json.loads(first)
+        except ValueError:
+            head = None  # not a complete line: a pretty-printed document (or broken, reported below)
+        alone = next(lines, None) is None
+        if first[:1] != b"{" or (head is not None and not (alone and isinstance(head.get("data"), list))):
+            return None
     with open_binary(path) as fh:
         raw = b"".join(decompressed_chunks(fh, path))
-    start = raw.lstrip(b" \t\r\n" + codecs.BOM_UTF8)[:1]
-    if start != b"[":
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return None  # not one document: JSON lines (or broken, which the line reader reports per line)
-        if not (isinstance(data, dict) and isinstance(data.get("data"), list)):
-            return None
-    else:
-        try:
-            data = json.loads(raw)
-        except UnicodeDecodeError as err:
-            raise CorruptShard(f"not UTF-8 ({err.reason} at byte {err.start})") from None
-        except json.JSONDecodeError as err:
-            raise CorruptShard(f"not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    items = data if isinstance(data, list) else data["data"]
-    return ((item, i + 1) for i, item in enumerate(items) if i >= offset)
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise CorruptShard(f"not UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise CorruptShard(f"not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} as some exports write it, or one record
+        data = data["data"] if isinstance(data.get("data"), list) else [data]
+    if not isinstance(data, list):
+        raise CorruptShard(f"a .json file holds a list of records (or {{\"data\": [...]}}), not a {type(data).__name__}")
+    return ((item, i + 1) for i, item in enumerate(data) if i >= offset)
 
 
 def open_records(path: str, offset: int = 0, columns: list[str] | None = None) -> tuple[str, Iterator]:
@@ -338,6 +346,7 @@ def iter_file_records(path: str, bad: BadRecords) -> Iterator[tuple[dict, str]]:
     """``(record, "file:line")`` for every good record of one file; bad ones go to ``bad``."""
     report = bad.add
     n = 0
+    failed = True
     try:
         kind, items = open_records(path)
         for raw, _pos in items:
@@ -345,6 +354,7 @@ def iter_file_records(path: str, bad: BadRecords) -> Iterator[tuple[dict, str]]:
             record = decode_record(raw, kind, f"{path}:{n}", report)
             if record is not None:
                 yield record, f"{path}:{n}"
+        failed = False
     except CorruptShard as err:
         report("corrupt_shard", f"{path}:{n + 1}" if n else path, str(err))
     except OSError as err:
@@ -353,7 +363,7 @@ def iter_file_records(path: str, bad: BadRecords) -> Iterator[tuple[dict, str]]:
         raise
     except Exception as err:  # a broken parquet footer, ...
         report("corrupt_shard", f"{path}:{n + 1}" if n else path, f"{type(err).__name__}: {err}")
-    if n == 0:
+    if n == 0 and not failed:
         report("empty_file", path, "")
 
 
