@@ -257,7 +257,7 @@ def _json_items(path: str, offset: int) -> Iterator[tuple[Any, int]] | None:
     if isinstance(data, dict):  # {"data": [...]} as some exports write it, or one record
         data = data["data"] if isinstance(data.get("data"), list) else [data]
     if not isinstance(data, list):
-        raise CorruptShard(f"a .json file holds a list of records (or {{\"data\": [...]}}), not a {type(data).__name__}")
+        raise CorruptShard(f"a .json file holds a list of records, not a {type(data).__name__}")
     return ((item, i + 1) for i, item in enumerate(data) if i >= offset)
 
 
