@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from healer.launch.slurm import first_node, slurm_node_addr
+from healer.launch.slurm import first_node, master_port_for_job, slurm_node_addr
 from healer.launch.supervise import supervise
 from healer.launch.torchrun import NodeSpec, rank_env, torchrun_command
 
@@ -28,7 +28,7 @@ def node_spec_from_slurm(env: dict[str, str], nproc_per_node: int, master_addr: 
         raise SystemExit(f"healer.launch.node: {err.args[0]} is not set; this runs inside a SLURM job step "
                          "(srun), started by the script `healer launch --slurm` writes") from None
     addr = master_addr or slurm_node_addr(first_node(nodelist))
-    port = master_port or 29500 + job_id % 1000  # jobs sharing a node do not collide
+    port = master_port or master_port_for_job(job_id)
     return NodeSpec(nnodes, node_rank, nproc_per_node, addr, port, log_dir, run_id=f"healer-{stage}-{job_id}")
 
 

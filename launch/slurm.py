@@ -26,6 +26,11 @@ class SlurmError(HealerError):
     pass
 
 
+def master_port_for_job(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: the same on every task, different for jobs sharing a node."""
+    return 29500 + job_id % 1000
+
+
 def render_sbatch(stage: str, entry: list[str], cfg: LaunchConfig, launch_dir: Path, workdir: Path) -> str:
     """The job script. ``entry`` is what every rank runs after ``python`` (``-m healer cpt --config ...``)."""
     s = cfg.slurm
