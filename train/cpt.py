@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from healer.errors import HealerError
 from healer.train.config import CPTConfig
-from healer.train.loop import Cadence, resume, seed_everything, train
+from healer.train.loop import Cadence, finished, resume, seed_everything, train
 from healer.train.signals import PREEMPTED_EXIT_CODE
 
 SOURCE_STATS_EVERY = 10  # steps between gathering every rank's per-source token counters
@@ -74,7 +74,7 @@ def run_cpt(recipe, opts: Options) -> int:
                    hf_dir=recipe.model_dir("cpt"), opts=opts)
     if outputs is None:
         return PREEMPTED_EXIT_CODE
-    if dist.get_rank() == 0 and opts.action == "train":
+    if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
         write_stage_manifest(stage_dir, "cpt", outputs)
     return 0
 
@@ -217,6 +217,11 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
     stage_dir = Path(stage_dir)
+    if opts.action == "train" and opts.resume == "auto" and finished(stage_dir, cfg.max_steps):
+        if rank == 0:
+            print(f"healer cpt: {stage_dir} is finished ({cfg.max_steps} steps, manifest.json); --resume none "
+                  "trains again, a larger cpt.max_steps trains on", file=sys.stderr)
+        return {"unchanged": True}
     seed = cfg.seed if cfg.seed is not None else 0
     precision = resolve_precision(cfg.precision, device)
     ds_config = build_ds_config(
@@ -224,6 +229,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         world_size=world, grad_clip=cfg.grad_clip, precision=precision, offload_optimizer=cfg.offload_optimizer,
         offload_params=cfg.offload_params, base=cfg.deepspeed_config, section="cpt")
     micro = ds_config["train_micro_batch_size_per_gpu"]
+    zero_stage = ds_config["zero_optimization"]["stage"]  # a passed-through deepspeed_config may set it
     seed_everything(seed + rank)
 
     tokenizer = load_tokenizer(location)
@@ -256,7 +262,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     flops_per_token = training_flops_per_token(model.config, n_matmul, seq_len)
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
                            desc="cpt", jsonl_path=stage_dir / "metrics.jsonl")
-    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{cfg.zero_stage}"
+    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))
@@ -307,10 +313,10 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "tokens_trained": outcome.progress.tokens_seen, "final_loss": last.get("train/loss"),
         "final_val_loss": last.get("val/loss"),
         "tokens_per_s": ds_config["train_batch_size"] * seq_len / (sum(steady) / len(steady)) if steady else None,
-        "mfu": last.get("perf/mfu"), "device": device_name, "world_size": world, "zero_stage": cfg.zero_stage,
+        "mfu": last.get("perf/mfu"), "device": device_name, "world_size": world, "zero_stage": zero_stage,
         "precision": precision, "parameters": n_params, "kd": cfg.kd.model_dump() if cfg.kd else None,
         "data_exhausted": outcome.status == "exhausted", "forced_changes": outcome.progress.changed,
-        "tokens_per_source": {k[len("data/tokens/"):]: v for k, v in last.items() if k.startswith("data/tokens/")},
+        "tokens_per_source": {k[len("data/tokens/"):]: int(v) for k, v in last.items() if k.startswith("data/tokens/")},
     }
 
 
