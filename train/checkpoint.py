@@ -209,15 +209,17 @@ def _barrier() -> None:
 
 
 def _fault(point: str, step: int) -> None:
-    """Test-only fault injection: HEALER_FAULT=<point>:<step>[:<rank>] SIGKILLs this process there."""
+    """Test-only fault injection: HEALER_FAULT=<point>:<step>[:<rank>] SIGKILLs this process there
+    (``kill_at_step``, ``kill_in_save``); ``term_at_step`` sends SIGTERM instead, as a scheduler would."""
     spec = os.environ.get("HEALER_FAULT", "")
     if not spec:
         return
     parts = spec.split(":")
-    if parts[0] == point and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == _rank_world()[0]):
+    term = parts[0] == point.replace("kill_", "term_")
+    if (parts[0] == point or term) and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == _rank_world()[0]):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGKILL)
 
 
 def _any_rank(flag: bool) -> bool:
