@@ -150,3 +150,11 @@ def test_a_resumed_run_follows_its_recipe_and_refuses_incomparable_settings(tmp_
     forced = _heal(tmp_path, model, corpus, max_steps=6, seq_len=16, force=True)
     assert forced["steps"] == 6 and forced["forced_changes"] == ["data.seq_len: 32 -> 16"]
     assert "--force: resuming" in capsys.readouterr().err
+
+
+def test_the_recipe_seed_reaches_every_training_stage():
+    from healer.recipe import Recipe
+
+    recipe = Recipe(model={"source": "m"}, seed=7, cpt={}, sft={"self_distill": {}})
+    assert (recipe.cpt.seed, recipe.sft.seed, recipe.sft.self_distill.seed) == (7, 7, 7)
+    assert Recipe(model={"source": "m"}, seed=7, cpt={"seed": 3}).cpt.seed == 3  # a stage's own seed wins

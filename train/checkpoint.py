@@ -225,7 +225,8 @@ def _fault(point: str, step: int) -> None:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=on)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0
 

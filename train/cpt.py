@@ -138,17 +138,18 @@ def evaluate(engine, make_loader, max_batches: int) -> dict[str, float]:
     ce = NextTokenCE()
     it = iter(make_loader())
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for _ in range(max_batches):
         batch = next(it, None)
-        more = torch.tensor([0.0 if batch is None else 1.0])
+        more = torch.tensor([0.0 if batch is None else 1.0], device=engine.device)
         if dist.is_initialized():
             dist.all_reduce(more, op=dist.ReduceOp.MIN)
         if more.item() == 0:
             break
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         loss_sum, _ = ce(engine, batch)
-        total += torch.tensor([loss_sum.item(), float(ce.tokens(batch))], dtype=torch.float64)
+        total[0] += loss_sum.double()
+        total[1] += ce.tokens(batch)
     if dist.is_initialized():
         dist.all_reduce(total)
     if total[1] == 0:

@@ -176,7 +176,7 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
                 window.append(batch)
             counts = torch.tensor([float(sum(objective.tokens(b) for b in window)),
                                    float(sum(_input_tokens(b) for b in window)), float(len(window) < accum)],
-                                  dtype=torch.float64)
+                                  dtype=torch.float64, device=device)  # NCCL reduces device tensors only
             if world > 1:  # also how ranks agree that one ran out: a ZeRO forward on one rank alone hangs
                 dist.all_reduce(counts)
             if counts[2] > 0:
@@ -203,7 +203,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
             tokens_seen += int(counts[1].item())
             supervised += int(counts[0].item())
             _fault("kill_at_step", step)
-            stats = torch.cat([sums.double().cpu(), torch.tensor([float(watcher.requested)], dtype=torch.float64)])
+            stats = torch.cat([sums.double(), torch.tensor([float(watcher.requested)], dtype=torch.float64,
+                                                           device=device)])
             if world > 1:
                 dist.all_reduce(stats)  # one collective: the window's sums, and whether any rank was told to stop
             preempted = stats[-1].item() > 0
