@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from healer.errors import HealerError
 from healer.train.config import CPTConfig
-from healer.train.loop import Cadence, finished, resume, seed_everything, train
+from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
 from healer.train.signals import PREEMPTED_EXIT_CODE
 
 SOURCE_STATS_EVERY = 10  # steps between gathering every rank's per-source token counters
@@ -223,6 +223,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
             print(f"healer cpt: {stage_dir} is finished ({cfg.max_steps} steps, manifest.json); --resume none "
                   "trains again, a larger cpt.max_steps trains on", file=sys.stderr)
         return {"unchanged": True}
+    check_resume(opts.resume, stage_dir)
     seed = cfg.seed if cfg.seed is not None else 0
     precision = resolve_precision(cfg.precision, device)
     ds_config = build_ds_config(

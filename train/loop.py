@@ -125,6 +125,12 @@ def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dic
     return Progress(int(state["step"]), int(state["tokens_seen"]), int(state["supervised"]), path, state["changed"])
 
 
+def check_resume(how: str, stage_dir: Path) -> None:
+    """Refuse a ``--resume DIR`` that is not a usable checkpoint before minutes of model loading."""
+    if how not in ("auto", "none"):
+        resolve_resume(how, stage_dir / CHECKPOINTS)
+
+
 def _own_grad_norm(engine) -> float:
     """The global grad norm when DeepSpeed does not report one (ZeRO 0 keeps the gradients on the params)."""
     grads = [p.grad.float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]

@@ -181,13 +181,14 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     """
     from healer.modeling import load_tokenizer, resolve_source, torch_dtype
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer, resolve_precision
-    from healer.train.loop import Cadence, finished, resume, seed_everything, train
+    from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
     from healer.train.objectives import ReplyCE
     from healer.train.schedule import make_lr_lambda
 
     opts = opts or Options()
     stage_dir = Path(stage_dir)
+    check_resume(opts.resume, stage_dir)
     info = init_distributed()
     rank, world = info.rank, info.world_size
     seed = cfg.seed if cfg.seed is not None else 0
