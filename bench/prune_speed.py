@@ -63,7 +63,7 @@ def main() -> None:
     naive_s, naive_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     start, cpu = time.perf_counter(), time.process_time()
-    fast = depth.ppl_scores(BlockStack.from_model(model), tokens, candidates, progress=True)
+    fast = depth.ppl_scores(BlockStack.from_model(model), tokens, candidates, 1, progress=True)
     fast_s, fast_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     rank_naive = sorted(candidates, key=lambda i: naive[i])

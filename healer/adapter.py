@@ -67,6 +67,19 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
+def attention_projections(arch: Architecture, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """q, k, v, o of one block (a block of a whole model, or one read alone from disk)."""
+    attn = get_module(block, arch.attention)
+    return (get_module(attn, arch.q_proj), get_module(attn, arch.k_proj), get_module(attn, arch.v_proj),
+            get_module(attn, arch.o_proj))
+
+
+def mlp_projections(arch: Architecture, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """gate, up, down of one block's GLU MLP."""
+    mlp = get_module(block, arch.mlp)
+    return get_module(mlp, arch.gate_proj), get_module(mlp, arch.up_proj), get_module(mlp, arch.down_proj)
+
+
 class ModelAdapter:
     """A model plus its :class:`Architecture`: typed accessors for blocks, projections and head counts."""
 
@@ -85,14 +98,10 @@ class ModelAdapter:
         return len(self.blocks)
 
     def attention_projections(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        attn = get_module(block, self.arch.attention)
-        a = self.arch
-        return (get_module(attn, a.q_proj), get_module(attn, a.k_proj), get_module(attn, a.v_proj),
-                get_module(attn, a.o_proj))
+        return attention_projections(self.arch, block)
 
     def mlp_projections(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        mlp = get_module(block, self.arch.mlp)
-        return get_module(mlp, self.arch.gate_proj), get_module(mlp, self.arch.up_proj), get_module(mlp, self.arch.down_proj)
+        return mlp_projections(self.arch, block)
 
     @property
     def num_heads(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,19 +85,187 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
     return ModelLocation(source, gguf_file, revision)  # hub id: transformers downloads it
 
 
+def _first_line(err: BaseException) -> str:
+    """The gist of a library error on one line (a heading ending in ':' keeps the line that follows it)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def _cannot_read(location: ModelLocation, what: str, err: BaseException) -> HealerError:
+    """One line naming the file that failed and what to do, for any error from a transformers loader."""
+    reason = _first_line(err)
+    if location.gguf_file:
+        return HealerError(f"{location}: cannot read the {what} from this GGUF file ({reason}); it is truncated or "
+                           "not a GGUF model: download it again")
+    if Path(location.path).is_dir():
+        file = {"config": "config.json", "tokenizer": "tokenizer files"}.get(what, "weights")
+        return HealerError(f"{location.path}: cannot read the {what} ({reason}); restore the model's {file} "
+                           "from the original (copy or download it again)")
+    return HealerError(f"cannot read the {what} of {location} ({reason})")
+
+
 def load_config(location: ModelLocation):
+    """The transformers config at ``location``; an unreadable config.json or GGUF is one HealerError line."""
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     if location.revision:
         kwargs["revision"] = location.revision
-    return AutoConfig.from_pretrained(location.path, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(location.path, **kwargs)
+    except Exception as err:  # invalid JSON, unknown model_type, bad field values, truncated GGUF ...
+        raise _cannot_read(location, "config", err) from err
+
+
+def safetensors_files(path: str | Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of the checkpoint directory ``path``; None if it has no safetensors.
+
+    Reads only headers. A broken index, a shard the index names but that is missing, or a file whose
+    header does not parse (truncated, empty, not safetensors) is a HealerError naming the file.
+    """
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(k): path / str(v) for k, v in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise HealerError(f"{index}: not a valid safetensors index ({_first_line(err)}); restore it from the "
+                              "original model") from None
+        missing = sorted({f.name for f in files.values() if not f.is_file()})
+        if missing:
+            raise HealerError(f"{index} names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} but "
+                              f"{'it is' if len(missing) == 1 else 'they are'} missing; copy the complete model again")
+        for file in sorted(set(files.values())):
+            held = _tensor_shapes(file)
+            absent = [k for k, f in files.items() if f == file and k not in held]
+            if absent:
+                raise HealerError(f"{file}: has no tensor {absent[0]} although {index.name} says it does; "
+                                  "copy the complete model again")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        return None
+    return {name: single for name in _tensor_shapes(single)}
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, "pt") as fh:
+            return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise HealerError(f"{file}: not a readable safetensors file ({_first_line(err)}); it is truncated or "
+                          "corrupt: copy or download the model again") from None
+
+
+def check_weights(location: ModelLocation, config) -> None:
+    """Refuse a local checkpoint whose safetensors do not hold what ``config`` describes, before any work.
+
+    transformers fills a parameter missing from the files with random values and only logs it, so an
+    incomplete checkpoint would load and score silently wrong. Checks headers only (no tensor is read).
+    GGUF files and hub ids are left to transformers (the GGUF is parsed whole by :func:`load_config`).
+    """
+    if not location.is_local_dir:
+        return
+    files = safetensors_files(location.path)
+    if files is None:
+        return  # e.g. pytorch_model.bin only: from_pretrained reports what it cannot read
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        shapes.update(_tensor_shapes(file))
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return  # not a causal LM transformers knows: from_pretrained says so
+    # The class itself, not from_config: under ZeRO-3 (HfDeepSpeedConfig alive) from_config would enter
+    # deepspeed.zero.Init and partition this throw-away skeleton across ranks.
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    names_of: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # tied weights: one parameter, several names
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append((name, tuple(param.shape)))
+    missing = []
+    for names in names_of.values():
+        present = [(n, shape) for n, shape in names if n in shapes]
+        if not present:
+            missing.append(names[0][0])
+        for name, shape in present:
+            if shapes[name] != shape:
+                raise HealerError(
+                    f"{files[name]}: {name} has shape {list(shapes[name])} but {location.path}/config.json implies "
+                    f"{list(shape)}; the config does not describe these weights: restore the matching config.json")
+    if missing:
+        raise HealerError(
+            f"{location.path}: the safetensors lack {len(missing)} tensor(s) that config.json implies (first: "
+            f"{missing[0]}); the weights are incomplete or belong to another config: copy the complete model again")
+
+
+def check_seq_len(seq_len: int, config, key: str) -> None:
+    """Refuse sequences longer than the model was built for (positions past the maximum are untrained)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise HealerError(f"{key}: {seq_len} tokens is more than the model's max_position_embeddings ({limit}); "
+                          f"use at most {limit}")
+
+
+def model_path(source: str) -> Path | None:
+    """Where a model source lives on this machine, resolved, whether or not it exists yet: its directory,
+    or its ``.gguf`` file; None for a hub id. What an output directory must be kept apart from."""
+    if source == "smollm2":
+        try:
+            return smollm2_gguf_path().resolve()
+        except HealerError:
+            return None  # not installed: nothing there to overwrite
+    path = Path(source).expanduser()
+    if path.exists() or source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return path.resolve()
+    return None  # org/name that is not a local path: a hub id
+
+
+def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> None:
+    """Refuse an output directory that cannot be written, or that would overwrite a model still needed.
+
+    ``key`` names the setting the directory came from; ``keep_apart`` maps a label ("the input model
+    (model.source)") to a model directory the output must be neither equal to nor inside, or to a
+    ``.gguf`` file whose folder the output must not be (a config.json written beside a lone GGUF
+    changes what that folder loads as).
+    """
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise HealerError(f"{key}: {out} is a file, not a directory; give a directory (it is created if missing)")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        raise HealerError(f"{key}: {out} cannot be created because {existing} is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HealerError(f"{key}: cannot write in {existing} (permission denied); choose another directory")
+    for label, protected in keep_apart.items():
+        protected = Path(protected).expanduser().resolve()
+        if protected.suffix == ".gguf":
+            if resolved == protected.parent:
+                raise HealerError(f"{key}: {out} is the folder of {label} {protected}; a checkpoint written there "
+                                  "would shadow the GGUF: choose another output directory")
+        elif resolved == protected or protected in resolved.parents:
+            where = "is" if resolved == protected else "is inside"
+            raise HealerError(f"{key}: {out} {where} {label} {protected}; writing there would overwrite or mix with "
+                              "it: choose another output directory")
 
 
 def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"):
-    """Load a causal LM in ``dtype``; GGUF files are de-quantized to float weights."""
+    """Load a causal LM in ``dtype``; GGUF files are de-quantized to float weights.
+
+    A local checkpoint's files are checked against its config first (:func:`check_weights`).
+    """
     from transformers import AutoModelForCausalLM
 
+    if location.is_local_dir:
+        check_weights(location, load_config(location))
     kwargs: dict = {"dtype": dtype}
     if location.gguf_file:
         kwargs["gguf_file"] = location.gguf_file
@@ -106,8 +275,8 @@ def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(location.path, **kwargs)
-    except OSError as err:
-        raise HealerError(f"cannot load model from {location}: {err}") from err
+    except Exception as err:  # corrupt shards, a GGUF cut short, shapes the config does not describe ...
+        raise _cannot_read(location, "weights", err) from err
     if location.gguf_file:
         _forget_gguf_origin(model)
     model.eval()
@@ -120,7 +289,10 @@ def load_tokenizer(location: ModelLocation):
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     if location.revision:
         kwargs["revision"] = location.revision
-    tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+    except Exception as err:
+        raise _cannot_read(location, "tokenizer", err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from healer.errors import HealerError
 from healer.manifest import read_stage_manifest, write_json_atomic
-from healer.recipe import STAGES, Recipe, dump_recipe
+from healer.recipe import STAGES, Recipe
 
 DISTRIBUTED_STAGES = ("cpt", "sft")
 SUMMARY = "summary.json"
@@ -54,7 +54,9 @@ def run_pipeline(recipe, args: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every process of every stage reads this one resolved file: the recipe as it was run.
     resolved = run_dir / "recipe.yaml"
-    resolved.write_text(dump_recipe(recipe))
+    from healer.launch.run import write_rank_recipe  # launch.env <redacted>: the ranks get it from their environment
+
+    write_rank_recipe(recipe, resolved)
     started = time.time()
     timings: dict[str, float] = {}
     print(f"healer run {recipe.name}: {' -> '.join(stages)}  (run directory {run_dir})")

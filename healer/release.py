@@ -10,6 +10,7 @@ It reads, when present, ``<prune>/prune_report.json``, the ``cpt``/``sft``
 TensorBoard logs and manifests, and ``<eval>/eval.json``; a missing one is said so
 in the card. The directory is built under ``<output>.partial`` and moved into place
 at the end, so an interrupted release never leaves a half-written one behind.
+Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`healer.redact`.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def build_release(recipe, out: Path) -> dict:
     from healer.modeling import (count_parameters, load_model, load_tokenizer, resolve_source, save_and_verify,
                                  torch_dtype)
     from healer.plots import plot_curves, read_scalars
-    from healer.recipe import dump_recipe
+    from healer.redact import public_yaml, redact_text, secret_values
 
     cfg = recipe.release or ReleaseConfig()
     source = recipe.stage_input("release")
@@ -156,7 +157,10 @@ def build_release(recipe, out: Path) -> dict:
 
     for path in partial.iterdir():  # transformers writes weights owner-only; a release is for everyone to read
         path.chmod(0o644)
-    recipe_yaml = dump_recipe(recipe)
+    # A release is published: launch.env and anything that looks like a token are <redacted> in it.
+    tree = recipe.model_dump(mode="json", exclude_none=True)
+    secrets = secret_values(tree)
+    recipe_yaml = public_yaml(tree)
     (partial / "recipe.yaml").write_text(recipe_yaml)
 
     prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
@@ -185,7 +189,7 @@ def build_release(recipe, out: Path) -> dict:
         "eval": eval_result, "recipe_yaml": recipe_yaml,
         "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
     }
-    (partial / "README.md").write_text(render(info), encoding="utf-8")
+    (partial / "README.md").write_text(redact_text(render(info), secrets), encoding="utf-8")
 
     outputs = {
         "source": source, "base_model": base_model, "license": license,

@@ -15,53 +15,54 @@ The recipe the ranks read is the one given here with every override applied, wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
 
 from healer.errors import HealerError
 from healer.launch.config import LaunchConfig
-from healer.launch.run import launch_dir, run_stage
-from healer.recipe import Recipe, dump_recipe
+from healer.launch.run import launch_dir, run_stage, write_rank_recipe
+from healer.recipe import Recipe
+
+
+@dataclass
+class Options:
+    """``healer launch``'s own flags (contract 1); the recipe is the CLI's positional recipe argument."""
+
+    stage: str = field(default="", metadata={"help": "the stage every rank runs (cpt, sft, ...)", "positional": True})
+    nproc: int | None = field(default=None, metadata={"help": "ranks per node (launch.nproc_per_node)"})
+    nnodes: int | None = field(default=None,
+                               metadata={"help": "number of nodes (launch.nodes)", "aliases": ("--nodes",)})
+    node_rank: int | None = field(default=None,
+                                  metadata={"help": "this node's rank, for multi-node runs without ssh"})
+    hostfile: str | None = field(default=None, metadata={"help": "DeepSpeed hostfile (`host slots=N` lines)"})
+    no_ssh: bool = field(default=False, metadata={"help": "hostfile: start only this node's ranks"})
+    master_addr: str | None = field(default=None, metadata={"help": "rank 0's address (launch.master_addr)"})
+    master_port: int | None = field(default=None, metadata={"help": "rank 0's port (launch.master_port)"})
+    slurm: bool = field(default=False, metadata={"help": "submit an sbatch job (launch.backend slurm)"})
+    gpus_per_node: int | None = field(default=None, metadata={"help": "SLURM: GPUs per node, also ranks per node"})
+    dry_run: bool = field(default=False,
+                          metadata={"help": "print the command or sbatch script, start nothing"})
+    wait: bool = field(default=False, metadata={"help": "SLURM: block until the job ends, echoing its log"})
 
 
 def _parser() -> argparse.ArgumentParser:
+    """argv -> Options, for the CLI that still hands ``healer launch`` its remaining arguments as a list."""
     p = argparse.ArgumentParser(prog="healer launch", add_help=False, exit_on_error=False)
-    p.add_argument("stage")
-    p.add_argument("--nproc", type=int, help="ranks per node")
-    p.add_argument("--nnodes", "--nodes", dest="nodes", type=int, help="number of nodes")
-    p.add_argument("--node-rank", type=int, help="this node's rank (multi-node without ssh)")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
-    p.add_argument("--no-ssh", action="store_true", help="hostfile: start only this node's ranks")
-    p.add_argument("--master-addr")
-    p.add_argument("--master-port", type=int)
-    p.add_argument("--slurm", action="store_true", help="submit an sbatch job")
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, start nothing")
-    p.add_argument("--wait", action="store_true", help="SLURM: block until the job ends, echoing its log")
+    for f in dataclasses.fields(Options):
+        if f.metadata.get("positional"):
+            p.add_argument(f.name)
+            continue
+        names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
+        if f.type in ("bool", bool):
+            p.add_argument(*names, dest=f.name, action="store_true")
+        else:
+            p.add_argument(*names, dest=f.name, type=int if "int" in str(f.type) else str)
     return p
 
 
-def launch_config(base: LaunchConfig, args: argparse.Namespace) -> LaunchConfig:
-    """The recipe's ``launch:`` section with the command-line flags on top."""
-    cfg = base.model_dump()
-    if args.slurm:
-        cfg["backend"] = "slurm"
-    elif args.hostfile:
-        cfg["backend"] = "hostfile"
-    for key, value in (("nproc_per_node", args.nproc), ("nodes", args.nodes), ("node_rank", args.node_rank),
-                       ("hostfile", args.hostfile), ("master_addr", args.master_addr),
-                       ("master_port", args.master_port)):
-        if value is not None:
-            cfg[key] = value
-    if args.no_ssh:
-        cfg["ssh"] = False
-    if args.gpus_per_node is not None:
-        cfg["slurm"]["gpus_per_node"] = args.gpus_per_node
-    try:
-        return LaunchConfig.model_validate(cfg)
-    except ValueError as err:
-        raise HealerError(f"launch flags: {err}") from None
-
-
-def main(recipe: Recipe, args: list[str]) -> int:
+def parse_options(args: list[str]) -> Options:
     try:
         ns, extra = _parser().parse_known_args(args)
     except (argparse.ArgumentError, SystemExit) as err:
@@ -69,10 +70,46 @@ def main(recipe: Recipe, args: list[str]) -> int:
                           "[--slurm --nodes N --gpus-per-node G] [--dry-run] STAGE recipe.yaml") from None
     if extra:
         raise HealerError(f"unexpected arguments {extra}; give one STAGE, the recipe, then --key value overrides")
-    cfg = launch_config(recipe.launch, ns)
+    return Options(**vars(ns))
+
+
+def launch_config(base: LaunchConfig, opts: Options) -> LaunchConfig:
+    """The recipe's ``launch:`` section with the command-line flags on top."""
+    cfg = base.model_dump()
+    if opts.slurm:
+        cfg["backend"] = "slurm"
+    elif opts.hostfile:
+        cfg["backend"] = "hostfile"
+    flags = {"nproc_per_node": ("--nproc", opts.nproc), "nodes": ("--nnodes", opts.nnodes),
+             "node_rank": ("--node-rank", opts.node_rank), "hostfile": ("--hostfile", opts.hostfile),
+             "master_addr": ("--master-addr", opts.master_addr), "master_port": ("--master-port", opts.master_port)}
+    for key, (_, value) in flags.items():
+        if value is not None:
+            cfg[key] = value
+    if opts.no_ssh:
+        cfg["ssh"] = False
+    if opts.gpus_per_node is not None:
+        cfg["slurm"]["gpus_per_node"] = opts.gpus_per_node
+    try:
+        return LaunchConfig.model_validate(cfg)
+    except ValidationError as err:
+        # Name the flag (or key) and the problem; pydantic's own text would repeat the input values,
+        # launch.env's secrets among them.
+        problem = err.errors()[0]
+        key = ".".join(str(p) for p in problem["loc"])
+        flag = flags.get(key, (f"launch.{key}",))[0]
+        raise HealerError(f"{flag}: {problem['msg']}") from None
+
+
+def main(recipe: Recipe, opts: Options | list[str]) -> int:
+    """Run ``opts.stage`` of ``recipe`` on the ranks the recipe's ``launch:`` section and the flags describe."""
+    if isinstance(opts, list):
+        opts = parse_options(opts)
+    if not opts.stage:
+        raise HealerError("healer launch needs a STAGE: healer launch [flags] STAGE recipe.yaml")
+    cfg = launch_config(recipe.launch, opts)
     # The ranks read the recipe exactly as resolved here (file + overrides), from a file beside the logs.
-    out = launch_dir(recipe.run_dir, ns.stage, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = out / "recipe.yaml"
-    resolved.write_text(dump_recipe(recipe))
-    return run_stage(ns.stage, str(resolved), [], cfg, dry_run=ns.dry_run, wait=ns.wait or cfg.backend != "slurm")
+    resolved = launch_dir(recipe.run_dir, opts.stage, cfg) / "recipe.yaml"
+    write_rank_recipe(recipe, resolved)
+    return run_stage(opts.stage, str(resolved), [], cfg, dry_run=opts.dry_run,
+                     wait=opts.wait or cfg.backend != "slurm")

@@ -32,9 +32,16 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     """The hosts in file order; the first one is node rank 0 (and the default master address)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise HostfileError(f"hostfile {path}: cannot read it ({err.strerror})") from None
+    try:
+        if b"\0" in data:
+            raise UnicodeError
+        text = data.decode("utf-8")
+    except UnicodeError:
+        raise HostfileError(f"hostfile {path}: not a text file (binary, or not UTF-8); a hostfile holds "
+                            "`hostname slots=N` lines") from None
     hosts: list[Host] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -46,6 +53,10 @@ def parse_hostfile(path: str | Path) -> list[Host]:
             raise HostfileError(f"hostfile {path}, line {number}: {raw.strip()!r} is not `hostname slots=N` "
                                 f"(DeepSpeed hostfile format)")
         name, slots_text = match["host"], match["slots"]
+        if name.startswith("-"):
+            # ssh and pdsh would read it as an option (`-oProxyCommand=...` runs a command).
+            raise HostfileError(f"hostfile {path}, line {number}: host {name!r} starts with '-', which ssh reads "
+                                "as an option, not a host name")
         if not slots_text.isdigit() or int(slots_text) < 1:
             raise HostfileError(f"hostfile {path}, line {number}: slots={slots_text} is not a positive integer")
         if name in seen:
@@ -73,14 +84,18 @@ def check_slots(hosts: list[Host], nproc_per_node: int | None, path: str | Path)
     return nproc_per_node
 
 
-def check_ssh(hosts: list[Host], timeout: int = 10) -> None:
-    """Every host answers a non-interactive ssh, as the DeepSpeed launcher (pdsh) will need."""
+def check_ssh(hosts: list[Host], host_key_checking: str = "yes", timeout: int = 10) -> None:
+    """Every host answers a non-interactive ssh, as the DeepSpeed launcher (pdsh) will need.
+
+    ``host_key_checking`` is ssh's StrictHostKeyChecking (``launch.ssh_host_key_checking``): ``yes`` unless
+    the user chose to trust unknown hosts.
+    """
     if shutil.which("ssh") is None:
         raise HostfileError("ssh is not installed here; install openssh-client, or run with --no-ssh "
                             "(start `healer launch --no-ssh --node-rank K ...` on each node)")
     for host in hosts:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", "-o", "StrictHostKeyChecking=no",
-               host.name, "true"]
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", "-o",
+               f"StrictHostKeyChecking={host_key_checking}", "--", host.name, "true"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
         except subprocess.TimeoutExpired:
@@ -88,6 +103,10 @@ def check_ssh(hosts: list[Host], timeout: int = 10) -> None:
                                 f"{timeout} s; fix the host name or the network, or use --no-ssh") from None
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            if "Host key verification failed" in done.stderr:
+                raise HostfileError(f"host {host.name} (hostfile line {host.line}): ssh does not know its host key "
+                                    "(not in ~/.ssh/known_hosts). Check the key and add it (ssh-keyscan), or set "
+                                    "launch.ssh_host_key_checking: accept-new to trust hosts seen for the first time")
             raise HostfileError(f"host {host.name} (hostfile line {host.line}) is not reachable over passwordless "
                                 f"ssh: {why}. Fix ssh (keys, host name) or use --no-ssh and start "
                                 f"`healer launch --no-ssh --node-rank K` on each node")

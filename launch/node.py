@@ -1,8 +1,8 @@
 """``python -m healer.launch.node``: what srun starts on each node of a SLURM job.
 
 It reads its place from SLURM's environment (node rank = SLURM_NODEID, nodes = SLURM_JOB_NUM_NODES,
-master = the first node of SLURM_JOB_NODELIST at its NodeAddr, port = 29500 + job id % 1000 unless
-given) and runs torchrun for this node's ranks under the preemption supervisor.
+master = the first node of SLURM_JOB_NODELIST at its NodeAddr, port = :func:`master_port_for_job`
+unless given) and runs torchrun for this node's ranks under the preemption supervisor.
 """
 
 from __future__ import annotations

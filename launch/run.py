@@ -7,6 +7,8 @@ this module checks (recipe, hostfile, slots, ssh, sbatch options) is checked bef
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import shutil
 import socket
@@ -14,15 +16,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from healer.errors import HealerError
 from healer.launch import slurm
 from healer.launch.config import LaunchConfig
 from healer.launch.hostfile import check_slots, check_ssh, parse_hostfile
 from healer.launch.supervise import supervise
 from healer.launch.torchrun import NodeSpec, free_port, rank_env, torchrun_command
-from healer.recipe import load_recipe, resolve_recipe_path
+from healer.recipe import Recipe, load_recipe, resolve_recipe_path
+from healer.redact import REDACTED, redact_text, redact_tree, write_text
 
 DEFAULT_PORT = 29500
+# What the DeepSpeed launcher can put in its remote pdsh command as it is (it does not quote).
+_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]*", re.ASCII)
 NOT_STAGES = {"launch", "run", "schema"}
 
 
@@ -31,28 +38,59 @@ def launch_dir(run_dir: str | Path, stage: str, cfg: LaunchConfig) -> Path:
     return Path(cfg.log_dir or Path(run_dir) / "launch" / stage).resolve()
 
 
-def run_stage(stage: str, recipe_path: str, overrides: list[str], cfg: LaunchConfig, *,
+def write_rank_recipe(recipe: Recipe, path: Path) -> bool:
+    """Write the recipe the ranks read to ``path``; return True when it had to be private (mode 0600).
+
+    The ranks take ``launch.env`` from their environment (the launcher sets it), never from this file, so
+    its values are written as <redacted>. Anything else that looks secret (a token in a data URL, a
+    ``*_token`` key) is needed by the ranks as it is: then the file is kept, readable by its owner only.
+    """
+    tree = recipe.model_dump(mode="json", exclude_none=True)
+    env = tree.get("launch", {}).get("env")
+    if env:
+        tree["launch"]["env"] = {key: REDACTED for key in env}
+    private = redact_tree(tree) != tree
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, yaml.safe_dump(tree, sort_keys=False), private=private)
+    if private:
+        print(f"healer launch: {path} holds values that look like secrets, which the ranks need; it is "
+              "readable by you only (mode 0600). Pass secrets in launch.env to keep them out of files.",
+              file=sys.stderr)
+    return private
+
+
+def _check_env(cfg: LaunchConfig) -> None:
+    stale = [key for key, value in cfg.env.items() if value == REDACTED]
+    if stale:
+        raise HealerError(f"launch.env.{stale[0]} is {REDACTED}: this recipe is a copy healer wrote with its secrets "
+                          "removed; launch from your own recipe, or set the value (--launch.env.KEY VALUE)")
+
+
+def run_stage(stage: str, recipe_path: str, args: list[str], cfg: LaunchConfig, *,
               dry_run: bool = False, wait: bool = True) -> int:
     """Run ``healer STAGE`` on the ranks ``cfg`` describes; block until it ends and return its exit code.
 
-    ``overrides`` are ``key=value`` recipe overrides handed to every rank. ``dry_run`` prints the
-    command (or the sbatch script) instead of running it. ``wait=False`` returns right after a SLURM
-    submission.
+    ``args`` go on every rank's command line after the recipe: the stage's flags (``["--resume", "none"]``)
+    and ``key=value`` recipe overrides; the overrides are applied here too, so a bad one is refused before
+    any rank starts. ``dry_run`` prints the command (or the sbatch script) instead of running it.
+    ``wait=False`` returns right after a SLURM submission.
     """
     from healer.cli import VERBS
 
     if stage not in VERBS or stage in NOT_STAGES:
         stages = ", ".join(v for v in VERBS if v not in NOT_STAGES)
         raise HealerError(f"launch: {stage!r} is not a stage; one of: {stages}")
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe is refused here, not on 64 ranks
     path = resolve_recipe_path(recipe_path).resolve()
-    entry = ["-m", "healer", stage, "--config", str(path), *overrides]
+    entry = ["-m", "healer", stage, "--config", str(path), *args]
     return run_entry(entry, cfg, launch_dir(recipe.run_dir, stage, cfg), stage, dry_run=dry_run, wait=wait)
 
 
 def run_entry(entry: list[str], cfg: LaunchConfig, logs: Path, stage: str = "job", *, dry_run: bool = False,
               wait: bool = True) -> int:
     """Run ``python <entry>`` on every rank (``entry`` = ``["-m", "module", ...]`` or ``["script.py", ...]``)."""
+    _check_env(cfg)
     if cfg.backend == "slurm":
         return _run_slurm(entry, cfg, logs, stage, dry_run, wait)
     if cfg.backend == "hostfile" and cfg.ssh:
@@ -117,6 +155,19 @@ def _check_resolves(host: str, what: str) -> None:
         raise HealerError(f"{what}: cannot resolve host {host!r} ({err.strerror}); fix the name or use an IP address")
 
 
+def _check_pdsh_env(env: dict[str, str]) -> None:
+    """Refuse launch.env values the DeepSpeed launcher would run or change on the remote hosts.
+
+    Over pdsh it pastes every value into the remote shell command as ``export K="value";`` (stripped, in
+    double quotes), where ``$(...)``, backquotes, ``"`` and ``\\`` act, and outer spaces are lost.
+    """
+    for key, value in env.items():
+        if re.search(r'[$`"\\]', value) or value != value.strip():
+            raise HealerError(f"launch.env.{key}: its value holds $, `, \" or \\ (or starts or ends with a space), "
+                              "which the DeepSpeed launcher would run or change in the remote shell over ssh; "
+                              "use --no-ssh (one `healer launch` per host), or set it in the hosts' own environment")
+
+
 def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run: bool) -> int:
     """Several nodes over ssh: the DeepSpeed launcher (pdsh) starts the ranks on every host of the hostfile."""
     if cfg.hostfile is None:
@@ -124,6 +175,13 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     hosts = parse_hostfile(cfg.hostfile)
     nproc = check_slots(hosts, cfg.nproc_per_node, cfg.hostfile)
     master = cfg.master_addr or hosts[0].name
+    _check_pdsh_env(cfg.env)
+    for what, word in (("the working directory", os.getcwd()), ("the log directory", str(logs / "logs")),
+                       *(("the rank argument", arg) for arg in entry)):
+        if not _PLAIN_WORD.fullmatch(word):
+            raise HealerError(f"{what} {word!r} holds characters a shell acts on (space, quote, $, ;, ...), and the "
+                              "DeepSpeed launcher passes it unquoted to the remote shell over ssh; use paths of "
+                              "letters, digits and _@%+=:,./- (run_dir), or --no-ssh (one `healer launch` per host)")
     module = entry[0] == "-m"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={cfg.hostfile}", "--launcher=pdsh",
            f"--master_addr={master}", f"--master_port={cfg.master_port or DEFAULT_PORT}", f"--num_gpus={nproc}",
@@ -132,16 +190,20 @@ def _run_deepspeed_ssh(entry: list[str], cfg: LaunchConfig, logs: Path, dry_run:
     if dry_run:
         print(shlex.join(cmd))
         return 0
-    check_ssh(hosts)
+    check_ssh(hosts, cfg.ssh_host_key_checking)
     if shutil.which("pdsh") is None:
         raise HealerError("the DeepSpeed launcher needs pdsh to reach the hosts over ssh; install pdsh, or run "
                           "with --no-ssh and start `healer launch --no-ssh --node-rank K ...` on each host")
     logs.mkdir(parents=True, exist_ok=True)
     env = rank_env(cfg.env)
+    # pdsh's ssh gets the same host-key policy as the check above.
+    env["PDSH_SSH_ARGS_APPEND"] = f"{env.get('PDSH_SSH_ARGS_APPEND', '')} -o StrictHostKeyChecking=" \
+                                  f"{cfg.ssh_host_key_checking}".strip()
     # The DeepSpeed launcher exports these to the remote ranks (it only forwards a few prefixes itself).
+    # It may hold secrets (launch.env), so only its owner may read it.
     env_file = logs / "deepspeed_env"
     wanted = {**cfg.env, **{k: env[k] for k in ("DS_ACCELERATOR",) if k in env}}
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in wanted.items()))
+    write_text(env_file, "".join(f"{k}={v}\n" for k, v in wanted.items()), private=True)
     env["DS_ENV_FILE"] = str(env_file)
     return subprocess.run(cmd, env=env).returncode
 
@@ -150,12 +212,23 @@ def _run_slurm(entry: list[str], cfg: LaunchConfig, logs: Path, stage: str, dry_
     logs.mkdir(parents=True, exist_ok=True)
     script = slurm.render_sbatch(stage, entry, cfg, logs, Path.cwd())
     path = logs / f"{stage}.sbatch"
-    path.write_text(script)
+    # launch.env is not in the script; a secret typed into launch.slurm.setup would be, so then only the
+    # owner may read the file, and the console copy hides it.
+    shown = redact_text(script)
+    write_text(path, script, private=shown != script)
+    if shown != script:
+        print(f"healer launch: {path} holds a value that looks like a secret (launch.slurm.setup?); it is readable "
+              "by you only (mode 0600). Put secrets in launch.env: they reach the job without being written.",
+              file=sys.stderr)
     if dry_run or not cfg.slurm.submit:
-        print(script)
+        print(shown)
         print(f"# written to {path}; submit it with: sbatch {path}", file=sys.stderr)
+        if cfg.env:
+            print(f"# the job expects {', '.join(cfg.env)} (launch.env) in sbatch's environment: export them "
+                  "before submitting by hand", file=sys.stderr)
         return 0
-    job_id = slurm.submit(path)
+    # Not rank_env(): the login node's lack of a GPU says nothing about the compute nodes.
+    job_id = slurm.submit(path, env={**os.environ, **cfg.env})
     log = logs / f"slurm-{job_id}.out"
     print(f"healer launch: submitted {stage} as SLURM job {job_id}; main log {log}; per-rank logs {logs}/logs",
           file=sys.stderr, flush=True)

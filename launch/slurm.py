@@ -26,25 +26,47 @@ class SlurmError(HealerError):
     pass
 
 
-def master_port_for_job(job_id: int) -> int:
-    """The rendezvous port of a SLURM job: the same on every task, different for jobs sharing a node."""
-    return 29500 + job_id % 1000
+def master_port_for_job(job_id: int | str) -> int:
+    """The rendezvous port of SLURM job ``job_id``: the same on every node of the job, different between jobs.
+
+    Ports 20000-31999 stay below Linux's ephemeral range (32768 and up), so no outgoing connection holds
+    the port already, and 12000 consecutive job ids never share one on a node.
+    """
+    return 20000 + int(job_id) % 12000
+
+
+def _directive_path(path: Path, what: str) -> str:
+    """``path`` for an #SBATCH line: sbatch splits those at whitespace and reads quotes itself, so refuse both."""
+    text = str(path)
+    if re.search(r"[\s'\"\\]", text) or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise SlurmError(f"{what} {text!r} holds a space, quote, backslash or control character, which an "
+                         "#SBATCH line cannot carry; use a run_dir (or launch.log_dir) without them")
+    return text
 
 
 def render_sbatch(stage: str, entry: list[str], cfg: LaunchConfig, launch_dir: Path, workdir: Path) -> str:
-    """The job script. ``entry`` is what every rank runs after ``python`` (``-m healer cpt --config ...``)."""
+    """The job script. ``entry`` is what every rank runs after ``python`` (``-m healer cpt --config ...``).
+
+    Every value from the recipe or the command line is either checked to be safe where it lands (the
+    #SBATCH options, by :class:`LaunchConfig`) or shell-quoted; the paths the shell lines need are
+    assigned once, quoted, and used as ``"$var"``, so a ``$(...)`` in a directory name stays text.
+    ``launch.env`` is not written here: its values may be secrets, so ``healer launch`` hands them to
+    sbatch in its environment (sbatch's default ``--export=ALL``) and the script only checks they arrived.
+    """
     s = cfg.slurm
     nproc = s.gpus_per_node or cfg.nproc_per_node or 1
+    # In --output a % starts a SLURM filename pattern (%j is wanted); %% is a literal %.
+    output = _directive_path(launch_dir, "the launch directory").replace("%", "%%")
     sb = [f"--job-name=healer-{stage}", f"--nodes={cfg.nodes}", "--ntasks-per-node=1",
-          f"--output={launch_dir}/slurm-%j.out", "--open-mode=append",  # a requeued job appends to the same log
-          f"--signal=USR1@{s.signal_seconds}", "--requeue", f"--chdir={workdir}"]
+          f"--output={output}/slurm-%j.out", "--open-mode=append",  # a requeued job appends to the same log
+          f"--signal=USR1@{s.signal_seconds}", "--requeue", f"--chdir={_directive_path(workdir, 'the directory')}"]
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time),
                         ("constraint", s.constraint), ("cpus-per-task", s.cpus_per_task), ("mem", s.mem)):
         if value is not None:
             sb.append(f"--{flag}={value}")
     if s.gpus_per_node:
         sb.append(f"--gpus-per-node={s.gpus_per_node}")
-    sb += [line.removeprefix("#SBATCH").strip() for line in s.extra_sbatch]
+    sb += s.extra_sbatch  # validated: one --option[=value] each
 
     node_cmd = [sys.executable, "-m", "healer.launch.node", f"--nproc-per-node={nproc}", f"--stage={stage}",
                 f"--log-dir={launch_dir}/logs"]
@@ -56,34 +78,48 @@ def render_sbatch(stage: str, entry: list[str], cfg: LaunchConfig, launch_dir: P
     q = shlex.quote
     lines = ["#!/bin/bash", f"# healer {stage}: written by `healer launch --slurm`"]
     lines += [f"#SBATCH {opt}" for opt in sb]
-    lines += ["", "# network / NCCL settings from the recipe's launch.env"]
-    lines += [f"export {k}={q(v)}" for k, v in cfg.env.items()]
-    lines += s.setup
+    lines += ["", f"stage={q(stage)}", f"launch_dir={q(str(launch_dir))}"]
+    if cfg.env:
+        names = " ".join(q(k) for k in cfg.env)
+        lines += [
+            "",
+            "# launch.env: healer launch passes these to sbatch in its environment; their values are never",
+            "# written to this file (submitting it by hand: export them first). Variables that come from the",
+            "# environment are exported to srun's tasks already.",
+            f"for name in {names}; do",
+            '    if [ -z "${!name+set}" ]; then',
+            '        echo "healer: $name (launch.env) is not in the job environment; export it before sbatch, '
+            'or submit with healer launch --slurm" >&2; exit 1',
+            "    fi",
+            "done",
+        ]
+    if s.setup:
+        lines += ["", "# launch.slurm.setup, as written in the recipe"] + s.setup
     lines += [
         "",
-        f'echo "healer: job $SLURM_JOB_ID stage {stage} on $SLURM_JOB_NODELIST (restart ${{SLURM_RESTART_COUNT:-0}})"',
+        'echo "healer: job $SLURM_JOB_ID stage $stage on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0})"',
         "# one task per node; each runs torchrun for that node's ranks. --wait: if one node's ranks are gone,",
         "# stop the others after 120 s instead of letting them hang in a collective.",
         "srun --nodes=$SLURM_JOB_NUM_NODES --ntasks-per-node=1 --kill-on-bad-exit=0 --wait=120 \\",
         "    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \\",
         "    " + " ".join(q(a) for a in node_cmd),
         "rc=$?",
-        f"failures_file={q(str(launch_dir))}/failures.$SLURM_JOB_ID",
+        'failures_file="$launch_dir/failures.$SLURM_JOB_ID"',
         'if [ "$rc" -eq 0 ]; then',
-        f'    echo "healer: {stage} finished"; rm -f "$failures_file"; exit 0',
+        '    echo "healer: $stage finished"; rm -f "$failures_file"; exit 0',
         "fi",
         f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ]; then',
-        f'    echo "healer: {stage} was preempted and saved a checkpoint; requeueing job $SLURM_JOB_ID to resume it"',
+        '    echo "healer: $stage was preempted and saved a checkpoint; requeueing job $SLURM_JOB_ID to resume it"',
         '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        '    echo "healer: scontrol requeue failed; resubmit this script to resume"; exit "$rc"',
+        '    echo "healer: scontrol requeue failed; resubmit $launch_dir/$stage.sbatch to resume"; exit "$rc"',
         "fi",
         'failures=$(( $(cat "$failures_file" 2>/dev/null || echo 0) + 1 )); echo "$failures" > "$failures_file"',
         f'if [ "$failures" -le {s.max_restarts} ]; then',
-        f'    echo "healer: {stage} failed with exit code $rc; requeueing (retry $failures of {s.max_restarts})"',
+        f'    echo "healer: $stage failed with exit code $rc; requeueing (retry $failures of {s.max_restarts})"',
         '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
-        f'echo "healer: {stage} failed with exit code $rc and has failed $failures times; giving up after '
-        f'{s.max_restarts} retries (launch.slurm.max_restarts). Per-rank logs: {launch_dir}/logs"',
+        f'echo "healer: $stage failed with exit code $rc and has failed $failures times; giving up after '
+        f'{s.max_restarts} retries (launch.slurm.max_restarts). Per-rank logs: $launch_dir/logs"',
         'exit "$rc"',
         "",
     ]
@@ -91,7 +127,10 @@ def render_sbatch(stage: str, entry: list[str], cfg: LaunchConfig, launch_dir: P
 
 
 def submit(script: Path, env: dict[str, str] | None = None) -> str:
-    """sbatch the script; a refusal (bad partition, account, time, constraint...) becomes a SlurmError."""
+    """sbatch the script with ``env`` as its environment (the job's, too: sbatch exports it by default).
+
+    A refusal (bad partition, account, time, constraint...) becomes a SlurmError.
+    """
     try:
         done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120,
                               env=env)

@@ -9,7 +9,6 @@ of a checkpoint directory, one block resident at a time, so a model larger than 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +16,8 @@ import torch
 from torch import nn
 
 from healer.adapter import Architecture, architecture_for, get_module
+from healer.errors import HealerError
+from healer.modeling import ModelLocation, load_config, safetensors_files
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -31,8 +32,9 @@ class BlockStack:
     """
 
     def __init__(self, config, arch: Architecture, embed: nn.Module, rotary: nn.Module, norm: nn.Module,
-                 lm_head: nn.Module, block_loader, num_blocks: int):
+                 lm_head: nn.Module, block_loader, num_blocks: int, model: nn.Module | None = None):
         self.config = config
+        self.model = model  # the whole model when built from memory (criteria that need a full backward use it)
         self.arch = arch
         self.embed_tokens = embed
         self.rotary = rotary
@@ -52,15 +54,15 @@ class BlockStack:
             yield blocks[i]
 
         return cls(model.config, arch, get_module(model, arch.embed_tokens), get_module(model, arch.rotary),
-                   get_module(model, arch.final_norm), get_module(model, arch.lm_head), loader, len(blocks))
+                   get_module(model, arch.final_norm), get_module(model, arch.lm_head), loader, len(blocks), model)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockStack":
         """Read only the non-block weights now; each block is read from its shard when asked for."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         path = Path(path)
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(ModelLocation(str(path)))
         arch = architecture_for(config)
         shards = _ShardIndex(path)
         with torch.device("meta"):
@@ -163,34 +165,35 @@ class _ShardIndex:
     """Which safetensors file holds which tensor, and lazy reads of the tensors under a prefix."""
 
     def __init__(self, path: Path):
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {k: path / v for k, v in weight_map.items()}
-        else:
-            single = path / "model.safetensors"
-            if not single.is_file():
-                raise FileNotFoundError(f"{path} has no safetensors weights to read block by block")
-            from safetensors import safe_open
-
-            with safe_open(single, "pt") as fh:
-                self.files = {k: single for k in fh.keys()}
+        files = safetensors_files(path)
+        if files is None:
+            raise FileNotFoundError(f"{path} has no safetensors weights to read block by block")
+        self.files = files
 
     def has(self, key: str) -> bool:
         return key in self.files
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         wanted = {name: f"{prefix}.{name}" for name, _ in module.named_parameters()}
         by_file: dict[Path, list[str]] = {}
         for name, key in wanted.items():
             if key not in self.files:
-                raise KeyError(f"checkpoint has no tensor {key}")
+                raise HealerError(f"the checkpoint has no tensor {key} although config.json implies it; "
+                                  "the weights are incomplete or belong to another config")
             by_file.setdefault(self.files[key], []).append(name)
         for file, names in by_file.items():
-            with safe_open(file, "pt") as fh:
-                for name in names:
-                    tensor = fh.get_tensor(f"{prefix}.{name}").to(dtype)
-                    target = module.get_parameter(name)
-                    target.data = tensor
+            try:
+                with safe_open(file, "pt") as fh:
+                    for name in names:
+                        tensor = fh.get_tensor(f"{prefix}.{name}").to(dtype)
+                        target = module.get_parameter(name)
+                        if tensor.shape != target.shape:  # assigning .data would accept any shape
+                            raise HealerError(
+                                f"{file}: tensor {prefix}.{name} has shape {list(tensor.shape)} but config.json "
+                                f"implies {list(target.shape)}; the config does not describe these weights")
+                        target.data = tensor
+            except (SafetensorError, OSError) as err:
+                raise HealerError(f"{file}: cannot read {prefix} ({err}); the file is truncated or corrupt: "
+                                  "copy or download the model again") from None

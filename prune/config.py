@@ -1,4 +1,7 @@
-"""Recipe section ``prune:``: what to remove and how to choose it."""
+"""Recipe section ``prune:``: what to remove and how to choose it.
+
+Which methods, criteria and targets exist comes from :data:`healer.prune.criteria.CRITERIA`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,18 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from healer.config_base import Section
+from healer.prune.criteria import (CRITERIA, METHODS, WIDTH_TARGETS, Criterion, criterion_names, describe_choices,
+                                   get_criterion)
 
-DEPTH_CRITERIA = ("ppl", "taylor", "magnitude", "block_influence", "angular")
-WIDTH_CRITERIA = {"mlp": ("maw", "l2", "activation"), "attention": ("head_norm",)}
-DATA_FREE_CRITERIA = ("magnitude", "maw", "l2")
+
+def _end_defaults(side: int) -> str:
+    """'4 for ppl, taylor; else 0': the registry's default protected blocks at one end."""
+    by_value: dict[int, list[str]] = {}
+    for table in CRITERIA.values():
+        for name, spec in table.items():
+            if spec.keep_ends[side]:
+                by_value.setdefault(spec.keep_ends[side], []).append(name)
+    return "; ".join(f"{v} for {', '.join(names)}" for v, names in by_value.items()) + "; else 0"
 
 
 class CalibrationConfig(Section):
@@ -25,14 +36,19 @@ class CalibrationConfig(Section):
 
 
 class PruneConfig(Section):
-    method: Literal["depth", "width"] = "depth"
-    criterion: str = "ppl"
-    target: Literal["mlp", "attention"] = Field("mlp", description="width only: what to shrink")
+    method: Literal[METHODS] = Field("depth", description=f"{' or '.join(METHODS)}: remove whole blocks, or shrink "
+                                     "every block's MLP / attention")
+    criterion: str = Field("ppl", description=f"how to choose what goes; {describe_choices()}",
+                           json_schema_extra={"choices": list(criterion_names())})
+    target: Literal[WIDTH_TARGETS] | None = Field(
+        None, description=f"width only: {' or '.join(WIDTH_TARGETS)}; default: what the criterion prunes")
     ratio: float | None = Field(None, description="fraction of blocks (depth) or of neurons/KV groups (width)")
     num_blocks: int | None = Field(None, gt=0, description="depth: number of blocks to remove")
     blocks: list[int] | None = Field(None, description="depth: explicit block indices to remove")
-    keep_first: int | None = Field(None, ge=0, description="blocks never removed at the start (default 4 for ppl/taylor)")
-    keep_last: int | None = Field(None, ge=0, description="blocks never removed at the end (default 2 for ppl/taylor)")
+    keep_first: int | None = Field(None, ge=0, description=f"depth: blocks never removed at the start (default "
+                                   f"{_end_defaults(0)})")
+    keep_last: int | None = Field(None, ge=0, description=f"depth: blocks never removed at the end (default "
+                                  f"{_end_defaults(1)})")
     round_to: int = Field(8, gt=0, description="width: kept intermediate size is a multiple of this")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/prune")
@@ -40,34 +56,42 @@ class PruneConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "PruneConfig":
+        get_criterion(self.method, self.criterion, self.target if self.method == "width" else None)
         if self.method == "depth":
-            if self.criterion not in DEPTH_CRITERIA:
-                raise ValueError(
-                    f"prune.criterion: unknown depth criterion {self.criterion!r}; choose one of {', '.join(DEPTH_CRITERIA)}"
-                )
             given = [k for k in ("ratio", "num_blocks", "blocks") if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"prune: give only one of ratio, num_blocks, blocks (got {', '.join(given)})")
+            if not given:
+                raise ValueError("prune: say how much to remove: prune.ratio (fraction of blocks), prune.num_blocks "
+                                 "or prune.blocks (indices)")
         else:
-            allowed = WIDTH_CRITERIA[self.target]
-            if self.criterion not in allowed:
-                raise ValueError(
-                    f"prune.criterion: {self.criterion!r} does not prune {self.target}; choose one of {', '.join(allowed)}"
-                )
             if self.num_blocks is not None or self.blocks is not None:
                 raise ValueError("prune.num_blocks / prune.blocks apply to method: depth only; width takes prune.ratio")
+            if self.ratio is None:
+                raise ValueError("prune.ratio is required for method: width (the fraction of neurons / KV groups)")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise ValueError(f"prune.ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.blocks is not None:
+            if not self.blocks:
+                raise ValueError("prune.blocks is empty, so nothing would be removed; list the block indices to "
+                                 "remove (e.g. [3, 7]) or use prune.ratio / prune.num_blocks")
+            repeated = sorted({b for b in self.blocks if self.blocks.count(b) > 1})
+            if repeated:
+                raise ValueError(f"prune.blocks lists {repeated} more than once; list each block to remove once")
         return self
 
     @property
+    def spec(self) -> Criterion:
+        """This criterion's entry in the registry."""
+        return get_criterion(self.method, self.criterion)
+
+    @property
     def protected(self) -> tuple[int, int]:
-        """(first, last) blocks kept whatever their score: Shortened LLaMA's '+' heuristic."""
-        plus = self.criterion in ("ppl", "taylor")
-        first = self.keep_first if self.keep_first is not None else (4 if plus else 0)
-        last = self.keep_last if self.keep_last is not None else (2 if plus else 0)
-        return first, last
+        """(first, last) blocks kept whatever their score: Shortened LLaMA's '+' heuristic by default."""
+        first, last = self.spec.keep_ends
+        return (self.keep_first if self.keep_first is not None else first,
+                self.keep_last if self.keep_last is not None else last)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.blocks is None and self.criterion not in DATA_FREE_CRITERIA
+        return self.blocks is None and self.spec.needs_data

@@ -1,8 +1,10 @@
 """Depth pruning: score whole transformer blocks, choose which to drop.
 
-Every criterion returns one score per block where a LOWER score means "less important, drop
-first" (``angular`` scores spans; see :func:`angular_span_scores`). Blocks outside the allowed
-range (Shortened LLaMA's "+" heuristic keeps the first and last few) get no score.
+Every criterion has the signature ``(stack, tokens, candidates, count, progress)`` and returns one
+score per candidate block where a LOWER score means "less important, drop first" (``angular``
+scores the span of ``count`` blocks starting at each candidate; see :func:`angular_scores`).
+Blocks outside the candidates (Shortened LLaMA's "+" heuristic keeps the first and last few) get no
+score. They are listed in :data:`healer.prune.criteria.CRITERIA`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def _chunks(tokens: torch.Tensor, size: int = CHUNK) -> list[torch.Tensor]:
     return list(tokens.split(size))
 
 
-def ppl_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], progress: bool = True) -> dict[int, float]:
+def ppl_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], count: int,
+               progress: bool = True) -> dict[int, float]:
     """Calibration perplexity of the model with each candidate block removed (Shortened LLaMA PPL).
 
     The hidden states entering block ``i`` do not depend on blocks >= ``i``, so one dense pass walks
@@ -32,7 +35,7 @@ def ppl_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], p
     """
     candidates_set = set(candidates)
     nll = {i: 0.0 for i in candidates}
-    count = 0
+    predicted = 0
     bar = tqdm(total=len(candidates) * len(_chunks(tokens)), desc="ppl: blocks", disable=not progress, unit="eval")
     for chunk in _chunks(tokens):
         with torch.no_grad():
@@ -50,9 +53,9 @@ def ppl_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], p
                 if i == max(candidates_set, default=-1):
                     break  # the rest of the prefix is never needed
                 hidden = stack.run_block(block, i, hidden, ctx)
-        count += chunk.shape[0] * (chunk.shape[1] - 1)
+        predicted += chunk.shape[0] * (chunk.shape[1] - 1)
     bar.close()
-    return {i: math.exp(nll[i] / count) for i in candidates}
+    return {i: math.exp(nll[i] / predicted) for i in candidates}
 
 
 def ppl_scores_naive(model, tokens: torch.Tensor, candidates: list[int], progress: bool = False) -> dict[int, float]:
@@ -87,8 +90,16 @@ def perplexity(model, tokens: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
-def taylor_scores(model, tokens: torch.Tensor, candidates: list[int], progress: bool = True) -> dict[int, float]:
-    """Shortened LLaMA's Taylor+: sum over a block's weights of |w * dL/dw| on the calibration loss."""
+def taylor_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], count: int,
+                  progress: bool = True) -> dict[int, float]:
+    """Shortened LLaMA's Taylor+: sum over a block's weights of |w * dL/dw| on the calibration loss.
+
+    Needs the whole model in memory (a backward pass through every block): ``stack`` must come from
+    :meth:`BlockStack.from_model`.
+    """
+    model = stack.model
+    if model is None:
+        raise ValueError("taylor needs the model in memory (BlockStack.from_model), not blocks read from disk")
     adapter = ModelAdapter(model)
     was_training = model.training
     model.eval()
@@ -114,8 +125,9 @@ def taylor_scores(model, tokens: torch.Tensor, candidates: list[int], progress: 
     return scores
 
 
-def magnitude_scores(stack: BlockStack, candidates: list[int], progress: bool = True) -> dict[int, float]:
-    """L2 norm of all of a block's weights (no data). Read block by block."""
+def magnitude_scores(stack: BlockStack, tokens: torch.Tensor | None, candidates: list[int], count: int,
+                     progress: bool = True) -> dict[int, float]:
+    """L2 norm of all of a block's weights (no data: ``tokens`` is ignored). Read block by block."""
     scores = {}
     for i in tqdm(candidates, desc="magnitude", disable=not progress):
         with stack.block(i) as block:
@@ -145,7 +157,7 @@ def _boundary_walk(stack: BlockStack, tokens: torch.Tensor, visit, progress: boo
                 handle.remove()
 
 
-def block_influence_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int],
+def block_influence_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], count: int,
                            progress: bool = True) -> dict[int, float]:
     """ShortGPT's Block Influence: mean over tokens of 1 - cos(block input, block output)."""
     sums = [0.0] * stack.num_blocks
@@ -160,16 +172,21 @@ def block_influence_scores(stack: BlockStack, tokens: torch.Tensor, candidates: 
     return {i: sums[i] / counts[i] for i in candidates}
 
 
-def angular_span_scores(stack: BlockStack, tokens: torch.Tensor, span: int, starts: list[int],
-                        progress: bool = True) -> dict[int, float]:
+def angular_scores(stack: BlockStack, tokens: torch.Tensor, candidates: list[int], count: int,
+                   progress: bool = True) -> dict[int, float]:
     """Gromov et al.: angular distance arccos(cos(x_l, x_{l+n}))/pi between the hidden states entering
-    block ``l`` and leaving block ``l+n-1``, averaged over all calibration tokens, for each start ``l``.
+    block ``l`` and leaving block ``l+n-1`` (``n = count``), averaged over all calibration tokens, for
+    each start ``l`` whose whole span lies within ``candidates``.
 
-    Only the last ``span + 1`` boundary states are kept (unit-normalised), not every layer's.
+    Only the last ``count + 1`` boundary states are kept (unit-normalised), not every layer's.
     """
+    span, removable = count, set(candidates)
+    starts = [s for s in candidates if all(s + k in removable for k in range(span))]
+    if not starts:
+        raise ValueError(f"no run of {span} consecutive removable blocks in {candidates}")
     wanted = set(starts)
     sums = {s: 0.0 for s in starts}
-    count = [0]
+    seen = [0]
     window: dict[tuple[int, int], torch.Tensor] = {}  # (boundary index, chunk) -> normalised states
 
     def visit(i, c, h_in, h_out):
@@ -181,16 +198,22 @@ def angular_span_scores(stack: BlockStack, tokens: torch.Tensor, span: int, star
             cos = (window[(start, c)] * window[(i + 1, c)]).sum(-1).clamp(-1, 1)
             sums[start] += (torch.arccos(cos) / math.pi).sum().item()
             if start == min(wanted):
-                count[0] += cos.numel()
+                seen[0] += cos.numel()
         window.pop((i + 1 - span, c), None)
 
     _boundary_walk(stack, tokens, visit, progress, "angular distance")
-    return {s: sums[s] / count[0] for s in starts}
+    return {s: sums[s] / seen[0] for s in starts}
 
 
 def choose_lowest(scores: dict[int, float], k: int) -> list[int]:
     """The ``k`` blocks with the lowest scores (ties broken by index), sorted."""
     return sorted(sorted(scores, key=lambda i: (scores[i], i))[:k])
+
+
+def lowest_span(scores: dict[int, float], k: int) -> list[int]:
+    """The ``k`` consecutive blocks starting where the span score is lowest (ties: the earliest)."""
+    best = min(scores, key=lambda s: (scores[s], s))
+    return list(range(best, best + k))
 
 
 def blocks_to_remove(num_blocks: int, ratio: float | None, count: int | None) -> int:

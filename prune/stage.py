@@ -1,7 +1,9 @@
-"""``healer prune``: score, cut, save, reload-check, report.
+"""``healer prune``: check, score, cut, save, reload-check, report.
 
 The output directory is a plain Hugging Face checkpoint (config edited honestly, safetensors,
-tokenizer) plus ``prune_report.json`` and the stage manifest.
+tokenizer) plus ``prune_report.json`` and the stage manifest. Which criterion scores what, and how,
+comes from :data:`healer.prune.criteria.CRITERIA`. Every refusal (bad output directory, unreadable
+model, impossible amount, too long calibration) happens before any scoring.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import torch
 from healer.adapter import ModelAdapter, architecture_for
 from healer.calibration import load_calibration
 from healer.errors import HealerError
-from healer.manifest import package_versions, write_json_atomic, write_stage_manifest
-from healer.modeling import (count_parameters, load_config, load_model, load_tokenizer, resolve_source,
-                             save_and_verify, torch_dtype)
-from healer.prune.config import PruneConfig
+from healer.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
+from healer.modeling import (check_output_dir, check_seq_len, check_weights, count_parameters, load_config,
+                             load_model, load_tokenizer, model_path, resolve_source, save_and_verify, torch_dtype)
 from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack
+from healer.prune.config import PruneConfig
+from healer.prune.criteria import DEFAULT_SCORES_ARE
 
-# Criteria that only ever look at one block at a time and so can read blocks from disk shards.
-LAYERWISE = {"magnitude", "block_influence", "angular", "activation", "head_norm"}
 REPORT = "prune_report.json"
+WRITING = ".prune_incomplete"  # present while prune writes a directory; a report marks it finished
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "*.pt")
 
 
 def plan_depth(cfg: PruneConfig, num_blocks: int) -> tuple[int, list[int]]:
@@ -46,71 +49,99 @@ def plan_depth(cfg: PruneConfig, num_blocks: int) -> tuple[int, list[int]]:
     return count, candidates
 
 
-def score_depth(cfg: PruneConfig, count: int, candidates: list[int], model, stack: BlockStack,
-                tokens: torch.Tensor | None, progress: bool) -> tuple[dict, list[int]]:
-    """Per-block (or per-span-start, for angular) scores and the chosen blocks to drop."""
-    if cfg.criterion == "ppl":
-        scores = depth.ppl_scores(stack, tokens, candidates, progress)
-    elif cfg.criterion == "taylor":
-        scores = depth.taylor_scores(model, tokens, candidates, progress)
-    elif cfg.criterion == "magnitude":
-        scores = depth.magnitude_scores(stack, candidates, progress)
-    elif cfg.criterion == "block_influence":
-        scores = depth.block_influence_scores(stack, tokens, candidates, progress)
-    else:  # angular: one contiguous span
-        starts = [s for s in candidates if s + count - 1 in candidates]
-        scores = depth.angular_span_scores(stack, tokens, count, starts, progress)
-        best = min(starts, key=lambda s: (scores[s], s))
-        return scores, list(range(best, best + count))
-    return scores, depth.choose_lowest(scores, count)
+def plan_width(cfg: PruneConfig, config) -> int:
+    """Units kept in every block (MLP neurons or key-value groups); raises ValueError if impossible."""
+    if cfg.spec.target == "mlp":
+        return width.kept_width(config.intermediate_size, cfg.ratio, cfg.round_to)
+    return width.kept_groups(getattr(config, "num_key_value_heads", None) or config.num_attention_heads, cfg.ratio)
+
+
+def score(cfg: PruneConfig, stack: BlockStack, tokens: torch.Tensor | None, count: int | None,
+          candidates: list[int] | None, progress: bool) -> tuple[dict | list, list[int] | None]:
+    """Run the criterion on ``stack``: (scores, blocks to drop) for depth, (per-block scores, None) for width."""
+    spec = cfg.spec
+    if cfg.method == "depth":
+        scores = spec.score(stack, tokens, candidates, count, progress)
+        return scores, spec.select(scores, count)
+    return spec.score(stack, tokens, progress), None
 
 
 def _load_tokens(cfg: PruneConfig, tokenizer) -> torch.Tensor | None:
     cal = cfg.calibration
     if cal.path is None:
-        if cfg.needs_calibration:
-            raise HealerError(f"prune.calibration.path is required by criterion {cfg.criterion!r} "
-                              "(a jsonl with a text field or a plain-text file)")
         return None
     return load_calibration(cal.path, tokenizer, cal.num_samples, cal.seq_len, cal.seed, cal.text_field,
                             cal.max_documents)
 
 
+def check_output(out: Path, location, keep_apart: dict[str, str]) -> None:
+    """Refuse an output directory that is a file, unwritable, the input or a teacher, or another model's."""
+    protected = {}
+    if Path(location.path).is_dir():  # not a hub id
+        protected["the input model (model.source)"] = Path(location.path) / (location.gguf_file or "")
+    for label, source in keep_apart.items():
+        where = model_path(source)
+        if where is not None:
+            protected[label] = where
+    check_output_dir(out, "prune.output", protected)
+    if out.is_dir() and not (out / REPORT).exists() and not (out / WRITING).exists():
+        foreign = next((f for pattern in MODEL_FILES for f in sorted(out.glob(pattern))), None)
+        if foreign is not None:
+            raise HealerError(f"prune.output: {out} already holds {foreign.name} that healer prune did not write; "
+                              "choose another directory, or empty this one if it may be overwritten")
+
+
+def check_model(cfg: PruneConfig, location, config) -> None:
+    """Refuse a model healer cannot prune or read, and calibration it cannot use, before any scoring."""
+    architecture_for(config)  # refuse an unknown family before any work
+    check_weights(location, config)
+    if cfg.needs_calibration and cfg.calibration.path is None:
+        raise HealerError(f"prune.calibration.path is required by criterion {cfg.criterion!r} "
+                          "(a jsonl with a text field or a plain-text file)")
+    if cfg.calibration.path is not None:
+        check_seq_len(cfg.calibration.seq_len, config, "prune.calibration.seq_len")
+
+
 def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str | None = None,
-          dtype: str = "float32", seed: int = 0, progress: bool = True) -> dict:
-    """Prune the model at ``source`` as ``cfg`` says and write the result to ``out_dir``. Returns the report."""
+          dtype: str = "float32", seed: int = 0, progress: bool = True,
+          keep_apart: dict[str, str] | None = None) -> dict:
+    """Prune the model at ``source`` as ``cfg`` says and write the result to ``out_dir``. Returns the report.
+
+    ``keep_apart`` maps a label to other models the output must not overwrite (e.g. a KD teacher);
+    the input model is always kept apart.
+    """
     started = time.time()
     torch.manual_seed(seed)
+    out = Path(out_dir)
+    torch_type = torch_dtype(dtype)
     location = resolve_source(source, gguf_file)
+    check_output(out, location, keep_apart or {})
     config = load_config(location)
-    architecture_for(config)  # refuse an unknown family before any work
-    count, candidates = None, None
+    check_model(cfg, location, config)
+    spec = cfg.spec
+    count, candidates, keep = None, None, None
     try:
         if cfg.method == "depth":
             count, candidates = plan_depth(cfg, config.num_hidden_layers)
-        elif cfg.ratio is None:
-            raise ValueError("prune.ratio is required for method: width")
-        elif cfg.target == "mlp":
-            width.kept_width(config.intermediate_size, cfg.ratio, cfg.round_to)
         else:
-            width.kept_groups(getattr(config, "num_key_value_heads", None) or config.num_attention_heads, cfg.ratio)
+            keep = plan_width(cfg, config)
     except ValueError as err:
         raise HealerError(str(err)) from None
 
     tokenizer = load_tokenizer(location)
     tokens = _load_tokens(cfg, tokenizer)
-    torch_type = torch_dtype(dtype)
+    explicit = cfg.method == "depth" and cfg.blocks is not None
 
     # Score from disk shards, one block resident, when the criterion allows and the source is a directory.
     disk_stack = None
-    if location.is_local_dir and cfg.criterion in LAYERWISE and cfg.blocks is None:
+    if location.is_local_dir and spec.reads_shards and not explicit:
         try:
             disk_stack = BlockStack.from_pretrained_dir(location.path, torch_type)
-        except FileNotFoundError:
+        except FileNotFoundError:  # no safetensors (e.g. pytorch_model.bin): score in memory
             disk_stack = None
-    layerwise_scores = None
+    scored = None
     if disk_stack is not None:
-        layerwise_scores = _score(cfg, count, candidates, None, disk_stack, tokens, config, progress)
+        scored = score(cfg, disk_stack, tokens, count, candidates, progress)
         del disk_stack
 
     model = load_model(location, torch_type)
@@ -119,28 +150,23 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     ppl_before = depth.perplexity(model, tokens) if tokens is not None else None
     config_before = model.config.to_dict()
 
-    if cfg.method == "depth" and cfg.blocks is not None:
+    if explicit:
         scores, drop = {}, sorted(set(cfg.blocks))
     else:
-        scores, drop = layerwise_scores or _score(cfg, count, candidates, model, BlockStack.from_model(model),
-                                                  tokens, config, progress)
+        scores, drop = scored or score(cfg, BlockStack.from_model(model), tokens, count, candidates, progress)
 
     details: dict = {}
     if cfg.method == "depth":
         edited = adapter.remove_blocks(drop)
         details = {"removed": drop, "kept": [i for i in range(config.num_hidden_layers) if i not in drop],
                    "scores": {str(k): v for k, v in scores.items()}, "config_keys_edited": edited}
-        if cfg.criterion == "angular":
-            details["scores_are"] = "angular distance of the span of that many blocks starting at each index"
-    elif cfg.target == "mlp":
-        keep = width.kept_width(config.intermediate_size, cfg.ratio, cfg.round_to)
+    elif spec.target == "mlp":
         kept = width.top_indices(scores, keep)
         adapter.shrink_mlp(kept)
         details = {"intermediate_size": [config.intermediate_size, keep], **width.describe(scores, kept)}
     else:
-        groups = width.kept_groups(adapter.num_kv_heads, cfg.ratio)
         before = (adapter.num_heads, adapter.num_kv_heads)
-        kept = width.top_indices(scores, groups)
+        kept = width.top_indices(scores, keep)
         adapter.shrink_attention(kept)
         details = {"attention_heads": [before[0], model.config.num_attention_heads],
                    "key_value_heads": [before[1], model.config.num_key_value_heads],
@@ -148,7 +174,12 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
                    "group_scores": [s.tolist() for s in scores]}
 
     ppl_after = depth.perplexity(model, tokens) if tokens is not None else None
-    out = Path(out_dir)
+    # A report or manifest left by an earlier run must not describe the weights written now, even
+    # if this save is interrupted: remove them first (the marker says the directory is still ours).
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WRITING).touch()
+    for stale in (REPORT, MANIFEST):
+        (out / stale).unlink(missing_ok=True)
     max_diff = save_and_verify(model, tokenizer, out, atol=cfg.verify_atol)
     config_after = model.config.to_dict()
     params_after = count_parameters(model)
@@ -156,13 +187,13 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     report = {
         "source": str(location),
         "method": cfg.method,
-        "criterion": cfg.criterion if not (cfg.method == "depth" and cfg.blocks is not None) else "explicit",
-        "target": cfg.target if cfg.method == "width" else "blocks",
+        "criterion": "explicit" if explicit else cfg.criterion,
+        "criterion_description": "the blocks listed in prune.blocks" if explicit else spec.description,
+        "target": spec.target,
         "ratio": cfg.ratio,
-        "score_meaning": "lower = less important, removed first" if cfg.method == "depth"
-        else "higher = more important, kept",
+        "score_meaning": spec.scores_are or DEFAULT_SCORES_ARE[cfg.method],
         "protected": {"keep_first": first, "keep_last": last,
-                      "applied": cfg.method == "depth" and cfg.blocks is None and (first + last) > 0},
+                      "applied": cfg.method == "depth" and not explicit and (first + last) > 0},
         **details,
         "params_before": params_before,
         "params_after": params_after,
@@ -173,29 +204,14 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         "config_changes": {k: [config_before.get(k), v] for k, v in config_after.items()
                            if config_before.get(k) != v and k not in ("transformers_version", "dtype", "architectures")},
         "reload_max_logit_diff": max_diff,
-        "scored_from": "disk, one block at a time" if layerwise_scores is not None else "memory",
+        "scored_from": "disk, one block at a time" if scored is not None else "memory",
         "seed": seed,
         "versions": package_versions(),
         "elapsed_s": round(time.time() - started, 2),
     }
     write_json_atomic(out / REPORT, report)
+    (out / WRITING).unlink()
     return report
-
-
-def _score(cfg, count, candidates, model, stack, tokens, config, progress):
-    if cfg.method == "depth":
-        return score_depth(cfg, count, candidates, model, stack, tokens, progress)
-    if cfg.target == "mlp":
-        if cfg.criterion == "activation":
-            scores = width.activation_scores(stack, tokens, progress)
-        else:
-            adapter = ModelAdapter(model)
-            scores = width.maw_scores(adapter) if cfg.criterion == "maw" else width.l2_scores(adapter)
-        return scores, None
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return width.head_output_scores(stack, tokens, heads, kv, head_dim, progress), None
 
 
 def run_prune_stage(recipe, args: list[str]) -> int:
@@ -203,12 +219,25 @@ def run_prune_stage(recipe, args: list[str]) -> int:
         raise HealerError("the recipe has no prune: section (give --method/--ratio or a recipe with prune:)")
     out = recipe.stage_dir("prune")
     report = prune(recipe.stage_input("prune"), recipe.prune, out, gguf_file=recipe.model.gguf_file,
-                   dtype=recipe.model.dtype, seed=recipe.seed)
+                   dtype=recipe.model.dtype, seed=recipe.seed, keep_apart=teachers(recipe))
     write_stage_manifest(out, "prune", {"model_dir": str(out), "report": str(out / REPORT),
                                         "params_before": report["params_before"],
                                         "params_after": report["params_after"]})
     _print_summary(report, out)
     return 0
+
+
+def teachers(recipe) -> dict[str, str]:
+    """Models later stages of ``recipe`` read as teachers, by the key that names them: prune must not write there."""
+    found = {}
+    kd = getattr(recipe.cpt, "kd", None) if getattr(recipe, "cpt", None) is not None else None
+    if kd is not None:
+        found["the KD teacher (cpt.kd.teacher)"] = getattr(kd, "teacher", None) or recipe.model.source
+    self_distill = getattr(recipe.sft, "self_distill", None) if getattr(recipe, "sft", None) is not None else None
+    if self_distill is not None:
+        found["the self-distillation teacher (sft.self_distill.teacher)"] = (getattr(self_distill, "teacher", None)
+                                                                             or recipe.model.source)
+    return found
 
 
 def _print_summary(report: dict, out: Path) -> None:

@@ -1,14 +1,17 @@
 """Width pruning: score GLU MLP neurons and attention key-value groups, keep the best in every block.
 
-Neuron scores are per block, higher = more important. The kept count is the same in every block so
-``intermediate_size`` and the head counts stay single numbers in ``config.json``.
+Every criterion has the signature ``(stack, tokens, progress)`` and returns one tensor per block with
+one score per unit (neuron or key-value group), higher = more important. The kept count is the same in
+every block so ``intermediate_size`` and the head counts stay single numbers in ``config.json``.
+They are listed in :data:`healer.prune.criteria.CRITERIA`.
 """
 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
-from healer.adapter import ModelAdapter, get_module
+from healer.adapter import attention_projections, mlp_projections
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 
@@ -22,6 +25,11 @@ def kept_width(total: int, ratio: float, multiple: int) -> int:
             f"prune.ratio {ratio} leaves {total * (1 - ratio):.1f} of {total} neurons, which rounds to 0 at "
             f"prune.round_to {multiple}; lower the ratio or round_to"
         )
+    if keep == total:
+        raise ValueError(
+            f"prune.ratio {ratio} of {total} neurons rounds to removing none at prune.round_to {multiple}; "
+            "raise the ratio or lower round_to"
+        )
     return keep
 
 
@@ -34,21 +42,21 @@ def kept_groups(total: int, ratio: float) -> int:
     return keep
 
 
-def maw_scores(adapter: ModelAdapter) -> list[torch.Tensor]:
+def maw_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = True) -> list[torch.Tensor]:
     """max(w) + |min(w)| of each gate row plus the same of each up row (the pruned Llama-3.2 method, no data)."""
     out = []
-    for block in adapter.blocks:
-        gate, up, _ = adapter.mlp_projections(block)
+    for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="maw", disable=not progress):
+        gate, up, _ = mlp_projections(stack.arch, block)
         g, u = gate.weight.detach().float(), up.weight.detach().float()
         out.append(g.max(1).values + g.min(1).values.abs() + u.max(1).values + u.min(1).values.abs())
     return out
 
 
-def l2_scores(adapter: ModelAdapter) -> list[torch.Tensor]:
-    """L2 norm of everything a neuron owns: its gate row, up row and down column."""
+def l2_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = True) -> list[torch.Tensor]:
+    """L2 norm of everything a neuron owns: its gate row, up row and down column (no data)."""
     out = []
-    for block in adapter.blocks:
-        gate, up, down = adapter.mlp_projections(block)
+    for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="l2", disable=not progress):
+        gate, up, down = mlp_projections(stack.arch, block)
         sq = gate.weight.detach().float().pow(2).sum(1) + up.weight.detach().float().pow(2).sum(1) \
             + down.weight.detach().float().pow(2).sum(0)
         out.append(sq.sqrt())
@@ -70,17 +78,20 @@ def activation_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = 
             sums[i] = s if counts[i] == 0 else sums[i] + s
             counts[i] += x.shape[0] * x.shape[1]
 
-        down = get_module(get_module(block, stack.arch.mlp), stack.arch.down_proj)
+        down = mlp_projections(stack.arch, block)[2]
         return [down.register_forward_pre_hook(hook)]
 
     _boundary_walk(stack, tokens, _ignore, progress, "mlp activations", watch=watch)
     return [s / n for s, n in zip(sums, counts)]
 
 
-def head_output_scores(stack: BlockStack, tokens: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                       progress: bool = True) -> list[torch.Tensor]:
+def head_output_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = True) -> list[torch.Tensor]:
     """Per key-value group: the summed mean norm of what each of its query heads adds to the residual
     stream (the head's slice of the o_proj input times its o_proj columns), on calibration data."""
+    config = stack.config
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     group = num_heads // num_kv_heads
     sums = [torch.zeros(num_kv_heads) for _ in range(stack.num_blocks)]
     counts = [0] * stack.num_blocks
@@ -96,7 +107,7 @@ def head_output_scores(stack: BlockStack, tokens: torch.Tensor, num_heads: int, 
             sums[i] += per_head.view(num_kv_heads, group).sum(1)
             counts[i] += x.shape[0] * x.shape[1]
 
-        o_proj = get_module(get_module(block, stack.arch.attention), stack.arch.o_proj)
+        o_proj = attention_projections(stack.arch, block)[3]
         return [o_proj.register_forward_pre_hook(hook)]
 
     _boundary_walk(stack, tokens, _ignore, progress, "head output norms", watch=watch)

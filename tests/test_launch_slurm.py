@@ -118,3 +118,22 @@ def test_option_the_cluster_rejects_is_refused_before_anything_runs(cluster, tmp
         run_entry([TOY, "--out", str(tmp_path / "out")], cfg, tmp_path / "launch", "toybad", wait=False)
     assert not (tmp_path / "out").exists()
     assert cluster.run("squeue", "-h", "-n", "healer-toybad", "-o", "%i").stdout.strip() == ""
+
+
+def test_launch_env_reaches_the_job_as_written_and_never_its_files(cluster, tmp_path):
+    # A secret and a value full of shell syntax: both must arrive exactly, run nothing, and stay out of files.
+    hostile = "$(touch PWNED) `touch PWNED`; touch PWNED '\" \\"
+    token = "hf_" + "Zq7Lk2Vw9Xp4Rt6Ym1Nb3Cd5Fg8Hj0Ks2"
+    cfg = LaunchConfig(backend="slurm", nodes=2, nproc_per_node=1, env={"HEALER_TOY_ENV": hostile, "HF_TOKEN": token},
+                       slurm=SlurmConfig(signal_seconds=60))
+    launch = tmp_path / "launch"
+    assert run_entry([TOY, "--out", str(tmp_path / "out"), "--steps", "2"], cfg, launch, "toyenv", wait=False) == 0
+    job = _job_id(cluster, "healer-toyenv")
+    assert slurm.wait(job, launch / f"slurm-{job}.out", poll_s=1) == 0, cluster.logs()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / "out" / f"ranks-{rank}.txt").read_text().splitlines()[0])
+        assert seen["toy_env"] == hostile
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+    for path in launch.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path

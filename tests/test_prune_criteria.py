@@ -9,6 +9,7 @@ from conftest import tiny_model
 from healer.adapter import ModelAdapter
 from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack
+from healer.prune.criteria import CRITERIA
 
 TOKENS = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(1))
 
@@ -39,30 +40,25 @@ def test_depth_criterion_picks_the_silent_block(criterion):
                 p.mul_(0.01)
     stack = BlockStack.from_model(model)
     candidates = list(range(6))
-    if criterion == "ppl":
-        # A random model is no better than chance on random text, so dropping a noisy block can *lower*
-        # perplexity. On text the model itself wrote, every block that acts moves it off its own choices.
-        scores = depth.ppl_scores(stack, own_text(model), candidates, progress=False)
-    elif criterion == "taylor":
-        scores = depth.taylor_scores(model, TOKENS, candidates, progress=False)
-    elif criterion == "block_influence":
-        scores = depth.block_influence_scores(stack, TOKENS, candidates, progress=False)
-    else:
-        scores = depth.magnitude_scores(stack, candidates, progress=False)
-    assert depth.choose_lowest(scores, 1) == [3], scores
+    # A random model is no better than chance on random text, so dropping a noisy block can *lower*
+    # perplexity. On text the model itself wrote, every block that acts moves it off its own choices.
+    tokens = own_text(model) if criterion == "ppl" else TOKENS
+    spec = CRITERIA["depth"][criterion]
+    scores = spec.score(stack, tokens, candidates, 1, progress=False)
+    assert spec.select(scores, 1) == [3], scores
 
 
 def test_ppl_of_silent_block_equals_dense_perplexity():
     model = tiny_model("llama", layers=6)
     silence_block(model, 2)
-    scores = depth.ppl_scores(BlockStack.from_model(model), TOKENS, [2, 3], progress=False)
+    scores = depth.ppl_scores(BlockStack.from_model(model), TOKENS, [2, 3], 1, progress=False)
     assert scores[2] == pytest.approx(depth.perplexity(model, TOKENS), rel=1e-4)
 
 
 def test_cached_prefix_ppl_matches_naive_full_forward():
     model = tiny_model("qwen2", layers=5)
     candidates = [1, 2, 3]
-    fast = depth.ppl_scores(BlockStack.from_model(model), TOKENS, candidates, progress=False)
+    fast = depth.ppl_scores(BlockStack.from_model(model), TOKENS, candidates, 1, progress=False)
     naive = depth.ppl_scores_naive(model, TOKENS, candidates)
     for i in candidates:
         assert fast[i] == pytest.approx(naive[i], rel=1e-4)
@@ -73,10 +69,16 @@ def test_angular_picks_the_silent_span():
     model = tiny_model("mistral", layers=7)
     silence_block(model, 3)
     silence_block(model, 4)
-    starts = list(range(0, 6))
-    scores = depth.angular_span_scores(BlockStack.from_model(model), TOKENS, 2, starts, progress=False)
-    assert min(scores, key=scores.get) == 3
+    scores = depth.angular_scores(BlockStack.from_model(model), TOKENS, list(range(7)), 2, progress=False)
+    assert sorted(scores) == [0, 1, 2, 3, 4, 5]  # every start whose span of 2 fits
+    assert depth.lowest_span(scores, 2) == [3, 4]
     assert scores[3] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_angular_spans_stay_inside_the_candidates():
+    model = tiny_model("mistral", layers=7)
+    scores = depth.angular_scores(BlockStack.from_model(model), TOKENS, [1, 2, 3, 4], 3, progress=False)
+    assert sorted(scores) == [1, 2]
 
 
 def _dim_neurons(model, neurons):
@@ -92,13 +94,7 @@ def test_width_criterion_drops_the_dim_neurons(criterion):
     model = tiny_model("llama", layers=3)
     dim = torch.arange(5, 128, 8)  # 16 neurons
     _dim_neurons(model, dim)
-    adapter = ModelAdapter(model)
-    if criterion == "maw":
-        scores = width.maw_scores(adapter)
-    elif criterion == "l2":
-        scores = width.l2_scores(adapter)
-    else:
-        scores = width.activation_scores(BlockStack.from_model(model), TOKENS, progress=False)
+    scores = CRITERIA["width"][criterion].score(BlockStack.from_model(model), TOKENS, progress=False)
     kept = width.top_indices(scores, 112)
     for k in kept:
         assert set(k.tolist()).isdisjoint(dim.tolist())
@@ -110,7 +106,7 @@ def test_head_norm_drops_the_silent_group():
     with torch.no_grad():
         for block in ModelAdapter(model).blocks:  # group 2 = query heads 4, 5
             block.self_attn.o_proj.weight[:, 4 * head_dim:6 * head_dim] = 0
-    scores = width.head_output_scores(BlockStack.from_model(model), TOKENS, 8, 4, head_dim, progress=False)
+    scores = width.head_output_scores(BlockStack.from_model(model), TOKENS, progress=False)
     for s in scores:
         assert s[2] == 0 and (s[[0, 1, 3]] > 0).all()
     assert all(2 not in k.tolist() for k in width.top_indices(scores, 3))
@@ -121,6 +117,8 @@ def test_kept_width_rounds_and_refuses_zero():
     assert width.kept_width(1536, 0.2, 64) == 1216
     with pytest.raises(ValueError, match="rounds to 0"):
         width.kept_width(16, 0.9, 8)
+    with pytest.raises(ValueError, match="rounds to removing none"):
+        width.kept_width(128, 0.01, 8)  # 126.7 rounds up to all 128
 
 
 def test_block_count_refusals():

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, save_tiny
 from healer.cli import main
 from healer.errors import HealerError
 from healer.prune.config import PruneConfig
-from healer.prune.stage import prune
+from healer.prune.criteria import CRITERIA
+from healer.prune.stage import prune, teachers
+from healer.recipe import load_recipe
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -91,6 +95,12 @@ def test_cli_prune_and_key_naming_errors(tmp_path, calibration_file, capsys):
     assert "prune.ratio" in capsys.readouterr().err
     assert main(["prune", "--model", str(src), "--criterion", "bogus"]) == 2
     assert "unknown depth criterion 'bogus'" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--blocks", "[]", "--output", str(tmp_path / "none")]) == 2
+    assert "prune.blocks is empty" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--num-blocks", "1", "--criterion", "magnitude",
+                 "--output", str(src)]) == 2
+    assert "is the input model" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_inputs_get_one_clear_message(tmp_path, calibration_file):
@@ -111,6 +121,154 @@ def test_bad_inputs_get_one_clear_message(tmp_path, calibration_file):
         prune(str(src), PruneConfig(criterion="ppl", num_blocks=1, calibration={"path": str(calibration_file)}),
               tmp_path / "e", progress=False)  # 4 blocks, first 4 + last 2 protected
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused before writing anything
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """Every criterion fails loudly if called: a refusal must come before any scoring work."""
+    def scored(*_args, **_kwargs):
+        raise AssertionError("a criterion ran although the input should have been refused first")
+
+    for table in CRITERIA.values():
+        for name, spec in table.items():
+            monkeypatch.setitem(table, name, dataclasses.replace(spec, score=scored))
+
+
+def _break_weights(src):
+    file = src / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:1000])
+
+
+def _break_config(src):
+    (src / "config.json").write_text('{"model_type": "llama", ')
+
+
+# (name, how to break the setup, PruneConfig kwargs, output (relative to tmp_path, or a marker), expected error)
+REFUSALS = [
+    ("output is the input", None, dict(num_blocks=1, criterion="magnitude"), "model",
+     "prune.output: .* is the input model"),
+    ("output inside the input", None, dict(num_blocks=1, criterion="magnitude"), "model/pruned",
+     "is inside the input model"),
+    ("output is the KD teacher", None, dict(num_blocks=1, criterion="magnitude"), "teacher",
+     r"is the KD teacher \(cpt.kd.teacher\)"),
+    ("output is a file", None, dict(num_blocks=1, criterion="magnitude"), "a-file", "is a file, not a directory"),
+    ("output below a file", None, dict(num_blocks=1, criterion="magnitude"), "a-file/out", "cannot be created"),
+    ("seq_len above max positions", None,
+     dict(num_blocks=1, criterion="block_influence", calibration={"seq_len": 600}), "out",
+     r"prune.calibration.seq_len: 600 tokens .*max_position_embeddings \(512\)"),
+    ("all blocks", None, dict(num_blocks=4, criterion="magnitude"), "out", "would leave none"),
+    ("ratio rounds to no block", None, dict(ratio=0.05, criterion="magnitude"), "out", "rounds to 0 blocks"),
+    ("block out of range", None, dict(blocks=[1, 4]), "out", r"prune.blocks: \[4\] out of range"),
+    ("every block listed", None, dict(blocks=[0, 1, 2, 3]), "out", "removes all 4 blocks"),
+    ("protected ends leave too few", None, dict(num_blocks=1, criterion="ppl"), "out", "keep_first"),
+    ("width ratio removes no neuron", None, dict(method="width", criterion="maw", ratio=0.01), "out",
+     "rounds to removing none"),
+    ("width ratio removes every KV group", None, dict(method="width", criterion="head_norm", ratio=0.9), "out",
+     "would remove all 2 key-value groups"),
+    ("no calibration for a data criterion", None, dict(num_blocks=1, criterion="angular", calibration={"path": None}),
+     "out", "calibration.path is required by criterion 'angular'"),
+    ("truncated safetensors", _break_weights, dict(num_blocks=1, criterion="magnitude"), "out",
+     "model.safetensors: not a readable safetensors file .*truncated or corrupt"),
+    ("invalid config.json", _break_config, dict(num_blocks=1, criterion="magnitude"), "out",
+     "cannot read the config .*config.json"),
+]
+
+
+@pytest.mark.parametrize("name,breakage,kwargs,output,expected", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_bad_input_is_refused_in_one_line_before_scoring(name, breakage, kwargs, output, expected, tmp_path,
+                                                         calibration_file, no_scoring):
+    src = save_tiny(tmp_path, "llama", layers=4)
+    teacher = save_tiny(tmp_path, "llama", name="teacher", layers=4)
+    (tmp_path / "a-file").write_text("not a directory")
+    if breakage:
+        breakage(src)
+    kwargs.setdefault("calibration", {})
+    kwargs["calibration"] = {"path": str(calibration_file), "num_samples": 2, "seq_len": 16} | kwargs["calibration"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(HealerError, match=expected) as err:
+        prune(str(src), PruneConfig(**kwargs), tmp_path / output, progress=False,
+              keep_apart={"the KD teacher (cpt.kd.teacher)": str(teacher)})
+    assert "\n" not in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_garbage_gguf_is_refused_naming_it(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(200))
+    with pytest.raises(HealerError, match=f"{gguf}: cannot read the config from this GGUF file"):
+        prune(str(gguf), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(HealerError, match="is the folder of the input model .*would shadow the GGUF"):
+        prune(str(gguf), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path, progress=False)
+
+
+CONFIG_REFUSALS = [
+    (dict(blocks=[]), "prune.blocks is empty, so nothing would be removed"),
+    (dict(blocks=[2, 2]), r"prune.blocks lists \[2\] more than once"),
+    (dict(ratio=0.0), "prune.ratio must be between 0 and 1"),
+    (dict(ratio=-0.2), "prune.ratio must be between 0 and 1"),
+    (dict(ratio=1.0), "prune.ratio must be between 0 and 1"),
+    (dict(num_blocks=0), "num_blocks"),
+    (dict(num_blocks=-1), "num_blocks"),
+    (dict(), "say how much to remove"),
+    (dict(ratio=0.2, num_blocks=2), "give only one of ratio, num_blocks, blocks"),
+    (dict(method="width", criterion="maw"), "prune.ratio is required for method: width"),
+    (dict(method="width", criterion="maw", ratio=0.2, num_blocks=1), "apply to method: depth only"),
+    (dict(criterion="bogus", ratio=0.2), "unknown depth criterion 'bogus'; choose one of ppl, taylor"),
+    (dict(criterion="maw", ratio=0.2), "'maw' is a width criterion: set prune.method: width"),
+    (dict(method="width", criterion="maw", target="attention", ratio=0.2), "'maw' prunes mlp, not attention"),
+    (dict(method="sparse", ratio=0.2), "method"),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", CONFIG_REFUSALS)
+def test_impossible_settings_are_refused_naming_the_key(kwargs, expected):
+    with pytest.raises(ValidationError, match=expected):
+        PruneConfig(**kwargs)
+
+
+def test_teachers_of_a_recipe_are_kept_apart(tmp_path):
+    src = save_tiny(tmp_path, "llama", layers=4)
+    out = tmp_path / "teacher"
+    out.mkdir()
+    recipe = load_recipe(None, {"model.source": str(src), "prune.num_blocks": 1, "prune.criterion": "magnitude",
+                                "prune.output": str(out), "cpt.kd.teacher": str(out)})
+    assert teachers(recipe) == {"the KD teacher (cpt.kd.teacher)": str(out)}
+    with pytest.raises(HealerError, match="is the KD teacher"):
+        prune(recipe.stage_input("prune"), recipe.prune, recipe.stage_dir("prune"), keep_apart=teachers(recipe))
+    default = load_recipe(None, {"model.source": str(src), "prune.num_blocks": 1, "cpt.kd": {}})
+    assert teachers(default) == {"the KD teacher (cpt.kd.teacher)": str(src)}  # the dense model by default
+
+
+def test_a_rerun_never_leaves_an_old_report_beside_new_weights(tmp_path, monkeypatch):
+    src = save_tiny(tmp_path, "llama", layers=4)
+    out = tmp_path / "out"
+    prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), out, progress=False)
+    (out / "manifest.json").write_text("{}")
+    import healer.prune.stage as stage
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt  # killed while saving
+
+    monkeypatch.setattr(stage, "save_and_verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)
+    assert not (out / "prune_report.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    report = prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)  # may retry
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4 - len(report["removed"]) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_directory_holding_another_model_is_not_overwritten(tmp_path):
+    src = save_tiny(tmp_path, "llama", layers=4)
+    other = save_tiny(tmp_path, "llama", name="other", layers=2)  # e.g. another stage's export
+    with pytest.raises(HealerError, match="already holds config.json that healer prune did not write"):
+        prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), other, progress=False)
+    assert json.loads((other / "config.json").read_text())["num_hidden_layers"] == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("unrelated files are no model")
+    prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), tmp_path / "notes", progress=False)
 
 
 def test_unknown_family_refused_before_loading_weights(tmp_path):
@@ -139,7 +297,7 @@ if sys.argv[2] == "layerwise":
 else:
     from transformers import AutoModelForCausalLM
     stack = BlockStack.from_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]))
-scores = depth.block_influence_scores(stack, tokens, list(range(stack.num_blocks)), progress=False)
+scores = depth.block_influence_scores(stack, tokens, list(range(stack.num_blocks)), 1, progress=False)
 print((rss_kb("VmHWM:") - base) / 1024, sorted(scores.items()))
 """
 

@@ -113,6 +113,43 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     assert "# second" in (out / "README.md").read_text()
 
 
+HF_TOKEN = "hf_" + "Zq7Lk2Vw9Xp4Rt6Ym1Nb3Cd5Fg8Hj0Ks2"
+WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # hex, so only its place gives it away
+
+
+def test_secrets_in_the_recipe_never_reach_the_release(run, capsys):
+    recipe, run_dir, _ = run
+    tree = yaml.safe_load(recipe.read_text())
+    tree["launch"] = {"env": {"HF_TOKEN": HF_TOKEN, "WANDB_API_KEY": WANDB_KEY, "NCCL_IB_HCA": "mlx5_0"}}
+    tree["release"]["repo_id"] = "someorg/tiny-healed"
+    recipe.write_text(yaml.safe_dump(tree))
+    # A secret can also leak through another stage's report: an eval note quoting the token.
+    eval_json = run_dir / "eval" / "eval.json"
+    result = json.loads(eval_json.read_text())
+    result["notes"].append(f"read with token {WANDB_KEY}")
+    eval_json.write_text(json.dumps(result))
+
+    assert main(["release", str(recipe)]) == 0
+    out = run_dir / "release"
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert HF_TOKEN.encode() not in data and WANDB_KEY.encode() not in data, path
+    published = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert published["launch"]["env"] == {"HF_TOKEN": "<redacted>", "WANDB_API_KEY": "<redacted>",
+                                          "NCCL_IB_HCA": "<redacted>"}
+    assert published["release"]["repo_id"] == "someorg/tiny-healed"  # ordinary values stay as they were
+    card = (out / "README.md").read_text()
+    assert "WANDB_API_KEY: <redacted>" in card and "read with token <redacted>" in card
+    assert 'from_pretrained("someorg/tiny-healed")' in card
+
+    # Launching from the published recipe would hand the ranks "<redacted>" as a token: refused instead.
+    capsys.readouterr()
+    assert main(["launch", "--nproc", "1", "cpt", str(out / "recipe.yaml"), "--run-dir", str(run_dir / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "launch.env.HF_TOKEN is <redacted>" in err and "your own recipe" in err
+
+
 def test_missing_inputs_are_said_in_the_card_not_a_crash(tmp_path):
     model = save_tiny(tmp_path, name="plain", layers=2)
     out = tmp_path / "rel"

@@ -1,41 +1,66 @@
-"""Distillation loss: ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
+"""Distillation math: ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)`` per token.
 
-Both models see the same batch; the teacher is frozen. CE and KL are averaged over
-the same positions (every position that has a next token).
+Two forms of the same loss:
+
+* :func:`distill_loss` takes full ``[batch, seq, vocab]`` logits and returns means. It is the reference
+  the tests and ``bench/kd_memory.py`` compare against; with a 128K vocabulary its fp32 temporaries alone
+  are several GiB per micro-batch.
+* :func:`chunked_head_loss` takes final hidden states and the output head, and walks the positions in
+  chunks, so at most one chunk of logits is alive at any time. For a plain linear head the gradient is
+  computed chunk by chunk during the forward pass (the closed form of the CE and KL gradients, pushed
+  through the head at once); for a head partitioned by ZeRO-3 each chunk is recomputed in backward
+  (``torch.utils.checkpoint``) so DeepSpeed's module hooks gather the weight. It returns sums, which the
+  training loop normalises over its accumulation window.
+
+What ``top_k`` means (both forms): only the teacher's ``k`` largest logits at a position are kept; the
+teacher distribution is renormalised over those ``k`` tokens (softmax of the ``k`` logits divided by T),
+and the student's log-probabilities are the full-vocabulary ``log_softmax(student / T)`` read at those
+same ``k`` token ids (not renormalised). The term stays >= 0 and is zero only when the student's
+probabilities at the teacher's top-k tokens equal the renormalised teacher's -- i.e. when the student
+puts all its mass there, in the teacher's proportions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 512  # positions per chunk: 512 x 128K vocab x 4 bytes = 256 MiB per fp32 temporary
 
 
-def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                       top_k: int | None = None) -> torch.Tensor:
-    """Mean over positions of KL(p_teacher || p_student) at ``temperature``, in float32.
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+             top_k: int | None = None) -> torch.Tensor:
+    """KL(p_teacher || p_student) at ``temperature`` for every position (``[..., V]`` -> ``[...]``), in fp32.
 
-    With ``top_k`` only the teacher's k largest logits are kept: the teacher distribution is renormalised
-    over them and compared with the student's full-softmax log-probabilities at the same token ids. That
-    term is still >= 0 and zero only when the student puts the teacher's mass on exactly those tokens;
-    it saves the memory of a second full-vocabulary softmax.
+    ``top_k`` restricts the teacher to its k largest logits, as the module docstring defines.
     """
-    s = student_logits.float() / temperature
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = teacher_logits.float() / temperature
-    log_q = F.log_softmax(s, dim=-1)
     if top_k is not None and top_k < t.shape[-1]:
         t_vals, t_idx = t.topk(top_k, dim=-1)
         log_p = F.log_softmax(t_vals, dim=-1)
         log_q = log_q.gather(-1, t_idx)
     else:
         log_p = F.log_softmax(t, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.mean()
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                       top_k: int | None = None) -> torch.Tensor:
+    """Mean over positions of :func:`token_kl`."""
+    return token_kl(student_logits, teacher_logits, temperature, top_k).mean()
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor, *,
                  alpha: float, temperature: float = 1.0, top_k: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, ce, kl)`` for next-token prediction on ``input_ids`` ([B, S]) given [B, S, V] logits."""
+    """``(loss, ce, kl)``, means over every position of ``input_ids`` ([B, S]) that has a next token.
+
+    The unchunked reference: it materialises several fp32 ``[B, S, V]`` tensors.
+    """
     s = student_logits[:, :-1]
     t = teacher_logits[:, :-1]
     if t.shape[-1] != s.shape[-1]:
@@ -44,3 +69,163 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, inp
     kl = kl_teacher_student(s, t, temperature, top_k)
     loss = alpha * ce + (1 - alpha) * temperature**2 * kl
     return loss, ce.detach(), kl.detach()
+
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk_sums(hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, targets: torch.Tensor, head: Head,
+                teacher_head: Head | None, temperature: float, top_k: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE sum, KL sum) of one chunk of positions; the KL is 0 without a teacher."""
+    logits = head(hidden)  # calling the module (not its weight) lets ZeRO-3's hooks gather a partitioned head
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if teacher_head is None:
+        return ce, ce.new_zeros(())
+    with torch.no_grad():
+        t_logits = teacher_head(teacher_hidden)
+    _same_vocab(t_logits, logits)
+    return ce, token_kl(logits, t_logits, temperature, top_k).sum()
+
+
+def _same_vocab(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+    if teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(f"teacher vocabulary {teacher_logits.shape[-1]} != student vocabulary "
+                         f"{student_logits.shape[-1]}")
+
+
+def _loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, alpha: float,
+                         temperature: float, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE sum, KL sum, d loss_sum / d logits) of one chunk. Works in place on ``logits`` and ``t_logits``
+    (fp32 temporaries the caller gives up) so about five chunk-sized tensors are alive, not ten."""
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    lse = logits.logsumexp(-1)
+    ce = (lse - logits[rows, targets]).sum()
+    if t_logits is None:
+        kl, log_q = ce.new_zeros(()), None
+    else:
+        _same_vocab(t_logits, logits)
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+    grad = logits.sub_(lse[:, None]).exp_().mul_(alpha)  # alpha * (softmax(s) - onehot), in the logits' memory
+    grad[rows, targets] -= alpha
+    if log_q is None:
+        return ce, kl, grad
+    scale = (1 - alpha) * temperature  # d(T^2 KL)/ds = T (q - p)
+    t = t_logits.float().div_(temperature)
+    if top_k is not None and top_k < t.shape[-1]:
+        t_vals, t_idx = t.topk(top_k, dim=-1)
+        log_p = F.log_softmax(t_vals, dim=-1)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q.gather(-1, t_idx))).sum()
+        q = log_q.exp_().mul_(scale).scatter_add_(-1, t_idx, p.mul_(-scale))
+    else:
+        log_p = F.log_softmax(t, dim=-1)
+        p = log_p.exp()
+        kl = torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q), no [n, V] temporary
+        del log_p
+        q = log_q.exp_().sub_(p).mul_(scale)
+    return ce, kl, grad.add_(q)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunked loss of a plain linear head with its gradient computed during the forward pass.
+
+    Per chunk the gradient w.r.t. the logits is known in closed form -- CE: softmax(s) - onehot(y);
+    T^2 * KL: T * (q - p) with q = softmax(s/T) and p the teacher's (top-k: p scattered into zeros, which
+    is exact because the renormalised p sums to 1) -- so it is pushed through the head at once and the
+    chunk's logits are freed. Backward only scales the stored gradients: no recomputation, the same
+    three head matmuls as the unchunked loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_head, alpha, temperature, top_k, chunk_size):
+        want_h, want_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) needs no [V, H] gradient buffer
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.shape[0], chunk_size):
+            h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            t_logits = None if teacher_head is None else teacher_head(teacher_hidden[start:start + chunk_size])
+            ce, kl, d_logits = _loss_and_logit_grad(F.linear(h, weight).float(), y, t_logits, alpha, temperature,
+                                                    top_k)
+            del t_logits
+            ce_sum += ce
+            kl_sum += kl
+            d_logits = d_logits.to(weight.dtype)
+            if want_h:
+                grad_h[start:start + chunk_size] = d_logits @ weight
+            if want_w and grad_w.dtype == d_logits.dtype:
+                grad_w.addmm_(d_logits.t(), h)
+            elif want_w:  # a 16-bit head: each chunk's product in 16 bits (as autograd would), summed in fp32
+                grad_w += d_logits.t() @ h
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return loss, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        scale = (lambda g: None if g is None else g.mul_(grad_loss))  # the buffers are ours: scale in place
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
+
+
+def _plain_linear(head) -> bool:
+    """A bias-free ``nn.Linear`` whose weight is a whole tensor here (not partitioned by ZeRO-3)."""
+    return (type(head) is torch.nn.Linear and head.bias is None  # exactly Linear: a LoRA-wrapped head is not
+            and not hasattr(head.weight, "ds_id"))
+
+
+def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *,
+                      teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None,
+                      alpha: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss_sum, ce_sum, kl_sum)`` over the positions of ``targets`` that are not -100.
+
+    hidden: the student's final hidden states (after the final norm), ``[..., H]``, aligned with ``targets``
+        (position i predicts ``targets[i]``; the caller has already shifted).
+    targets: next-token ids ``[...]``; -100 positions are skipped before the head ever sees them.
+    head: the student's output head module.
+    teacher_hidden / teacher_head: the frozen teacher's final hidden states (same shape as ``hidden``) and
+        head; without them the loss is plain CE (``kl_sum`` is 0) and ``alpha`` must be 1.
+    alpha, temperature, top_k: the distillation mix, as in :func:`distill_loss`.
+    chunk_size: positions per chunk; the memory of the loss is about a handful of ``chunk_size x V`` fp32
+        tensors instead of ``positions x V``.
+    fused: True = gradients computed in the forward pass (:class:`_FusedHeadLoss`; needs a plain bias-free
+        ``nn.Linear`` head); False = each chunk recomputed in backward by ``torch.utils.checkpoint``, calling
+        the head module again, which is what a ZeRO-3-partitioned head needs (its hooks gather the weight
+        and route its gradient). None picks fused whenever the head allows it.
+    ``ce_sum`` and ``kl_sum`` are detached; ``loss_sum = alpha*ce_sum + (1-alpha)*T^2*kl_sum`` carries the grad.
+    """
+    if teacher_head is None and alpha != 1.0:
+        raise ValueError("chunked_head_loss: alpha < 1 needs a teacher")
+    keep = targets.reshape(-1) != -100
+    hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+    targets = targets.reshape(-1)[keep]
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep]
+    if teacher_head is None:
+        alpha = 1.0
+    training = torch.is_grad_enabled() and (hidden.requires_grad or getattr(head, "weight", hidden).requires_grad)
+    if fused is None:
+        fused = _plain_linear(head)
+    if fused and training:
+        return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
+                                    top_k, chunk_size)
+    ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    kl_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (hidden[start:end], None if teacher_hidden is None else teacher_hidden[start:end],
+                targets[start:end], head, teacher_head, temperature, top_k)
+        if training:
+            ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            ce, kl = _chunk_sums(*args)
+        ce_sum = ce_sum + ce
+        kl_sum = kl_sum + kl
+    loss = alpha * ce_sum + (1 - alpha) * temperature**2 * kl_sum
+    return loss, ce_sum.detach(), kl_sum.detach()

@@ -1,0 +1,240 @@
+"""Training objectives: what one micro-batch's loss is, and how many tokens it is averaged over.
+
+An objective returns the loss SUMMED over its tokens; the training loop adds up ``tokens(batch)`` over the
+accumulation window and all ranks and divides once, so a short reply weighs as much per token as a long
+one (a mean of per-micro-batch means would not). ``model`` is a DeepSpeed engine (ZeRO 0-3), a plain
+Hugging Face causal LM, or a PEFT-wrapped one.
+
+Every objective runs the model with ``output_hidden_states=True, logits_to_keep=1``: the model never
+builds its own ``[batch, seq, vocab]`` logits; the output head is applied chunk by chunk in
+:func:`healer.train.kd.chunked_head_loss`, so a 128K vocabulary costs a chunk of logits, not a sequence.
+
+    objective = make_objective("kd", teacher=teacher, alpha=0.5, temperature=2.0)
+    n = objective.tokens(batch)                  # before any forward
+    loss_sum, parts = objective(engine, batch)   # parts: {"ce": .., "kl": ..}, sums, detached
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+import torch
+
+from healer.errors import HealerError
+from healer.train.kd import DEFAULT_CHUNK_SIZE, chunked_head_loss
+
+Batch = dict[str, torch.Tensor]
+
+# Config keys by which some families change the logits after the head; the chunked head would skip them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class Objective(Protocol):
+    name: str
+
+    def tokens(self, batch: Batch) -> int:
+        """Tokens this micro-batch's loss is summed over, from the batch alone (before any forward)."""
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the counted tokens, with grad; named parts, also sums, detached)."""
+
+
+def _hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine (``.module``); PEFT models forward the HF accessors."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # plain-module use without DeepSpeed installed
+        return model
+    return model.module if isinstance(model, DeepSpeedEngine) else model
+
+
+def output_head(model) -> torch.nn.Module:
+    """The output-head module of ``model``; refuses families whose logits are not just ``head(hidden)``."""
+    hf = _hf_model(model)
+    config = hf.config
+    for key in _LOGIT_TRANSFORMS:
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            raise HealerError(f"model config {key}={value}: healer's chunked loss applies the output head only; "
+                              "this family transforms its logits after the head and is not supported")
+    head = hf.get_output_embeddings()
+    if head is None:
+        raise HealerError(f"{type(hf).__name__} has no output head (get_output_embeddings() is None); "
+                          "training needs a *ForCausalLM model")
+    return head
+
+
+def _forward_hidden(model, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """``hidden_states`` of one forward (HF indexing: 0 = embeddings, last = after the final norm)."""
+    kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
+    # logits_to_keep=1: the model's own head runs on one position only; ours runs chunked.
+    out = model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
+                **kwargs)
+    return out.hidden_states
+
+
+def _next_token_targets(batch: Batch, use_labels: bool) -> torch.Tensor:
+    """``[B, S-1]`` ids each position must predict; -100 where nothing is supervised."""
+    if use_labels:
+        return batch["labels"][:, 1:]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch.get("attention_mask")
+    if mask is not None:  # padding predicts nothing and is never predicted
+        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+    return targets
+
+
+def _require_labels(name: str, batch: Batch) -> None:
+    if batch.get("labels") is None:
+        raise HealerError(f"objective {name!r} needs batches with `labels` (-100 = not supervised); "
+                          "this data has none -- use objective 'ce' for plain next-token training")
+
+
+def _positive_chunk(chunk_size: int) -> int:
+    if chunk_size < 1:
+        raise HealerError(f"chunk_size={chunk_size}: must be >= 1 (positions per chunk of logits)")
+    return chunk_size
+
+
+def _need_teacher(kind: str, teacher) -> None:
+    if teacher is None:
+        raise HealerError(f"objective {kind!r} needs a teacher model (the frozen unpruned model); got none")
+
+
+class NextTokenCE:
+    """Cross-entropy on every next token of ``input_ids`` (padding excluded); batch ``labels`` are ignored."""
+
+    name = "ce"
+    use_labels = False
+
+    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.chunk_size = _positive_chunk(chunk_size)
+
+    def _targets(self, batch: Batch) -> torch.Tensor:
+        return _next_token_targets(batch, self.use_labels)
+
+    def tokens(self, batch: Batch) -> int:
+        return int((self._targets(batch) != -100).sum())
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = _forward_hidden(model, batch)[-1][:, :-1]
+        loss, ce, _ = chunked_head_loss(hidden, self._targets(batch), output_head(model), chunk_size=self.chunk_size)
+        return loss, {"ce": ce}
+
+
+class ReplyCE(NextTokenCE):
+    """Cross-entropy on the tokens whose ``labels`` are not -100 (SFT: the replies), counted per token."""
+
+    name = "reply_ce"
+    use_labels = True
+
+    def _targets(self, batch: Batch) -> torch.Tensor:
+        _require_labels(self.name, batch)
+        return super()._targets(batch)
+
+
+class Distill:
+    """``alpha*CE + (1-alpha)*T^2*KL(teacher || student)`` per supervised token, summed; parts "ce" and "kl".
+
+    teacher: a frozen model (DeepSpeed engine or module) with the student's vocabulary; it sees the same batch.
+    alpha: weight of the CE on the true next token; ``1 - alpha`` goes to the KL.
+    temperature: softens both distributions; the KL is scaled by T^2 so its gradient keeps its size.
+    top_k: keep only the teacher's k largest logits per position (see :mod:`healer.train.kd`).
+    chunk_size: positions per chunk of logits.
+    Supervised tokens are every next token, or those with ``labels != -100`` when the batch has labels.
+    """
+
+    name = "kd"
+
+    def __init__(self, teacher, *, alpha: float, temperature: float = 1.0, top_k: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        _need_teacher("kd", teacher)
+        if not 0.0 <= alpha <= 1.0:
+            raise HealerError(f"kd alpha={alpha}: must be within [0, 1]")
+        if temperature <= 0:
+            raise HealerError(f"kd temperature={temperature}: must be > 0")
+        if top_k is not None and top_k < 1:
+            raise HealerError(f"kd top_k={top_k}: must be >= 1 (or null for the full vocabulary)")
+        self.teacher = teacher
+        self.alpha, self.temperature, self.top_k = alpha, temperature, top_k
+        self.chunk_size = _positive_chunk(chunk_size)
+
+    def tokens(self, batch: Batch) -> int:
+        return int((_next_token_targets(batch, batch.get("labels") is not None) != -100).sum())
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = _next_token_targets(batch, batch.get("labels") is not None)
+        hidden = _forward_hidden(model, batch)[-1][:, :-1]
+        with torch.no_grad():
+            t_hidden = _forward_hidden(self.teacher, batch)[-1][:, :-1]
+        try:
+            loss, ce, kl = chunked_head_loss(
+                hidden, targets, output_head(model), teacher_hidden=t_hidden, teacher_head=output_head(self.teacher),
+                alpha=self.alpha, temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
+        except ValueError as err:  # a vocabulary mismatch found at the first chunk
+            raise HealerError(f"kd teacher: {err}; the teacher must share the student's tokenizer") from None
+        return loss, {"ce": ce, "kl": kl}
+
+
+class HiddenMSE:
+    """MSE between a student hidden state and a teacher hidden state, mean over the hidden size, summed over
+    the (non-padding) positions; part "mse".
+
+    teacher: a frozen model (DeepSpeed engine or module) with the student's hidden size.
+    student_layer / teacher_layer: indices as in HF ``output_hidden_states``: 0 = the embeddings, i = the
+        output of block i; the last index is after the final norm (as Hugging Face returns it).
+    """
+
+    name = "hidden_mse"
+
+    def __init__(self, teacher, *, student_layer: int, teacher_layer: int):
+        _need_teacher("hidden_mse", teacher)
+        self.teacher = teacher
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+
+    def _mask(self, batch: Batch) -> torch.Tensor | None:
+        return batch.get("attention_mask")
+
+    def tokens(self, batch: Batch) -> int:
+        mask = self._mask(batch)
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    @staticmethod
+    def _pick(states: tuple[torch.Tensor, ...], index: int, key: str) -> torch.Tensor:
+        if not 0 <= index < len(states):
+            raise HealerError(f"hidden_mse {key}={index}: the model has hidden states 0..{len(states) - 1} "
+                              "(0 = embeddings, i = after block i)")
+        return states[index]
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student = self._pick(_forward_hidden(model, batch), self.student_layer, "student_layer")
+        with torch.no_grad():
+            teacher = self._pick(_forward_hidden(self.teacher, batch), self.teacher_layer, "teacher_layer")
+        if student.shape != teacher.shape:
+            raise HealerError(f"hidden_mse: student hidden state {tuple(student.shape)} and teacher's "
+                              f"{tuple(teacher.shape)} differ; both models need the same hidden size")
+        per_token = (student.float() - teacher.float()).pow(2).mean(-1)
+        mask = self._mask(batch)
+        loss = (per_token * mask).sum() if mask is not None else per_token.sum()
+        return loss, {"mse": loss.detach()}
+
+
+OBJECTIVES: dict[str, type] = {"ce": NextTokenCE, "reply_ce": ReplyCE, "kd": Distill, "hidden_mse": HiddenMSE}
+
+
+def make_objective(kind: str, **kwargs: Any) -> Objective:
+    """The objective ``kind`` (a key of :data:`OBJECTIVES`) built from its keyword arguments."""
+    cls = OBJECTIVES.get(kind)
+    if cls is None:
+        raise HealerError(f"objective {kind!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(params) - {"self"})
+    if unknown:
+        accepted = ", ".join(p for p in params if p != "self")
+        raise HealerError(f"objective {kind!r} does not take {', '.join(unknown)}; it takes: {accepted}")
+    missing = [p.name for p in params.values()
+               if p.name != "self" and p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        raise HealerError(f"objective {kind!r} needs {', '.join(missing)}")
+    return cls(**kwargs)
