@@ -226,11 +226,11 @@ def _collect(stack, block, index, linears, hiddens, contexts, statistics) -> dic
 
 # -- checking -------------------------------------------------------------------------------------------
 
-def layer_sparsity(weight: torch.Tensor, pattern: Pattern) -> dict:
+def layer_sparsity(weight: torch.Tensor, pattern: Pattern | None) -> dict:
     """Zero count of one weight, and for N:M the number of groups holding more than N nonzeros."""
     zeros = int((weight == 0).sum())
     out = {"zeros": zeros, "numel": weight.numel(), "sparsity": zeros / weight.numel(), "in_features": weight.shape[1]}
-    if pattern.is_nm:
+    if pattern is not None and pattern.is_nm:
         rows, cols = weight.shape
         if cols % pattern.m:
             out["bad_groups"] = -1  # cannot hold the pattern at all
@@ -240,8 +240,8 @@ def layer_sparsity(weight: torch.Tensor, pattern: Pattern) -> dict:
     return out
 
 
-def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
-    """Overall and per-projection-type sparsity, and whether every layer holds the pattern."""
+def summarize(per_layer: dict[str, dict], pattern: Pattern | None) -> dict:
+    """Overall and per-projection-type sparsity, and whether every layer holds ``pattern`` (None: count only)."""
     problems = []
     by_type: dict[str, list[int]] = {}
     for name, s in per_layer.items():
@@ -249,6 +249,8 @@ def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
         acc = by_type.setdefault(kind, [0, 0])
         acc[0] += s["zeros"]
         acc[1] += s["numel"]
+        if pattern is None:
+            continue
         if pattern.is_nm and s["bad_groups"]:
             problems.append(f"{name}: {s['bad_groups']} groups of {pattern.m} hold more than {pattern.n} nonzeros"
                             if s["bad_groups"] > 0 else f"{name}: {s['in_features']} inputs not a multiple of {pattern.m}")
@@ -264,24 +266,25 @@ def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
             "weights": numel,
             "by_type": {k: z / n for k, (z, n) in by_type.items()},
             "per_layer": {name: {k: v for k, v in s.items() if k != "in_features"} for name, s in per_layer.items()},
-            "pattern_holds": not problems and bool(per_layer),
+            "pattern_holds": (not problems and bool(per_layer)) if pattern is not None else None,
             "problems": problems,
         },
     }
 
 
-def verify_sparsity(model_or_state: nn.Module | dict[str, torch.Tensor] | str | Path, pattern: str = "unstructured",
-                    ratio: float | None = None, *, layers: Iterable[str] | None = None,
-                    arch: Architecture | None = None) -> dict:
+def verify_sparsity(model_or_state: nn.Module | dict[str, torch.Tensor] | str | Path,
+                    pattern: str | None = "unstructured", ratio: float | None = None, *,
+                    layers: Iterable[str] | None = None, arch: Architecture | None = None) -> dict:
     """Per-layer and overall sparsity of the block projections, and whether ``pattern`` holds everywhere.
 
     ``model_or_state``: a model, a state dict, or a checkpoint directory (read tensor by tensor from its
     safetensors, so a model larger than memory can be checked). For N:M every group of M input weights is
-    checked -- what GPU 2:4 kernels need. ``layers``: projection roles to check (default all).
+    checked -- what GPU 2:4 kernels need. ``pattern=None`` only counts zeros (``pattern_holds`` is None), e.g.
+    for a model whose pruning is unknown. ``layers``: projection roles to check (default all).
     ``arch`` is only needed for a state dict of a family not laid out like Llama.
     Returns ``{"sparsity": {overall, zeros, weights, by_type, per_layer, pattern_holds, problems}}``.
     """
-    parsed = parse_pattern(pattern, ratio)
+    parsed = parse_pattern(pattern, ratio) if pattern is not None else None
     tensors, arch = _named_tensors(model_or_state, arch)
     paths = select_layers(arch, layers)
     wanted = re.compile(rf"^{re.escape(arch.blocks)}\.\d+\.({'|'.join(re.escape(p) for p in paths.values())})\.weight$")

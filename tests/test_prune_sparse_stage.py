@@ -7,14 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny
+import yaml
+from conftest import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
 from healer.errors import HealerError
+from healer.manifest import read_stage_manifest
 from healer.prune.sparse import verify_sparsity
-from healer.prune.stage import prune, run_prune_stage, Options
+from healer.prune.stage import Options, prune, run_prune_stage
 from healer.recipe import RecipeError, load_recipe
+from healer.release import build_release
 
 
 def sparse_recipe(src, tmp_path, calibration_file, **sparsity):
@@ -105,3 +108,54 @@ def test_an_unquoted_n_m_that_yaml_read_as_base_60_is_read_back(tmp_path):
 def test_sparsity_section_is_refused_for_depth():
     with pytest.raises(RecipeError, match="prune.sparsity applies to method: sparse only"):
         load_recipe(None, {"model.source": "x", "prune.ratio": 0.2, "prune.sparsity.pattern": "2:4"})
+
+
+def test_eval_and_release_report_the_sparsity_beside_perplexity(tmp_path, calibration_file, capsys):
+    """prune (wanda 2:4) -> eval -> release: eval.json and the card say how many zeros, per projection type,
+    and the card says the released files still hold every pruned zero and the 2:4 pattern."""
+    src = save_tiny(tmp_path, "llama", layers=2)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "name": "tiny-wanda", "run_dir": str(tmp_path / "run"), "model": {"source": str(src)},
+        "prune": {"method": "sparse", "criterion": "wanda", "sparsity": {"pattern": "2:4"},
+                  "calibration": {"path": str(calibration_file), "num_samples": 4, "seq_len": 16}},
+        "eval": {"perplexity_files": [str(calibration_file)], "context_lengths": [32], "compare_to": "dense"},
+        "release": {"license": "mit"}}))
+    for verb in ("prune", "eval", "release"):
+        assert main([verb, str(recipe_file)]) == 0, capsys.readouterr()
+    run = tmp_path / "run"
+    pruned = json.loads((run / "prune" / "prune_report.json").read_text())["sparsity"]
+    result = json.loads((run / "eval" / "eval.json").read_text())
+    assert result["sparsity"]["overall"] == pytest.approx(0.5) and result["sparsity"]["pattern_holds"] is True
+    assert result["sparsity"]["zeros"] == pruned["zeros"]
+    assert result["sparsity"]["nonzero_parameters"] == result["parameters"] - pruned["zeros"]
+    assert result["dense"]["sparsity"]["zeros"] == 0 and result["deltas"]["sparsity"]["model"] == pytest.approx(0.5)
+    assert "sparsity (block projections)" in capsys.readouterr().out
+    card = (run / "release" / "README.md").read_text()
+    assert "sparse pruning (set 50.0% of the weights of the block projections to zero (2:4 semi-structured" in card
+    assert f"The released weights hold all {pruned['zeros']:,} zeros pruning wrote" in card
+    assert "| `down_proj` | 50.00% |" not in card and "| down_proj | 50.00% | 50.00% |" in card
+    assert "| sparsity of the block projections | 0.0% | 50.0% | +50.0 pp |" in card
+    assert "sparse-pruning" in card
+    manifest = read_stage_manifest(run / "release")
+    assert manifest["outputs"]["sparsity"]["kept"] is True and manifest["outputs"]["sparsity"]["lost"] == 0
+
+
+def test_release_warns_when_healing_filled_pruned_zeros(tmp_path, calibration_file, capsys):
+    src = save_tiny(tmp_path, "llama", layers=2)
+    recipe = sparse_recipe(src, tmp_path, calibration_file)
+    assert run_prune_stage(recipe, Options()) == 0
+    healed = AutoModelForCausalLM.from_pretrained(recipe.stage_dir("prune"))
+    with torch.no_grad():
+        healed.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # a heal that ignored the mask
+    healed.save_pretrained(tmp_path / "healed")
+    tiny_tokenizer().save_pretrained(tmp_path / "healed")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "model": {"source": str(src)}, "prune": recipe.prune.model_dump(),
+        "release": {"input": str(tmp_path / "healed")}}))
+    outputs = build_release(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "release")
+    lost = outputs["sparsity"]["lost"]
+    assert lost == healed.model.layers[0].mlp.down_proj.weight.numel() // 2 and not outputs["sparsity"]["kept"]
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert f"**Warning: healing did not keep the sparsity**: {lost:,} of the" in card
+    assert "the 2:4 pattern no longer holds" in card
