@@ -156,3 +156,72 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     for dim in shape:
         numel *= dim
     return bits.view(-1)[:numel].view(shape)
+
+
+def load_constraints(constraints, tensors: dict[str, torch.Tensor] | None, where: str | Path) -> None:
+    """Give each constraint its state from a checkpoint's ``constraints_rank{r}.safetensors`` (``tensors``)."""
+    if tensors is None:
+        raise HealerError(f"checkpoint {where} holds no sparsity mask (it was saved by a run that did not keep one); "
+                          "resuming from it could not tell which weights were pruned: start over (--resume none)")
+    for constraint in constraints:
+        constraint.load_state_dict(tensors, where)
+
+
+# -- which stages keep a mask, and the checks after them -------------------------------------------------
+
+def sparsity_to_keep(recipe, source: str) -> dict | None:
+    """The sparse prune a training stage's input ``source`` carries: ``{"pattern", "ratio", "layers", "zeros"}``.
+
+    Read from ``source/prune_report.json`` when the input is a sparse prune's directory, else from the recipe's
+    ``prune:`` section when the input descends from it (a cpt export feeding sft); None for a dense input.
+    """
+    from healer.manifest import read_json_if_present
+
+    report = read_json_if_present(Path(source) / "prune_report.json")
+    if report is None and recipe is not None and recipe.prune is not None and source != recipe.model.source:
+        report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    if not report or report.get("method") != "sparse":
+        return None
+    return {"pattern": report.get("pattern"), "ratio": report.get("ratio"), "layers": report.get("layers_pruned"),
+            "zeros": (report.get("sparsity") or {}).get("zeros")}
+
+
+def check_kept(model_dir: str | Path, keep: dict, what: str) -> dict:
+    """After healing: the saved model must hold at least the pruned zeros, in the pruned pattern; else raise.
+
+    ``keep``: :func:`sparsity_to_keep`'s dict. ``what`` names the directory in the error. Returns the
+    ``verify_sparsity`` summary without the per-layer table, for the stage manifest.
+    """
+    from healer.errors import VerificationError
+    from healer.prune.sparse import verify_sparsity
+
+    found = verify_sparsity(model_dir, keep["pattern"], keep["ratio"], layers=keep["layers"])["sparsity"]
+    if not found["pattern_holds"] or (keep.get("zeros") is not None and found["zeros"] < keep["zeros"]):
+        raise VerificationError(f"{what} {model_dir}: the healed weights lost the sparsity ({found['zeros']:,} zeros, "
+                                f"{keep.get('zeros')} pruned; {'; '.join(found['problems'][:2])})")
+    return {k: v for k, v in found.items() if k != "per_layer"} | {"pattern": keep["pattern"],
+                                                                    "pruned_zeros": keep.get("zeros")}
+
+
+@torch.no_grad()
+def mask_merged(merged: nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """LoRA's merge under a mask: ``W <- (W + dW) * mask`` for each masked weight; returns the zeros restored.
+
+    ``masks``: parameter name (in ``merged``) -> bool tensor, True where the weight stays, taken from the base
+    weights before merging (:func:`masks_of`).
+    """
+    params = dict(merged.named_parameters())
+    restored = 0
+    for name, mask in masks.items():
+        weight = params[name]
+        restored += int(((weight != 0) & ~mask).sum())
+        weight.mul_(mask.to(weight.dtype))
+    return restored
+
+
+def masks_of(model: nn.Module, keep: dict) -> dict[str, torch.Tensor]:
+    """``weight != 0`` for every pruned projection of a plain (unwrapped, unpartitioned) model, by name."""
+    from healer.adapter import architecture_for
+
+    pattern = projection_pattern(keep["layers"], architecture_for(model.config))
+    return {name: p.detach() != 0 for name, p in model.named_parameters() if pattern.search(name)}
