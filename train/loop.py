@@ -114,10 +114,8 @@ def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dic
     if path is None:
         return Progress()
     state = load_checkpoint(engine, path, settings=settings, force=force, frozen_base=frozen_base)
-    if constraints:
-        from healer.train.masks import load_constraints
-
-        load_constraints(constraints, state["constraints"], path)
+    for constraint in constraints:  # None when the checkpoint holds no constraint state
+        constraint.load_state_dict(state["constraints"], path)
     if state["changed"]:
         say(f"healer: --force: resuming {path} although {'; '.join(state['changed'])}")
     try:

@@ -98,16 +98,16 @@ class SparsityMask:
             if kind == "zero3":
                 from deepspeed.utils import safe_set_local_fp32_param
 
-                safe_set_local_fp32_param(param, master * mask)
-                module_t.mul_(mask.to(module_t.dtype))
+                safe_set_local_fp32_param(param, master * mask.to(master.device))
+                module_t.mul_(mask.to(module_t.device, module_t.dtype))
                 whole = self.masks.get(WHOLE + name)
                 if whole is not None and param.data.numel() == param.ds_numel:
-                    param.data.mul_(whole.to(param.dtype))
+                    param.data.mul_(whole.to(param.device, param.dtype))
                 continue
-            module_t.mul_(mask.to(module_t.dtype))
-            if kind == "fragment":
+            module_t.mul_(mask.to(module_t.device, module_t.dtype))
+            if kind == "fragment":  # the master may live elsewhere (offload_optimizer: CPU)
                 address = param._hp_mapping.lp_fragment_address
-                master.mul_(mask.view(-1).narrow(0, address.start, address.numel).to(master.dtype))
+                master.mul_(mask.view(-1).narrow(0, address.start, address.numel).to(master.device, master.dtype))
 
     def kept_zeros(self) -> int:
         """Masked weights in this rank's share (a ZeRO-3 partition's padding counts as masked)."""
@@ -121,8 +121,16 @@ class SparsityMask:
             out[MASK_PREFIX + name + ".shape"] = torch.tensor(list(mask.shape), dtype=torch.int64)
         return out
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
-        """Take the masks of a checkpoint (``where`` names it in errors); they must cover the same weights."""
+    def load_state_dict(self, tensors: dict[str, torch.Tensor] | None, where: str | Path) -> None:
+        """Take the masks of a checkpoint (``where`` names it in errors); they must cover the same weights.
+
+        ``tensors`` is None for a checkpoint saved without constraints: refused, since the pruned weights of a
+        run that did not keep them are no longer zero and nothing says which they were.
+        """
+        if tensors is None:
+            raise HealerError(f"checkpoint {where} holds no sparsity mask (it was saved by a run that did not keep "
+                              "one); resuming from it could not tell which weights were pruned: start over "
+                              "(--resume none)")
         names = {k[len(MASK_PREFIX):-len(".shape")] for k in tensors if k.startswith(MASK_PREFIX)
                  and k.endswith(".shape")}
         if names != set(self.masks):
@@ -158,15 +166,6 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.view(-1)[:numel].view(shape)
 
 
-def load_constraints(constraints, tensors: dict[str, torch.Tensor] | None, where: str | Path) -> None:
-    """Give each constraint its state from a checkpoint's ``constraints_rank{r}.safetensors`` (``tensors``)."""
-    if tensors is None:
-        raise HealerError(f"checkpoint {where} holds no sparsity mask (it was saved by a run that did not keep one); "
-                          "resuming from it could not tell which weights were pruned: start over (--resume none)")
-    for constraint in constraints:
-        constraint.load_state_dict(tensors, where)
-
-
 # -- which stages keep a mask, and the checks after them -------------------------------------------------
 
 def sparsity_to_keep(recipe, source: str) -> dict | None:
@@ -178,8 +177,12 @@ def sparsity_to_keep(recipe, source: str) -> dict | None:
     from healer.manifest import read_json_if_present
 
     report = read_json_if_present(Path(source) / "prune_report.json")
-    if report is None and recipe is not None and recipe.prune is not None and source != recipe.model.source:
+    upstream = recipe is not None and recipe.prune is not None and source != recipe.model.source
+    if report is None and upstream:
         report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+        if report is None and recipe.prune.method == "sparse":  # its report is gone: the recipe still says
+            sp = recipe.prune.sparsity
+            return {"pattern": sp.pattern, "ratio": sp.ratio, "layers": sp.layers, "zeros": None}
     if not report or report.get("method") != "sparse":
         return None
     return {"pattern": report.get("pattern"), "ratio": report.get("ratio"), "layers": report.get("layers_pruned"),
