@@ -247,8 +247,8 @@ def render(info: dict) -> str:
         removed = f"{_num(before - after)} ({(before - after) / before:.1%})"
         rows = [["base", _num(before)], ["this model", _num(after)], ["removed", removed]]
         if released:  # zeros are stored densely: the count is unchanged, the nonzeros are what shrank
-            rows.append(["of them zero (block projections)", f"{_num(released['zeros'])} ({released['overall']:.1%} "
-                         "of those projections)"])
+            share = f"{_num(released['zeros'])} ({released['overall']:.1%} of those projections)"
+            rows.append(["of them zero (block projections)", share])
         parts.append(_table(["", "parameters"], rows))
     else:
         parts.append(f"This model has {_num(after)} parameters; the base model's count is unknown (no pruning report).")

@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 from conftest import _TEXT, save_tiny, tiny_tokenizer
+from healer.prune.sparse import prune_sparse, verify_sparsity
+from healer.train.masks import pack_bits, sparsity_to_keep, unpack_bits
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
 from healer.modeling import resolve_source
-from healer.prune.sparse import prune_sparse, verify_sparsity
-from healer.train.masks import pack_bits, sparsity_to_keep, unpack_bits
 
-SHAPE = dict(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2)
+SHAPE = {"layers": 2, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 2}
 
 
 def _corpus(path: Path, docs: int = 120, seed: int = 0) -> Path:
@@ -31,8 +31,7 @@ def _corpus(path: Path, docs: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
     words = _TEXT.split()
     with open(path, "w") as fh:
-        for _ in range(docs):
-            fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+        fh.writelines(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n" for _ in range(docs))
     return path
 
 
@@ -62,8 +61,8 @@ def test_a_sparse_prune_is_found_from_its_report_or_the_recipe(tmp_path):
 
     dense, pruned, zeros = _sparse(tmp_path)
     recipe = load_recipe(None, {"model.source": str(dense), "run_dir": str(tmp_path / "run")})
-    assert sparsity_to_keep(recipe, str(pruned)) == {"pattern": "2:4", "ratio": 0.5, "layers": list(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")), "zeros": zeros}
+    assert sparsity_to_keep(recipe, str(pruned)) == {"pattern": "2:4", "ratio": 0.5, "layers": [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "zeros": zeros}
     assert sparsity_to_keep(recipe, str(dense)) is None  # a dense input trains without a mask
 
 
@@ -86,7 +85,7 @@ def test_cpt_keeps_every_pruned_zero_and_a_resume_keeps_the_saved_mask(tmp_path)
     """Without the mask one optimizer step fills the zeros in; with it the export has exactly the pruned zeros,
     and a resumed run takes its mask from the checkpoint, not from whatever the input holds by then."""
     _corpus(tmp_path / "train.jsonl")
-    dense, pruned, zeros = _sparse(tmp_path)
+    _, pruned, zeros = _sparse(tmp_path)
     keep = sparsity_to_keep(None, str(pruned))
 
     unmasked = _heal(tmp_path, pruned, "dense_heal", max_steps=2, keep=None)
@@ -132,7 +131,7 @@ def _run(root: Path, recipe: Path, fault: str | None = None) -> subprocess.Compl
     cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", "cpt",
            "--config", str(recipe)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, check=False)
 
 
 @pytest.mark.slow
