@@ -47,15 +47,51 @@ def pruning_summary(report: dict) -> str:
     if "attention_heads" in report:
         before, after = report["attention_heads"]
         return f"removed attention heads: {before} -> {after} query heads per block"
+    if report.get("method") == "sparse":
+        overall = (report.get("sparsity") or {}).get("overall")
+        how = "unstructured" if report.get("pattern") == "unstructured" else f"{report.get('pattern')} semi-structured"
+        share = f"{overall:.1%} of" if isinstance(overall, float) else "part of"
+        return (f"set {share} the weights of the block projections to zero ({how}, by "
+                f"{report.get('criterion', '?')}; shapes unchanged)")
     return "pruned (the report does not say which structures)"
 
 
-def pruning_section(report: dict | None) -> str:
+def sparsity_section(report: dict, released: dict | None) -> str:
+    """Zeros per projection type after pruning and in the released files, and whether healing kept them."""
+    pruned = report.get("sparsity") or {}
+    by_type = pruned.get("by_type") or {}
+    now = (released or {}).get("by_type") or {}
+    rows = [[kind, f"{value:.2%}", f"{now[kind]:.2%}" if kind in now else "-"] for kind, value in by_type.items()]
+    rows.append(["**all pruned projections**", f"{pruned.get('overall', 0):.2%}",
+                 f"{released['overall']:.2%}" if released else "-"])
+    lines = [_table(["projection", "zeros after pruning", "zeros in this release"], rows), ""]
+    pattern = report.get("pattern")
+    if released is None:
+        lines.append("*The released weights were not checked for sparsity.*")
+    elif released.get("kept"):
+        lines.append(f"The released weights hold all {_num(released['pruned_zeros'])} zeros pruning wrote "
+                     f"({_num(released['zeros'])} now)" + (f"; every group of {pattern} holds the pattern, as GPU "
+                                                          "2:4 sparse kernels need." if pattern != "unstructured"
+                                                          else "."))
+    else:
+        broken = "" if released.get("pattern_holds") else f" and the {pattern} pattern no longer holds"
+        lines.append(f"**Warning: healing did not keep the sparsity**: {_num(released.get('lost'))} of the "
+                     f"{_num(released.get('pruned_zeros'))} pruned weights are no longer zero{broken}.")
+    return "\n".join(lines)
+
+
+def pruning_section(report: dict | None, released_sparsity: dict | None = None) -> str:
     if report is None:
         return "No pruning report was found (`prune_report.json`); this checkpoint may not have been pruned by healer."
-    lines = [f"**{pruning_summary(report)}**, one-shot, no weight update.", ""]
+    update = ", the remaining weights updated to compensate" if report.get("criterion") == "sparsegpt" \
+        else ", no weight update"
+    lines = [f"**{pruning_summary(report)}**, one-shot{update}.", ""]
     rows = [["method", str(report.get("method", "-"))], ["criterion", str(report.get("criterion", "-"))],
             ["target", str(report.get("target", "-"))]]
+    if report.get("pattern") is not None:
+        rows.append(["pattern", str(report["pattern"])])
+    if report.get("layers_pruned"):
+        rows.append(["projections pruned", ", ".join(report["layers_pruned"])])
     if report.get("ratio") is not None:
         rows.append(["ratio", str(report["ratio"])])
     if "kept" in report:
@@ -79,6 +115,8 @@ def pruning_section(report: dict | None) -> str:
     if report.get("seed") is not None:
         rows.append(["seed", str(report["seed"])])
     lines.append(_table(["", ""], rows))
+    if report.get("method") == "sparse":
+        lines += ["", sparsity_section(report, released_sparsity)]
     scores = report.get("scores")
     if isinstance(scores, dict) and scores:
         lines += ["", f"Block importance ({report.get('score_meaning', 'as computed by the criterion')}):", "",
@@ -113,17 +151,32 @@ def eval_section(result: dict | None, released_source: str | None = None) -> str
     header = ["metric", "dense", "this model", "change"] if has_dense else ["metric", "this model"]
     rows = []
 
-    def row(name: str, value, dense_value, lower_is_better: bool = False):
+    def row(name: str, value, dense_value, lower_is_better: bool = False, percent: bool = False):
+        if percent:  # a share, shown as one, and its change in percentage points
+            shown = [f"{v:.1%}" if isinstance(v, float) else _num(v) for v in (value, dense_value)]
+            if not has_dense:
+                rows.append([name, shown[0]])
+                return
+            change = f"{(value - dense_value) * 100:+.1f} pp" if isinstance(value, float) and isinstance(
+                dense_value, float) else "-"
+            rows.append([name, shown[1], shown[0], change])
+            return
         if not has_dense:
             rows.append([name, _num(value)])
             return
         change = "-"
         if isinstance(value, (int, float)) and isinstance(dense_value, (int, float)) and dense_value:
-            change = f"{(value - dense_value) / dense_value:+.1%}" if lower_is_better or name == "parameters" \
+            change = f"{(value - dense_value) / dense_value:+.1%}" if lower_is_better or name.endswith("parameters") \
                 else f"{value - dense_value:+.3f}"
         rows.append([name, _num(dense_value), _num(value), change])
 
     row("parameters", result.get("parameters"), dense.get("parameters"))
+    sparse, dense_sparse = result.get("sparsity") or {}, dense.get("sparsity") or {}
+    if sparse.get("zeros"):
+        row("nonzero parameters", sparse.get("nonzero_parameters"), dense_sparse.get("nonzero_parameters"))
+        row("sparsity of the block projections", sparse.get("overall"), dense_sparse.get("overall"), percent=True)
+        for kind, value in (sparse.get("by_type") or {}).items():
+            row(f"sparsity `{kind}`", value, (dense_sparse.get("by_type") or {}).get(kind), percent=True)
     for file, per_ctx in (result.get("perplexity") or {}).items():
         for ctx, entry in per_ctx.items():
             if "skipped" in entry:
@@ -169,14 +222,16 @@ def stages_section(summary: dict | None) -> str:
 
 def render(info: dict) -> str:
     """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
-    prune_report, training, curves, curves_missing, eval, summary, recipe_yaml, source."""
+    prune_report, sparsity (``healer.release.released_sparsity``), training, curves, curves_missing, eval,
+    summary, recipe_yaml, source."""
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
     before, after = info.get("params_before"), info.get("params_after")
     intro = f"`{name}` is " + (f"[{base}](https://huggingface.co/{base}) " if info.get("base_model") else f"{base} ")
     parts = [front_matter(info.get("base_model"), info.get("license"), info.get("tags") or []), f"# {name}", "", intro]
-    steps = [f"structured pruning ({pruning_summary(report)})"] if report else []
+    kind = "sparse" if (report or {}).get("method") == "sparse" else "structured"
+    steps = [f"{kind} pruning ({pruning_summary(report)})"] if report else []
     steps += [s["how"] for s in info.get("training") or [] if not s.get("missing") and s.get("how")]
     parts[-1] += (f"after {', then '.join(steps)}, done with healer." if steps
                   else "packaged by healer, with no pruning or training recorded.")
@@ -187,16 +242,20 @@ def render(info: dict) -> str:
               f'model = AutoModelForCausalLM.from_pretrained("{info.get("repo_id") or "path/to/" + name}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{info.get("repo_id") or "path/to/" + name}")', "```", ""]
     parts += ["## Parameters", ""]
+    released = info.get("sparsity")
     if before and after:
         removed = f"{_num(before - after)} ({(before - after) / before:.1%})"
-        parts.append(_table(["", "parameters"], [["base", _num(before)], ["this model", _num(after)],
-                                                ["removed", removed]]))
+        rows = [["base", _num(before)], ["this model", _num(after)], ["removed", removed]]
+        if released:  # zeros are stored densely: the count is unchanged, the nonzeros are what shrank
+            share = f"{_num(released['zeros'])} ({released['overall']:.1%} of those projections)"
+            rows.append(["of them zero (block projections)", share])
+        parts.append(_table(["", "parameters"], rows))
     else:
         parts.append(f"This model has {_num(after)} parameters; the base model's count is unknown (no pruning report).")
     stages = stages_section(info.get("summary"))
     if stages:
         parts += ["", "## Stage by stage", "", stages]
-    parts += ["", "## What was pruned and how", "", pruning_section(report), ""]
+    parts += ["", "## What was pruned and how", "", pruning_section(report, released), ""]
     parts += ["## Training", "", training_section(info.get("training") or []), ""]
     parts += ["## Learning curves", "", curves_section(info.get("curves") or [], info.get("curves_missing") or []), ""]
     parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source")), ""]

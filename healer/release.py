@@ -112,6 +112,25 @@ def training_stages(recipe) -> list[dict]:
     return out
 
 
+def released_sparsity(folder: Path, prune_report: dict | None) -> dict | None:
+    """Zeros in the written release's block projections, checked against what a sparse prune left.
+
+    None when the model was not sparse-pruned. ``kept`` is True when the release has at least the pruned zero
+    count and the N:M pattern still holds; ``lost`` counts pruned zeros that healing filled in.
+    """
+    if (prune_report or {}).get("method") != "sparse":
+        return None
+    from healer.prune.sparse import verify_sparsity
+
+    pattern, ratio = prune_report.get("pattern"), prune_report.get("ratio")
+    found = verify_sparsity(folder, pattern, ratio, layers=prune_report.get("layers_pruned"))["sparsity"]
+    pruned = (prune_report.get("sparsity") or {}).get("zeros")
+    lost = max(0, pruned - found["zeros"]) if isinstance(pruned, int) else None
+    return {"pattern": pattern, "ratio": ratio, "overall": found["overall"], "zeros": found["zeros"],
+            "weights": found["weights"], "by_type": found["by_type"], "pattern_holds": found["pattern_holds"],
+            "pruned_zeros": pruned, "lost": lost, "kept": lost == 0 and bool(found["pattern_holds"])}
+
+
 def _check_output(out: Path) -> None:
     """Refuse to replace a directory that is not an earlier release: it may hold someone's work."""
     if out.is_file() or (out.is_dir() and any(out.iterdir())
@@ -155,6 +174,9 @@ def build_release(recipe, out: Path) -> dict:
         GenerationConfig.from_model_config(model.config).save_pretrained(partial)
     params_after = count_parameters(model)
     del model
+    prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    # Measured on the files being published: they must hold the zeros the card claims.
+    sparsity = released_sparsity(partial, prune_report)
 
     for path in partial.iterdir():  # transformers writes weights owner-only; a release is for everyone to read
         path.chmod(0o644)
@@ -164,7 +186,6 @@ def build_release(recipe, out: Path) -> dict:
     recipe_yaml = public_yaml(tree)
     (partial / "recipe.yaml").write_text(recipe_yaml)
 
-    prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
     eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
@@ -181,11 +202,13 @@ def build_release(recipe, out: Path) -> dict:
     base_model = cfg.base_model or base_model
     license = cfg.license or base_license
     method = (prune_report or {}).get("method")
-    tags = list(dict.fromkeys([*cfg.tags, *([f"{method}-pruning"] if method in ("depth", "width") else [])]))
+    tags = list(dict.fromkeys([*cfg.tags, *([f"{method}-pruning"] if method in ("depth", "width", "sparse")
+                                             else [])]))
     info = {
         "name": cfg.model_name or recipe.name, "repo_id": cfg.repo_id, "base_model": base_model,
         "base_source": recipe.model.source, "license": license, "tags": tags, "source": source,
         "params_before": params_before, "params_after": params_after, "prune_report": prune_report,
+        "sparsity": sparsity,
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
         "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
@@ -195,6 +218,7 @@ def build_release(recipe, out: Path) -> dict:
     outputs = {
         "source": source, "base_model": base_model, "license": license,
         "parameters_before": params_before, "parameters_after": params_after,
+        "sparsity": {k: v for k, v in sparsity.items() if k != "by_type"} if sparsity else None,
         "tokens_trained": {s["stage"]: s.get("tokens_trained") for s in info["training"]},
         "curves": [png for _, png in curves],
         "inputs_found": {"prune_report": prune_report is not None, "eval": eval_result is not None,

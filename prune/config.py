@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from healer.config_base import Section
+from healer.errors import HealerError
 from healer.prune.criteria import (CRITERIA, METHODS, WIDTH_TARGETS, Criterion, criterion_names, describe_choices,
                                    get_criterion)
+from healer.prune.sparse_scores import parse_pattern
+
+# The roles healer.prune.sparse.projection_paths resolves through the architecture adapter.
+PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _end_defaults(side: int) -> str:
@@ -35,10 +40,54 @@ class CalibrationConfig(Section):
     max_documents: int = Field(20000, gt=0, description="documents read from the file before shuffling")
 
 
+class SparsityConfig(Section):
+    """``prune.method: sparse``: which weights of the block projections become zero; shapes never change."""
+
+    pattern: str = Field("unstructured", description="unstructured (a ratio of each layer's weights), or N:M such "
+                         "as \"2:4\" / \"4:8\": at most N nonzeros in every M consecutive input weights of a row")
+    ratio: float | None = Field(None, description="unstructured: fraction of weights set to zero (e.g. 0.5); "
+                                "N:M implies 1 - N/M")
+    layers: list[str] | None = Field(None, description=f"projections to prune, of {', '.join(PROJECTION_ROLES)}; "
+                                     "default all (embeddings and lm_head never)")
+    blocksize: int = Field(128, gt=0, description="sparsegpt: columns updated together (a multiple of M for N:M)")
+    percdamp: float = Field(0.01, ge=0, lt=1, description="sparsegpt: Hessian damping, a fraction of its mean "
+                            "diagonal")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value):
+        # YAML 1.1 (and so `--pattern 2:4`) reads an unquoted N:M as the base-60 integer N*60+M; nobody means
+        # a number here, so read it back as the N:M it came from.
+        if isinstance(value, int) and not isinstance(value, bool):
+            n, m = divmod(value, 60)
+            if not 0 < n < m:
+                raise ValueError(f"prune.sparsity.pattern is the number {value}; give 'unstructured' or N:M in "
+                                 "quotes, e.g. pattern: \"2:4\"")
+            return f"{n}:{m}"
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SparsityConfig":
+        try:
+            pattern = parse_pattern(self.pattern, self.ratio)
+        except HealerError as err:
+            raise ValueError(str(err)) from None
+        if self.layers is not None:
+            unknown = [name for name in self.layers if name not in PROJECTION_ROLES]
+            if unknown or not self.layers:
+                raise ValueError(f"prune.sparsity.layers: {unknown or '[]'} not projections of a block; choose from "
+                                 f"{', '.join(PROJECTION_ROLES)} (embeddings and lm_head are never pruned)")
+        if pattern.is_nm and self.blocksize % pattern.m:
+            raise ValueError(f"prune.sparsity.blocksize {self.blocksize} must be a multiple of M={pattern.m} for "
+                             f"pattern {self.pattern!r}")
+        return self
+
+
 class PruneConfig(Section):
-    method: Literal[METHODS] = Field("depth", description=f"{' or '.join(METHODS)}: remove whole blocks, or shrink "
-                                     "every block's MLP / attention")
-    criterion: str = Field("ppl", description=f"how to choose what goes; {describe_choices()}",
+    method: Literal[METHODS] = Field("depth", description=f"{' or '.join(METHODS)}: remove whole blocks, shrink "
+                                     "every block's MLP / attention, or zero weights inside the projections")
+    criterion: str = Field("ppl", description=f"how to choose what goes (default: the method's first); "
+                           f"{describe_choices()}",
                            json_schema_extra={"choices": list(criterion_names())})
     target: Literal[WIDTH_TARGETS] | None = Field(
         None, description=f"width only: {' or '.join(WIDTH_TARGETS)}; default: what the criterion prunes")
@@ -50,14 +99,34 @@ class PruneConfig(Section):
     keep_last: int | None = Field(None, ge=0, description=f"depth: blocks never removed at the end (default "
                                   f"{_end_defaults(1)})")
     round_to: int = Field(8, gt=0, description="width: kept intermediate size is a multiple of this")
+    sparsity: SparsityConfig | None = Field(None, description="sparse only: pattern, ratio, layers (and sparsegpt's "
+                                            "blocksize, percdamp)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/prune")
     verify_atol: float = Field(1e-3, gt=0, description="max |logit difference| allowed after reload")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_criterion(cls, data):
+        # The default criterion is the method's first entry (ppl, maw, wanda), not depth's for every method.
+        if isinstance(data, dict) and data.get("criterion") is None and data.get("method") in CRITERIA:
+            data = {**data, "criterion": next(iter(CRITERIA[data["method"]]))}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "PruneConfig":
         get_criterion(self.method, self.criterion, self.target if self.method == "width" else None)
-        if self.method == "depth":
+        if self.method != "sparse" and self.sparsity is not None:
+            raise ValueError(f"prune.sparsity applies to method: sparse only (prune.method is {self.method})")
+        if self.method == "sparse":
+            given = [k for k in ("ratio", "num_blocks", "blocks", "target") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"prune.{given[0]} does not apply to method: sparse; say how many weights to zero "
+                                 "under prune.sparsity (pattern, ratio; --pattern / --sparsity on the command line)")
+            if self.sparsity is None:
+                raise ValueError("prune.sparsity is required for method: sparse, e.g. {pattern: unstructured, "
+                                 "ratio: 0.5} or {pattern: \"2:4\"}")
+        elif self.method == "depth":
             given = [k for k in ("ratio", "num_blocks", "blocks") if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"prune: give only one of ratio, num_blocks, blocks (got {', '.join(given)})")

@@ -1,6 +1,6 @@
 """Every pruning criterion, in one dict.
 
-Adding a criterion is one function (in ``depth.py`` or ``width.py``, with that method's signature)
+Adding a criterion is one function (in ``depth.py``, ``width.py`` or ``sparse.py``, with that method's signature)
 plus one entry in :data:`CRITERIA`. Everything that lists criteria reads this dict: recipe
 validation of ``prune.criterion``, its description (``healer schema``, ``healer prune --help``), the
 choices offered on the command line, the stage's dispatch and what the report says, and the README
@@ -12,6 +12,10 @@ Signatures, by method:
   first; the entry's ``select(scores, count)`` turns scores into the blocks to drop.
 - width: ``score(stack, tokens, progress) -> [tensor per block]``, one score per unit of the entry's
   ``target`` (an MLP neuron, a key-value group), HIGHER = kept.
+- sparse: ``score(name, weight, statistics, options) -> (pruned weight, extra report fields)`` for one linear
+  layer of a block; ``statistics`` is an instance of the entry's ``statistics`` class that saw every
+  calibration token the layer received (None for a criterion without data). :func:`healer.prune.sparse.sparsify`
+  runs it layer-sequentially; shapes never change, weights become zeros.
 
 ``stack`` is a :class:`~healer.prune.blockwise.BlockStack`, read from disk one block at a time when the
 entry says ``reads_shards`` and the model is a local directory, else built on the model in memory
@@ -24,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from healer.prune import depth, width
+from healer.prune import depth, sparse, width
+from healer.prune.sparsegpt import Hessian
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Criterion:
     keep_ends: tuple[int, int] = (0, 0)  # default prune.keep_first / keep_last (Shortened LLaMA's "+")
     select: Callable[[dict[int, float], int], list[int]] = depth.choose_lowest  # depth: scores -> blocks
     scores_are: str | None = None  # what one score value means, when the method's default does not say it
+    statistics: type | None = None  # sparse: what hooks collect per linear layer from the calibration tokens
 
 
 CRITERIA: dict[str, dict[str, Criterion]] = {
@@ -66,16 +72,27 @@ CRITERIA: dict[str, dict[str, Criterion]] = {
         "head_norm": Criterion(width.head_output_scores, "norm of each query head's contribution to the residual "
                                "stream, summed per KV group", needs_data=True, reads_shards=True, target="attention"),
     },
+    "sparse": {
+        "wanda": Criterion(sparse.prune_wanda, "|W|·‖X‖ compared within each output row, no weight update "
+                           "(Sun et al.)", needs_data=True, reads_shards=True, target="weights",
+                           statistics=sparse.ColumnNorms),
+        "sparsegpt": Criterion(sparse.prune_sparsegpt, "OBS saliency with the damped Hessian XᵀX, the remaining "
+                               "weights updated to compensate (Frantar & Alistarh)", needs_data=True,
+                               reads_shards=True, target="weights", statistics=Hessian),
+        "magnitude": Criterion(sparse.prune_magnitude, "|W| compared over the whole layer, no data, no update",
+                               needs_data=False, reads_shards=True, target="weights"),
+    },
 }
 
 METHODS = tuple(CRITERIA)
 WIDTH_TARGETS = tuple(dict.fromkeys(c.target for c in CRITERIA["width"].values()))
-DEFAULT_SCORES_ARE = {"depth": "lower = less important, removed first", "width": "higher = more important, kept"}
+DEFAULT_SCORES_ARE = {"depth": "lower = less important, removed first", "width": "higher = more important, kept",
+                      "sparse": "lower = set to zero"}
 
 
 def criterion_names() -> tuple[str, ...]:
-    """Every criterion name, for command-line choices."""
-    return tuple(name for table in CRITERIA.values() for name in table)
+    """Every criterion name, once each (``magnitude`` is both depth and sparse), for command-line choices."""
+    return tuple(dict.fromkeys(name for table in CRITERIA.values() for name in table))
 
 
 def get_criterion(method: str, name: str, target: str | None = None) -> Criterion:
@@ -83,7 +100,7 @@ def get_criterion(method: str, name: str, target: str | None = None) -> Criterio
     table = CRITERIA[method]
     spec = table.get(name)
     if spec is None:
-        other = next((m for m, t in CRITERIA.items() if name in t), None)
+        other = next((m for m, t in CRITERIA.items() if name in t and m != method), None)
         hint = f" ({name!r} is a {other} criterion: set prune.method: {other})" if other else ""
         raise ValueError(f"prune.criterion: unknown {method} criterion {name!r}; choose one of "
                          f"{', '.join(table)}{hint}")
@@ -98,15 +115,15 @@ def describe_choices() -> str:
     """One line listing the criteria of every method, for the field description of prune.criterion."""
     parts = []
     for method, table in CRITERIA.items():
-        names = [n if c.target == "blocks" else f"{n} ({c.target})" for n, c in table.items()]
+        names = [n if c.target in ("blocks", "weights") else f"{n} ({c.target})" for n, c in table.items()]
         parts.append(f"{method}: {', '.join(names)}")
-    free = [n for t in CRITERIA.values() for n, c in t.items() if not c.needs_data]
+    free = list(dict.fromkeys(n for t in CRITERIA.values() for n, c in t.items() if not c.needs_data))
     return f"{'; '.join(parts)}. All but {', '.join(free)} need prune.calibration.path"
 
 
 def criteria_table() -> str:
     """The README's criteria table, in Markdown."""
-    removes = {"blocks": "blocks", "mlp": "MLP neurons", "attention": "KV groups"}
+    removes = {"blocks": "blocks", "mlp": "MLP neurons", "attention": "KV groups", "weights": "weights (zeroed)"}
     rows = ["| method | criterion | removes | what it scores | data | scored from disk, one block at a time |",
             "| --- | --- | --- | --- | --- | --- |"]
     for method, table in CRITERIA.items():

@@ -54,34 +54,23 @@ class SparseOptions(NamedTuple):
     percdamp: float
 
 
-def _prune_magnitude(name, weight, stats, opts: SparseOptions):
+def prune_magnitude(name: str, weight: torch.Tensor, stats: None, opts: SparseOptions):
+    """Zero the smallest |W| of the whole layer (the papers' baseline)."""
     mask = magnitude_mask(weight, opts.pattern)
     return weight.masked_fill(mask, 0), {}
 
 
-def _prune_wanda(name, weight, stats: ColumnNorms, opts: SparseOptions):
+def prune_wanda(name: str, weight: torch.Tensor, stats: ColumnNorms, opts: SparseOptions):
+    """Zero the smallest |W|·‖X‖ within each output row (or N:M group); ``stats`` saw the layer's inputs."""
     mask = wanda_mask(weight, stats.sq, opts.pattern)
     return weight.masked_fill(mask, 0), {}
 
 
-def _prune_sparsegpt(name, weight, stats: Hessian, opts: SparseOptions):
+def prune_sparsegpt(name: str, weight: torch.Tensor, stats: Hessian, opts: SparseOptions):
+    """SparseGPT's OBS pruning with the layer's input Hessian ``stats``; reports the reconstruction loss."""
     new, _, loss = sparsegpt_prune(weight, stats.matrix, opts.pattern, blocksize=opts.blocksize,
                                    percdamp=opts.percdamp, name=name)
     return new, {"obs_loss": loss}
-
-
-class Criterion(NamedTuple):
-    statistics: type | None  # what the hooks collect per linear layer; None = needs no calibration data
-    prune: Callable          # (name, weight, statistics, SparseOptions) -> (new weight, extra report fields)
-    description: str
-
-
-CRITERIA: dict[str, Criterion] = {
-    "magnitude": Criterion(None, _prune_magnitude, "|W| compared over the whole layer, no data, no update"),
-    "wanda": Criterion(ColumnNorms, _prune_wanda, "|W| * ||X||, compared within each output row, no update"),
-    "sparsegpt": Criterion(Hessian, _prune_sparsegpt, "OBS saliency with the damped Hessian X^T X, remaining "
-                                                      "weights updated to compensate"),
-}
 
 
 def projection_paths(arch: Architecture) -> dict[str, str]:
@@ -142,17 +131,21 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
 
     ``stack_or_model``: a causal LM in memory (pruned in place) or a :class:`BlockStack` (one block resident at
     a time). ``tokens``: calibration ids ``[n, seq]`` (unused by ``magnitude``); their length is whatever the
-    caller chose, never the model's context size. ``criterion``: a key of :data:`CRITERIA`. ``pattern``:
+    caller chose, never the model's context size. ``criterion``: a sparse entry of
+    :data:`healer.prune.criteria.CRITERIA`. ``pattern``:
     ``"unstructured"`` with ``ratio`` (fraction zeroed), or ``"N:M"`` (at most N nonzeros in every M consecutive
     input weights of a row). ``layers``: projection roles to prune (default all, see :func:`projection_paths`).
     ``blocksize``/``percdamp``: SparseGPT's lazy-update width and Hessian damping. ``write(i, tensors)`` receives
     block ``i``'s pruned weights, keyed like the checkpoint, while the block is resident; it is required when
     the blocks are read from disk (pass a :class:`ShardWriter`), since the pruned block is dropped after it.
     """
+    from healer.prune.criteria import get_criterion  # the registry imports this module
+
     started = time.time()
-    if criterion not in CRITERIA:
-        raise HealerError(f"prune.criterion: unknown sparse criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    crit = CRITERIA[criterion]
+    try:
+        crit = get_criterion("sparse", criterion)
+    except ValueError as err:
+        raise HealerError(str(err)) from None
     opts = SparseOptions(parse_pattern(pattern, ratio), blocksize, percdamp)
     if blocksize <= 0 or not 0 <= percdamp < 1:
         raise HealerError(f"prune.sparsity: blocksize must be > 0 and percdamp in [0, 1), got {blocksize}, {percdamp}")
@@ -182,7 +175,7 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
                 check_shape(linear.weight, opts.pattern, name)
             stats = _collect(stack, block, i, linears, hiddens, contexts, crit.statistics) if needs_data else {}
             for name, linear in linears.items():
-                new, extra = crit.prune(name, linear.weight, stats.get(name), opts)
+                new, extra = crit.score(name, linear.weight, stats.get(name), opts)
                 linear.weight.copy_(new)
                 per_layer[name] = layer_sparsity(linear.weight, opts.pattern) | extra
             del stats
@@ -198,7 +191,7 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
     return {
         "method": "sparse",
         "criterion": criterion,
-        "criterion_meaning": crit.description,
+        "criterion_description": crit.description,
         "pattern": str(pattern).strip(),
         "ratio": opts.pattern.ratio,
         "layers_pruned": list(roles),
@@ -233,11 +226,11 @@ def _collect(stack, block, index, linears, hiddens, contexts, statistics) -> dic
 
 # -- checking -------------------------------------------------------------------------------------------
 
-def layer_sparsity(weight: torch.Tensor, pattern: Pattern) -> dict:
+def layer_sparsity(weight: torch.Tensor, pattern: Pattern | None) -> dict:
     """Zero count of one weight, and for N:M the number of groups holding more than N nonzeros."""
     zeros = int((weight == 0).sum())
     out = {"zeros": zeros, "numel": weight.numel(), "sparsity": zeros / weight.numel(), "in_features": weight.shape[1]}
-    if pattern.is_nm:
+    if pattern is not None and pattern.is_nm:
         rows, cols = weight.shape
         if cols % pattern.m:
             out["bad_groups"] = -1  # cannot hold the pattern at all
@@ -247,8 +240,8 @@ def layer_sparsity(weight: torch.Tensor, pattern: Pattern) -> dict:
     return out
 
 
-def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
-    """Overall and per-projection-type sparsity, and whether every layer holds the pattern."""
+def summarize(per_layer: dict[str, dict], pattern: Pattern | None) -> dict:
+    """Overall and per-projection-type sparsity, and whether every layer holds ``pattern`` (None: count only)."""
     problems = []
     by_type: dict[str, list[int]] = {}
     for name, s in per_layer.items():
@@ -256,6 +249,8 @@ def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
         acc = by_type.setdefault(kind, [0, 0])
         acc[0] += s["zeros"]
         acc[1] += s["numel"]
+        if pattern is None:
+            continue
         if pattern.is_nm and s["bad_groups"]:
             problems.append(f"{name}: {s['bad_groups']} groups of {pattern.m} hold more than {pattern.n} nonzeros"
                             if s["bad_groups"] > 0 else f"{name}: {s['in_features']} inputs not a multiple of {pattern.m}")
@@ -271,24 +266,25 @@ def summarize(per_layer: dict[str, dict], pattern: Pattern) -> dict:
             "weights": numel,
             "by_type": {k: z / n for k, (z, n) in by_type.items()},
             "per_layer": {name: {k: v for k, v in s.items() if k != "in_features"} for name, s in per_layer.items()},
-            "pattern_holds": not problems and bool(per_layer),
+            "pattern_holds": (not problems and bool(per_layer)) if pattern is not None else None,
             "problems": problems,
         },
     }
 
 
-def verify_sparsity(model_or_state: nn.Module | dict[str, torch.Tensor] | str | Path, pattern: str = "unstructured",
-                    ratio: float | None = None, *, layers: Iterable[str] | None = None,
-                    arch: Architecture | None = None) -> dict:
+def verify_sparsity(model_or_state: nn.Module | dict[str, torch.Tensor] | str | Path,
+                    pattern: str | None = "unstructured", ratio: float | None = None, *,
+                    layers: Iterable[str] | None = None, arch: Architecture | None = None) -> dict:
     """Per-layer and overall sparsity of the block projections, and whether ``pattern`` holds everywhere.
 
     ``model_or_state``: a model, a state dict, or a checkpoint directory (read tensor by tensor from its
     safetensors, so a model larger than memory can be checked). For N:M every group of M input weights is
-    checked -- what GPU 2:4 kernels need. ``layers``: projection roles to check (default all).
+    checked -- what GPU 2:4 kernels need. ``pattern=None`` only counts zeros (``pattern_holds`` is None), e.g.
+    for a model whose pruning is unknown. ``layers``: projection roles to check (default all).
     ``arch`` is only needed for a state dict of a family not laid out like Llama.
     Returns ``{"sparsity": {overall, zeros, weights, by_type, per_layer, pattern_holds, problems}}``.
     """
-    parsed = parse_pattern(pattern, ratio)
+    parsed = parse_pattern(pattern, ratio) if pattern is not None else None
     tensors, arch = _named_tensors(model_or_state, arch)
     paths = select_layers(arch, layers)
     wanted = re.compile(rf"^{re.escape(arch.blocks)}\.\d+\.({'|'.join(re.escape(p) for p in paths.values())})\.weight$")
@@ -448,7 +444,8 @@ def check_saved(out_dir: str | Path, pattern: str, ratio: float | None, *, layer
 def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tokenizer, *, criterion: str,
                  pattern: str, ratio: float | None = None, layers: Iterable[str] | None = None, blocksize: int = 128,
                  percdamp: float = 0.01, dtype: torch.dtype = torch.float32, verify_atol: float = 1e-3,
-                 from_disk: bool | None = None, progress: bool = True) -> dict:
+                 from_disk: bool | None = None, progress: bool = True, extra: dict | None = None,
+                 started: float | None = None) -> dict:
     """``prune.method: sparse`` end to end: prune, write a plain HF directory, check it, write prune_report.json.
 
     ``location``: a :class:`healer.modeling.ModelLocation`. A local directory with safetensors is pruned from its
@@ -458,6 +455,8 @@ def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tok
     logits. ``tokens``/``criterion``/``pattern``/``ratio``/``layers``/``blocksize``/``percdamp`` as in
     :func:`sparsify`; ``dtype`` is what blocks are computed in; ``verify_atol`` the allowed reload logit difference.
     ``from_disk``: None chooses as above; False loads the model into memory even from a safetensors directory.
+    ``extra``: more report fields (the stage's seed, versions ...); ``started``: when the caller's work began
+    (``time.time()``), so ``elapsed_s`` covers reading the calibration text too.
     """
     from healer.manifest import write_json_atomic
     from healer.modeling import load_model
@@ -488,5 +487,8 @@ def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tok
                                   "and the pattern present in the files")
         report["pruned_from"] = "memory"
     report["source"] = str(location)
+    report.update(extra or {})
+    if started is not None:
+        report["elapsed_s"] = round(time.time() - started, 2)
     write_json_atomic(out / "prune_report.json", report)
     return report

@@ -24,6 +24,7 @@ from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig
 from healer.prune.criteria import DEFAULT_SCORES_ARE
+from healer.prune.sparse import plan_sparsity, prune_sparse
 
 REPORT = "prune_report.json"
 WRITING = ".prune_incomplete"  # present while prune writes a directory; a report marks it finished
@@ -124,13 +125,21 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     try:
         if cfg.method == "depth":
             count, candidates = plan_depth(cfg, config.num_hidden_layers)
-        else:
+        elif cfg.method == "width":
             keep = plan_width(cfg, config)
     except ValueError as err:
         raise HealerError(str(err)) from None
 
+    if cfg.method == "sparse":
+        try:  # every layer's width fits the N:M groups, before calibration is read or anything is written
+            plan_sparsity(config, cfg.sparsity.pattern, cfg.sparsity.ratio, layers=cfg.sparsity.layers)
+        except HealerError as err:
+            raise HealerError(str(err)) from None
+
     tokenizer = load_tokenizer(location)
     tokens = _load_tokens(cfg, tokenizer)
+    if cfg.method == "sparse":
+        return _prune_sparse(cfg, location, config, tokens, tokenizer, out, torch_type, seed, progress, started)
     explicit = cfg.method == "depth" and cfg.blocks is not None
 
     # Score from disk shards, one block resident, when the criterion allows and the source is a directory.
@@ -215,6 +224,36 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     return report
 
 
+def _prune_sparse(cfg: PruneConfig, location, config, tokens: torch.Tensor | None, tokenizer, out: Path,
+                  dtype: torch.dtype, seed: int, progress: bool, started: float) -> dict:
+    """``method: sparse``: zero weights in place (shapes kept) and write the report with the stage's fields."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # the parameter count from the config alone: the model may not fit in memory
+        params = count_parameters(AutoModelForCausalLM.from_config(config))
+    sp = cfg.sparsity
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WRITING).touch()
+    for stale in (REPORT, MANIFEST):
+        (out / stale).unlink(missing_ok=True)
+    extra = {
+        "target": "weights",
+        "score_meaning": cfg.spec.scores_are or DEFAULT_SCORES_ARE["sparse"],
+        "params_before": params,
+        "params_after": params,
+        "param_reduction": 0.0,
+        "calibration": cfg.calibration.model_dump() | {"tokens": int(tokens.numel()) if tokens is not None else 0},
+        "seed": seed,
+        "versions": package_versions(),
+    }
+    report = prune_sparse(location, out, tokens, tokenizer, criterion=cfg.criterion, pattern=sp.pattern,
+                          ratio=sp.ratio, layers=sp.layers, blocksize=sp.blocksize, percdamp=sp.percdamp,
+                          dtype=dtype, verify_atol=cfg.verify_atol, progress=progress, extra=extra,
+                          started=started)
+    (out / WRITING).unlink()
+    return report
+
+
 @dataclass
 class Options:
     """``healer prune`` has no flags of its own: everything it does is a recipe key (``--prune.KEY``)."""
@@ -227,9 +266,14 @@ def run_prune_stage(recipe, opts: Options) -> int:
     out = recipe.stage_dir("prune")
     report = prune(recipe.stage_input("prune"), recipe.prune, out, gguf_file=recipe.model.gguf_file,
                    dtype=recipe.model.dtype, seed=recipe.seed, keep_apart=teachers(recipe))
-    write_stage_manifest(out, "prune", {"model_dir": str(out), "report": str(out / REPORT),
-                                        "params_before": report["params_before"],
-                                        "params_after": report["params_after"]})
+    outputs = {"model_dir": str(out), "report": str(out / REPORT), "params_before": report["params_before"],
+               "params_after": report["params_after"]}
+    if report["method"] == "sparse":  # what the healing stages must keep (the mask) and eval/release report
+        s = report["sparsity"]
+        outputs["sparsity"] = {"pattern": report["pattern"], "ratio": report["ratio"], "overall": s["overall"],
+                               "zeros": s["zeros"], "pattern_holds": s["pattern_holds"],
+                               "layers": report["layers_pruned"]}
+    write_stage_manifest(out, "prune", outputs)
     _print_summary(report, out)
     return 0
 
@@ -248,6 +292,12 @@ def teachers(recipe) -> dict[str, str]:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    if report["method"] == "sparse":
+        s = report["sparsity"]
+        held = "holds in every layer" if s["pattern_holds"] else "BROKEN: " + "; ".join(s["problems"][:2])
+        print(f"pruned (sparse, {report['criterion']}, {report['pattern']}): {s['zeros']:,} of {s['weights']:,} "
+              f"projection weights are zero ({s['overall']:.1%}); pattern {held}\nwrote {out}")
+        return
     what = (f"removed blocks {report['removed']}" if "removed" in report
             else f"intermediate_size {report['intermediate_size'][0]} -> {report['intermediate_size'][1]}"
             if "intermediate_size" in report

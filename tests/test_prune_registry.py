@@ -31,6 +31,9 @@ def test_every_entry_scores_what_its_method_expects(method, name, tmp_path):
     spec = CRITERIA[method][name]
     model = tiny_model("qwen2", layers=4, heads=4, kv_heads=2)
     tokens = TOKENS if spec.needs_data else None
+    if method == "sparse":
+        _check_sparse_entry(name, model, tokens, tmp_path)
+        return
 
     def run(stack):
         if method == "depth":
@@ -51,6 +54,19 @@ def test_every_entry_scores_what_its_method_expects(method, name, tmp_path):
             assert from_disk == pytest.approx(scores, rel=1e-5)
         else:
             assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(from_disk, scores))
+
+
+def _check_sparse_entry(name, model, tokens, tmp_path):
+    """A sparse entry zeros exactly the 2:4 share of every projection, the same from memory and from disk."""
+    from healer.prune.sparse import ShardWriter, sparsify
+
+    model.save_pretrained(tmp_path / "m")
+    in_memory = sparsify(model, tokens, criterion=name, pattern="2:4", progress=False)["sparsity"]
+    writer = ShardWriter(tmp_path / "m", tmp_path / "out")
+    from_disk = sparsify(BlockStack.from_pretrained_dir(tmp_path / "m"), tokens, criterion=name, pattern="2:4",
+                         write=writer, progress=False)["sparsity"]
+    assert in_memory["pattern_holds"] and in_memory["overall"] == 0.5
+    assert from_disk["per_layer"] == in_memory["per_layer"]
 
 
 def last_blocks(stack, tokens, candidates, count, progress=True):

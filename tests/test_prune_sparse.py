@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
 from healer.prune.blockwise import BlockStack
-from healer.prune.sparse import (ShardWriter, projection_paths, save_sparse, sparsify, verify_sparsity)
+from healer.prune.sparse import (ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify,
+                                 verify_sparsity)
 from healer.prune.sparse_scores import magnitude_mask, parse_pattern, wanda_mask
 from healer.prune.sparsegpt import Hessian, sparsegpt_prune
 
@@ -234,30 +235,31 @@ def test_disk_prune_keeps_the_checkpoint_dtype_and_refuses_a_used_output(tmp_pat
 
 @pytest.mark.parametrize("recipe,pattern,ratio", [("wanda-llama2-7b-50.yaml", "unstructured", 0.5),
                                                   ("wanda-llama2-7b-2of4.yaml", "2:4", None)])
-def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio):
-    """Everything but `prune` passes today's schema; the sparse `prune` section plans on Llama-2-7B's shapes."""
+def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio, tmp_path):
+    """The whole recipe passes the schema, `healer run` would start every stage in order, and the sparse
+    prune plans on Llama-2-7B's shapes (no download: LlamaConfig's defaults are Llama-2-7B's)."""
     from pathlib import Path
 
-    import yaml
     from transformers import LlamaConfig
 
-    from healer.prune.config import CalibrationConfig
-    from healer.prune.sparse import CRITERIA, plan_sparsity
+    from healer.pipeline import Options, plan, stages_of
     from healer.recipe import load_recipe
 
-    tree = yaml.safe_load((Path(__file__).parents[1] / "configs" / recipe).read_text())
-    prune = tree.pop("prune")
-    assert load_recipe(overrides=tree).cpt.max_steps * 8 == 30000
-    assert prune["method"] == "sparse" and prune["criterion"] in CRITERIA
-    calibration = CalibrationConfig(**prune["calibration"])
-    assert (calibration.num_samples, calibration.seq_len) == (128, 2048)
-    sparsity = prune["sparsity"]
-    assert (sparsity["pattern"], sparsity.get("ratio")) == (pattern, ratio)
-    # LlamaConfig's defaults are Llama-2-7B's shapes: 32 blocks, hidden 4096, MLP 11008.
-    plan = plan_sparsity(LlamaConfig(), sparsity["pattern"], sparsity.get("ratio"))
-    assert plan["blocks"] == 32 and plan["layers"]["down_proj"] == [4096, 11008]
-    assert plan["weights"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
-    assert plan["zeros_at_least"] == plan["weights"] // 2
+    path = Path(__file__).parents[1] / "configs" / recipe
+    loaded = load_recipe(path, [f"run_dir={tmp_path}"])
+    cfg = loaded.prune
+    assert (cfg.method, cfg.criterion, cfg.sparsity.pattern, cfg.sparsity.ratio) == ("sparse", "wanda", pattern, ratio)
+    assert (cfg.calibration.num_samples, cfg.calibration.seq_len) == (128, 2048)
+    assert loaded.cpt.max_steps * loaded.cpt.global_batch_size == 30000 and loaded.data.seq_len == 1024
+    stages = stages_of(loaded)
+    assert plan(loaded, stages, None, Options().force) == [(s, True) for s in ("prune", "cpt", "eval", "release")]
+    assert loaded.stage_input("cpt") == str(tmp_path / "prune")
+    # 32 blocks, hidden 4096, MLP 11008; the calibration length is the recipe's, within the 4096 context.
+    plan_ = plan_sparsity(LlamaConfig(), cfg.sparsity.pattern, cfg.sparsity.ratio, layers=cfg.sparsity.layers)
+    assert plan_["blocks"] == 32 and plan_["layers"]["down_proj"] == [4096, 11008]
+    assert plan_["weights"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert plan_["zeros_at_least"] == plan_["weights"] // 2
+    assert cfg.calibration.seq_len <= LlamaConfig().max_position_embeddings
 
 
 def test_plan_refuses_a_width_that_does_not_fit_the_groups():

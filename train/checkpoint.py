@@ -5,6 +5,7 @@ Layout of ``<stage_dir>/checkpoints``::
     step00000040/                  one checkpoint (DeepSpeed's model/optimizer files)
         trainer_state_rank{r}.json step, tokens, data stream position, python/numpy RNG of rank r
         rng_rank{r}.safetensors    torch CPU (and CUDA) RNG states of rank r
+        constraints_rank{r}.safetensors  rank r's share of the training constraints (a sparse model's mask), if any
         complete.json              written last: step, ranks, ZeRO stage, the run's settings, every file's size
     latest                         the tag of the newest complete checkpoint, replaced atomically
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from healer.errors import HealerError
 
 COMPLETE = "complete.json"
+CONSTRAINTS = "constraints"  # constraints_rank{r}.safetensors: e.g. the sparsity mask share of rank r
 LATEST = "latest"
 
 
@@ -232,7 +234,8 @@ def _any_rank(flag: bool) -> bool:
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict[str, Any], *, keep_last: int,
-                    settings: dict[str, Any], frozen_base: bool = False) -> Path:
+                    settings: dict[str, Any], frozen_base: bool = False,
+                    rank_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Collective: every rank calls it at the same step. Returns the checkpoint directory.
 
     Args:
@@ -240,6 +243,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict
         keep_last: complete checkpoints kept after this one is complete.
         settings: what makes steps comparable (recipe key -> value), checked by ``check_settings`` on resume.
         frozen_base: leave frozen parameters out (LoRA: the base weights are the stage's input, not state).
+        rank_tensors: this rank's training constraints' state (e.g. its share of a sparsity mask), saved as
+            ``constraints_rank{r}.safetensors`` inside the checkpoint, so it is complete only with them.
 
     A full disk stops the save with one line and removes the partial directory; the previous checkpoint
     and ``latest`` stay as they were.
@@ -258,6 +263,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict
         engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=frozen_base)
         rng_json, rng_tensors = capture_rng()
         _save_tensors(rng_tensors, path / f"rng_rank{rank}.safetensors")
+        if rank_tensors:
+            _save_tensors(rank_tensors, path / f"{CONSTRAINTS}_rank{rank}.safetensors")
         state_file = path / f"trainer_state_rank{rank}.json"
         tmp = state_file.with_name(state_file.name + ".tmp")
         tmp.write_text(json.dumps({**trainer_state, "rng": rng_json}))
@@ -341,6 +348,8 @@ def load_checkpoint(engine, path: str | Path, *, settings: dict[str, Any], force
         raise HealerError(f"checkpoint {path}: the trainer state of rank {rank} is unreadable ({err}); resume from "
                           "an older one (--resume DIR) or start over (--resume none)") from None
     restore_rng(state.pop("rng"), tensors)
+    constraints = path / f"{CONSTRAINTS}_rank{rank}.safetensors"
+    state["constraints"] = load_file(str(constraints)) if constraints.is_file() else None
     return {**state, "settings": info.get("settings", {}), "changed": changed}
 
 

@@ -65,8 +65,10 @@ def run_cpt(recipe, opts: Options) -> int:
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
                                           recipe.model.revision if same_t else None)
     stage_dir = recipe.stage_dir("cpt")
+    from healer.train.masks import sparsity_to_keep
+
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,
-                   hf_dir=recipe.model_dir("cpt"), opts=opts)
+                   hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source))
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
@@ -87,6 +89,17 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
     return total, total - emb_n + (emb_n if tied else 0)
+
+
+def _constraints(engine, keep_sparsity: dict | None) -> list:
+    """The mask that keeps a sparse input's zeros through training (none for a dense input)."""
+    if keep_sparsity is None:
+        return []
+    from healer.adapter import architecture_for
+    from healer.train.masks import SparsityMask, projection_pattern
+
+    module = engine.module
+    return [SparsityMask(module, projection_pattern(keep_sparsity["layers"], architecture_for(module.config)))]
 
 
 class CorpusBatches:
@@ -196,8 +209,11 @@ def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
 
 
 def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str | Path, hf_dir: str | Path,
-         opts: Options) -> dict[str, Any] | None:
+         opts: Options, keep_sparsity: dict | None = None) -> dict[str, Any] | None:
     """Collective: build the student (and teacher), resume, train with the loop, export.
+
+    ``keep_sparsity`` (``healer.train.masks.sparsity_to_keep``): the input is a sparse prune whose zeros a
+    mask keeps through every optimizer step; the export is checked to still hold them.
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
@@ -236,6 +252,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     optimizer = make_optimizer(model, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                offload="offload_optimizer" in ds_config["zero_optimization"])
     engine = init_engine(model, ds_config, optimizer)
+    constraints = _constraints(engine, keep_sparsity)
     teacher = None
     if cfg.kd is not None and opts.action == "train":
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
@@ -246,7 +263,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger = MetricsLogger(None, cfg.max_steps, rank=rank, progress_bar=False)  # prints before the real one
     settings = settings_of(cfg, data_cfg)
     progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
-                      say=logger.write)
+                      say=logger.write, constraints=constraints)
     if opts.action == "export":
         if progress.resumed_from is None:
             raise HealerError(f"healer cpt export: no complete checkpoint in {stage_dir / 'checkpoints'}")
@@ -297,11 +314,16 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
-                    step_scalars=step_scalars, evaluate=evaluate_fn)
+                    step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints)
     logger.close()
     if outcome.status == "preempted":
         return None
     export_hf(engine.module, tokenizer, hf_dir)
+    sparsity = None
+    if keep_sparsity is not None and rank == 0:
+        from healer.train.masks import check_kept
+
+        sparsity = check_kept(hf_dir, keep_sparsity, "cpt export")
     steady = outcome.step_times[1:] or outcome.step_times
     last = outcome.last
     return {
@@ -312,6 +334,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "tokens_per_s": ds_config["train_batch_size"] * seq_len / (sum(steady) / len(steady)) if steady else None,
         "mfu": last.get("perf/mfu"), "device": device_name, "world_size": world, "zero_stage": zero_stage,
         "precision": precision, "parameters": n_params, "kd": cfg.kd.model_dump() if cfg.kd else None,
+        "sparsity": sparsity,
         "data_exhausted": outcome.status == "exhausted", "forced_changes": outcome.progress.changed,
         "tokens_per_source": {k[len("data/tokens/"):]: int(v) for k, v in last.items() if k.startswith("data/tokens/")},
     }

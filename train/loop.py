@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,7 @@ def seed_everything(seed: int) -> None:
 
 
 def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dict[str, Any], force: bool,
-           frozen_base: bool = False, say: Callable[[str], None] = print) -> Progress:
+           frozen_base: bool = False, say: Callable[[str], None] = print, constraints: Sequence[Any] = ()) -> Progress:
     """Collective: restore the newest (``how="auto"``), no (``"none"``) or a given checkpoint.
 
     Args:
@@ -102,6 +102,7 @@ def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dic
             a change is refused naming the key unless ``force``.
         frozen_base: the checkpoints leave frozen weights out (LoRA).
         say: prints a line on rank 0 (the stage's logger).
+        constraints: as in :func:`train`; their state comes back from the checkpoint.
     """
     rank, _ = _world()
     ckpt_dir = stage_dir / CHECKPOINTS
@@ -113,6 +114,8 @@ def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dic
     if path is None:
         return Progress()
     state = load_checkpoint(engine, path, settings=settings, force=force, frozen_base=frozen_base)
+    for constraint in constraints:  # None when the checkpoint holds no constraint state
+        constraint.load_state_dict(state["constraints"], path)
     if state["changed"]:
         say(f"healer: --force: resuming {path} although {'; '.join(state['changed'])}")
     try:
@@ -146,7 +149,7 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
           progress: Progress, stage_dir: Path, settings: dict[str, Any], logger: MetricsLogger,
           stop_after: int | None = None, evaluate: Callable[[Any], dict[str, float]] | None = None,
           step_scalars: Callable[[int, float], dict[str, float]] | None = None,
-          frozen_base: bool = False) -> Outcome:
+          frozen_base: bool = False, constraints: Sequence[Any] = ()) -> Outcome:
     """Collective: run optimizer steps from ``progress.step`` to ``cadence.max_steps`` (or ``stop_after`` more).
 
     Args:
@@ -157,6 +160,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
         step_scalars: ``(step, seconds) -> scalars`` the stage adds to a logged step (collective: every rank
             calls it at every step).
         frozen_base: checkpoints leave frozen weights out (LoRA).
+        constraints: objects whose ``apply(engine)`` runs after every optimizer step (e.g.
+            :class:`~healer.train.masks.SparsityMask`); their ``state_dict()`` goes into every checkpoint.
     """
     rank, world = _world()
     device = engine.device
@@ -205,6 +210,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
                     names = sorted(parts)
                 row = torch.stack([loss_sum.detach().float(), *(parts[n].detach().float() for n in names)])
                 sums = row if sums is None else sums + row
+            for constraint in constraints:  # the window's last engine.step() was the optimizer step
+                constraint.apply(engine)
             step += 1
             tokens_seen += int(counts[1].item())
             supervised += int(counts[0].item())
@@ -233,7 +240,7 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
             last.update({k: float(v) for k, v in scalars.items() if v is not None})
             if due(step, cadence.save_every, stop_at) or preempted:
                 _save(engine, batches, stage_dir, Progress(step, tokens_seen, supervised), cadence, settings,
-                      frozen_base)
+                      frozen_base, constraints)
                 saved_at = step
             if preempted:
                 status = "preempted"
@@ -246,7 +253,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
             if stop_at < cadence.max_steps:
                 status = "paused"
         if status == "exhausted" and step > 0 and saved_at != step:
-            _save(engine, batches, stage_dir, Progress(step, tokens_seen, supervised), cadence, settings, frozen_base)
+            _save(engine, batches, stage_dir, Progress(step, tokens_seen, supervised), cadence, settings, frozen_base,
+                  constraints)
     finally:
         watcher.restore()
     if status != "preempted" and rank == 0:
@@ -256,10 +264,11 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
 
 
 def _save(engine, batches: Batches, stage_dir: Path, at: Progress, cadence: Cadence, settings: dict[str, Any],
-          frozen_base: bool) -> None:
+          frozen_base: bool, constraints: Sequence[Any] = ()) -> None:
     state = {"step": at.step, "tokens_seen": at.tokens_seen, "supervised": at.supervised, "data": batches.state_dict()}
+    tensors = {k: v for c in constraints for k, v in c.state_dict().items()}
     save_checkpoint(engine, stage_dir / CHECKPOINTS, at.step, state, keep_last=cadence.keep_last, settings=settings,
-                    frozen_base=frozen_base)
+                    frozen_base=frozen_base, rank_tensors=tensors)
 
 
 def finished(stage_dir: Path, steps: int) -> bool:

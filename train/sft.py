@@ -59,7 +59,11 @@ def run_sft(recipe, opts: Options) -> int:
     stage_dir = recipe.stage_dir("sft")
     info = init_distributed()
     data_path = instruction_data(recipe, cfg, stage_dir, is_main=info.is_main)
-    outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts, dtype=recipe.model.dtype)
+    from healer.train.masks import sparsity_to_keep
+
+    source = recipe.stage_input("sft")
+    outputs = train_lora(source, data_path, cfg, stage_dir, opts=opts, dtype=recipe.model.dtype,
+                         keep_sparsity=sparsity_to_keep(recipe, source))
     if outputs == "preempted":
         return PREEMPTED_EXIT_CODE
     if outputs is not None and info.is_main and not outputs.get("unchanged"):
@@ -166,8 +170,12 @@ def settings_of(cfg: SFTConfig, data_path: str | Path, n_examples: int, n_tokens
 
 
 def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_dir: str | Path, *,
-               opts: Options | None = None, dtype: str = "float32") -> dict | str | None:
+               opts: Options | None = None, dtype: str = "float32",
+               keep_sparsity: dict | None = None) -> dict | str | None:
     """Collective: train a LoRA adapter on ``model_source`` with the loop; write adapter + merged model.
+
+    ``keep_sparsity`` (``healer.train.masks.sparsity_to_keep``): the base is a sparse prune; the merge writes
+    ``(W + dW) * mask`` so the merged model has exactly the base's zeros (the base itself is frozen).
 
     Returns the manifest outputs; ``"preempted"`` after a preemption signal; None when ``opts.steps`` paused
     the run before its end (a checkpoint is on disk).
@@ -242,16 +250,22 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     merged_dir = stage_dir / "merged"
     _save_adapter(engine, adapter_dir, info.is_main)
     if info.is_main:
-        diff = merge_adapter(location, adapter_dir, merged_dir, tokenizer, torch_dtype(dtype))
+        diff = merge_adapter(location, adapter_dir, merged_dir, tokenizer, torch_dtype(dtype), keep_sparsity)
         say(f"healer sft: adapter -> {adapter_dir}, merged model -> {merged_dir} (reload check {diff:.2g})")
     _barrier()
+    sparsity = None
+    if keep_sparsity is not None and info.is_main:
+        from healer.train.masks import check_kept
+
+        sparsity = check_kept(merged_dir, keep_sparsity, "sft merge")
+        say(f"healer sft: the merge kept the sparse base's zeros: {sparsity['zeros']:,} ({sparsity['overall']:.1%})")
     done = outcome.progress
     return {"model_dir": str(merged_dir), "adapter_dir": str(adapter_dir), "data": str(data_path),
             "prompt_format": data.prompt_format, "tokens_trained": done.tokens_seen,
             "supervised_tokens": done.supervised, "examples": len(data.examples), "dropped": data.dropped,
             "steps": done.step, "epochs": done.step * global_batch / len(data.examples),
             "final_loss": outcome.last.get("train/loss"), "trainable_parameters": trainable,
-            "forced_changes": done.changed,
+            "forced_changes": done.changed, "sparsity": sparsity,
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": cfg.target_modules}}
 
 
@@ -290,17 +304,24 @@ def _save_adapter(engine, adapter_dir: Path, is_main: bool) -> None:
         os.replace(tmp, adapter_dir)
 
 
-def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype) -> float:
+def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype,
+                  keep_sparsity: dict | None = None) -> float:
     """Load the base fresh, apply the saved adapter, fold it into the weights and save a plain HF directory.
 
     Going through the adapter directory proves it loads with ``PeftModel.from_pretrained``; the merged
     directory is then reloaded with plain transformers and its logits compared (``save_and_verify``).
+    ``keep_sparsity``: the base's zeros are restored after folding, ``(W + dW) * mask``.
     """
     from peft import PeftModel
 
     from healer.modeling import probe_batch, save_and_verify
 
     base = _load_base(location, dtype)
+    masks = None
+    if keep_sparsity is not None:
+        from healer.train.masks import masks_of
+
+        masks = masks_of(base, keep_sparsity)
     tuned = PeftModel.from_pretrained(base, str(adapter_dir))
     tuned.eval()
     probe = probe_batch(base.config.vocab_size)
@@ -313,6 +334,10 @@ def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtyp
     if folded > tol:
         raise HealerError(f"merging the adapter changed the logits by {folded:.3g}; the adapter in {adapter_dir} "
                           "is fine, but the merged model is not written")
+    if masks is not None:  # after the fold check: the mask changes the function on purpose
+        from healer.train.masks import mask_merged
+
+        mask_merged(merged, masks)
     tmp = merged_dir.with_name(merged_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     diff = save_and_verify(merged, tokenizer, tmp, atol=tol, probe=probe)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from healer.eval.config import EvalConfig
+from healer.eval.sparsity import sparsity_target
 from healer.eval.suite import EVAL_FILE, compare, evaluate, read_eval, settings
 from healer.manifest import write_json_atomic, write_stage_manifest
 
@@ -42,12 +43,14 @@ def run_eval_stage(recipe, opts: Options) -> int:
     # Read a given dense eval.json first: a wrong path should fail before minutes of evaluation.
     given_dense = read_eval(cfg.compare_to) if cfg.compare_to and cfg.compare_to != "dense" else None
     print(f"healer eval: evaluating {source}")
-    result = evaluate(source, cfg, out_dir, gguf_file=gguf, dtype=recipe.model.dtype, seed=recipe.seed)
+    result = evaluate(source, cfg, out_dir, gguf_file=gguf, dtype=recipe.model.dtype, seed=recipe.seed,
+                      sparsity_pattern=sparsity_target(recipe) if source != recipe.model.source else (None, None))
     result["source"] = source
     if cfg.compare_to:
         same = source == recipe.model.source  # evaluating the dense model itself: nothing to measure twice
         dense = given_dense or (result if same else dense_eval(recipe, cfg, out_dir))
-        result["dense"] = {k: dense.get(k) for k in ("model", "parameters", "num_layers", "perplexity", "tasks")}
+        result["dense"] = {k: dense.get(k) for k in ("model", "parameters", "sparsity", "num_layers", "perplexity",
+                                                     "tasks")}
         result["compare_to"] = cfg.compare_to
         result["deltas"] = compare(result, dense)
     write_json_atomic(out_dir / EVAL_FILE, result)
@@ -56,6 +59,7 @@ def run_eval_stage(recipe, opts: Options) -> int:
         "eval_json": str(out_dir / EVAL_FILE),
         "source": source,
         "parameters": result["parameters"],
+        "sparsity": (result.get("sparsity") or {}).get("overall"),
         "perplexity": {f: {c: e.get("ppl") for c, e in per.items()} for f, per in result["perplexity"].items()},
         "tasks": {t: {m: e.get(m) for m in ("acc", "acc_norm")} for t, e in result["tasks"].items()},
     })
@@ -73,6 +77,15 @@ def format_table(result: dict) -> str:
         rows.append((name, fmt(dense_value), fmt(model_value)) if dense else (name, fmt(model_value)))
 
     row("parameters", result.get("parameters"), dense.get("parameters"))
+    sparse, dense_sparse = result.get("sparsity") or {}, dense.get("sparsity") or {}
+    if sparse.get("zeros"):  # a dense model's stray zeros are not worth a row
+        row("nonzero parameters", sparse.get("nonzero_parameters"), dense_sparse.get("nonzero_parameters"))
+        row("sparsity (block projections)", sparse.get("overall"), dense_sparse.get("overall"))
+        for kind, value in sparse.get("by_type", {}).items():
+            row(f"  sparsity {kind}", value, dense_sparse.get("by_type", {}).get(kind))
+        if sparse.get("pattern_holds") is not None:
+            rows.append(("pattern " + str(sparse.get("pattern")), *(["-"] if dense else []),
+                         "holds" if sparse["pattern_holds"] else "BROKEN"))
     for file, per_ctx in result.get("perplexity", {}).items():
         for ctx, entry in per_ctx.items():
             other = dense.get("perplexity", {}).get(file, {}).get(ctx, {})

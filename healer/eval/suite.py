@@ -12,6 +12,7 @@ import torch
 from healer.errors import HealerError
 from healer.eval.config import EvalConfig
 from healer.eval.ppl import perplexity, read_text, resolve_bos, tokenize
+from healer.eval.sparsity import measure_sparsity
 from healer.manifest import write_json_atomic
 from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source, torch_dtype
 from healer.textio import BadRecords
@@ -53,7 +54,8 @@ def max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed: int = 0) -> dict:
+def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed: int = 0,
+                    sparsity_pattern: tuple[str | None, float | None] = (None, None)) -> dict:
     """Evaluate a model already in memory; see :func:`evaluate`."""
     start = time.time()
     limit_pos = max_positions(model)
@@ -86,6 +88,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
                           add_bos_token=bos_id is not None, seed=seed)
     return {
         "parameters": count_parameters(model),
+        "sparsity": measure_sparsity(model, *sparsity_pattern),
         "num_layers": getattr(model.config, "num_hidden_layers", None),
         "max_position_embeddings": limit_pos,
         "bos": {"policy": cfg.bos, "prepended": bos_id is not None,
@@ -99,17 +102,21 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
 
 
 def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file: str | None = None,
-             dtype: str = "float32", seed: int = 0) -> dict:
+             dtype: str = "float32", seed: int = 0,
+             sparsity_pattern: tuple[str | None, float | None] = (None, None)) -> dict:
     """Evaluate ``model_source`` (HF dir, .gguf, 'smollm2', hub id) and write ``out_dir/eval.json``.
 
     Args:
         cfg: which text files and context lengths for perplexity, which zero-shot tasks.
         out_dir: gets ``eval.json`` and ``tasks/`` (the converted task data and lm-eval YAMLs).
         gguf_file, dtype: as ``model.gguf_file`` / ``model.dtype`` in the recipe.
+        sparsity_pattern: (pattern, ratio) a sparse prune aimed at, checked on the weights; (None, None) counts.
 
     Returns the dict written to ``eval.json``::
 
         {"model", "parameters", "num_layers", "max_position_embeddings",
+         "sparsity": {"overall", "zeros", "weights", "by_type", "pattern", "pattern_holds", "problems",
+                      "nonzero_parameters"} of the block projections (None for an unknown family),
          "bos": {"policy", "prepended", "bos_token_id"},
          "perplexity": {file label (perplexity_labels): {context length: {"ppl", "nll", "tokens_scored", ...}
                                                     or {"skipped": why}}},
@@ -126,7 +133,8 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
     torch.manual_seed(seed)
     model = load_model(location, torch_dtype(dtype))
     tokenizer = load_tokenizer(location)
-    result = {"model": str(location), **evaluate_loaded(model, tokenizer, cfg, out_dir, seed=seed)}
+    result = {"model": str(location), **evaluate_loaded(model, tokenizer, cfg, out_dir, seed=seed,
+                                                        sparsity_pattern=sparsity_pattern)}
     write_json_atomic(Path(out_dir) / EVAL_FILE, result)
     return result
 
@@ -154,6 +162,8 @@ def compare(result: dict, dense: dict) -> dict:
                 "ratio": model_value / dense_value if dense_value else None}
 
     deltas: dict = {"parameters": pair(result.get("parameters"), dense.get("parameters")),
+                    "sparsity": pair((result.get("sparsity") or {}).get("overall"),
+                                     (dense.get("sparsity") or {}).get("overall")),
                     "perplexity": {}, "tasks": {}}
     for file, per_ctx in result.get("perplexity", {}).items():
         for ctx, entry in per_ctx.items():
