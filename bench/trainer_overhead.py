@@ -94,7 +94,6 @@ def bare_loop(model_dir: Path, cfg, data_cfg, tokenizer, world: int, steps: int)
     """(a): the engine alone, on tensors built before the clock starts."""
     from healer.modeling import load_model, resolve_source
     from healer.train.engine import build_ds_config, init_engine, make_optimizer, resolve_precision
-    from healer.train.schedule import make_lr_lambda
 
     device = torch.device("cuda", torch.cuda.current_device()) if os.environ["DS_ACCELERATOR"] == "cuda" \
         else torch.device("cpu")
@@ -108,8 +107,7 @@ def bare_loop(model_dir: Path, cfg, data_cfg, tokenizer, world: int, steps: int)
     model = load_model(resolve_source(str(model_dir)), torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     model.train()
-    engine = init_engine(model, ds, make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
-                         make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps))
+    engine = init_engine(model, ds, make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay))
     accum = ds["gradient_accumulation_steps"]
     # The same corpus tokens (b) trains on, drawn before the clock starts, so both sides see the same data.
     from healer.train.data import build_loader
@@ -136,17 +134,16 @@ def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, dat
     """(b)/(c): the real trainer; step times are the gaps between consecutive logged steps."""
     from healer.modeling import resolve_source
     from healer.train.config import KDConfig
-    from healer.train.cpt import RunOptions, train
-    from healer.train.data import build_loader
+    from healer.train.cpt import Options, heal
 
     cfg = cfg.model_copy(update={"kd": KDConfig(alpha=0.5, temperature=1.0) if teacher_dir else None})
-    result = train(cfg, data_cfg, location=resolve_source(str(model_dir)),
+    outputs = heal(cfg, data_cfg, location=resolve_source(str(model_dir)),
                    teacher_location=resolve_source(str(teacher_dir)) if teacher_dir else None, stage_dir=stage,
-                   hf_dir=stage / "hf", build_loader=build_loader, opts=RunOptions(resume="none"))
+                   hf_dir=stage / "hf", opts=Options(resume="none"))
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     skip = {r["step"] for r in rows if r["step"] % cfg.save_every == 0 or r["step"] % cfg.eval_every == 0}
     pairs = [(a, b) for a, b in zip(rows, rows[1:]) if a["step"] not in skip and b["step"] not in skip]
-    return [b["time"] - a["time"] for a, b in pairs], [b["cpu_time"] - a["cpu_time"] for a, b in pairs], result.outputs
+    return [b["time"] - a["time"] for a, b in pairs], [b["cpu_time"] - a["cpu_time"] for a, b in pairs], outputs
 
 
 def main() -> int:

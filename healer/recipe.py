@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from healer.config_base import Section
 from healer.errors import RecipeError
@@ -56,6 +56,19 @@ class Recipe(Section):
     eval: EvalConfig | None = None
     release: ReleaseConfig | None = None
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _seed_reaches_every_stage(self) -> "Recipe":
+        # A section's `seed: None` means "the recipe's seed", so one top-level `seed:` changes every stage.
+        from healer.train.config import SFTConfig
+
+        sections = [getattr(self, name) for name in STAGES] + [self.data]
+        if isinstance(self.sft, SFTConfig) and self.sft.self_distill is not None:
+            sections.append(self.sft.self_distill)
+        for section in sections:
+            if section is not None and "seed" in type(section).model_fields and section.seed is None:
+                section.seed = self.seed
+        return self
 
     def stage_dir(self, stage: str) -> Path:
         """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``."""

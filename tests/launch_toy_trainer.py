@@ -57,7 +57,7 @@ def main() -> int:
     step = 0
     latest = args.out / "latest.pt"
     if latest.exists():
-        state = torch.load(latest)
+        state = torch.load(latest, weights_only=True)  # tensors and numbers only: nothing to unpickle
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]

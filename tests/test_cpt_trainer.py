@@ -1,5 +1,5 @@
-"""The CPT trainer's parts a user notices: LR schedules, the KD loss, batch arithmetic, checkpoint
-selection, and preemption of a real single-process run (SIGTERM -> save -> exit code -> resume)."""
+"""The CPT trainer's parts a user notices: LR schedules, batch arithmetic, what a resume follows and refuses,
+and preemption of a real single-process run (SIGTERM -> save -> exit code -> resume)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import _TEXT, save_tiny, tiny_model
+from conftest import _TEXT, save_tiny
 from healer.errors import HealerError
-from healer.train.checkpoint import COMPLETE, LATEST, find_resume_checkpoint, resolve_resume
+from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
 from healer.train.engine import build_ds_config
-from healer.train.kd import distill_loss
-from healer.train.schedule import make_lr_lambda
+from healer.train.schedule import due, make_lr_lambda
 from healer.train.signals import PREEMPTED_EXIT_CODE
 
 
@@ -40,38 +38,11 @@ def test_wsd_schedule_is_flat_until_the_last_fraction():
     assert f(90) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
 
 
-def _logits(seed: int, shape=(2, 12, 50)) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
-
-
-def test_kd_with_teacher_equal_to_student_has_zero_kl():
-    model = tiny_model("llama", layers=2, hidden=32, intermediate=64)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = model(ids).logits
-    for top_k in (None, 8):
-        loss, ce, kl = distill_loss(logits, logits.detach(), ids, alpha=0.0, temperature=2.0, top_k=top_k)
-        assert abs(kl.item()) < 1e-5 if top_k is None else kl.item() >= 0
-        if top_k is None:
-            assert abs(loss.item()) < 1e-5
-    # alpha=1 is plain next-token cross-entropy, what the model computes itself
-    loss, ce, _ = distill_loss(logits, _logits(1, logits.shape), ids, alpha=1.0)
-    assert loss.item() == pytest.approx(model(ids, labels=ids).loss.item(), rel=1e-5)
-
-
-def test_kd_loss_pulls_the_student_towards_the_teacher():
-    student = _logits(0).requires_grad_(True)
-    teacher = _logits(1)
-    ids = torch.randint(0, 50, (2, 12))
-    _, _, kl_before = distill_loss(student, teacher, ids, alpha=0.0, temperature=1.0)
-    assert kl_before.item() > 0.1
-    opt = torch.optim.SGD([student], lr=5.0)
-    for _ in range(50):
-        loss, _, _ = distill_loss(student, teacher, ids, alpha=0.0, temperature=1.0, top_k=10)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    _, _, kl_after = distill_loss(student, teacher, ids, alpha=0.0, temperature=1.0)
-    assert kl_after.item() < kl_before.item() / 3
+def test_linear_schedule_and_due():
+    f = make_lr_lambda("linear", max_steps=10, warmup_steps=0, min_lr_ratio=0.0)
+    assert [round(f(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert [s for s in range(1, 11) if due(s, 4, last=10)] == [4, 8, 10]
+    assert not due(0, 4) and not due(3, None)
 
 
 def test_batch_arithmetic_is_derived_and_a_bad_global_batch_is_refused():
@@ -84,21 +55,6 @@ def test_batch_arithmetic_is_derived_and_a_bad_global_batch_is_refused():
     # a passed-through DeepSpeed JSON wins over the recipe's knobs
     cfg = build_ds_config(zero_stage=2, micro_batch_size=1, global_batch_size=8, world_size=2, base="zero3")
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 4
-
-
-def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False)):
-        d = tmp_path / f"step{step:08d}"
-        d.mkdir()
-        if complete:
-            (d / COMPLETE).write_text("{}")
-    (tmp_path / LATEST).write_text("step00000006")  # pointer to an interrupted save: ignored
-    assert find_resume_checkpoint(tmp_path).name == "step00000004"
-    (tmp_path / LATEST).write_text("step00000002")
-    assert find_resume_checkpoint(tmp_path).name == "step00000002"
-    assert resolve_resume("none", tmp_path) is None
-    with pytest.raises(HealerError, match="not a complete checkpoint"):
-        resolve_resume(str(tmp_path / "step00000006"), tmp_path)
 
 
 def _steps(stage: Path) -> list[int]:
@@ -154,3 +110,51 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     assert not (stage / "PREEMPTED").exists()
     last = json.loads((stage / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(last["train/loss"]) and last["data/skipped_records"] == 1
+
+
+def _heal(tmp_path: Path, model: Path, corpus: Path, *, resume: str = "auto", force: bool = False, seq_len: int = 32,
+          **cpt):
+    from healer.modeling import resolve_source
+    from healer.train.config import CPTConfig
+    from healer.train.cpt import Options, heal
+    from healer.train.data.config import DataConfig, SourceConfig
+
+    cfg = CPTConfig(**{"zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 4, "save_every": 2,
+                       "warmup_steps": 1, "seed": 0, **cpt})
+    data = DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=seq_len)
+    return heal(cfg, data, location=resolve_source(str(model)), teacher_location=None, stage_dir=tmp_path / "cpt",
+                hf_dir=tmp_path / "cpt" / "hf", opts=Options(resume=resume, force=force))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_follows_its_recipe_and_refuses_incomparable_settings(tmp_path, capsys):
+    """cpt.lr and cpt.max_steps changed on resume take effect from the resumed step; a changed data.seq_len is
+    refused naming the key; --force resumes anyway, restarting the data stream."""
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {_TEXT}"}) + "\n" for i in range(40)))
+    first = _heal(tmp_path, model, corpus, max_steps=2, lr=1e-3)
+    assert first["steps"] == 2
+
+    second = _heal(tmp_path, model, corpus, max_steps=4, lr=5e-3, schedule="linear", min_lr_ratio=0.0)
+    assert second["steps"] == 4
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3, 4]
+    new = make_lr_lambda("linear", max_steps=4, warmup_steps=1, min_lr_ratio=0.0)
+    assert rows[3]["train/lr"] == pytest.approx(5e-3 * new(2)) and rows[4]["train/lr"] == pytest.approx(5e-3 * new(3))
+    assert rows[2]["train/lr"] == pytest.approx(1e-3 * make_lr_lambda("cosine", max_steps=2, warmup_steps=1)(1))
+    assert "resumed from" in capsys.readouterr().err
+
+    with pytest.raises(HealerError, match=r"data\.seq_len: 32 -> 16"):
+        _heal(tmp_path, model, corpus, max_steps=6, seq_len=16)
+    forced = _heal(tmp_path, model, corpus, max_steps=6, seq_len=16, force=True)
+    assert forced["steps"] == 6 and forced["forced_changes"] == ["data.seq_len: 32 -> 16"]
+    assert "--force: resuming" in capsys.readouterr().err
+
+
+def test_the_recipe_seed_reaches_every_training_stage():
+    from healer.recipe import Recipe
+
+    recipe = Recipe(model={"source": "m"}, seed=7, cpt={}, sft={"self_distill": {}})
+    assert (recipe.cpt.seed, recipe.sft.seed, recipe.sft.self_distill.seed) == (7, 7, 7)
+    assert Recipe(model={"source": "m"}, seed=7, cpt={"seed": 3}).cpt.seed == 3  # a stage's own seed wins

@@ -229,19 +229,23 @@ def test_every_format_gives_the_same_tokens(tmp_path, tok):
         write_shards(tmp_path / suffix.strip("."), docs, per_shard=30, suffix=suffix)
     pq.write_table(pa.Table.from_pylist(docs), tmp_path / "docs.parquet", row_group_size=7)
     (tmp_path / "docs.txt").write_text("".join(d["text"] + "\n" for d in docs))
-    for path in ("jsonl", "jsonl.gz", "jsonl.zst/*.zst", "docs.parquet", "docs.txt"):
+    (tmp_path / "docs.txt.gz").write_bytes(gzip.compress((tmp_path / "docs.txt").read_bytes()))
+    (tmp_path / "docs.json").write_text(json.dumps(docs, indent=1))  # a JSON list, pretty-printed
+    for path in ("jsonl", "jsonl.gz", "jsonl.zst/*.zst", "docs.parquet", "docs.txt", "docs.txt.gz", "docs.json"):
         cfg = DataConfig(sources=[{"path": str(tmp_path / path)}], seq_len=8, on_exhausted="stop")
         streams[path] = torch.cat([b["input_ids"].flatten() for b in build_loader(cfg, tok, micro_batch_size=1)]).tolist()
     first = streams["jsonl"]
     assert len(first) > 100 and all(s == first for s in streams.values())
 
 
-def test_parquet_resumes_inside_a_row_group(tmp_path, tok):
+@pytest.mark.parametrize("name", ["docs.parquet", "docs.json"])
+def test_parquet_and_json_lists_resume_inside_a_file(tmp_path, tok, name):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(make_docs(60)), tmp_path / "docs.parquet", row_group_size=9)
-    cfg = DataConfig(sources=[{"path": str(tmp_path / "docs.parquet")}], seq_len=8, tokenizer_batch_size=4)
+    (tmp_path / "docs.json").write_text(json.dumps(make_docs(60)))
+    cfg = DataConfig(sources=[{"path": str(tmp_path / name)}], seq_len=8, tokenizer_batch_size=4)
     reference = take(build_loader(cfg, tok, micro_batch_size=1), 40)
     first = build_loader(cfg, tok, micro_batch_size=1)
     take(first, 13)
@@ -333,7 +337,9 @@ def test_remote_paths_go_through_fsspec_and_resume(tok):
         fs.rm("/healer-test", recursive=True)
 
 
-def test_resume_does_not_reread_finished_shards(tmp_path, tok):
+def test_resume_does_not_reread_finished_shards(tmp_path, tok, monkeypatch):
+    import healer.train.data.reader as reader
+
     shards = write_shards(tmp_path / "c", make_docs(60), per_shard=10)
     cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=16, shuffle_files=False, tokenizer_batch_size=3,
                      repeat_cache_mb=0)
@@ -342,9 +348,179 @@ def test_resume_does_not_reread_finished_shards(tmp_path, tok):
     take(first, 30)
     position = first.state_dict()["streams"][0]["batch_start"]["readers"][0]
     assert position["epoch"] == 0 and position["index"] >= 2
-    for done in shards[: position["index"]]:
-        done.write_bytes(b"garbage that a re-read would count as a corrupt shard")
+    opened = []
+    real_open = reader.open_records
+
+    def spy(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "open_records", spy)
     resumed = build_loader(cfg, tok, micro_batch_size=1)
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(take(resumed, 10), reference[30:]))
-    assert resumed.stats()["skipped"] == {}
+    assert opened and not set(opened) & {str(s) for s in shards[: position["index"]]}
+
+
+def test_resume_on_other_files_of_the_same_names_is_refused(tmp_path, tok):
+    shards = write_shards(tmp_path / "c", make_docs(60), per_shard=10)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c"), "name": "web"}], seq_len=16, tokenizer_batch_size=3)
+    first = build_loader(cfg, tok, micro_batch_size=1)
+    take(first, 5)
+    state = first.state_dict()
+    copied = tmp_path / "copy"  # the same bytes elsewhere (node-local scratch): resumes
+    copied.mkdir()
+    for shard in shards:
+        (copied / shard.name).write_bytes(shard.read_bytes())
+    moved = DataConfig(sources=[{"path": str(copied), "name": "web"}], seq_len=16, tokenizer_batch_size=3)
+    build_loader(moved, tok, micro_batch_size=1).load_state_dict(state)
+    # other documents under the same names (same sizes even): refused, naming the source
+    write_shards(tmp_path / "c", make_docs(60, first=300), per_shard=10)
+    with pytest.raises(HealerError, match=r"^data checkpoint: data.sources source 'web': .*same names but other "
+                                          r"contents[^\n]*$"):
+        build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
+    shards[-1].unlink()
+    with pytest.raises(HealerError, match=r"'web': its files are not the ones it had \(6 shard\(s\) then, 5 now"):
+        build_loader(cfg, tok, micro_batch_size=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_shard_read_by_two_workers_is_counted_once(tmp_path, tok, workers):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    frames = [zstandard.ZstdCompressor().compress(b"".join(json.dumps({"text": f"d{i} w1 w2"}).encode() + b"\n"
+                                                           for i in range(k, k + 10))) for k in range(0, 40, 10)]
+    (folder / "a.jsonl.zst").write_bytes(b"".join(frames)[:-20])  # the last frame is cut short
+    # one file, two workers: both read it, every other line each, and both meet the truncation
+    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=4, num_workers=workers, tokenizer_batch_size=4)
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    take(loader, 200)  # several epochs (counts are kept with the batches after them)
+    assert loader.stats()["skipped"] == {"corrupt_shard": 1}
+
+
+@pytest.mark.parametrize("domains, message", [
+    ({"A": 1, "B": -0.5}, r"data\.sources\.0\.domains: .*domain 'B' is -0\.5"),
+    ({"A": 0, "B": 0}, r"data\.sources\.0\.domains: .*sum to 0"),
+    ({"A": float("nan")}, r"data\.sources\.0\.domains: .*domain 'A' is nan"),
+])
+def test_domain_weights_that_are_not_shares_are_refused_at_recipe_load(tmp_path, domains, message):
+    from healer.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": {"source": "m"}, "data": {"sources": [{"path": "x", "domains": domains}]}}))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
+
+
+def test_a_domain_of_weight_zero_is_left_out(tmp_path, tok):
+    write_shards(tmp_path / "c", make_docs(30), per_shard=10)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c"), "domains": {"A": 1, "B": 0}}], seq_len=2,
+                     on_exhausted="drain")
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    assert sorted(doc_ids(tok, list(loader))) == list(range(0, 30, 3))  # make_docs: d<i> is in domain "ABC"[i % 3]
+    assert list(loader.stats()["tokens"]) == ["A"]
+
+
+def long_docs(n_words: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    long = " ".join(f"w{rng.randrange(50)}" + ("\n" if rng.random() < 0.05 else "") for _ in range(n_words))
+    return make_docs(10) + [{"text": "d500 " + long, "meta": {"redpajama_set_name": "A"}}] + make_docs(10, first=20)
+
+
+def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok, monkeypatch):
+    import healer.train.data.stream as stream
+    from conftest import tiny_tokenizer
+
+    monkeypatch.setattr(stream, "PIECE_CHARS", 300)  # a 6000-word document: some 90 pieces, cut over many batches
+    monkeypatch.setattr(stream, "FILL_CHARS", 1000)
+    docs = long_docs(6000)
+    write_shards(tmp_path / "c", docs, per_shard=7, suffix=".jsonl")
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
+                     reset_position_ids=True, tokenizer_batch_size=4)
+    for tokenizer in (tok, tiny_tokenizer()):  # word-level, and byte-level BPE (whose merges span a seam if cut badly)
+        batches = list(build_loader(cfg, tokenizer, micro_batch_size=1))
+        got = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+        want = expected_stream(tokenizer, docs)
+        assert got == want[: len(got)] and len(want) - len(got) < 64
+        for b in batches:  # positions restart only where a document starts, not where a piece does
+            ids, pos = b["input_ids"][0].tolist(), b["position_ids"][0].tolist()
+            assert pos[0] == 0
+            assert all(pos[t] == (0 if ids[t - 1] == tokenizer.eos_token_id else pos[t - 1] + 1) for t in range(1, 64))
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    reference = list(loader)
+    assert 500 in doc_ids(tok, reference)
+    assert loader.stats()["documents"] == {"c": len(doc_ids(tok, reference))}  # a document in pieces counts once
+    for cut in (2, 40, 97):  # before, inside and after the long document
+        first = build_loader(cfg, tok, micro_batch_size=1)
+        take(first, cut)
+        if cut == 40:
+            assert first.state_dict()["streams"][0]["batch_start"]["pending"]["piece"] > 0  # resumes mid-document
+        resumed = build_loader(cfg, tok, micro_batch_size=1)
+        resumed.load_state_dict(first.state_dict())
+        rest = list(resumed)
+        assert len(rest) == len(reference) - cut
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
+                   for a, b in zip(rest, reference[cut:]))
+        assert resumed.stats() == loader.stats()
+
+
+_PEAK = r"""
+import json, random, resource, sys
+sys.path.insert(0, sys.argv[3])
+from conftest import tiny_tokenizer
+from healer.train.data import DataConfig, build_loader
+
+chars, path = int(sys.argv[1]), sys.argv[2]
+rng = random.Random(0)
+words = ["the", "quick", "brown", "fox", "pruning", "heals", "model", "tokens", "def", "return", "0123", "x;"]
+text = " ".join(rng.choice(words) for _ in range(chars // 6))
+with open(path, "w") as fh:
+    fh.write(json.dumps({"text": "short one"}) + "\n" + json.dumps({"text": text}) + "\n")
+del text
+tok = tiny_tokenizer()
+tok("warm up the tokenizer " * 100)
+cfg = DataConfig(sources=[{"path": path}], seq_len=2048, on_exhausted="stop")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens = sum(b["input_ids"].numel() for b in build_loader(cfg, tok, micro_batch_size=16))
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps({"tokens": tokens, "peak_growth_mb": growth}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_length_of_one_document(tmp_path):
+    """One 20 MB record costs little more than a 2 MB one: its text (a few bytes a character), not its tokens.
+
+    Tokenized in one call, 20 MB of text takes some 4 GB here (~200 bytes a character); in pieces the
+    tokenizer's working memory stays at a few tens of MB whatever the document's length.
+    """
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    runs = {}
+    for mb in (2, 20):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(mb * 1_000_000), str(tmp_path / f"{mb}.jsonl"), tests],
+                             capture_output=True, text=True, timeout=600, check=True)
+        runs[mb] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs[20]["tokens"] > 9 * runs[2]["tokens"] > 0  # the whole document came through
+    extra = runs[20]["peak_growth_mb"] - runs[2]["peak_growth_mb"]
+    # 18 MB more text: the line, the str and one copy are ~60 MB; tokenizing it whole would be ~3500 MB
+    assert extra < 150, runs
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_what_was_skipped_after_the_last_batch_is_counted_and_named(tmp_path, tok, workers):
+    folder = tmp_path / "c"
+    write_shards(folder, make_docs(8), per_shard=8, suffix=".jsonl")
+    (folder / "z.json").write_text('[{"text": "d1 w1"},')  # read last, after the last block
+    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=4, on_exhausted="drain", shuffle_files=False,
+                     num_workers=workers)
+    loader = build_loader(cfg, tok, micro_batch_size=1)
+    list(loader)
+    assert loader.stats()["skipped"]["corrupt_shard"] == 1
+    binary = tmp_path / "b"
+    binary.mkdir()
+    (binary / "x.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00\n\xff\xfe\xfd\n")
+    with pytest.raises(HealerError, match=r"^data: rank 0 found no usable document .*binary 1, .*non_utf8 1, first at "
+                                          r"line 1 of \S*x.txt \(binary[^\n]*$"):
+        list(build_loader(DataConfig(sources=[{"path": str(binary)}], seq_len=4, num_workers=workers), tok))

@@ -9,9 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from healer.errors import HealerError
 from healer.eval import perplexity, read_text
 from healer.eval.config import EvalConfig
+from healer.eval.ppl import tokenize
 from healer.eval.suite import evaluate
+from healer.textio import BadRecords
 
 
 class ToyTokenizer:
@@ -94,11 +97,49 @@ def test_jsonl_text_is_joined_and_bad_lines_are_named(tmp_path):
     assert 1000 <= len(capped) < 1000 + 400 and "doc 3 " in capped and "doc 4 " not in capped
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(Exception, match=r"bad.jsonl:2: .*`text`"):
-        read_text(bad)
+    skipped = BadRecords()
+    assert read_text(bad, bad=skipped) == "one"  # the one policy: skipped and counted, with file and line
+    assert skipped.counts == {"missing_text": 1} and skipped.examples[0].startswith(f"{bad}:2: missing_text")
+    with pytest.raises(HealerError, match=r"^[^\n]*bad.jsonl:2: missing_text[^\n]*$"):
+        read_text(bad, bad=BadRecords(strict=True))
 
 
-def test_context_longer_than_the_model_is_skipped_with_a_note(model, tmp_path):
+def test_gzip_json_and_txt_files_are_read_as_text(tmp_path):
+    import gzip
+
+    docs = [f"document {i} about foxes" for i in range(5)]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))
+    (tmp_path / "b.json").write_text(json.dumps([{"text": d} for d in docs], indent=2))
+    (tmp_path / "c.txt").write_text("\n".join(docs) + "\n\n")  # .txt: one document per line
+    for name in ("a.jsonl.gz", "b.json", "c.txt"):
+        assert read_text(tmp_path / name) == "\n\n".join(docs), name
+
+
+def test_invalid_json_file_is_one_line_naming_it(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "one"},\n {"text": "two"\n')
+    with pytest.raises(HealerError, match=r"^eval.perplexity_files: \S*broken.json has no usable text.*corrupt_shard.*"
+                                          r"not valid JSON at line 3[^\n]*$"):
+        read_text(broken)
+
+
+def test_a_long_text_is_tokenized_in_pieces_to_the_same_ids():
+    from conftest import tiny_tokenizer
+
+    import healer.textio as textio
+
+    tok = tiny_tokenizer()
+    text = ("The quick brown fox jumps over the lazy dog.\n  def add(a, b):\n    return a + b  " * 400)
+    whole = tok(text, add_special_tokens=False).input_ids
+    assert len(textio.split_points(text, 2000)) > 10
+    pieces = [i for piece in textio.encode_in_pieces(textio.tokenizer_encoder(tok), text, 2000) for i in piece]
+    assert pieces == whole
+    assert tokenize(tok, text).tolist() == whole
+    assert tokenize(tok, text, max_tokens=100).tolist() == whole[:100]
+
+
+@pytest.fixture
+def model_dir(model, tmp_path):
     from healer.modeling import save_and_verify
 
     model_dir = tmp_path / "model"
@@ -112,6 +153,10 @@ def test_context_longer_than_the_model_is_skipped_with_a_note(model, tmp_path):
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(model_dir)
+    return model_dir
+
+
+def test_context_longer_than_the_model_is_skipped_with_a_note(model_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     cfg = EvalConfig(perplexity_files=[str(text)], context_lengths=[16, 128])
@@ -122,3 +167,17 @@ def test_context_longer_than_the_model_is_skipped_with_a_note(model, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert on_disk["perplexity"] == json.loads(json.dumps(result["perplexity"]))
     assert on_disk["bos"]["prepended"] is False
+
+
+def test_files_with_the_same_name_are_kept_apart_in_eval_json(model_dir, tmp_path):
+    for folder, text in (("wiki", TEXT), ("code", "def add(a, b): return a + b\n" * 12)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.txt").write_text(text)
+    files = [str(tmp_path / "wiki" / "test.txt"), str(tmp_path / "code" / "test.txt")]
+    result = evaluate(str(model_dir), EvalConfig(perplexity_files=files, context_lengths=[16]), tmp_path / "out")
+    assert list(result["perplexity"]) == ["wiki/test.txt", "code/test.txt"]
+    assert result["perplexity"]["wiki/test.txt"]["16"]["ppl"] != result["perplexity"]["code/test.txt"]["16"]["ppl"]
+    with pytest.raises(HealerError, match=r"^eval.perplexity_files lists \S*test.txt twice"):
+        evaluate(str(model_dir), EvalConfig(perplexity_files=[files[0], files[0]]), tmp_path / "out2")
+    with pytest.raises(HealerError, match=r"^eval.perplexity_files: \S*nope.txt does not exist$"):
+        evaluate(str(model_dir), EvalConfig(perplexity_files=[str(tmp_path / "nope.txt")]), tmp_path / "out3")

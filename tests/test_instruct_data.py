@@ -110,13 +110,35 @@ def test_loading_json_jsonl_and_naming_bad_records(tmp_path):
     recs = load_records(tmp_path / "c.jsonl")
     assert recs[1] == {"instruction": "q", "input": "", "output": "a"} and "messages" in recs[0]
     (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(HealerError, match=r"bad.jsonl: line 2: missing string field"):
+    with pytest.raises(HealerError, match=r"bad.jsonl:2: missing string field"):
         load_records(tmp_path / "bad.jsonl")
     (tmp_path / "noreply.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(HealerError, match="line 1: no assistant message"):
+    with pytest.raises(HealerError, match="noreply.jsonl:1: no assistant message"):
         load_records(tmp_path / "noreply.jsonl")
     with pytest.raises(HealerError, match="does not exist"):
         load_records(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"instruction": "q", "output": "a"}\n{"instruction": "caf\xe9", "output": "a"}\n',
+     r"data.jsonl:2: non_utf8 \(invalid continuation byte at byte \d+\); fix the file$"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", r"data.jsonl:1: (non_utf8|malformed_json)"),
+    (b'{"instruction": "q", "output": "a"}\n{"instruction": "q", "output"\n', r"data.jsonl:2: malformed_json"),
+    (b"", r"data.jsonl: empty_file"),
+])
+def test_binary_or_broken_sft_data_is_one_line_naming_file_and_line(tmp_path, body, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(body)
+    with pytest.raises(HealerError, match=message) as caught:
+        load_records(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_json_list_that_is_not_valid_json_names_the_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[{"instruction": "q", "output": "a"},\n {"instruction": "q" "output": "a"}]')
+    with pytest.raises(HealerError, match=r"data.json: corrupt_shard \(not valid JSON at line 2 column 22"):
+        load_records(path)
 
 
 def test_real_alpaca_file(shared_data):

@@ -34,8 +34,13 @@ def test_reading_a_corpus_directory_of_zst_shards(tmp_path):
     (shard / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
     (shard / "b.jsonl").write_text('{"text": "plain"}\nnot json\n')
     assert read_texts(tmp_path) == [f"doc {i}" for i in range(5)] + ["plain"]
-    with pytest.raises(HealerError, match="no .jsonl"):
+    with pytest.raises(HealerError, match=r"^sft.self_distill.corpus: path \S*nothing-here' does not exist"):
         read_texts(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "junk.txt").write_bytes(b"\x00\x01binary\n\xff\xfe\n")
+    with pytest.raises(HealerError, match=r"^sft.self_distill.corpus: \S*junk.txt has no usable text.*binary 1, "
+                                          r"non_utf8 1[^\n]*$"):
+        read_texts(tmp_path / "empty")
 
 
 def test_cut_off_replies_lose_their_unfinished_sentence():

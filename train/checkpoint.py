@@ -2,25 +2,36 @@
 
 Layout of ``<stage_dir>/checkpoints``::
 
-    step00000040/            one checkpoint (DeepSpeed's model/optimizer/scheduler files)
-        trainer_state_rank{r}.pt   step, tokens, data stream position and RNG states of rank r
-        complete.json        written last, after every rank's files are on disk
-    latest                   the tag of the newest complete checkpoint, replaced atomically
+    step00000040/                  one checkpoint (DeepSpeed's model/optimizer files)
+        trainer_state_rank{r}.json step, tokens, data stream position, python/numpy RNG of rank r
+        rng_rank{r}.safetensors    torch CPU (and CUDA) RNG states of rank r
+        complete.json              written last: step, ranks, ZeRO stage, the run's settings, every file's size
+    latest                         the tag of the newest complete checkpoint, replaced atomically
 
 A checkpoint without ``complete.json`` is a save that was interrupted: it is never loaded and the next
 save of the same step replaces it, so a crash during a save leaves the previous checkpoint and the
-``latest`` pointer as they were.
+``latest`` pointer as they were. A checkpoint whose files no longer have the sizes ``complete.json``
+recorded (a truncated copy, a disk that lost data) is skipped for the previous complete one, with a message.
+
+Trust boundary: healer's own trainer state is JSON and safetensors, which cannot run code. DeepSpeed's
+``load_checkpoint`` reads its ``*_model_states.pt`` / ``*_optim_states.pt`` files with
+``torch.load(weights_only=False)`` (deepspeed 0.19, ``TorchCheckpointEngine.load``), i.e. it unpickles
+them: resume only from checkpoint directories you or someone you trust wrote.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +43,12 @@ LATEST = "latest"
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _is_complete(path: Path) -> bool:
@@ -47,20 +64,54 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def read_info(path: Path) -> dict[str, Any]:
+    """The ``complete.json`` of checkpoint ``path``."""
+    try:
+        return json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as err:
+        raise HealerError(f"checkpoint {path}: {COMPLETE} is unreadable ({err}); resume from another "
+                          "checkpoint (--resume DIR) or start over (--resume none)") from None
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted although it is complete (a file missing or of another size)."""
+    try:
+        files = read_info(path).get("files", {})
+    except HealerError as err:
+        return str(err)
+    for name, size in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {COMPLETE} recorded {size}"
+    return None
+
+
 def find_resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint ``--resume auto`` uses: the one ``latest`` names if it is complete, else the newest complete."""
+    """The checkpoint ``--resume auto`` uses: the one ``latest`` names if it is complete and intact, else the
+    newest complete and intact one. A damaged checkpoint is skipped with a message on stderr."""
     root = Path(ckpt_dir)
+    candidates = complete_checkpoints(root)[::-1]
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if candidate.is_dir() and _is_complete(candidate):
-            return candidate
-    complete = complete_checkpoints(root)
-    return complete[-1] if complete else None
+        named = root / pointer.read_text().strip()
+        if named in candidates:  # the pointer wins over a newer complete one (written by a later failed run)
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for i, path in enumerate(candidates):
+        why = damage(path)
+        if why is None:
+            return path
+        fallback = candidates[i + 1].name if i + 1 < len(candidates) else "none left: starting from the input model"
+        if _rank_world()[0] == 0:
+            print(f"healer: checkpoint {path} is damaged ({why}); falling back to the previous complete "
+                  f"checkpoint ({fallback})", file=sys.stderr, flush=True)
+    return None
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint (or None), ``none`` -> None, anything else -> that checkpoint dir."""
+    """``auto`` -> newest intact checkpoint (or None), ``none`` -> None, anything else -> that checkpoint dir."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -69,7 +120,52 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
     if not path.is_dir() or not _is_complete(path):
         raise HealerError(f"--resume {resume}: not a complete checkpoint directory (no {COMPLETE} inside); "
                           f"use --resume auto to pick the newest complete one in {ckpt_dir}")
+    why = damage(path)
+    if why is not None:
+        raise HealerError(f"--resume {resume}: the checkpoint is damaged ({why}); pick an older one or "
+                          "use --resume auto")
     return path
+
+
+def move_aside(ckpt_dir: Path, why: str) -> Path | None:
+    """Rename ``ckpt_dir`` to ``checkpoints.old-<time>`` (``--resume none``): nothing is deleted."""
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return None
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two restarts within a second
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    ckpt_dir.rename(aside)
+    print(f"healer: {why}: moved the previous checkpoints to {aside}", file=sys.stderr, flush=True)
+    return aside
+
+
+def check_settings(saved: dict[str, Any], current: dict[str, Any], *, path: Path, force: bool) -> list[str]:
+    """Refuse to resume when a setting that makes steps incomparable changed (``cpt.seq_len: 32 -> 64``).
+
+    Keys are recipe keys; ``--force`` turns the refusal into the returned list of changes (to be printed).
+    Keys in ``HARD`` cannot be forced: DeepSpeed cannot load such a checkpoint at all.
+    """
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+               if k in saved and _plain(saved[k]) != _plain(v)]
+    hard = [c for c in changed if c.split(":")[0] in HARD]
+    if hard:
+        raise HealerError(f"checkpoint {path} cannot be resumed with {'; '.join(hard)} (DeepSpeed shards its state "
+                          "by those); resume with the old value, or start over with --resume none")
+    if changed and not force:
+        raise HealerError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}): its steps "
+                          "would not continue the same run. Restore the settings, pass --force to resume anyway, "
+                          "or start over with --resume none")
+    return changed
+
+
+HARD = ("ranks", "zero_stage")
+
+
+def _plain(value: Any) -> Any:
+    """The value as JSON gives it back (tuples become lists), for comparing saved with current settings."""
+    return json.loads(json.dumps(value))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -95,12 +191,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
+def _fsync_tree(path: Path) -> dict[str, int]:
+    """fsync every file under ``path``; return their sizes by relative path."""
+    sizes = {}
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.name != COMPLETE:
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
+            sizes[str(file.relative_to(path))] = file.stat().st_size
     _fsync_dir(path)
+    return sizes
 
 
 def _barrier() -> None:
@@ -109,49 +209,93 @@ def _barrier() -> None:
 
 
 def _fault(point: str, step: int) -> None:
-    """Test-only fault injection: HEALER_FAULT=<point>:<step>[:<rank>] SIGKILLs this process there."""
+    """Test-only fault injection: HEALER_FAULT=<point>:<step>[:<rank>] SIGKILLs this process there
+    (``kill_at_step``, ``kill_in_save``); ``term_at_step`` sends SIGTERM instead, as a scheduler would."""
     spec = os.environ.get("HEALER_FAULT", "")
     if not spec:
         return
     parts = spec.split(":")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if parts[0] == point and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+    term = parts[0] == point.replace("kill_", "term_")
+    if (parts[0] == point or term) and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == _rank_world()[0]):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGKILL)
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict[str, Any], *,
-                    keep_last: int) -> Path:
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict[str, Any], *, keep_last: int,
+                    settings: dict[str, Any], frozen_base: bool = False) -> Path:
     """Collective: every rank calls it at the same step. Returns the checkpoint directory.
 
-    ``trainer_state`` is this rank's own state (its data stream position differs from the others').
+    Args:
+        trainer_state: this rank's own state, JSON-able (its data stream position differs from the others').
+        keep_last: complete checkpoints kept after this one is complete.
+        settings: what makes steps comparable (recipe key -> value), checked by ``check_settings`` on resume.
+        frozen_base: leave frozen parameters out (LoRA: the base weights are the stage's input, not state).
+
+    A full disk stops the save with one line and removes the partial directory; the previous checkpoint
+    and ``latest`` stay as they were.
     """
     root = Path(ckpt_dir)
     tag = tag_for(step)
     path = root / tag
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = _rank_world()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # left by an interrupted save of this step, or by an earlier run: replace it whole
             shutil.rmtree(path)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    state_file = path / f"trainer_state_rank{rank}.pt"
-    tmp = state_file.with_name(state_file.name + ".tmp")
-    torch.save(trainer_state, tmp)
-    os.replace(tmp, state_file)
+    failure: OSError | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=frozen_base)
+        rng_json, rng_tensors = capture_rng()
+        _save_tensors(rng_tensors, path / f"rng_rank{rank}.safetensors")
+        state_file = path / f"trainer_state_rank{rank}.json"
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        tmp.write_text(json.dumps({**trainer_state, "rng": rng_json}))
+        os.replace(tmp, state_file)
+    except OSError as err:
+        failure = err
     _fault("kill_in_save", step)
+    if _any_rank(failure is not None):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        kept = find_resume_checkpoint(root)
+        keep = f"the previous checkpoint {kept.name} is kept" if kept else "there is no earlier checkpoint"
+        if failure is not None and failure.errno == errno.ENOSPC:
+            raise HealerError(f"no space left on {root} while saving step {step}; {keep}. Free space (or lower "
+                              "keep_last) and run again to resume")
+        raise HealerError(f"cannot write checkpoint {path}"
+                          + (f": {failure.strerror or failure}" if failure else " (another rank failed)")
+                          + f"; {keep}")
     _barrier()
     if rank == 0:
-        _fsync_tree(path)
-        _write_atomic(path / COMPLETE, json.dumps({"step": step, "world_size": world, "tag": tag,
-                                                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        files = _fsync_tree(path)
+        _write_atomic(path / COMPLETE, json.dumps({
+            "step": step, "tag": tag, "ranks": world, "zero_stage": engine.zero_optimization_stage(),
+            "settings": settings, "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
         _write_atomic(root / LATEST, tag)
         _prune(root, keep_last, newest=path)
     _barrier()
     return path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int, newest: Path) -> None:
@@ -164,41 +308,61 @@ def _prune(root: Path, keep_last: int, newest: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
-    """Collective: restore the engine (model, optimizer, LR scheduler) and return this rank's trainer state."""
+def load_checkpoint(engine, path: str | Path, *, settings: dict[str, Any], force: bool = False,
+                    frozen_base: bool = False) -> dict[str, Any]:
+    """Collective: restore the engine (model, optimizer) and this rank's RNG; return this rank's trainer state.
+
+    ``settings`` are this run's (see ``save_checkpoint``); a change is refused unless ``force``. The ranks and
+    ZeRO stage must match in any case. The trainer state keeps the saved settings under ``"settings"`` and the
+    forced changes under ``"changed"``.
+    """
+    from safetensors.torch import load_file
+
     path = Path(path)
-    info = json.loads((path / COMPLETE).read_text())
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if info["world_size"] != world:
-        raise HealerError(
-            f"checkpoint {path} was written by {info['world_size']} ranks but this run has {world}; resume with "
-            f"the same number of processes, or start fresh with --resume none")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    info = read_info(path)
+    rank, world = _rank_world()
+    current = {"ranks": world, "zero_stage": engine.zero_optimization_stage(), **settings}
+    saved = {"ranks": info.get("ranks", info.get("world_size")), "zero_stage": info.get("zero_stage"),
+             **info.get("settings", {})}
+    changed = check_settings(saved, current, path=path, force=force)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=not frozen_base)
+    except Exception as err:  # DeepSpeed raises whatever its unpickler or shape checks raise
+        raise HealerError(f"DeepSpeed could not load checkpoint {path} ({type(err).__name__}: {err}); resume from "
+                          "an older one (--resume DIR) or start over (--resume none)") from None
     if load_path is None:
-        raise HealerError(f"DeepSpeed could not load checkpoint {path}")
-    return torch.load(path / f"trainer_state_rank{rank}.pt", map_location="cpu", weights_only=False)
+        raise HealerError(f"DeepSpeed could not load checkpoint {path}; resume from an older one (--resume DIR) "
+                          "or start over (--resume none)")
+    try:
+        state = json.loads((path / f"trainer_state_rank{rank}.json").read_text())
+        tensors = load_file(str(path / f"rng_rank{rank}.safetensors"))
+    except (OSError, ValueError) as err:
+        raise HealerError(f"checkpoint {path}: the trainer state of rank {rank} is unreadable ({err}); resume from "
+                          "an older one (--resume DIR) or start over (--resume none)") from None
+    restore_rng(state.pop("rng"), tensors)
+    return {**state, "settings": info.get("settings", {}), "changed": changed}
 
 
-def capture_rng() -> dict[str, Any]:
-    import random
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """This process's RNG states: python and numpy as JSON, torch CPU and CUDA as tensors (for safetensors)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    as_json = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    return as_json, tensors
 
-    import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(as_json: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Undo ``capture_rng``."""
+    version, mt, gauss = as_json["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = as_json["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1) if f"cuda{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,4 +1,9 @@
-"""Recipe sections ``cpt:`` and ``sft:``: how the pruned model is healed."""
+"""Recipe sections ``cpt:`` and ``sft:``: how the pruned model is healed.
+
+Both stages run on one training loop, so what they share is written once, as field groups that each
+stage's section inherits (the keys stay flat: ``cpt.lr``, ``sft.micro_batch_size``). A stage changes a
+shared default by redeclaring the field, which keeps its own defaults next to its name.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,59 @@ from typing import Any, Literal
 from pydantic import Field
 
 from healer.config_base import Section
+
+Schedule = Literal["cosine", "wsd", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class OptimizerFields(Section):
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on biases and norms)")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 turns clipping off")
+    schedule: Schedule = Field("cosine", description="cosine, wsd (warmup-stable-decay), linear or constant after "
+                                                     "the warmup")
+    warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the LR at the end of the decay, as a fraction of lr")
+    decay_fraction: float = Field(0.1, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
+
+
+class BatchFields(Section):
+    """How many sequences make one optimizer step."""
+
+    micro_batch_size: int = Field(1, gt=0, description="sequences per rank per forward pass")
+    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step over all ranks; gradient "
+                                                         "accumulation = global / (micro * ranks), must divide")
+
+
+class CheckpointFields(Section):
+    """Cadence of checkpoints and logs."""
+
+    save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints (and at the end)")
+    keep_last: int = Field(2, gt=0, description="complete checkpoints kept; older ones are deleted")
+    log_every: int = Field(1, gt=0, description="optimizer steps between logged metrics")
+
+
+class DeepSpeedFields(Section):
+    """The DeepSpeed engine."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also "
+                                                              "gradients, 3 also parameters (the KD teacher too)")
+    offload_optimizer: bool = Field(False, description="optimizer state + step on the CPU (DeepSpeed CPU Adam)")
+    offload_params: bool = Field(False, description="parameters on the CPU between uses; needs zero_stage: 3")
+    deepspeed_config: str | dict[str, Any] | None = Field(
+        None, description="a DeepSpeed JSON file, preset name (zero1, zero2, zero3, zero3_offload) or dict passed "
+                          "through; recipe knobs fill what it leaves out")
+    precision: Precision = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
+
+
+class TrainingFields(OptimizerFields, BatchFields, CheckpointFields, DeepSpeedFields):
+    """Everything the training loop reads; a stage section adds its own model/data keys."""
+
+    seed: int | None = Field(None, description="seeds model init noise, dropout and data order; defaults to the "
+                                               "recipe's top-level seed")
 
 
 class KDConfig(Section):
@@ -18,43 +76,18 @@ class KDConfig(Section):
     top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
 
 
-class CPTConfig(Section):
-    """Continued pretraining under DeepSpeed ZeRO."""
+class CPTConfig(TrainingFields):
+    """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, lr 1e-4, wd 0.1)."""
 
     input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also "
-                                                              "gradients, 3 also parameters (the KD teacher too)")
-    offload_optimizer: bool = Field(False, description="optimizer state + step on the CPU (DeepSpeed CPU Adam)")
-    offload_params: bool = Field(False, description="parameters on the CPU between uses; needs zero_stage: 3")
-    deepspeed_config: str | dict[str, Any] | None = Field(
-        None, description="a DeepSpeed JSON file, preset name (zero1, zero2, zero3, zero3_offload) or dict passed "
-                          "through; recipe knobs fill what it leaves out"
-    )
-    micro_batch_size: int = Field(1, gt=0, description="sequences per rank per forward pass")
-    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step over all ranks; gradient "
-                                                         "accumulation = global / (micro * ranks), must divide")
     max_steps: int = Field(100, gt=0, description="optimizer steps; tokens = max_steps * global_batch * seq_len")
-    lr: float = Field(1e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = Field(0.1, gt=0, le=1, description="wsd: fraction of steps spent decaying")
-    grad_clip: float = Field(1.0, ge=0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on a GPU that has "
-                                                                                  "it, fp32 on CPU")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward to save memory")
     attn_implementation: str = Field(
         "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
-    save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints (and at the end)")
-    keep_last: int = Field(2, gt=0, description="complete checkpoints kept; older ones are deleted")
     eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
-    log_every: int = Field(1, gt=0)
-    kd: KDConfig | None = None
-    seed: int = 0
+    kd: KDConfig | None = Field(None, description="distil from a teacher instead of plain next-token CE")
 
 
 class SelfDistillConfig(Section):
@@ -72,14 +105,14 @@ class SelfDistillConfig(Section):
     passage_chars: int = Field(500, gt=50, description="length of the corpus passage quoted in a prompt")
     dtype: str = Field("auto", description="teacher weights while generating: auto = bfloat16 on a GPU or a CPU "
                                            "with native bf16 (less memory traffic when decoding), else float32")
-    seed: int = 0
+    seed: int | None = Field(None, description="passage choice and sampling; defaults to the recipe's seed")
 
 
-class SFTConfig(Section):
+class SFTConfig(TrainingFields):
     """LoRA instruction tuning (PEFT) with the Shortened LLaMA defaults: rank 8, lr 1e-4, batch 64, 2 epochs."""
 
     input: str | None = Field(None, description="checkpoint to tune; defaults to the cpt stage's export")
-    output: str | None = None
+    output: str | None = Field(None, description="stage directory; defaults to <run_dir>/sft")
     data: str | None = Field(None, description="Alpaca-style JSON/JSONL or chat-style `messages` records")
     self_distill: SelfDistillConfig | None = Field(
         None, description="build the data with the teacher when `data` is not given (the offline demo)")
@@ -87,26 +120,19 @@ class SFTConfig(Section):
         "auto", description="auto: the tokenizer's chat template when it has one, else the Alpaca template")
     max_samples: int | None = Field(None, gt=0, description="train on a seeded random subset of this many records")
     max_seq_len: int = Field(512, gt=8, description="longer examples are cut; ones left with no reply are dropped")
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    rank: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha/rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt; all-linear = every linear projection except lm_head")
-    lr: float = Field(1e-4, gt=0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(2.0, gt=0, description="passes over the data (when max_steps is not set)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
-    micro_batch_size: int = Field(4, gt=0)
-    global_batch_size: int = Field(64, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    deepspeed_config: str | dict[str, Any] | None = Field(
-        None, description="a DeepSpeed JSON file, preset name or dict; recipe knobs fill what it leaves out")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints")
-    keep_last: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 0
+    # The SFT seed's defaults differ from CPT's: a short LoRA run with Adam's usual betas, no decay.
+    schedule: Schedule = Field("linear", description="cosine, wsd, linear or constant after the warmup")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the LR at the end of the decay, as a fraction of lr")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    micro_batch_size: int = Field(4, gt=0, description="examples per rank per forward pass")
+    global_batch_size: int = Field(64, gt=0, description="examples per optimizer step over all ranks")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (the adapter is small: 0 is fine)")

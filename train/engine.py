@@ -7,25 +7,31 @@ process; on a machine without a GPU it uses the gloo backend (``DS_ACCELERATOR=c
     ds_config = build_ds_config(zero_stage=2, micro_batch_size=4, global_batch_size=64,
                                 world_size=dist.world_size, grad_clip=1.0)
     optimizer = make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    engine = init_engine(model, ds_config, optimizer, lr_lambda)
+    engine = init_engine(model, ds_config, optimizer)  # the loop sets each step's LR: set_lr(engine, lr)
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from healer.errors import HealerError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def _presets() -> dict[str, Any]:
+    """Preset name -> its JSON resource in the installed ``healer.configs`` package (``zero2`` -> zero2.json)."""
+    folder = importlib.resources.files("healer.configs") / "deepspeed"
+    return {f.name[: -len(".json")]: f for f in folder.iterdir() if f.name.endswith(".json")}
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,9 @@ def _fill_rank_env() -> None:
                                   "`scontrol show hostnames $SLURM_JOB_NODELIST` failed; export MASTER_ADDR")
             os.environ["MASTER_ADDR"] = host
         if "MASTER_PORT" not in os.environ:
-            job = int(os.environ.get("SLURM_JOB_ID", "0"))
-            os.environ["MASTER_PORT"] = str(20000 + job % 20000)  # same on every task, differs between jobs
+            from healer.launch.slurm import master_port_for_job
+
+            os.environ["MASTER_PORT"] = str(master_port_for_job(int(os.environ.get("SLURM_JOB_ID", "0"))))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -126,16 +133,18 @@ def load_ds_json(source: str | Mapping[str, Any] | None) -> dict:
         return {}
     if isinstance(source, Mapping):
         return copy.deepcopy(dict(source))
-    path = Path(source)
-    if not path.is_file() and (PRESET_DIR / f"{source}.json").is_file():
-        path = PRESET_DIR / f"{source}.json"
+    presets = _presets()
+    path: Any = Path(source)
+    if not path.is_file() and source in presets:
+        path = presets[source]
     if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
-        raise HealerError(f"deepspeed_config: {source} is neither a JSON file nor a preset ({presets})")
+        raise HealerError(f"deepspeed_config: {source} is neither a JSON file nor a preset "
+                          f"({', '.join(sorted(presets))})")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HealerError(f"deepspeed_config: {path} line {err.lineno}: not valid JSON: {err.msg}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HealerError(f"deepspeed_config: {path} is not valid JSON ({err}); fix the file or name a preset "
+                          f"({', '.join(sorted(presets))})") from None
 
 
 def _setdefault_deep(tree: dict, defaults: Mapping[str, Any]) -> None:
@@ -172,7 +181,8 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size
     if zero_stage >= 1:
         zero.update(overlap_comm=True, contiguous_gradients=True)
     if zero_stage == 3:
-        # gathered 16-bit weights are what the HF export needs without a fp32 consolidation step
+        # False: export.py gathers the weights itself, one parameter at a time; DeepSpeed need not gather a
+        # full 16-bit copy of the model onto rank 0 at every checkpoint save.
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -234,20 +244,22 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, betas: tuple[float, flo
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
 
 
-def init_engine(model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer | None = None,
-                lr_lambda: Callable[[int], float] | None = None):
-    """``deepspeed.initialize`` with our optimizer and an LR schedule (a multiplier of the base LR per step).
+def init_engine(model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer | None = None):
+    """``deepspeed.initialize`` with our optimizer and no LR scheduler.
 
-    The scheduler is built on the optimizer DeepSpeed wraps, so it is saved in and restored from the
-    engine's checkpoints.
+    The training loop sets each step's LR itself (``set_lr``) from the recipe's schedule, so no scheduler
+    state goes into checkpoints and a resumed run follows the recipe it is resumed with.
     """
     import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
 
-    scheduler = (lambda opt: LambdaLR(opt, lr_lambda)) if lr_lambda is not None else None
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    """The LR of every parameter group for the next optimizer step (ZeRO wrappers share the groups)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def init_frozen_engine(model: torch.nn.Module, ds_config: Mapping[str, Any], device: torch.device):

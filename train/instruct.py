@@ -1,6 +1,6 @@
 """Instruction data for LoRA tuning: load records, render prompts, tokenize with the loss on responses only.
 
-Two record shapes are accepted, one per line of a JSONL file or as a JSON list:
+Two record shapes are accepted, one per line of a JSONL file, as a JSON list, or as parquet rows:
 
 * Alpaca: ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` may be empty or absent);
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
@@ -12,7 +12,6 @@ keeps its id in ``labels``; every token it only *reads* (template, instruction, 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from healer.errors import HealerError
+from healer.textio import BadRecords, iter_file_records
 
 IGNORE_INDEX = -100
 
@@ -40,33 +40,19 @@ ROLES = ("system", "user", "assistant")
 # ---------------------------------------------------------------- loading
 
 def load_records(path: str | Path, max_samples: int | None = None, seed: int = 0) -> list[dict]:
-    """Read Alpaca or chat records from a ``.json`` list or a ``.jsonl`` file and check their shape.
+    """Read Alpaca or chat records from a file :mod:`healer.textio` reads (a ``.json`` list, ``.jsonl``,
+    ``.parquet``, compressed or not) and check their shape.
 
     ``max_samples`` keeps a seeded random subset (the same one for the same seed), so a short run sees
     a spread of the data instead of its first lines. Raises :class:`HealerError` naming the file and the
-    record (line for JSONL, index for JSON) when a record is neither shape.
+    record (``file:N``: line N of JSON lines, record N of a JSON list) at the first record that is not
+    JSON, not UTF-8 or neither shape: training data is refused rather than silently thinned.
     """
     path = Path(path)
     if not path.is_file():
         raise HealerError(f"sft.data: {path} does not exist; give an Alpaca-style .json/.jsonl file")
-    text = path.read_text(encoding="utf-8")
-    records: list[tuple[str, Any]] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise HealerError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        records = [(f"record {i}", item) for i, item in enumerate(items)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise HealerError(f"{path}: line {lineno} is not valid JSON: {err.msg}") from None
-    out = [check_record(rec, f"{path}: {where}") for where, rec in records]
+    bad = BadRecords(strict=True, setting=None)
+    out = [check_record(record, where) for record, where in iter_file_records(str(path), bad)]
     if not out:
         raise HealerError(f"{path}: no records; expected Alpaca (instruction/input/output) or chat (messages) records")
     if max_samples is not None and max_samples < len(out):

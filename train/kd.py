@@ -178,6 +178,12 @@ def _plain_linear(head) -> bool:
             and not hasattr(head.weight, "ds_id"))
 
 
+def _frozen_partitioned_linear(head) -> bool:
+    """A bias-free ``nn.Linear`` head partitioned by ZeRO-3 and frozen (LoRA under ZeRO-3)."""
+    return (type(head) is torch.nn.Linear and head.bias is None and hasattr(head.weight, "ds_id")
+            and not head.weight.requires_grad)
+
+
 def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *,
                       teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None,
                       alpha: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
@@ -215,6 +221,14 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
     if fused and training:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
                                     top_k, chunk_size)
+    if training and _frozen_partitioned_linear(head):
+        # A recomputed chunk would find a frozen ZeRO-3 head partitioned again (no hook gathers it in backward);
+        # fused needs it whole only during this forward, since its backward merely scales stored gradients.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([head.weight]):
+            return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha,
+                                        temperature, top_k, chunk_size)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kl_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_size):

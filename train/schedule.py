@@ -1,13 +1,17 @@
-"""Learning-rate schedules as a multiplier of the peak LR per optimizer step.
+"""Learning-rate schedules as a multiplier of the peak LR per optimizer step, and the "is it due" test.
 
-``lr_multiplier(step)`` is the factor applied during optimizer step ``step`` (0-based),
-the convention of ``torch.optim.lr_scheduler.LambdaLR``.
+``lr_multiplier(step)`` is the factor applied during optimizer step ``step`` (0-based: the step that
+turns ``step`` finished steps into ``step + 1``). The training loop sets ``peak_lr * lr_multiplier(step)``
+on the optimizer itself before every step, so no scheduler state is saved in checkpoints: a resumed run
+follows the schedule of the recipe it is resumed with.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Callable
+
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
 
 
 def make_lr_lambda(schedule: str, *, max_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
@@ -16,18 +20,15 @@ def make_lr_lambda(schedule: str, *, max_steps: int, warmup_steps: int = 0, min_
 
     Args:
         schedule: ``cosine`` (linear warmup, cosine to ``min_lr_ratio``), ``wsd`` (warmup, stable at the peak,
-            linear decay to ``min_lr_ratio`` over the last ``decay_fraction`` of the steps) or ``constant``
-            (warmup, then the peak).
-        max_steps: the run's total optimizer steps; the cosine/decay ends there.
+            linear decay to ``min_lr_ratio`` over the last ``decay_fraction`` of the steps), ``linear``
+            (warmup, then a straight line to ``min_lr_ratio``) or ``constant`` (warmup, then the peak).
+        max_steps: the run's total optimizer steps; the decay ends there.
         warmup_steps: steps of linear warmup from ``1/warmup_steps`` of the peak up to the peak.
         min_lr_ratio: the final LR as a fraction of the peak.
         decay_fraction: wsd only.
-
-    The function is a closure, not an object, so LambdaLR does not save it in checkpoints:
-    a resumed run follows the schedule of the recipe it was resumed with.
     """
-    if schedule not in ("cosine", "wsd", "constant"):
-        raise ValueError(f"unknown schedule {schedule!r}; use cosine, wsd or constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     warmup = min(warmup_steps, max_steps)
     decay_steps = max(1, round(max_steps * decay_fraction))
     decay_start = max(warmup, max_steps - decay_steps)
@@ -37,13 +38,17 @@ def make_lr_lambda(schedule: str, *, max_steps: int, warmup_steps: int = 0, min_
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
-        if schedule == "cosine":
-            span = max(1, max_steps - warmup)
-            progress = min(1.0, (step - warmup) / span)
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if step < decay_start:
+        if schedule == "wsd" and step < decay_start:
             return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        start = decay_start if schedule == "wsd" else warmup
+        progress = min(1.0, (step - start) / max(1, max_steps - start))
+        if schedule == "cosine":
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0 - (1 - min_lr_ratio) * progress
 
     return lr_lambda
+
+
+def due(step: int, every: int | None, last: int | None = None) -> bool:
+    """Whether something done every ``every`` steps (and at the ``last`` step) is due after ``step`` steps."""
+    return (last is not None and step == last) or (bool(every) and step > 0 and step % every == 0)

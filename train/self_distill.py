@@ -13,19 +13,19 @@ or from Python, :func:`build_self_distilled_instructions`.
 from __future__ import annotations
 
 import glob
-import io
-import json
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
+from healer import textio
 from healer.errors import HealerError
 from healer.manifest import write_json_atomic
+from healer.textio import BadRecords
 
 # (instruction, whether the passage goes in as the Alpaca `input`). {title} is the passage's heading.
 TEMPLATES = (
@@ -36,7 +36,6 @@ TEMPLATES = (
     ("What is \"{title}\" in Python? Answer briefly.", False),
     ("Write one question that the following passage answers, and then answer it.", True),
 )
-TEXT_SUFFIXES = (".jsonl.zst", ".jsonl", ".json.zst", ".txt")
 
 
 # ---------------------------------------------------------------- corpus text
@@ -63,51 +62,19 @@ def pydoc_texts() -> list[str]:
 
 
 def read_texts(corpus: str | Path, text_field: str = "text", limit: int = 20000) -> list[str]:
-    """Texts from a directory (searched recursively), a glob or a file: .jsonl(.zst) records or plain .txt."""
-    path = Path(corpus)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(corpus), recursive=True))
-    if not files:
-        raise HealerError(f"sft.self_distill.corpus: {corpus} has no .jsonl, .jsonl.zst or .txt files")
-    texts: list[str] = []
-    for file in files:
-        for text in _file_texts(file, text_field):
-            if text.strip():
-                texts.append(text)
-            if len(texts) >= limit:
-                return texts
+    """Up to ``limit`` texts of a corpus: a file, a directory (searched recursively) or a glob, read by
+    :mod:`healer.textio` (``.jsonl``/``.json``/``.parquet`` records, ``.txt`` one document per line).
+
+    A bad record costs one prompt, not the run: it is skipped, counted and reported in one line.
+    """
+    from healer.train.data.shards import resolve_files
+
+    files = resolve_files(str(corpus), "sft.self_distill.corpus")
+    bad = BadRecords(setting=None)
+    texts = textio.read_texts(files, bad, text_field=text_field, max_docs=limit, what="sft.self_distill.corpus")
+    if bad.counts:
+        print(f"self-distillation corpus {corpus}: {bad.summary()}", file=sys.stderr)
     return texts
-
-
-def _file_texts(file: Path, text_field: str) -> Iterator[str]:
-    if file.suffix == ".txt":
-        yield from re.split(r"\n\s*\n\s*\n", file.read_text(encoding="utf-8", errors="replace"))
-        return
-    for lineno, line in enumerate(_lines(file), 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line).get(text_field)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a bad record costs one prompt, not the run
-        if isinstance(text, str):
-            yield text
-
-
-def _lines(file: Path) -> Iterable[str]:
-    if file.name.endswith(".zst"):
-        import zstandard
-
-        with open(file, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw)
-            yield from io.TextIOWrapper(reader, encoding="utf-8", errors="replace")
-    else:
-        with open(file, encoding="utf-8", errors="replace") as fh:
-            yield from fh
 
 
 # ---------------------------------------------------------------- prompts

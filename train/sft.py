@@ -1,106 +1,75 @@
 """``healer sft``: LoRA instruction tuning with PEFT under DeepSpeed, then a merged plain-HF checkpoint.
 
-    healer sft --config recipe.yaml [--resume auto|none] [--steps N] [--force]
+    healer sft --config recipe.yaml [--resume auto|none|DIR] [--steps N] [--force]
 
 The stage reads ``recipe.stage_input("sft")`` and writes ``<stage_dir>/``:
 
-* ``checkpoints/``  DeepSpeed checkpoints of the adapter, optimizer, scheduler and RNG (every
-  ``sft.save_every`` steps; frozen base weights are not copied into them);
-* ``tensorboard/``  ``train/loss``, ``train/lr``, ``train/grad_norm``, ``perf/tokens_per_s`` every step;
+* ``checkpoints/``  resumable checkpoints of the adapter, optimizer, RNG and data position (every
+  ``sft.save_every`` steps; frozen base weights are not copied into them), the protocol of ``checkpoint.py``;
+* ``tensorboard/`` and ``metrics.jsonl``  the scalars every training stage logs (``train/loss`` ...);
 * ``adapter/``      the LoRA adapter in standard PEFT format (``PeftModel.from_pretrained`` loads it);
 * ``merged/``       the base with the adapter folded in, a plain HF directory (verified by reloading it);
 * ``manifest.json`` last, when all of the above exist.
 
-Running it again resumes from the newest checkpoint (``--resume auto``, the default); ``--steps N`` stops
-after N more optimizer steps with a checkpoint, to be continued by the next call.
+The steps are ``healer.train.loop``'s, as for cpt: the loss is reply-only CE averaged over the supervised
+tokens of the whole accumulation window; preemption saves, writes ``PREEMPTED`` and exits with 75.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import shutil
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from healer.errors import HealerError
-from healer.manifest import MANIFEST, read_stage_manifest, write_json_atomic, write_stage_manifest
 from healer.train.config import SFTConfig
 from healer.train.instruct import Example, collate, load_records, tokenize_records
 
-CHECKPOINTS = "checkpoints"
-PLAN = "plan.json"  # in checkpoints/: the run the step numbers belong to
 ADAPTER = "adapter"
 
 
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved at the step boundary and the run should exit."""
-
-
 @dataclass
-class StageOptions:
-    resume: str = "auto"  # auto: newest checkpoint if any; none: start over
-    steps: int | None = None  # optimizer steps to run in this call, then checkpoint and stop
-    force: bool = False  # train again even when the stage has a completion manifest
+class Options:
+    """``healer sft`` flags (contract 1)."""
 
+    resume: str = field(default="auto", metadata={
+        "help": "auto: newest complete checkpoint; none: start over (old checkpoints moved aside); or a checkpoint "
+                "dir"})
+    force: bool = field(default=False, metadata={
+        "help": "resume even though a setting that makes steps incomparable changed (data, seq_len, micro-batch ...)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "run at most this many optimizer steps in this call, then checkpoint and stop"})
 
-def parse_args(args: list[str]) -> StageOptions:
-    opts = StageOptions()
-    it = iter(args)
-    for arg in it:
-        flag, _, inline = arg.partition("=")
-        if flag in ("--resume", "--steps"):
-            value = inline or next(it, None)
-            if value is None:
-                raise HealerError(f"healer sft: {flag} needs a value")
-            if flag == "--resume":
-                if value not in ("auto", "none"):
-                    raise HealerError(f"healer sft: --resume takes auto or none, got {value!r}")
-                opts.resume = value
-            else:
-                if not value.isdigit() or int(value) < 1:
-                    raise HealerError(f"healer sft: --steps takes a positive number, got {value!r}")
-                opts.steps = int(value)
-        elif flag == "--force":
-            opts.force = True
-        else:
-            raise HealerError(f"healer sft: unexpected argument {arg!r}; takes --resume auto|none, --steps N, --force")
-    return opts
-
-
-# ---------------------------------------------------------------- the stage
 
 def run_sft_stage(recipe, args: list[str]) -> int:
-    """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``."""
-    opts = parse_args(args)
-    cfg = recipe.sft or SFTConfig()
-    stage_dir = recipe.stage_dir("sft")
-    if read_stage_manifest(stage_dir) and not opts.force:
-        print(f"healer sft: {stage_dir} is finished (manifest.json); pass --force to train again")
-        return 0
+    """Today's CLI entry (an argument list); ``run_sft`` once the CLI builds ``Options`` itself."""
+    from healer.train.verb_args import options_from_args
+
+    return run_sft(recipe, options_from_args(Options, args, "sft"))
+
+
+def run_sft(recipe, opts: Options) -> int:
+    """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it."""
+    from healer.manifest import write_stage_manifest
     from healer.train.engine import init_distributed
+    from healer.train.signals import PREEMPTED_EXIT_CODE
 
-    dist_info = init_distributed()
-    if opts.force:  # train again from scratch: the old run's checkpoints and "finished" mark no longer hold
-        opts.resume = "none"
-        if dist_info.is_main:
-            (stage_dir / MANIFEST).unlink(missing_ok=True)
-    data_path = instruction_data(recipe, cfg, stage_dir, is_main=dist_info.is_main)
-    try:
-        outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts,
-                             dtype=recipe.model.dtype, dist_info=dist_info)
-    except Preempted:
-        from healer.train.signals import PREEMPTED_EXIT_CODE
-
+    if opts.steps is not None and opts.steps < 1:
+        raise HealerError(f"healer sft: --steps takes a positive number, got {opts.steps}")
+    cfg = recipe.sft or SFTConfig(seed=recipe.seed)
+    stage_dir = recipe.stage_dir("sft")
+    info = init_distributed()
+    data_path = instruction_data(recipe, cfg, stage_dir, is_main=info.is_main)
+    outputs = train_lora(recipe.stage_input("sft"), data_path, cfg, stage_dir, opts=opts, dtype=recipe.model.dtype)
+    if outputs == "preempted":
         return PREEMPTED_EXIT_CODE
-    if outputs is None:  # stopped early by --steps; a checkpoint is on disk
-        return 0
-    if dist_info.is_main:
+    if outputs is not None and info.is_main and not outputs.get("unchanged"):
         write_stage_manifest(stage_dir, "sft", outputs)
     return 0
 
@@ -122,18 +91,11 @@ def instruction_data(recipe, cfg: SFTConfig, stage_dir: Path, is_main: bool) -> 
         teacher = sd.teacher or recipe.model.source
         build_self_distilled_instructions(
             teacher, sd.corpus or default_corpus(recipe.data), out, n=sd.num_examples,
-            max_new_tokens=sd.max_new_tokens, seed=sd.seed, temperature=sd.temperature, batch_size=sd.batch_size,
-            passage_chars=sd.passage_chars, gguf_file=None if sd.teacher else recipe.model.gguf_file,
-            dtype=sd.dtype)
+            max_new_tokens=sd.max_new_tokens, seed=sd.seed if sd.seed is not None else recipe.seed,
+            temperature=sd.temperature, batch_size=sd.batch_size, passage_chars=sd.passage_chars,
+            gguf_file=None if sd.teacher else recipe.model.gguf_file, dtype=sd.dtype)
     _barrier()
     return out
-
-
-def read_json_or_none(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _barrier() -> None:
@@ -150,20 +112,6 @@ def lora_config(cfg: SFTConfig):
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-
-
-def lr_multiplier(schedule: str, warmup: int, total: int):
-    """Step -> factor of the base LR: linear warmup, then linear/cosine decay to 0 or constant."""
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-    return fn
 
 
 def example_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -185,39 +133,75 @@ def micro_batch(examples: list[Example], seed: int, start: int, size: int) -> li
     return out
 
 
+class ExampleBatches:
+    """One rank's micro-batches of the endless shuffled example stream, as the loop's ``Batches``.
+
+    Micro-batch ``i`` of rank ``r`` holds examples ``(i * world + r) * micro ...`` of the stream, so the
+    position is one number and the split over ranks matches one process running the whole global batch.
+    """
+
+    def __init__(self, examples: list[Example], *, seed: int, rank: int, world: int, micro: int, pad_id: int):
+        self.examples, self.seed, self.rank, self.world, self.micro = examples, seed, rank, world, micro
+        self.pad_id = pad_id
+        self.index = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        first = (self.index * self.world + self.rank) * self.micro
+        self.index += 1
+        return collate(micro_batch(self.examples, self.seed, first, self.micro), self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["micro_batches"])
+
+
 def total_steps(cfg: SFTConfig, n_examples: int) -> int:
+    """``sft.max_steps``, else enough steps for ``sft.epochs`` passes over the examples."""
     if cfg.max_steps:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * n_examples / cfg.global_batch_size))
 
 
+def settings_of(cfg: SFTConfig, data_path: str | Path, n_examples: int, n_tokens: int) -> dict[str, Any]:
+    """What makes two runs' steps comparable, by recipe key: resuming with another value is refused."""
+    return {"sft.data": {"path": str(data_path), "examples": n_examples, "tokens": n_tokens},
+            **{f"sft.{k}": getattr(cfg, k) for k in ("max_samples", "max_seq_len", "prompt_format",
+                                                     "micro_batch_size", "global_batch_size", "seed", "rank",
+                                                     "target_modules")}}
+
+
 def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_dir: str | Path, *,
-               opts: StageOptions | None = None, dtype: str = "float32", dist_info=None) -> dict | None:
-    """Train a LoRA adapter on ``model_source`` and write adapter + merged model under ``stage_dir``.
+               opts: Options | None = None, dtype: str = "float32") -> dict | str | None:
+    """Collective: train a LoRA adapter on ``model_source`` with the loop; write adapter + merged model.
 
-    Returns the manifest outputs, or None when ``opts.steps`` stopped the run before its end.
+    Returns the manifest outputs; ``"preempted"`` after a preemption signal; None when ``opts.steps`` paused
+    the run before its end (a checkpoint is on disk).
     """
-    import torch.distributed as dist
-
     from healer.modeling import load_tokenizer, resolve_source, torch_dtype
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer, resolve_precision
+    from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
-    from healer.train.signals import PreemptionWatcher
+    from healer.train.objectives import ReplyCE
+    from healer.train.schedule import make_lr_lambda
 
-    opts = opts or StageOptions()
+    opts = opts or Options()
     stage_dir = Path(stage_dir)
-    info = dist_info or init_distributed()
+    check_resume(opts.resume, stage_dir)
+    info = init_distributed()
     rank, world = info.rank, info.world_size
-    ckpt_dir = stage_dir / CHECKPOINTS
-    if opts.resume == "none" and info.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    _barrier()
+    seed = cfg.seed if cfg.seed is not None else 0
 
     location = resolve_source(model_source)
     tokenizer = load_tokenizer(location)
-    records = load_records(data_path, cfg.max_samples, seed=cfg.seed)
+    records = load_records(data_path, cfg.max_samples, seed=seed)
     data = tokenize_records(records, tokenizer, cfg.prompt_format, cfg.max_seq_len)
     steps = total_steps(cfg, len(data.examples))
+    say = MetricsLogger(None, steps, rank=rank, progress_bar=False).write
+    if opts.resume == "auto" and finished(stage_dir, steps):
+        say(f"healer sft: {stage_dir} is finished ({steps} steps, manifest.json); --resume none trains again")
+        return {"unchanged": True}
 
     precision = resolve_precision(cfg.precision, info.device)
     ds_config = build_ds_config(zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
@@ -226,102 +210,56 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
 
-    # What the step numbers in the checkpoints mean; resuming under another plan would mix two runs.
-    plan = {"data": str(data_path), "examples": len(data.examples), "tokens": data.tokens, "steps": steps,
-            "global_batch_size": global_batch, "seed": cfg.seed, "rank": cfg.rank,
-            "target_modules": cfg.target_modules}
-    resuming = opts.resume == "auto" and (ckpt_dir / "latest").is_file()
-    old = read_json_or_none(ckpt_dir / PLAN) if resuming else None
-    if old is not None and old != plan:
-        changed = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in plan.items() if old.get(k) != v)
-        raise HealerError(f"{ckpt_dir} holds a run with other settings ({changed}); "
-                          "run with --resume none (or --force) to start over, or restore the settings")
-
-    torch.manual_seed(cfg.seed)
+    seed_everything(seed)  # the same LoRA init on every rank
     model = _lora_model(location, cfg, torch_dtype(dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     optimizer = make_optimizer(model, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    engine = init_engine(model, ds_config, optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, steps))
+    engine = init_engine(model, ds_config, optimizer)
+    seed_everything(seed + rank)  # dropout differs between ranks, as between micro-batches
 
-    start, totals, loss_value = 0, {"tokens": 0, "supervised": 0}, float("nan")
-    if resuming:
-        path, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise HealerError(f"{ckpt_dir}: cannot load the checkpoint named in 'latest'; "
-                              "rerun with --resume none to start over")
-        start, totals, loss_value = client["step"], client["totals"], client["loss"]
-        torch.set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
-    elif info.is_main:
-        write_json_atomic(ckpt_dir / PLAN, plan)
-    _barrier()
+    batches = ExampleBatches(data.examples, seed=seed, rank=rank, world=world, micro=micro,
+                             pad_id=tokenizer.pad_token_id)
+    settings = settings_of(cfg, data_path, len(data.examples), data.tokens)
+    progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
+                      frozen_base=True, say=say)
 
-    logger = MetricsLogger(stage_dir / "tensorboard", total_steps=steps, rank=rank, initial_step=start, desc="sft")
-    logger.write(f"sft: {len(data.examples)} examples ({data.prompt_format} format, {data.tokens:,} tokens; "
+    logger = MetricsLogger(stage_dir / "tensorboard", total_steps=steps, rank=rank, initial_step=progress.step,
+                           desc="sft", jsonl_path=stage_dir / "metrics.jsonl")
+    logger.write(f"healer sft: {len(data.examples)} examples ({data.prompt_format} format, {data.tokens:,} tokens; "
                  f"{data.dropped} dropped, {data.truncated} truncated at {cfg.max_seq_len}), LoRA rank {cfg.rank} "
                  f"-> {trainable:,} trainable parameters; {steps} steps of {micro} x {accum} x {world} = "
-                 f"{global_batch} examples" + (f"; resuming at step {start}" if start else ""))
-    if start == 0:
+                 f"{global_batch} examples")
+    if progress.step == 0:
         logger.text("sft/config", "```\n" + cfg.model_dump_json(indent=2) + "\n```")
 
-    stop_at = steps if opts.steps is None else min(steps, start + opts.steps)
-    watcher = PreemptionWatcher()
-    engine.train()
-    for step in range(start, stop_at):
-        t0 = time.perf_counter()
-        own_norm = None
-        loss_sum = torch.zeros(4, dtype=torch.float64)  # summed micro losses, tokens, supervised tokens, stop asks
-        for m in range(accum):
-            first = step * global_batch + (m * world + rank) * micro
-            batch = collate(micro_batch(data.examples, cfg.seed, first, micro), tokenizer.pad_token_id)
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            engine.backward(out.loss)
-            if m == accum - 1 and engine.zero_optimization_stage() == 0:
-                # DeepSpeed reports a grad norm only when ZeRO owns the gradients; here they sit on the params
-                own_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
-                                          if p.grad is not None)).item()
-            engine.step()
-            loss_sum += torch.tensor([out.loss.item(), batch["attention_mask"].sum().item(),
-                                      (batch["labels"] != -100).sum().item(), 0.0], dtype=torch.float64)
-        loss_sum[3] = float(watcher.requested)
-        if world > 1:
-            dist.all_reduce(loss_sum)  # also tells every rank that one of them was asked to stop
-        loss_value = loss_sum[0].item() / (accum * world)
-        totals["tokens"] += int(loss_sum[1].item())
-        totals["supervised"] += int(loss_sum[2].item())
-        elapsed = time.perf_counter() - t0
-        done = step + 1
-        if done % cfg.log_every == 0 or done == stop_at:
-            grad_norm = own_norm if engine.zero_optimization_stage() == 0 else engine.get_global_grad_norm()
-            logger.log(done, {"train/loss": loss_value, "train/lr": engine.get_lr()[0],
-                              "train/grad_norm": grad_norm, "train/epoch": done * global_batch / len(data.examples),
-                              "perf/tokens_per_s": loss_sum[1].item() / elapsed, "tokens/trained": totals["tokens"]})
-        preempted = loss_sum[3].item() > 0
-        if done % cfg.save_every == 0 or done == stop_at or preempted:
-            _save_checkpoint(engine, ckpt_dir, done, totals, loss_value, world, cfg.keep_last, info.is_main)
-        if preempted and done < stop_at:
-            watcher.restore()
-            logger.write(f"sft: preempted at step {done}; checkpoint in {ckpt_dir}, run again to resume")
-            logger.close()
-            raise Preempted
-    watcher.restore()
+    lr_mult = make_lr_lambda(cfg.schedule, max_steps=steps, warmup_steps=cfg.warmup_steps,
+                             min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    outcome = train(engine, ReplyCE(), batches, lr_at=lambda s: cfg.lr * lr_mult(s),
+                    cadence=Cadence(steps, cfg.log_every, cfg.save_every, cfg.keep_last),
+                    progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
+                    stop_after=opts.steps, frozen_base=True,
+                    step_scalars=lambda step, _: {"train/epoch": step * global_batch / len(data.examples)})
     logger.close()
-    if stop_at < steps:
+    if outcome.status == "preempted":
+        return "preempted"
+    if outcome.status == "paused":
         return None
 
     adapter_dir = stage_dir / ADAPTER
     merged_dir = stage_dir / "merged"
-    _save_adapter(engine, adapter_dir, cfg, info.is_main)
+    _save_adapter(engine, adapter_dir, info.is_main)
     if info.is_main:
         diff = merge_adapter(location, adapter_dir, merged_dir, tokenizer, torch_dtype(dtype))
-        logger.write(f"sft: adapter -> {adapter_dir}, merged model -> {merged_dir} (reload check {diff:.2g})")
+        say(f"healer sft: adapter -> {adapter_dir}, merged model -> {merged_dir} (reload check {diff:.2g})")
     _barrier()
+    done = outcome.progress
     return {"model_dir": str(merged_dir), "adapter_dir": str(adapter_dir), "data": str(data_path),
-            "prompt_format": data.prompt_format, "tokens_trained": totals["tokens"],
-            "supervised_tokens": totals["supervised"], "examples": len(data.examples), "dropped": data.dropped,
-            "steps": steps, "epochs": steps * global_batch / len(data.examples), "final_loss": loss_value,
-            "trainable_parameters": trainable, "lora": {"rank": cfg.rank, "alpha": cfg.alpha,
-                                                        "target_modules": cfg.target_modules}}
+            "prompt_format": data.prompt_format, "tokens_trained": done.tokens_seen,
+            "supervised_tokens": done.supervised, "examples": len(data.examples), "dropped": data.dropped,
+            "steps": done.step, "epochs": done.step * global_batch / len(data.examples),
+            "final_loss": outcome.last.get("train/loss"), "trainable_parameters": trainable,
+            "forced_changes": done.changed,
+            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": cfg.target_modules}}
 
 
 def _lora_model(location, cfg: SFTConfig, dtype: torch.dtype):
@@ -338,32 +276,13 @@ def _load_base(location, dtype: torch.dtype):
     return load_model(location, dtype=dtype)
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, totals: dict, loss: float, world: int, keep_last: int,
-                     is_main: bool) -> None:
-    import torch.distributed as dist
-
-    rng = [None] * world
-    state = torch.get_rng_state()
-    if world > 1:
-        dist.all_gather_object(rng, state)
-    else:
-        rng = [state]
-    client = {"step": step, "totals": dict(totals), "loss": loss, "rng": rng}
-    # Frozen base weights are the input checkpoint: copying them into every save would only cost disk.
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client, exclude_frozen_parameters=True)
-    if is_main:
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_adapter(engine, adapter_dir: Path, cfg: SFTConfig, is_main: bool) -> None:
+def _save_adapter(engine, adapter_dir: Path, is_main: bool) -> None:
     """Write the trained adapter in PEFT's format (gathering ZeRO-3 shards first)."""
     from peft import get_peft_model_state_dict
 
     model = engine.module
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.zero_stage == 3:
+    if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):

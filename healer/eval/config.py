@@ -13,7 +13,8 @@ class EvalConfig(Section):
     input: str | None = Field(None, description="checkpoint to evaluate; defaults to the last stage's output")
     output: str | None = None
     perplexity_files: list[str] = Field(
-        default_factory=list, description="plain text, .jsonl/.json (field `text`) or .jsonl.zst files"
+        default_factory=list, description=".jsonl/.json/.parquet (field `text`) or .txt (a document a line) files, "
+                                          ".zst/.gz allowed; documents are joined with a blank line"
     )
     context_lengths: list[int] = Field(
         default_factory=lambda: [128, 2048],

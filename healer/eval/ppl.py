@@ -10,61 +10,31 @@ same model gives different numbers under the two conventions.
 
 from __future__ import annotations
 
-import io
-import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from healer.errors import HealerError
+from healer.textio import BadRecords, encode_in_pieces, read_texts, tokenizer_encoder
 
 
-def _open_text(path: Path):
-    """A text stream over ``path``, decompressing ``.zst`` on the fly."""
-    if path.name.endswith(".zst"):
-        import zstandard
+def read_text(path: str | Path, max_chars: int | None = None, bad: BadRecords | None = None) -> str:
+    """The text a perplexity is measured on: the documents of ``path`` joined with a blank line.
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def read_text(path: str | Path, max_chars: int | None = None) -> str:
-    """The text of a plain text file, or of a JSON-lines / JSON-list file's ``text`` fields (``.zst`` allowed).
-
-    Documents are joined with a blank line, the way a web corpus reads as one stream.
-    ``max_chars`` stops reading once that much text is in hand, so a cap on tokens does not
-    mean decompressing a whole corpus shard.
+    Documents are what :mod:`healer.textio` reads (``.jsonl``/``.json``/``.parquet`` records' ``text``,
+    one per line of a ``.txt``; ``.zst``/``.gz`` decompressed), joined the way a web corpus reads as one
+    stream. ``max_chars`` stops reading once that much text is in hand, so a cap on tokens does not mean
+    decompressing a whole corpus shard. Bad records go to ``bad`` (default: skipped and counted, and
+    printed); a file with no usable text is refused naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HealerError(f"eval.perplexity_files: {path} does not exist")
-    name = path.name[: -len(".zst")] if path.name.endswith(".zst") else path.name
-    with _open_text(path) as fh:
-        if name.endswith(".jsonl"):
-            docs, size = [], 0
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise HealerError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise HealerError(f"{path}:{lineno}: a JSON-lines record needs a string field `text`")
-                docs.append(record["text"])
-                size += len(record["text"]) + 2
-                if max_chars is not None and size >= max_chars:
-                    break
-            return "\n\n".join(docs)
-        if name.endswith(".json"):
-            records = json.load(fh)
-            if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
-                raise HealerError(f"{path}: a JSON file for perplexity is a list of objects with a `text` field")
-            return "\n\n".join(r["text"] for r in records)
-        return fh.read(max_chars) if max_chars is not None else fh.read()
+    bad = bad if bad is not None else BadRecords(setting=None)
+    docs = read_texts([path], bad, max_chars=max_chars, what="eval.perplexity_files")
+    if bad.counts:
+        print(f"perplexity file {path}: {bad.summary()}", file=sys.stderr)
+    return "\n\n".join(docs)
 
 
 def resolve_bos(tokenizer, policy: str) -> int | None:
@@ -84,10 +54,18 @@ def resolve_bos(tokenizer, policy: str) -> int | None:
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of ``text`` with no special tokens (BOS is the window's business, not the text's)."""
+    """Token ids of ``text`` with no special tokens (BOS is the window's business, not the text's).
+
+    The text is tokenized in pieces cut where the tokens do not change (:func:`healer.textio.split_points`),
+    so a large evaluation file needs memory for its ids, not GBs of tokenizer working memory.
+    """
     if max_tokens is not None:
         text = text[: max_tokens * 16]  # tokens average well under 16 characters; spare tokenizing the rest
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids: list[int] = []
+    for piece in encode_in_pieces(tokenizer_encoder(tokenizer), text):
+        ids.extend(piece)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -13,13 +14,32 @@ from healer.eval.config import EvalConfig
 from healer.eval.ppl import perplexity, read_text, resolve_bos, tokenize
 from healer.manifest import write_json_atomic
 from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source, torch_dtype
+from healer.textio import BadRecords
 
 EVAL_FILE = "eval.json"
+# 2: files read by healer.textio (a .txt line is a document; documents joined with a blank line)
+TEXT_READER = 2
+
+
+def perplexity_labels(files: list[str]) -> list[str]:
+    """The key of each perplexity file in eval.json: its name, or, where two files share a name, its path
+    relative to the folder all the files are in (``a/test.txt``, ``b/test.txt``)."""
+    paths = [Path(f) for f in files]
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    resolved = [p.resolve() for p in paths]
+    twice = sorted({str(f) for f, r in zip(files, resolved) if resolved.count(r) > 1})
+    if twice:
+        raise HealerError(f"eval.perplexity_files lists {twice[0]} twice; give each file once")
+    root = Path(os.path.commonpath([str(r) for r in resolved]))
+    return [r.relative_to(root).as_posix() for r in resolved]
 
 
 def settings(cfg: EvalConfig) -> dict:
     """What decides the numbers; two eval.json files compare only when these agree."""
     return {
+        "text_reader": TEXT_READER,
         "perplexity_files": [str(Path(f)) for f in cfg.perplexity_files],
         "context_lengths": list(cfg.context_lengths),
         "max_tokens": cfg.max_tokens,
@@ -40,9 +60,12 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
     bos_id = resolve_bos(tokenizer, cfg.bos)
     ppl: dict[str, dict] = {}
     notes: list[str] = []
-    for file in cfg.perplexity_files:
+    for file, label in zip(cfg.perplexity_files, perplexity_labels(cfg.perplexity_files)):
         max_chars = cfg.max_tokens * 16 if cfg.max_tokens else None  # see tokenize()
-        ids = tokenize(tokenizer, read_text(file, max_chars), cfg.max_tokens)
+        bad = BadRecords(setting=None)
+        ids = tokenize(tokenizer, read_text(file, max_chars, bad), cfg.max_tokens)
+        if bad.counts:  # the number is still comparable (same file, same skips), but say what it left out
+            notes.append(f"perplexity file {label}: {bad.summary()}")
         per_ctx: dict[str, dict] = {}
         for ctx in cfg.context_lengths:
             if limit_pos is not None and ctx > limit_pos:
@@ -52,7 +75,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
                     notes.append(note)
                 continue
             per_ctx[str(ctx)] = perplexity(model, tokenizer, ids, ctx, bos=cfg.bos, batch_size=cfg.batch_size)
-        ppl[Path(file).name] = per_ctx
+        ppl[label] = per_ctx
     if not cfg.perplexity_files and not cfg.tasks:
         notes.append("nothing to measure: set eval.perplexity_files and/or eval.tasks")
     tasks = {}
@@ -88,13 +111,17 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
 
         {"model", "parameters", "num_layers", "max_position_embeddings",
          "bos": {"policy", "prepended", "bos_token_id"},
-         "perplexity": {file name: {context length: {"ppl", "nll", "tokens_scored", "windows", ...}
+         "perplexity": {file label (perplexity_labels): {context length: {"ppl", "nll", "tokens_scored", ...}
                                                     or {"skipped": why}}},
          "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "data"}},
          "notes": [...], "settings": {...}, "seconds"}
 
     ``healer eval`` adds ``source`` and, with ``compare_to``, ``dense`` and ``deltas``.
     """
+    for file in cfg.perplexity_files:  # a wrong path fails before the model takes its time to load
+        if "://" not in file and not Path(file).is_file():
+            raise HealerError(f"eval.perplexity_files: {file} does not exist")
+    perplexity_labels(cfg.perplexity_files)
     location = resolve_source(model_source, gguf_file)
     torch.manual_seed(seed)
     model = load_model(location, torch_dtype(dtype))

@@ -20,32 +20,17 @@ from typing import Callable
 import yaml
 
 from healer.errors import HealerError
+from healer.textio import BadRecords, iter_file_records
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``) or ``.parquet`` file."""
+    """Rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``) or ``.parquet`` file (read by
+    :mod:`healer.textio`); a broken row is refused naming the file and line: a task's score must not
+    quietly be over fewer examples."""
     path = Path(path)
     if not path.is_file():
         raise HealerError(f"eval.tasks: data file {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-        data = data.get("data", data) if isinstance(data, dict) else data
-        if not isinstance(data, list):
-            raise HealerError(f"{path}: expected a JSON list of records")
-        return data
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise HealerError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    return rows
+    return [record for record, _where in iter_file_records(str(path), BadRecords(strict=True, setting=None))]
 
 
 def _need(row: dict, keys: tuple[str, ...], task: str, path: Path, index: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from healer.config_base import Section
 
@@ -15,15 +15,29 @@ class SourceConfig(Section):
     path: str = Field(description="file, directory, glob (train/chunk*/*.jsonl.zst) or fsspec URL "
                                   "(hf://datasets/cerebras/SlimPajama-627B/train/chunk1/*.jsonl.zst)")
     name: str | None = Field(None, description="label used in logs; defaults to the path's stem or the domain")
-    weight: float = Field(1.0, gt=0, description="share of the mixture, by tokens")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="share of the mixture, by tokens")
     text_field: str = Field("text", description="dotted key of the document text in each JSON record")
     domain_field: str | None = Field(
         "meta.redpajama_set_name", description="dotted field that names a record's domain, for per-domain mixing"
     )
     domains: dict[str, float] | None = Field(
         None, description="split this source by domain, each with its own token weight (e.g. SlimPajama's); "
-                          "records of other domains are left out"
+                          "records of other domains are left out, and so are domains of weight 0"
     )
+
+    @field_validator("domains")
+    @classmethod
+    def _weights_are_shares(cls, domains: dict[str, float] | None) -> dict[str, float] | None:
+        # the error is reported under this source's `domains` key, so the message names the domain
+        if domains is None:
+            return None
+        for name, weight in domains.items():
+            if not weight >= 0 or weight == float("inf"):  # `not >=` also catches NaN
+                raise ValueError(f"weight of domain {name!r} is {weight}; give a share >= 0")
+        if not domains or sum(domains.values()) <= 0:
+            raise ValueError("the domain weights sum to 0, so nothing would be read; give at least one domain "
+                             "a weight above 0 (or leave `domains` out to read every record)")
+        return domains
 
 
 class DataConfig(Section):

@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healer.errors import HealerError
 from healer.train.data.config import DataConfig, SourceConfig
-from healer.train.data.reader import MAX_EXAMPLES
-from healer.train.data.shards import resolve_files
+from healer.textio import MAX_EXAMPLES, BadRecords
+from healer.train.data.shards import fingerprint, resolve_files
 from healer.train.data.stream import Entry, PackedStream, StreamSettings
 
-STATE_FORMAT = 1
+# 2: sources are recorded by a hash of their shards' names and contents, not by their file count
+STATE_FORMAT = 2
 
 
 def _source_name(source: SourceConfig, index: int) -> str:
@@ -46,8 +47,9 @@ def plan_entries(sources: list[SourceConfig], key: str = "data.sources") -> list
         if src.domains:
             if not src.domain_field:
                 raise HealerError(f"{key}[{k}]: `domains` needs a `domain_field` naming each record's domain")
-            total = sum(src.domains.values())
-            for j, (domain, w) in enumerate(src.domains.items()):
+            total = sum(src.domains.values())  # > 0: the recipe refuses negative weights and an all-zero split
+            kept = [(domain, w) for domain, w in src.domains.items() if w > 0]
+            for j, (domain, w) in enumerate(kept):
                 label = f"{src.name}/{domain}" if src.name else domain
                 entries.append(Entry(label, files, src.weight * w / total, src.text_field, src.domain_field,
                                      domain, count_skips=(j == 0)))
@@ -85,10 +87,15 @@ class _Streams(IterableDataset):
             stream = self.stream(local)
             for batch in stream:
                 yield local, batch, stream.state_dict()
+            # the state at the end holds what was skipped after the last batch (and resumes to the end)
+            yield local, _END, stream.state_dict()
         except HealerError as err:
             # torch would re-raise it in the trainer with the worker's traceback in the message;
             # hand the message over instead, so the user sees one clear line
             yield local, None, str(err)
+
+
+_END = "end"  # in place of a batch: this stream has ended; its final state comes with it
 
 
 def _identity(item):
@@ -116,6 +123,7 @@ class StreamLoader:
         self._data = _Streams(entries, tokenizer, settings, rank, world_size, self.workers)
         self._next = 0
         self._batches = 0
+        self._sources: list[dict] | None = None  # fingerprints of the entries' shards, made when first needed
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self):
@@ -140,28 +148,43 @@ class StreamLoader:
             if batch is None:
                 raise HealerError(state)
             self._data.states[local] = state
+            if isinstance(batch, str):  # _END
+                continue
             self._next = (local + 1) % self.workers
             self._batches += 1
             yield batch
         if self.settings.policy == "repeat":
+            skips = BadRecords(counts=self.stats()["skipped"], examples=self.stats()["skipped_examples"])
             raise HealerError(
                 f"data: rank {self.rank} found no usable document in its share of the corpus "
-                f"(skipped: {self.stats()['skipped']}); check the paths, text_field and domains"
+                f"({skips.summary()}); check the paths, text_field and domains"
             )
 
     # -- checkpoint -----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.workers, "micro_batch_size": self.settings.micro_batch_size,
-                "seq_len": self.settings.seq_len, "entries": [[e.name, len(e.files)] for e in self.entries]}
+                "seq_len": self.settings.seq_len, "entries": [e.name for e in self.entries]}
+
+    def sources(self) -> list[dict]:
+        """Per entry, its shards' count and hashes of their names and contents (see ``shards.fingerprint``)."""
+        if self._sources is None:
+            by_files: dict[tuple, dict] = {}  # the domains of one source share its files: hash them once
+            self._sources = [by_files.setdefault(e.files, fingerprint(list(e.files))) for e in self.entries]
+        return self._sources
 
     def state_dict(self) -> dict:
         """Small and picklable: per stream the reader positions before its current document batch,
-        a cursor into that batch and the counters; whose turn is next."""
-        return {**self._fingerprint(), "next": self._next, "batches": self._batches,
+        a cursor into that batch and the counters; whose turn is next; what the sources' files were."""
+        return {**self._fingerprint(), "sources": self.sources(), "next": self._next, "batches": self._batches,
                 "streams": list(self._data.states)}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Continue from ``sd``; refused, naming the setting or source, when it was written for other data."""
+        if sd.get("format") != STATE_FORMAT:
+            raise HealerError(
+                f"data checkpoint: written in data-state format {sd.get('format')!r}, this healer reads format "
+                f"{STATE_FORMAT}; resume with the healer version that wrote it, or start the data stream afresh")
         mine = self._fingerprint()
         for key, value in mine.items():
             if _plain(sd.get(key)) != value:  # a checkpoint written as JSON has lists where tuples were
@@ -169,6 +192,18 @@ class StreamLoader:
                     f"data checkpoint: {key} was {sd.get(key)!r} when it was saved and is {value!r} now; "
                     "resume with the same data settings, ranks and workers (or start the data stream afresh)"
                 )
+        key = "data.sources" if self.split == "train" else "data.validation"
+        for entry, then, now in zip(self.entries, sd["sources"], self.sources()):
+            if then == now:
+                continue
+            if then["files"] != now["files"] or then["names"] != now["names"]:
+                what = f"its files are not the ones it had ({then['files']} shard(s) then, {now['files']} now)"
+            else:
+                what = "its files have the same names but other contents (size or bytes differ)"
+            raise HealerError(
+                f"data checkpoint: {key} source {entry.name!r}: {what}; resuming would continue mid-way "
+                "through other data. Point the source back at the data it was trained on, or start afresh "
+                "(--resume none)")
         self._data.states = list(sd["streams"])
         self._next, self._batches = sd["next"], sd["batches"]
 

@@ -4,9 +4,12 @@ A worker reads either its own subset of the shard files (when there are at least
 workers in the whole job) or, when files are fewer, every file but only every ``stride``-th line.
 Either way the workers of all ranks together read each record exactly once per epoch.
 
-Bad records are skipped and counted by kind (``skip``) or stop the run with the file and line
-(``strict``). When one stream is split into domains, each domain has its own reader over the same
-files; only the first one counts bad records, and only in its first epoch, so each is counted once.
+Records are cut out of files by :mod:`healer.textio` (which says what each suffix means); bad ones are
+skipped and counted by kind (``skip``) or stop the run with the file and line (``strict``). Each bad
+record is counted once: when one stream is split into domains, each domain has its own reader over the
+same files and only the first one counts, only in its first epoch; when workers share a file line by
+line, each counts the bad lines of its own share and only the first counts what spoils the whole file
+(a corrupt or empty shard).
 """
 
 from __future__ import annotations
@@ -14,53 +17,9 @@ from __future__ import annotations
 import bisect
 import json
 import random
-from dataclasses import dataclass, field
 
 from healer.errors import HealerError
-from healer.train.data.shards import CorruptShard, iter_lines, iter_parquet_rows, shard_kind
-
-MAX_EXAMPLES = 10
-
-
-@dataclass
-class Skips:
-    """Skipped records by kind, with ``file:line`` of the first few (for the log and ``healer data stats``)."""
-
-    strict: bool = False
-    counts: dict[str, int] = field(default_factory=dict)
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        msg = f"{where}: {kind}{' (' + detail + ')' if detail else ''}"
-        if self.strict:
-            raise HealerError(f"{msg}; fix the shard or set data.bad_records: skip to skip and count such records")
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        if len(self.examples) < MAX_EXAMPLES and msg not in self.examples:  # a repeated source meets it again
-            self.examples.append(msg)
-
-    def note(self, kind: str, msg: str) -> None:
-        """Count something worth a look that is not a bad record (never stops a strict run)."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        if len(self.examples) < MAX_EXAMPLES and msg not in self.examples:
-            self.examples.append(msg)
-
-    def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": list(self.examples)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.counts = dict(sd["counts"])
-        self.examples = list(sd["examples"])
-
-
-def dotted(record, path: str):
-    """``record["meta"]["redpajama_set_name"]`` for ``path="meta.redpajama_set_name"``; None when absent."""
-    node = record
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
+from healer.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
 
 class DocReader:
     """Texts of one mixture entry for one global worker, epoch after epoch, resumable at any record.
@@ -78,7 +37,7 @@ class DocReader:
     """
 
     def __init__(self, files: list[str], *, worker: int, num_workers: int, text_field: str = "text",
-                 domain_field: str | None = None, domain: str | None = None, skips: Skips,
+                 domain_field: str | None = None, domain: str | None = None, skips: BadRecords,
                  count_skips: bool = True, shuffle_seed: int | None = None, cache_chars: int = 0):
         if len(files) >= num_workers:
             self.files, self.stride, self.phase = files[worker::num_workers], 1, 0
@@ -94,7 +53,7 @@ class DocReader:
         self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = 0, 0, 0, 0, 0
         self._order = self._epoch_order()
         self._it = None
-        self._kind = "jsonl"
+        self._kind = "jsonl"  # what the open file's raw records are: txt | jsonl | rows
         self.cache_chars = cache_chars
         # path -> (offsets, lines, texts) of this worker's documents; None: not built; False: too big
         self._cache: dict | bool | None = None
@@ -131,9 +90,9 @@ class DocReader:
                 return self._next_cached()
         while self.index < len(self._order):
             path = self._order[self.index]
-            if self._it is None:
-                self._it = self._open(path)
             try:
+                if self._it is None:
+                    self._it = self._open(path)  # a .json list is parsed here, and may be broken
                 for raw, pos in self._it:
                     self.offset = pos
                     self.line += 1
@@ -143,14 +102,14 @@ class DocReader:
                     if text is not None:
                         self.docs_this_epoch += 1
                         return text
-                if self.line == 0 and self.offset == 0 and self.phase == 0:
-                    self._skip("empty_file", path)
+                if self.line == 0 and self.offset == 0:
+                    self._skip_file("empty_file", path)
             except CorruptShard as err:
-                self._skip("corrupt_shard", f"{path}:{self.line + 1}", str(err))
+                self._skip_file("corrupt_shard", f"{path}:{self.line + 1}", str(err))
             except HealerError:
                 raise
             except Exception as err:  # unreadable file, broken parquet footer, ...
-                self._skip("corrupt_shard", f"{path}:{self.line + 1}", f"{type(err).__name__}: {err}")
+                self._skip_file("corrupt_shard", f"{path}:{self.line + 1}", f"{type(err).__name__}: {err}")
             self.index, self.offset, self.line, self._it = self.index + 1, 0, 0, None
         return None
 
@@ -195,13 +154,11 @@ class DocReader:
 
     def _open(self, path: str, offset: int | None = None):
         offset = self.offset if offset is None else offset
-        self._kind = shard_kind(path)
-        if self._kind == "parquet":
-            columns = [self.text_field.split(".")[0]]
-            if self.domain is not None:
-                columns.append(self.domain_field.split(".")[0])
-            return iter_parquet_rows(path, columns, offset)
-        return iter_lines(path, offset)
+        columns = [self.text_field.split(".")[0]]
+        if self.domain is not None:
+            columns.append(self.domain_field.split(".")[0])
+        self._kind, items = open_records(path, offset, columns)
+        return items
 
     def _counting(self) -> bool:
         # each bad record is counted once: by the first domain's reader, in the first epoch
@@ -211,40 +168,18 @@ class DocReader:
         if self._counting() or self.skips.strict:
             self.skips.add(kind, where, detail)
 
+    def _skip_file(self, kind: str, where: str, detail: str = "") -> None:
+        # every worker sharing a file line by line meets its damage; the first one counts it
+        if self.phase == 0 or self.skips.strict:
+            self._skip(kind, where, detail)
+
     def _parse(self, raw, path: str, line: int) -> str | None:
-        kind = self._kind
-        if kind == "txt":  # one document per line, as the `text` loader of `datasets` does
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                self._skip("non_utf8", f"{path}:{line}", str(err))
-                return None
-            return text.rstrip("\r") if text.strip() else None
-        if kind == "parquet":
-            record = raw
-        else:
-            if not raw.strip():  # blank line between records
-                return None
-            if self._needle is not None and not self._counting() and self._needle not in raw:
-                return None
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError as err:
-                self._skip("non_utf8", f"{path}:{line}", str(err))
-                return None
-            except ValueError as err:
-                self._skip("malformed_json", f"{path}:{line}", str(err).split(":")[0])
-                return None
-            if not isinstance(record, dict):
-                self._skip("malformed_json", f"{path}:{line}", f"a record is a JSON object, got {type(record).__name__}")
-                return None
+        where = f"{path}:{line}"
+        if self._kind == "jsonl" and self._needle is not None and not self._counting() and self._needle not in raw:
+            return None
+        record = decode_record(raw, self._kind, where, self._skip)
+        if record is None:
+            return None
         if self.domain is not None and dotted(record, self.domain_field) != self.domain:
             return None
-        text = dotted(record, self.text_field)
-        if not isinstance(text, str):
-            self._skip("missing_text", f"{path}:{line}", f"no string field {self.text_field!r}")
-            return None
-        if not text.strip():
-            self._skip("empty_text", f"{path}:{line}")
-            return None
-        return text
+        return record_text(record, self.text_field, where, self._skip)

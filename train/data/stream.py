@@ -1,30 +1,38 @@
 """One worker's packed token stream: mix documents from several sources, tokenize in batches, pack.
 
-The stream reads ``tokenizer_batch_size`` documents at a time, choosing each one's source with a
-seeded draw, tokenizes them in one call, appends EOS to each and lays them end to end in one flat
-array. Blocks of ``seq_len`` tokens are cut from that array; a block that reaches the end of it
-continues in the next batch, so a document's remainder carries into the next block and nothing is
-padded.
+The stream reads up to ``tokenizer_batch_size`` documents at a time (and at most about ``FILL_CHARS``
+characters), choosing each one's source with a seeded draw, tokenizes them, appends EOS to each and
+lays them end to end in one flat array. Blocks of ``seq_len`` tokens are cut from that array; a block
+that reaches the end of it continues in the next batch, so a document's remainder carries into the
+next block and nothing is padded.
+
+A long document is tokenized in pieces of at most ``PIECE_CHARS`` characters, cut where the tokens do
+not change (:func:`healer.textio.split_points`), and its pieces may spread over several batches: memory
+does not grow with a document's length beyond its text (tokenizing 10 MB of text in one call takes GBs).
 
 Resuming needs no packing buffer and no token ids in the checkpoint: the state is the position of
-every reader *before* the current batch (plus the counters at that point) and a cursor into the
-batch. Loading it re-reads and re-tokenizes that one batch and skips to the cursor.
+every reader *before* the current batch (plus the counters at that point, and for a document cut
+across batches, its reader's position before it and the next piece) and a cursor into the batch.
+Loading it re-reads and re-tokenizes that one batch and skips to the cursor.
 """
 
 from __future__ import annotations
 
 import bisect
-import copy
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
 
 from healer.errors import HealerError
-from healer.train.data.reader import DocReader, Skips
+from healer.textio import PIECE_CHARS, BadRecords, split_points, tokenizer_encoder
+from healer.train.data.reader import DocReader
 
 _M64 = (1 << 64) - 1
+# characters per batch of documents (plus at most one piece), tokenized in one call: the tokenizer's
+# working memory is some 50-200 bytes a character, so this bounds it whatever the documents' lengths
+FILL_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -84,13 +92,8 @@ class PackedStream:
         self.bos = tokenizer.bos_token_id if settings.bos else None
         if settings.bos and self.bos is None:
             raise HealerError("data.bos is true but the tokenizer has no BOS token")
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and (backend.truncation is not None or backend.padding is not None):
-            backend = copy.deepcopy(backend)  # a tokenizer.json may enable truncation; documents must stay whole
-            backend.no_truncation()
-            backend.no_padding()
-        self._backend, self._tokenizer = backend, tokenizer
-        self.skips = Skips(strict=settings.strict)
+        self._encode_batch = tokenizer_encoder(tokenizer)
+        self.skips = BadRecords(strict=settings.strict)
         self.readers = [
             DocReader(list(e.files), worker=worker, num_workers=num_workers, text_field=e.text_field,
                       domain_field=e.domain_field, domain=e.domain, skips=self.skips, count_skips=e.count_skips,
@@ -106,22 +109,41 @@ class PackedStream:
         self.ended = False
         self.tokens, self.docs = [0] * n, [0] * n
         self._snapshot: dict | None = None
+        # a document cut across batches: its entry, its reader's state before it, its text, cut points, next piece
+        self._pending: tuple[int, dict, str, list[int], int] | None = None
         self._flat = np.zeros(0, dtype=np.int64)
-        self._starts: list[int] = []
-        self._owners: list[int] = []
+        self._starts: list[int] = []  # where each piece starts in _flat
+        self._owners: list[int] = []  # the entry each piece came from
+        self._opens: list[bool] = []  # whether the piece starts its document
         self.cursor = 0
 
     # -- state ----------------------------------------------------------------------------------
     def _core(self) -> dict:
+        pending = None
+        if self._pending is not None:
+            entry, before, _text, _cuts, piece = self._pending
+            pending = {"entry": entry, "reader": before, "piece": piece}
         return {"readers": [r.state_dict() for r in self.readers], "status": list(self.status), "picks": self.picks,
-                "est": [list(e) for e in self.est], "skips": self.skips.state_dict(), "ended": self.ended}
+                "est": [list(e) for e in self.est], "skips": self.skips.state_dict(), "ended": self.ended,
+                "pending": pending}
 
     def _load_core(self, core: dict) -> None:
-        for reader, sd in zip(self.readers, core["readers"]):
-            reader.load_state_dict(sd)
+        self._pending = None
+        pending = core.get("pending")
+        if pending is not None:  # read the cut document again from its reader's position before it
+            i = pending["entry"]
+            self.readers[i].load_state_dict(pending["reader"])
+            text = self.readers[i].next_text()
+            if text is None:
+                raise HealerError(f"data checkpoint: the document being read from {self.entries[i].name!r} is gone; "
+                                  "the source's files changed since the checkpoint")
+            self._pending = (i, pending["reader"], text, split_points(text, PIECE_CHARS), pending["piece"])
+        for k, (reader, sd) in enumerate(zip(self.readers, core["readers"])):
+            if pending is None or k != pending["entry"] or reader.state_dict() != sd:
+                reader.load_state_dict(sd)
         self.status, self.picks, self.ended = list(core["status"]), core["picks"], core["ended"]
         self.est = [list(e) for e in core["est"]]
-        self.skips.load_state_dict(core["skips"])
+        self.skips.load_state_dict(core["skips"])  # re-reading above may have counted skips again
 
     def state_dict(self) -> dict:
         return {"batch_start": self._snapshot, "cursor": self.cursor, "tokens": list(self.tokens),
@@ -175,39 +197,56 @@ class PackedStream:
         self.picks += 1
         return best
 
+    def _next_document(self) -> bool:
+        """Pick an entry and read its next document into ``_pending``; False when the stream must stop."""
+        while True:
+            i = self._pick()
+            if i is None:
+                self.ended = True
+                return False
+            reader = self.readers[i]
+            before = reader.state_dict()
+            text = reader.next_text()
+            if text is not None:
+                self.est[i][0] += len(text)
+                self.est[i][1] += 1
+                self.est[i][4] += len(text) * self._tokens_per_char(i)
+                self._pending = (i, before, text, split_points(text, PIECE_CHARS), 0)
+                return True
+            # this entry's files are used up for this epoch
+            if reader.docs_this_epoch == 0:
+                self.status[i] = "empty"
+                # legitimate for a rare domain split over many workers, a typo when every worker says it
+                self.skips.note("empty_source", f"{self.entries[i].name}: no document in worker {self.worker}'s "
+                                                "share (check the path, text_field and domain name)")
+            elif self.s.policy == "repeat":
+                reader.new_epoch()
+            elif self.s.policy == "stop":
+                self.ended = True
+                return False
+            else:
+                self.status[i] = "done"
+
     def _fill(self) -> bool:
-        """Read and tokenize the next batch of documents; False when the stream has ended."""
+        """Read and tokenize the next batch of documents (or pieces of one); False when the stream has ended."""
         if self.ended:
             return False
         self._snapshot = self._core()
         texts: list[str] = []
         owners: list[int] = []
-        while len(texts) < self.s.tokenizer_batch_size:
-            i = self._pick()
-            if i is None:
-                self.ended = True
+        opens: list[bool] = []
+        closes: list[bool] = []
+        chars = 0
+        while len(texts) < self.s.tokenizer_batch_size and chars < FILL_CHARS:
+            if self._pending is None and not self._next_document():
                 break
-            reader = self.readers[i]
-            text = reader.next_text()
-            if text is None:  # this entry's files are used up for this epoch
-                if reader.docs_this_epoch == 0:
-                    self.status[i] = "empty"
-                    # legitimate for a rare domain split over many workers, a typo when every worker says it
-                    self.skips.note("empty_source", f"{self.entries[i].name}: no document in worker {self.worker}'s "
-                                                    "share (check the path, text_field and domain name)")
-                elif self.s.policy == "repeat":
-                    reader.new_epoch()
-                elif self.s.policy == "stop":
-                    self.ended = True
-                    break
-                else:
-                    self.status[i] = "done"
-                continue
-            texts.append(text)
+            i, before, text, cuts, piece = self._pending
+            texts.append(text[cuts[piece]:cuts[piece + 1]])
             owners.append(i)
-            self.est[i][0] += len(text)
-            self.est[i][1] += 1
-            self.est[i][4] += len(text) * self._tokens_per_char(i)
+            opens.append(piece == 0)
+            closes.append(piece + 2 == len(cuts))
+            chars += len(texts[-1])
+            self._pending = None if closes[-1] else (i, before, text, cuts, piece + 1)
         if not texts:
             self.ended = True
             return False
@@ -215,23 +254,16 @@ class PackedStream:
         starts: list[int] = []
         pos = 0
         head = [] if self.bos is None else [self.bos]
-        tail = [self.eos]
-        for i, text, ids in zip(owners, texts, self._encode(texts)):
+        for i, text, ids, first, last in zip(owners, texts, self._encode_batch(texts), opens, closes):
             starts.append(pos)
-            pieces += (head, ids, tail)
-            n = len(head) + len(ids) + 1
+            pieces += (head if first else [], ids, [self.eos] if last else [])
+            n = len(head) * first + len(ids) + last
             pos += n
             self.est[i][2] += n
             self.est[i][3] += len(text)
         self._flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=pos)
-        self._starts, self._owners, self.cursor = starts, owners, 0
+        self._starts, self._owners, self._opens, self.cursor = starts, owners, opens, 0
         return True
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if self._backend is not None:
-            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-            return [e.ids for e in encode(texts, add_special_tokens=False)]
-        return self._tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     # -- packing --------------------------------------------------------------------------------
     def _block(self):
@@ -253,7 +285,7 @@ class PackedStream:
                 end = self._starts[j + 1] if j + 1 < len(self._starts) else len(self._flat)
                 owner = self._owners[j]
                 tokens[owner] = tokens.get(owner, 0) + min(b, end) - max(a, start)
-                if start >= a:
+                if start >= a and self._opens[j]:
                     docs[owner] = docs.get(owner, 0) + 1
                     doc_starts.append(got + start - a)
                 j += 1
