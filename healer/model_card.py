@@ -50,10 +50,28 @@ def pruning_summary(report: dict) -> str:
     return "pruned (the report does not say which structures)"
 
 
+def replacement_summary(rep: dict) -> str:
+    """LLM-Streamline's replacement block in one sentence: where it came from and how it was trained."""
+    text = (f"; in their place one standard decoder block, initialised from block {rep.get('init_from_block')} "
+            f"({rep.get('init')})")
+    if rep.get("span_cosine") is not None:
+        text += f"; the span's input/output cosine on calibration text was {_num(rep['span_cosine'])}"
+    trained = rep.get("training")
+    if not trained:
+        return text + "; the block was not trained."
+    before, after = trained.get("before_training") or {}, trained.get("after_training") or {}
+    return (text + f". It was trained alone for {_num(trained.get('tokens_trained'))} tokens to map the span's input "
+            f"hidden states to its output (MSE): held-out cosine to the dense span's output "
+            f"{_num(before.get('cosine'))} -> {_num(after.get('cosine'))} (a plain cut: "
+            f"{_num(before.get('cosine_plain_cut'))}), MSE {_num(before.get('mse'))} -> {_num(after.get('mse'))}.")
+
+
 def pruning_section(report: dict | None) -> str:
     if report is None:
         return "No pruning report was found (`prune_report.json`); this checkpoint may not have been pruned by healer."
-    lines = [f"**{pruning_summary(report)}**, one-shot, no weight update.", ""]
+    rep = report.get("replacement")
+    lines = [f"**{pruning_summary(report)}**" + (replacement_summary(rep) if rep else ", one-shot, no weight update."),
+             ""]
     rows = [["method", str(report.get("method", "-"))], ["criterion", str(report.get("criterion", "-"))],
             ["target", str(report.get("target", "-"))]]
     if report.get("ratio") is not None:

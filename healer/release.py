@@ -164,7 +164,9 @@ def build_release(recipe, out: Path) -> dict:
     recipe_yaml = public_yaml(tree)
     (partial / "recipe.yaml").write_text(recipe_yaml)
 
-    prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    # The replace stage's copy adds how the replacement block was trained (LLM-Streamline).
+    prune_report = ((read_json_if_present(recipe.stage_dir("replace") / "prune_report.json") if recipe.replace else None)
+                    or read_json_if_present(recipe.stage_dir("prune") / "prune_report.json"))
     eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")

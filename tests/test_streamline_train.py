@@ -1,0 +1,72 @@
+"""``healer replace``: the block prune put in place of a span learns the span's map, and only that block changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import _TEXT, save_tiny
+from healer.cli import main
+from healer.recipe import load_recipe
+
+STEPS = 24
+
+
+def _recipe(tmp_path, calibration_file, **replace) -> tuple:
+    model = save_tiny(tmp_path, "llama", layers=8)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {_TEXT}"}) + "\n" for i in range(60)))
+    held = tmp_path / "val.jsonl"
+    held.write_text("".join(json.dumps({"text": f"held out {i} {_TEXT[::-1]}"}) + "\n" for i in range(10)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
+        "prune": {"method": "depth", "criterion": "angular", "num_blocks": 3, "keep_first": 1, "keep_last": 1,
+                  "calibration": {"path": str(calibration_file), "num_samples": 4, "seq_len": 32},
+                  "replace": {"kind": "layer", "init": "closest"}},
+        "data": {"sources": [{"path": str(corpus)}], "validation": [{"path": str(held)}], "seq_len": 32},
+        "replace": {"max_steps": STEPS, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 2,
+                    "global_batch_size": 2, "zero_stage": 2, "eval_every": 8, "save_every": 8, **replace}}))
+    return model, recipe
+
+
+def test_replacement_learns_the_span_and_only_it_changes(tmp_path, calibration_file):
+    model, recipe = _recipe(tmp_path, calibration_file)
+    assert main(["prune", "--config", str(recipe)]) == 0
+    assert main(["replace", "--config", str(recipe)]) == 0
+    pruned, stage = tmp_path / "run" / "prune", tmp_path / "run" / "replace"
+    report = json.loads((stage / "prune_report.json").read_text())
+    rep = report["replacement"]
+    trained = rep["training"]
+    curve = [mse for _, mse in trained["mse_curve"]]
+    assert [s for s, _ in trained["mse_curve"]] == list(range(1, STEPS + 1))
+    assert sum(curve[-4:]) < 0.75 * sum(curve[:4])  # the loss goes down
+    before, after = trained["before_training"], trained["after_training"]
+    assert after["mse"] < before["mse"] and after["cosine"] > before["cosine"]
+    assert before["mse_plain_cut"] > 0 and -1 <= before["cosine_plain_cut"] <= 1
+    assert trained["tokens_trained"] == STEPS * 2 * 32
+    # hf/ is a plain checkpoint with kept + 1 blocks; it differs from prune's output in the replacement alone.
+    out = AutoModelForCausalLM.from_pretrained(stage / "hf")
+    assert out.config.num_hidden_layers == 8 - 3 + 1
+    a, b = load_file(str(pruned / "model.safetensors")), load_file(str(stage / "hf" / "model.safetensors"))
+    prefix = f"model.layers.{rep['position']}."
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(prefix) for k in changed)
+    assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == STEPS
+    # cpt would start from the trained model, not prune's.
+    assert load_recipe(recipe, ["cpt.max_steps=1"]).stage_input("cpt") == str(stage / "hf")
+
+
+def test_replace_needs_a_replacement_to_train(tmp_path, calibration_file, capsys):
+    model, recipe = _recipe(tmp_path, calibration_file)
+    with pytest.raises(Exception, match="prune.replace.kind: layer"):
+        load_recipe(recipe, ["prune.replace.kind=none"])
+    save_tiny(tmp_path, "llama", name="plain")
+    assert main(["replace", "--config", str(recipe), f"replace.input={tmp_path / 'plain'}"]) != 0
+    assert "plain/prune_report.json is missing" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "replace" / "checkpoints").exists()
