@@ -70,3 +70,18 @@ def test_replace_needs_a_replacement_to_train(tmp_path, calibration_file, capsys
     assert main(["replace", "--config", str(recipe), f"replace.input={tmp_path / 'plain'}"]) != 0
     assert "plain/prune_report.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "run" / "replace" / "checkpoints").exists()
+
+
+def test_llama2_7b_recipe_is_the_papers_setting():
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "streamline-llama2-7b.yaml")
+    assert recipe.prune.replacing and recipe.prune.replace.kind == "layer" and recipe.prune.criterion == "angular"
+    assert recipe.prune.calibration.num_samples == 500  # the paper's span-choice samples
+    assert 32 - recipe.prune.num_blocks + 1 == 24  # ~25% of Llama-2-7B's parameters
+    r = recipe.replace
+    samples = r.max_steps * r.global_batch_size
+    assert abs(samples - 30_000) <= r.global_batch_size  # the paper's 30,000 training samples
+    assert abs(samples * recipe.data.seq_len - 0.06e9) < 0.003e9  # 0.06B tokens
+    assert recipe.stage_input("replace") == str(recipe.stage_dir("prune"))
+    assert recipe.stage_input("eval") == str(recipe.model_dir("replace"))
