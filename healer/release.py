@@ -104,6 +104,8 @@ def training_stages(recipe) -> list[dict]:
         o = manifest.get("outputs", {})
         if stage == "cpt":
             how = "continued pretraining" + (" with knowledge distillation from the dense model" if o.get("kd") else "")
+        elif stage == "replace":
+            how = "training the block that replaced the span alone to reproduce the dense span's output (LLM-Streamline)"
         else:
             rank = (o.get("lora") or {}).get("rank")
             how = "LoRA instruction tuning" + (f" (rank {rank})" if rank else "") + ", merged into the weights"

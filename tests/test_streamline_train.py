@@ -31,7 +31,8 @@ def _recipe(tmp_path, calibration_file, **replace) -> tuple:
                   "replace": {"kind": "layer", "init": "closest"}},
         "data": {"sources": [{"path": str(corpus)}], "validation": [{"path": str(held)}], "seq_len": 32},
         "replace": {"max_steps": STEPS, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 2,
-                    "global_batch_size": 2, "zero_stage": 2, "eval_every": 8, "save_every": 8, **replace}}))
+                    "global_batch_size": 2, "zero_stage": 2, "eval_every": 8, "save_every": 8, **replace},
+        "release": {"model_name": "tiny-streamline"}}))
     return model, recipe
 
 
@@ -60,6 +61,13 @@ def test_replacement_learns_the_span_and_only_it_changes(tmp_path, calibration_f
     assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == STEPS
     # cpt would start from the trained model, not prune's.
     assert load_recipe(recipe, ["cpt.max_steps=1"]).stage_input("cpt") == str(stage / "hf")
+    # The model card says what replaced the span and how it was trained, with its curve.
+    assert main(["release", "--config", str(recipe)]) == 0
+    release = tmp_path / "run" / "release"
+    card = (release / "README.md").read_text()
+    assert f"initialised from block {rep['init_from_block']}" in card and "trained alone for 1,536 tokens" in card
+    assert (release / "images" / "replace_curves.png").is_file() and "LoRA" not in card
+    assert AutoModelForCausalLM.from_pretrained(release).config.num_hidden_layers == 6
 
 
 def test_replace_needs_a_replacement_to_train(tmp_path, calibration_file, capsys):
@@ -85,3 +93,17 @@ def test_llama2_7b_recipe_is_the_papers_setting():
     assert abs(samples * recipe.data.seq_len - 0.06e9) < 0.003e9  # 0.06B tokens
     assert recipe.stage_input("replace") == str(recipe.stage_dir("prune"))
     assert recipe.stage_input("eval") == str(recipe.model_dir("replace"))
+
+
+def test_longer_run_resumes_and_keeps_the_first_runs_before_measurement(tmp_path, calibration_file, capsys):
+    model, recipe = _recipe(tmp_path, calibration_file, max_steps=8)
+    assert main(["prune", "--config", str(recipe)]) == 0
+    assert main(["replace", "--config", str(recipe)]) == 0
+    stage = tmp_path / "run" / "replace"
+    first = json.loads((stage / "prune_report.json").read_text())["replacement"]["training"]
+    assert main(["replace", "--config", str(recipe), "replace.max_steps=16"]) == 0
+    assert "at step 8" in capsys.readouterr().err
+    again = json.loads((stage / "prune_report.json").read_text())["replacement"]["training"]
+    assert again["before_training"] == first["before_training"]
+    assert [s for s, _ in again["mse_curve"]] == list(range(1, 17)) and again["mse_curve"][:8] == first["mse_curve"]
+    assert again["tokens_trained"] == 16 * 2 * 32
