@@ -107,3 +107,31 @@ def test_longer_run_resumes_and_keeps_the_first_runs_before_measurement(tmp_path
     assert again["before_training"] == first["before_training"]
     assert [s for s, _ in again["mse_curve"]] == list(range(1, 17)) and again["mse_curve"][:8] == first["mse_curve"]
     assert again["tokens_trained"] == 16 * 2 * 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [3])
+def test_two_ranks_under_zero_train_the_block_alone(tmp_path, calibration_file, zero_stage):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model, recipe = _recipe(tmp_path, calibration_file, zero_stage=zero_stage, max_steps=8, global_batch_size=4)
+    assert main(["prune", "--config", str(recipe)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "healer", "replace", "--config", str(recipe)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = tmp_path / "run" / "replace"
+    trained = json.loads((stage / "prune_report.json").read_text())["replacement"]
+    assert trained["training"]["tokens_trained"] == 8 * 4 * 32
+    assert trained["training"]["after_training"]["mse"] < trained["training"]["before_training"]["mse"]
+    a = load_file(str(tmp_path / "run" / "prune" / "model.safetensors"))
+    b = load_file(str(stage / "hf" / "model.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(f"model.layers.{trained['position']}.") for k in changed)
