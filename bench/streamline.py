@@ -15,6 +15,8 @@ not where a real run ends.
 
     python bench/streamline.py                             # R = N = 4 steps x 4 x 256 tokens
     python bench/streamline.py --replace-steps 8 --cpt-steps 8 --out runs/bench-streamline
+
+A step whose output directory already holds a manifest is reused; delete ``--out`` to measure from scratch.
 """
 
 from __future__ import annotations
@@ -53,14 +55,24 @@ def recipe(args, out: Path) -> dict:
     }
 
 
-def healer(verb: str, config: Path, *overrides: str) -> float:
-    """Run ``healer VERB`` in its own process; returns its wall time. Stops the benchmark if it fails."""
+# cpt's verb function, called with the Options the CLI builds (contract 1), in case `healer cpt` still hands it
+# an argument list.
+_CPT = ("import sys; from healer.recipe import load_recipe; from healer.train.cpt import Options, run_cpt; "
+        "sys.exit(run_cpt(load_recipe(sys.argv[1], sys.argv[2:]), Options()))")
+
+
+def healer(verb: str, config: Path, out_dir: Path, *overrides: str) -> float | None:
+    """Run ``healer VERB`` in its own process; returns its wall time, or None when ``out_dir`` holds a finished
+    result from an earlier run of the benchmark (its manifest). Stops the benchmark if the verb fails."""
+    if (out_dir / "manifest.json").is_file():
+        return None
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    cmd = ([sys.executable, "-c", _CPT, str(config)] if verb == "cpt"
+           else [sys.executable, "-m", "healer", verb, "--config", str(config)])
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "healer", verb, "--config", str(config), *overrides], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(cmd + list(overrides), env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"healer {verb} {' '.join(overrides)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - t0
@@ -103,17 +115,17 @@ def main() -> None:
     per_step = args.global_batch * args.seq_len
     wall = {}
 
-    wall["prune: cut"] = healer("prune", config, f"prune.output={out / 'cut'}")
-    wall["prune: cut + replacement"] = healer("prune", config, f"prune.output={out / 'cut_replace'}",
-                                              "prune.replace.kind=layer")
+    wall["prune: cut"] = healer("prune", config, out / "cut", f"prune.output={out / 'cut'}")
+    wall["prune: cut + replacement"] = healer("prune", config, out / "cut_replace",
+                                              f"prune.output={out / 'cut_replace'}", "prune.replace.kind=layer")
     cut = json.loads((out / "cut" / "prune_report.json").read_text())
     rep = json.loads((out / "cut_replace" / "prune_report.json").read_text())
     assert cut["removed"] == rep["removed"], "both prunes must cut the same span"
-    wall["replace"] = healer("replace", config, f"replace.max_steps={r}")
+    wall["replace"] = healer("replace", config, out / "replace", f"replace.max_steps={r}")
     runs = {"a": (out / "cut", n), "b": (out / "replace" / "hf", n), "c": (out / "cut", r + n)}
     for name, (src, steps) in runs.items():
-        wall[f"cpt ({name})"] = healer("cpt", config, f"cpt.input={src}", f"cpt.output={out / ('cpt_' + name)}",
-                                       f"cpt.max_steps={steps}")
+        wall[f"cpt ({name})"] = healer("cpt", config, out / f"cpt_{name}", f"cpt.input={src}",
+                                       f"cpt.output={out / f'cpt_{name}'}", f"cpt.max_steps={steps}")
 
     trained = json.loads((out / "replace" / "prune_report.json").read_text())["replacement"]["training"]
     rows = [
@@ -128,7 +140,7 @@ def main() -> None:
     results = {"span": cut["removed"], "span_cosine": rep["replacement"].get("span_cosine"),
                "init_from_block": rep["replacement"]["init_from_block"], "tokens_per_step": per_step,
                "replacement_training": {k: trained[k] for k in ("before_training", "after_training", "mse_curve")},
-               "wall_s": {k: round(v, 1) for k, v in wall.items()}, "rows": []}
+               "wall_s": {k: round(v, 1) for k, v in wall.items() if v is not None}, "rows": []}
     print(f"span {cut['removed']} (cosine {results['span_cosine']:.4f}), replacement from block "
           f"{results['init_from_block']}; R = {r * per_step:,} tokens, N = {n * per_step:,} tokens")
     print(f"{'model':<38} {'tokens trained':>14} {'held-out ppl':>13}")
@@ -137,7 +149,7 @@ def main() -> None:
         results["rows"].append({"model": label, "source": source, "tokens_trained": tokens, "ppl": value})
         print(f"{label:<38} {tokens:>14,} {value:>13.2f}")
     for k, v in wall.items():
-        print(f"wall {k}: {v:.1f}s")
+        print(f"wall {k}: " + (f"{v:.1f}s" if v is not None else "reused from an earlier run"))
     (out / "streamline_bench.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'streamline_bench.json'}")
 

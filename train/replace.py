@@ -89,7 +89,7 @@ def read_placement(model_dir: str | Path) -> Placement:
                           "in place of a span (prune.replace.kind: layer)") from None
     except (OSError, ValueError) as err:
         raise HealerError(f"replace.input: cannot read {path} ({err}); run `healer prune` again") from None
-    rep = report.get("replacement")
+    rep = report.get("replacement") if isinstance(report, dict) else None
     if not isinstance(rep, dict) or "span" not in rep or "position" not in rep:
         raise HealerError(f"replace.input: {path} records no replacement block; prune with prune.replace.kind: "
                           "layer, or drop the replace: section")
@@ -302,9 +302,10 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
                                offload="offload_optimizer" in ds_config["zero_optimization"])
     engine = init_engine(student, ds_config, optimizer)
     dense = _load(teacher_location, attn, place.span[-1] + 2)
-    if dense.config.hidden_size != student.config.hidden_size:
-        raise HealerError(f"replace.teacher {teacher_location}: hidden size {dense.config.hidden_size} differs from "
-                          f"the pruned model's {student.config.hidden_size}; the teacher is the unpruned model")
+    for key in ("hidden_size", "vocab_size"):  # same token ids must mean the same text, in the same space
+        if getattr(dense.config, key) != getattr(student.config, key):
+            raise HealerError(f"replace.teacher {teacher_location}: {key} {getattr(dense.config, key)} differs from "
+                              f"the pruned model's {getattr(student.config, key)}; the teacher is the unpruned model")
     teacher = init_frozen_engine(dense, ds_config, device)
     del hf_ds
 
@@ -314,8 +315,9 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     batches = CorpusBatches(loader("train"))
     settings = settings_of(cfg, data_cfg, place)
     logger = MetricsLogger(None, cfg.max_steps, rank=rank, progress_bar=False)
+    # Checkpoints hold the block and its optimizer state; the frozen rest is the stage's input, not state.
     progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
-                      say=logger.write)
+                      frozen_base=True, say=logger.write)
     held_split = "validation" if data_cfg.validation else "train"
     held_iter = iter(loader(held_split))
     held = [b for b in (next(held_iter, None) for _ in range(cfg.eval_batches)) if b is not None]
@@ -341,7 +343,7 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
-                    evaluate=lambda eng: held_out_fit(eng, teacher, held, place, with_cut=False))
+                    evaluate=lambda eng: held_out_fit(eng, teacher, held, place, with_cut=False), frozen_base=True)
     logger.close()
     if outcome.status == "preempted":
         return None
