@@ -29,7 +29,7 @@ LAUNCHER_FLAGS = ("--local_rank", "--local-rank")
 class Parsed:
     config: str | None
     overrides: list[str]
-    opts: Any  # the verb's Options instance (or, for a module without one, its remaining argv)
+    opts: Any  # the verb's Options instance
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,15 @@ def _is_override(arg: str) -> bool:
     return bool(eq) and key.replace(".", "").replace("_", "").replace("-", "").isalnum() and not key[0].isdigit()
 
 
-def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Parsed:
+def parse_command_line(verb: Verb, argv: list[str], options: type) -> Parsed:
     """Split ``argv`` into the recipe, recipe overrides and the verb's ``Options``; anything unknown is an error."""
     from healer.recipe import Recipe
 
-    flags = option_flags(options) if options is not None else {}
+    flags = option_flags(options)
     values: dict[str, Any] = {}
     config: str | None = None
     overrides: list[str] = []
     positional: list[str] = []
-    legacy: list[str] = []  # argv, in order, for a verb module that has no Options dataclass yet
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -139,23 +138,14 @@ def parse_command_line(verb: Verb, argv: list[str], options: type | None) -> Par
         elif arg.startswith("--") and ("." in name or name[2:].replace("-", "_") in Recipe.model_fields):
             overrides.append(f"{name[2:].replace('-', '_')}={value()}")
         elif arg.startswith("-") and arg != "-":
-            if options is None:  # the module parses its own flags (and refuses what it does not know)
-                legacy.append(arg)
-            else:
-                raise HealerError(f"unknown option {name}; {_known_flags(verb, flags)}")
+            raise HealerError(f"unknown option {name}; {_known_flags(verb, flags)}")
         elif _is_override(arg):
             overrides.append(arg)
         else:
             positional.append(arg)
-            legacy.append(arg)
         i += 1
 
-    given_config = config
     config, rest = _take_recipe(verb, config, positional, options)
-    if options is None:  # hand the module its arguments in their order, minus the recipe
-        if config is not None and config != given_config:
-            legacy.remove(config)
-        return Parsed(config, overrides, legacy)
     slots = [f for f in dataclasses.fields(options) if f.metadata.get("positional")]
     hints = typing.get_type_hints(options)
     for f, raw in zip(slots, rest):
@@ -171,7 +161,7 @@ def _take_recipe(verb: Verb, config: str | None, positional: list[str], options:
                  ) -> tuple[str | None, list[str]]:
     """Pick the recipe out of the positional arguments; the rest fill the verb's positional fields."""
     # A value that is one of a positional field's choices (`cpt`, `stats`) is never taken for a recipe.
-    choices = {str(c) for f in (dataclasses.fields(options) if options else ())
+    choices = {str(c) for f in dataclasses.fields(options)
                for c in f.metadata.get("choices", ()) if f.metadata.get("positional")}
     if config is not None:
         second = next((a for a in positional if a not in choices and _looks_like_recipe(a)), None)
@@ -181,7 +171,7 @@ def _take_recipe(verb: Verb, config: str | None, positional: list[str], options:
     for k, arg in enumerate(positional):
         if arg not in choices and _looks_like_recipe(arg):
             return arg, positional[:k] + positional[k + 1:]
-    slots = sum(1 for f in dataclasses.fields(options) if f.metadata.get("positional")) if options else 0
+    slots = sum(1 for f in dataclasses.fields(options) if f.metadata.get("positional"))
     if verb.needs_recipe and len(positional) > slots:
         # No argument looks like a recipe and one is left over: it is meant as one (a missing file is
         # then named by the loader rather than called a stray argument).

@@ -233,13 +233,14 @@ def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | N
 
 def _eval_numbers(recipe: Recipe, text_file: str | None, context: int | None) -> dict[str, float]:
     """model source -> perplexity already in the eval stage's eval.json (the evaluated model and the dense one)."""
-    from healer.eval.suite import EVAL_FILE
+    from healer.eval.suite import EVAL_FILE, perplexity_labels
 
     eval_json = recipe.stage_dir("eval") / EVAL_FILE if recipe.eval is not None else None
     if text_file is None or eval_json is None or not eval_json.is_file():
         return {}
     result = json.loads(eval_json.read_text())
-    name, ctx = Path(text_file).name, str(context)
+    # The eval stage's key for this file (its name, or its path below the common folder where two share one).
+    name, ctx = perplexity_labels(recipe.eval.perplexity_files)[0], str(context)
     out = {}
     for source, numbers in ((result.get("source"), result), (recipe.model.source, result.get("dense") or {})):
         ppl = numbers.get("perplexity", {}).get(name, {}).get(ctx, {}).get("ppl")

@@ -30,11 +30,11 @@ class Verb:
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # short flag -> recipe key
     needs_recipe: bool = True
 
-    def load(self) -> tuple[Callable[..., Any], type | None]:
-        """The verb's function and its ``Options`` dataclass (None while a module still parses argv itself)."""
+    def load(self) -> tuple[Callable[..., Any], type]:
+        """The verb's function and its ``Options`` dataclass."""
         module_name, func_name = self.target.split(":")
         module = importlib.import_module(module_name)
-        return getattr(module, func_name), getattr(module, "Options", None)
+        return getattr(module, func_name), module.Options
 
 
 _MODEL = {"--model": "model.source", "--gguf-file": "model.gguf_file", "--dtype": "model.dtype",
@@ -68,7 +68,7 @@ _DECLARED = (
          "the corpus stream: `data stats` (tokens per source, skips, a decoded block), "
          "`data build-corpus --output DIR`",
          flags={**_MODEL, "--seq-len": "data.seq_len", "--workers": "data.num_workers"}, needs_recipe=False),
-    Verb("cpt", "healer.train.cpt:run_cpt_stage",
+    Verb("cpt", "healer.train.cpt:run_cpt",
          "continued pretraining under DeepSpeed ZeRO (optional KD from the unpruned model)",
          stage=True, distributed=True, trains=True, model_subdir="hf", reads=("model", "data", "seed"),
          flags={**_MODEL, **_io("cpt"), "--zero-stage": "cpt.zero_stage", "--max-steps": "cpt.max_steps",
@@ -79,7 +79,7 @@ _DECLARED = (
          flags={**_MODEL, "--teacher": "sft.self_distill.teacher", "--corpus": "sft.self_distill.corpus",
                 "--num-examples": "sft.self_distill.num_examples",
                 "--max-new-tokens": "sft.self_distill.max_new_tokens", "--output": "sft.self_distill.output"}),
-    Verb("sft", "healer.train.sft:run_sft_stage",
+    Verb("sft", "healer.train.sft:run_sft",
          "LoRA instruction tuning (PEFT) under DeepSpeed -> adapter/ + merged/ HF model",
          stage=True, distributed=True, trains=True, model_subdir="merged", reads=("model", "data", "seed"),
          flags={**_MODEL, **_io("sft"), "--data": "sft.data", "--lr": "sft.lr", "--rank": "sft.rank",

@@ -158,3 +158,19 @@ def test_the_recipe_seed_reaches_every_training_stage():
     recipe = Recipe(model={"source": "m"}, seed=7, cpt={}, sft={"self_distill": {}})
     assert (recipe.cpt.seed, recipe.sft.seed, recipe.sft.self_distill.seed) == (7, 7, 7)
     assert Recipe(model={"source": "m"}, seed=7, cpt={"seed": 3}).cpt.seed == 3  # a stage's own seed wins
+
+
+def test_a_sequence_longer_than_the_model_was_built_for_is_refused_before_training(tmp_path, capsys):
+    from healer.cli import main
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text(json.dumps({"text": _TEXT}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
+                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": limit + 1},
+                                      "cpt": {"input": str(model), "max_steps": 1}}))
+    assert main(["cpt", str(recipe)]) == 2
+    assert f"data.seq_len: {limit + 1} tokens is more than the model's max_position_embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "cpt" / "checkpoints").exists()

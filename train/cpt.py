@@ -38,13 +38,6 @@ class Options:
         "help": "resume even though a setting that makes steps incomparable changed (data, seq_len, micro-batch ...)"})
 
 
-def run_cpt_stage(recipe, args: list[str]) -> int:
-    """Today's CLI entry (an argument list); ``run_cpt`` once the CLI builds ``Options`` itself."""
-    from healer.train.verb_args import options_from_args
-
-    return run_cpt(recipe, options_from_args(Options, args, "cpt"))
-
-
 def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
     """What makes two runs' steps comparable, by recipe key: resuming with another value is refused."""
     data = data_cfg.model_dump(mode="json", exclude={"validation"})
@@ -55,7 +48,7 @@ def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
 def run_cpt(recipe, opts: Options) -> int:
     """The ``healer cpt`` verb: every rank runs it. Returns the exit code."""
     from healer.manifest import write_stage_manifest
-    from healer.modeling import resolve_source
+    from healer.modeling import check_seq_len, load_config, resolve_source
 
     cfg = recipe.cpt or CPTConfig(seed=recipe.seed)
     if recipe.data is None or not recipe.data.sources:
@@ -63,6 +56,8 @@ def run_cpt(recipe, opts: Options) -> int:
     source = recipe.stage_input("cpt")
     same = source == recipe.model.source
     location = resolve_source(source, recipe.model.gguf_file if same else None, recipe.model.revision if same else None)
+    # Positions past the model's maximum were never trained: refuse before any rank builds an engine.
+    check_seq_len(recipe.data.seq_len, load_config(location), "data.seq_len")
     teacher_location = None
     if cfg.kd is not None and opts.action == "train":
         teacher = cfg.kd.teacher or recipe.model.source

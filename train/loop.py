@@ -265,9 +265,9 @@ def _save(engine, batches: Batches, stage_dir: Path, at: Progress, cadence: Cade
 def finished(stage_dir: Path, steps: int) -> bool:
     """Whether the stage already wrote its manifest for a run of ``steps`` steps (so ``--resume auto`` has
     nothing to do; a larger ``max_steps`` resumes the last checkpoint and trains on)."""
-    from healer.manifest import read_stage_manifest
+    from healer.manifest import finished_manifest
 
-    manifest = read_stage_manifest(stage_dir)
+    manifest = finished_manifest(stage_dir)
     return manifest is not None and manifest.get("outputs", {}).get("steps") == steps
 
 

@@ -47,13 +47,6 @@ class Options:
         "help": "run at most this many optimizer steps in this call, then checkpoint and stop"})
 
 
-def run_sft_stage(recipe, args: list[str]) -> int:
-    """Today's CLI entry (an argument list); ``run_sft`` once the CLI builds ``Options`` itself."""
-    from healer.train.verb_args import options_from_args
-
-    return run_sft(recipe, options_from_args(Options, args, "sft"))
-
-
 def run_sft(recipe, opts: Options) -> int:
     """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it."""
     from healer.manifest import write_stage_manifest
