@@ -55,12 +55,6 @@ def recipe(args, out: Path) -> dict:
     }
 
 
-# cpt's verb function, called with the Options the CLI builds (contract 1), in case `healer cpt` still hands it
-# an argument list.
-_CPT = ("import sys; from healer.recipe import load_recipe; from healer.train.cpt import Options, run_cpt; "
-        "sys.exit(run_cpt(load_recipe(sys.argv[1], sys.argv[2:]), Options()))")
-
-
 def healer(verb: str, config: Path, out_dir: Path, *overrides: str) -> float | None:
     """Run ``healer VERB`` in its own process; returns its wall time, or None when ``out_dir`` holds a finished
     result from an earlier run of the benchmark (its manifest). Stops the benchmark if the verb fails."""
@@ -69,10 +63,9 @@ def healer(verb: str, config: Path, out_dir: Path, *overrides: str) -> float | N
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = ([sys.executable, "-c", _CPT, str(config)] if verb == "cpt"
-           else [sys.executable, "-m", "healer", verb, "--config", str(config)])
     t0 = time.perf_counter()
-    done = subprocess.run(cmd + list(overrides), env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "healer", verb, "--config", str(config), *overrides], env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"healer {verb} {' '.join(overrides)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - t0
