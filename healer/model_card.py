@@ -80,12 +80,32 @@ def sparsity_section(report: dict, released: dict | None) -> str:
     return "\n".join(lines)
 
 
+def replacement_summary(rep: dict) -> str:
+    """LLM-Streamline's replacement block in one sentence: where it came from and how it was trained."""
+    text = (f"; in their place one standard decoder block, initialised from block {rep.get('init_from_block')} "
+            f"({rep.get('init')})")
+    if rep.get("span_cosine") is not None:
+        text += f"; the span's input/output cosine on calibration text was {_num(rep['span_cosine'])}"
+    trained = rep.get("training")
+    if not trained:
+        return text + "; the block was not trained."
+    before, after = trained.get("before_training") or {}, trained.get("after_training") or {}
+    return (text + f". It was trained alone for {_num(trained.get('tokens_trained'))} tokens to map the span's input "
+            f"hidden states to its output (MSE): held-out cosine to the dense span's output "
+            f"{_num(before.get('cosine'))} -> {_num(after.get('cosine'))} (a plain cut: "
+            f"{_num(before.get('cosine_plain_cut'))}), MSE {_num(before.get('mse'))} -> {_num(after.get('mse'))}.")
+
+
 def pruning_section(report: dict | None, released_sparsity: dict | None = None) -> str:
     if report is None:
         return "No pruning report was found (`prune_report.json`); this checkpoint may not have been pruned by healer."
-    update = ", the remaining weights updated to compensate" if report.get("criterion") == "sparsegpt" \
-        else ", no weight update"
-    lines = [f"**{pruning_summary(report)}**, one-shot{update}.", ""]
+    rep = report.get("replacement")
+    if rep:
+        lines = [f"**{pruning_summary(report)}**" + replacement_summary(rep), ""]
+    else:
+        update = ", the remaining weights updated to compensate" if report.get("criterion") == "sparsegpt" \
+            else ", no weight update"
+        lines = [f"**{pruning_summary(report)}**, one-shot{update}.", ""]
     rows = [["method", str(report.get("method", "-"))], ["criterion", str(report.get("criterion", "-"))],
             ["target", str(report.get("target", "-"))]]
     if report.get("pattern") is not None:

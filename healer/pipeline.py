@@ -191,7 +191,8 @@ def _ensure_corpus(output: str, max_docs: int | None) -> None:
 def checkpoints(recipe: Recipe) -> list[tuple[str, str]]:
     """(label, model source) for the dense model and each stage's model that exists."""
     out = [("dense", recipe.model.source)]
-    for stage, label in (("prune", "pruned"), ("cpt", "healed (CPT)"), ("sft", "instruction-tuned")):
+    for stage, label in (("prune", "pruned"), ("replace", "span replaced"), ("cpt", "healed (CPT)"),
+                         ("sft", "instruction-tuned")):
         if getattr(recipe, stage) is not None and (recipe.model_dir(stage) / "config.json").is_file():
             out.append((label, str(recipe.model_dir(stage))))
     return out

@@ -23,6 +23,7 @@ from healer.release_config import ReleaseConfig
 from healer.stages import MODEL_STAGES, STAGES, VERBS
 from healer.train.config import CPTConfig, SFTConfig
 from healer.train.data.config import DataConfig
+from healer.train.replace import ReplaceTrainConfig
 
 __all__ = ["STAGES", "Recipe", "RecipeError", "dump_recipe", "load_recipe", "parse_override", "resolve_recipe_path"]
 
@@ -50,6 +51,7 @@ class Recipe(Section):
     model: ModelConfig
     build_corpus: CorpusBuildConfig | None = None
     prune: PruneConfig | None = None
+    replace: ReplaceTrainConfig | None = None
     data: DataConfig | None = None
     cpt: CPTConfig | None = None
     sft: SFTConfig | None = None
@@ -68,6 +70,13 @@ class Recipe(Section):
         for section in sections:
             if section is not None and "seed" in type(section).model_fields and section.seed is None:
                 section.seed = self.seed
+        return self
+
+    @model_validator(mode="after")
+    def _replace_needs_a_span(self) -> "Recipe":
+        if self.replace is not None and self.prune is not None and not self.prune.replacing and not self.replace.input:
+            raise ValueError("replace: trains the block that prune puts in place of a span; set prune.replace.kind: "
+                             "layer, or drop the replace: section")
         return self
 
     def stage_dir(self, stage: str) -> Path:

@@ -104,6 +104,8 @@ def training_stages(recipe) -> list[dict]:
         o = manifest.get("outputs", {})
         if stage == "cpt":
             how = "continued pretraining" + (" with knowledge distillation from the dense model" if o.get("kd") else "")
+        elif stage == "replace":
+            how = "training the block that replaced the span alone to reproduce the dense span's output (LLM-Streamline)"
         else:
             rank = (o.get("lora") or {}).get("rank")
             how = "LoRA instruction tuning" + (f" (rank {rank})" if rank else "") + ", merged into the weights"
@@ -174,7 +176,9 @@ def build_release(recipe, out: Path) -> dict:
         GenerationConfig.from_model_config(model.config).save_pretrained(partial)
     params_after = count_parameters(model)
     del model
-    prune_report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    # The replace stage's copy adds how the replacement block was trained (LLM-Streamline).
+    prune_report = ((read_json_if_present(recipe.stage_dir("replace") / "prune_report.json") if recipe.replace else None)
+                    or read_json_if_present(recipe.stage_dir("prune") / "prune_report.json"))
     # Measured on the files being published: they must hold the zeros the card claims.
     sparsity = released_sparsity(partial, prune_report)
 

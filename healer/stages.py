@@ -59,6 +59,12 @@ _DECLARED = (
                 "--sparsity": "prune.sparsity.ratio", "--calibration": "prune.calibration.path",
                 "--num-samples": "prune.calibration.num_samples", "--seq-len": "prune.calibration.seq_len",
                 "--output": "prune.output"}),
+    Verb("replace", "healer.train.replace:run_replace",
+         "LLM-Streamline: train the block prune put in place of the removed span to map the span's input to its "
+         "output (MSE against the dense model)",
+         stage=True, distributed=True, trains=True, model_subdir="hf", reads=("model", "data", "seed"),
+         flags={**_MODEL, **_io("replace"), "--zero-stage": "replace.zero_stage", "--max-steps": "replace.max_steps",
+                "--lr": "replace.lr"}),
     Verb("data", "healer.train.data.cli:main",
          "the corpus stream: `data stats` (tokens per source, skips, a decoded block), "
          "`data build-corpus --output DIR`",

@@ -13,6 +13,7 @@ from healer.config_base import Section
 from healer.errors import HealerError
 from healer.prune.criteria import (CRITERIA, METHODS, WIDTH_TARGETS, Criterion, criterion_names, describe_choices,
                                    get_criterion)
+from healer.prune.replace import is_span
 from healer.prune.sparse_scores import parse_pattern
 
 # The roles healer.prune.sparse.projection_paths resolves through the architecture adapter.
@@ -83,6 +84,18 @@ class SparsityConfig(Section):
         return self
 
 
+class ReplaceConfig(Section):
+    """LLM-Streamline: cut one contiguous span and put one standard block, trained by the ``replace`` stage, in
+    its place."""
+
+    kind: Literal["none", "layer", "ffn"] = Field(
+        "none", description="none: plain cut; layer: one decoder block of the same family replaces the span "
+        "(num_hidden_layers = kept + 1); ffn is refused: a lone MLP is no standard block (see README)")
+    init: Literal["closest", "first", "last"] = Field(
+        "closest", description="which block of the span the replacement starts as: closest (its output nearest "
+        "the span's on calibration, needs prune.calibration.path), first or last")
+
+
 class PruneConfig(Section):
     method: Literal[METHODS] = Field("depth", description=f"{' or '.join(METHODS)}: remove whole blocks, shrink "
                                      "every block's MLP / attention, or zero weights inside the projections")
@@ -104,6 +117,8 @@ class PruneConfig(Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/prune")
     verify_atol: float = Field(1e-3, gt=0, description="max |logit difference| allowed after reload")
+    replace: ReplaceConfig = Field(default_factory=ReplaceConfig,
+                                   description="depth: replace the removed span by one trained block")
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +163,30 @@ class PruneConfig(Section):
             if repeated:
                 raise ValueError(f"prune.blocks lists {repeated} more than once; list each block to remove once")
         return self
+
+    @model_validator(mode="after")
+    def _check_replace(self) -> "PruneConfig":
+        kind = self.replace.kind
+        if kind == "none":
+            return self
+        if kind == "ffn":
+            raise ValueError("prune.replace.kind: ffn (an MLP without attention) is not a standard decoder block, so "
+                             "the checkpoint would need code only healer has; use kind: layer (see README, "
+                             "LLM-Streamline)")
+        if self.method != "depth":
+            raise ValueError(f"prune.replace.kind: {kind} replaces removed blocks; it needs prune.method: depth")
+        if self.blocks is not None and not is_span(self.blocks):
+            raise ValueError(f"prune.blocks {self.blocks} are not consecutive; prune.replace.kind: {kind} replaces "
+                             "one contiguous span (e.g. [4, 5, 6])")
+        if self.replace.init == "closest" and self.calibration.path is None:
+            raise ValueError("prune.replace.init: closest compares the span's blocks on calibration text; give "
+                             "prune.calibration.path or choose init: first / last")
+        return self
+
+    @property
+    def replacing(self) -> bool:
+        """Whether the removed span gets a replacement block."""
+        return self.method == "depth" and self.replace.kind != "none"
 
     @property
     def spec(self) -> Criterion:

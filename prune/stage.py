@@ -20,7 +20,7 @@ from healer.errors import HealerError
 from healer.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
 from healer.modeling import (check_output_dir, check_seq_len, check_weights, count_parameters, load_config,
                              load_model, load_tokenizer, model_path, resolve_source, save_and_verify, torch_dtype)
-from healer.prune import depth, width
+from healer.prune import depth, replace, width
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig
 from healer.prune.criteria import DEFAULT_SCORES_ARE
@@ -64,7 +64,9 @@ def score(cfg: PruneConfig, stack: BlockStack, tokens: torch.Tensor | None, coun
     spec = cfg.spec
     if cfg.method == "depth":
         scores = spec.score(stack, tokens, candidates, count, progress)
-        return scores, spec.select(scores, count)
+        # A replacement stands in for one contiguous span; per-block criteria then pick the cheapest window.
+        pick = replace.lowest_sum_span if cfg.replacing and spec.select is not depth.lowest_span else spec.select
+        return scores, pick(scores, count)
     return spec.score(stack, tokens, progress), None
 
 
@@ -125,6 +127,9 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     try:
         if cfg.method == "depth":
             count, candidates = plan_depth(cfg, config.num_hidden_layers)
+            if cfg.replacing and count < 2:
+                raise ValueError(f"prune.replace.kind: {cfg.replace.kind} would put 1 block in place of the {count} "
+                                 "removed; remove at least 2 (prune.ratio / prune.num_blocks) or set kind: none")
         elif cfg.method == "width":
             keep = plan_width(cfg, config)
     except ValueError as err:
@@ -167,9 +172,17 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
 
     details: dict = {}
     if cfg.method == "depth":
+        removed = drop
+        if cfg.replacing:  # the span's seed block stays in place as the replacement
+            try:
+                drop, replacement = replace.plan(cfg.replace.kind, cfg.replace.init, BlockStack.from_model(model),
+                                                 tokens, removed)
+            except ValueError as err:
+                raise HealerError(str(err)) from None
+            details["replacement"] = replacement
         edited = adapter.remove_blocks(drop)
-        details = {"removed": drop, "kept": [i for i in range(config.num_hidden_layers) if i not in drop],
-                   "scores": {str(k): v for k, v in scores.items()}, "config_keys_edited": edited}
+        details = {"removed": removed, "kept": [i for i in range(config.num_hidden_layers) if i not in removed],
+                   "scores": {str(k): v for k, v in scores.items()}, "config_keys_edited": edited, **details}
     elif spec.target == "mlp":
         kept = width.top_indices(scores, keep)
         adapter.shrink_mlp(kept)
@@ -302,6 +315,8 @@ def _print_summary(report: dict, out: Path) -> None:
             else f"intermediate_size {report['intermediate_size'][0]} -> {report['intermediate_size'][1]}"
             if "intermediate_size" in report
             else f"heads {report['attention_heads'][0]} -> {report['attention_heads'][1]}")
+    if "replacement" in report:
+        what += f", in their place block {report['replacement']['init_from_block']} (trained by `healer replace`)"
     ppl = ""
     if report["calibration_ppl_before"] is not None:
         ppl = f"; calibration ppl {report['calibration_ppl_before']:.2f} -> {report['calibration_ppl_after']:.2f}"

@@ -109,7 +109,7 @@ def test_prune_help_shows_types_defaults_and_descriptions(capsys):
 def test_launch_and_run_flags_from_their_options(capsys):
     assert main(["launch", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--nodes, --nnodes INT" in out and "STAGE (prune | cpt | sft | eval | release)" in out
+    assert "--nodes, --nnodes INT" in out and "STAGE (prune | replace | cpt | sft | eval | release)" in out
     assert main(["run", "--help"]) == 0
     assert "--force" in capsys.readouterr().out
 
@@ -133,8 +133,9 @@ def test_recipe_error_is_a_healer_error():
 
 def test_stage_lists_derive_from_the_one_declaration():
     declared = [v.name for v in VERBS.values() if v.stage]
-    assert recipe_module.STAGES == stages.STAGES == tuple(declared) == ("prune", "cpt", "sft", "eval", "release")
-    assert stages.DISTRIBUTED_STAGES == ("cpt", "sft") and stages.TRAINING_STAGES == ("cpt", "sft")
+    assert recipe_module.STAGES == stages.STAGES == tuple(declared) == ("prune", "replace", "cpt", "sft", "eval",
+                                                                                  "release")
+    assert stages.DISTRIBUTED_STAGES == stages.TRAINING_STAGES == ("replace", "cpt", "sft")
     assert all(stage in Recipe.model_fields for stage in stages.STAGES)  # every stage has its recipe section
     assert pipeline.STAGES is stages.STAGES
 
