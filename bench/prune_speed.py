@@ -71,8 +71,8 @@ def main() -> None:
     worst = max(abs(fast[i] - naive[i]) / naive[i] for i in candidates)
     print(f"naive (full forward per block): {naive_s:8.2f} s wall {naive_cpu:8.2f} s CPU")
     print(f"healer (cached prefix):         {fast_s:8.2f} s wall {fast_cpu:8.2f} s CPU")
-    print(f"speed-up: {naive_s / fast_s:.2f}x wall, {naive_cpu / fast_cpu:.2f}x CPU   same ranking: {rank_naive == rank_fast}   "
-          f"max relative ppl difference: {worst:.2e}")
+    print(f"speed-up: {naive_s / fast_s:.2f}x wall, {naive_cpu / fast_cpu:.2f}x CPU   "
+          f"same ranking: {rank_naive == rank_fast}   max relative ppl difference: {worst:.2e}")
     print("lowest-ppl blocks (removed first):", rank_fast[:6])
     if rank_naive != rank_fast:
         sys.exit("the two methods ranked the blocks differently")

@@ -75,7 +75,8 @@ def perplexity(source: str, args) -> float:
     """Held-out perplexity of the model at ``source`` on the holdout shard (``args.eval_tokens`` tokens)."""
     import torch
 
-    from healer.eval.ppl import perplexity as ppl, read_text
+    from healer.eval.ppl import perplexity as ppl
+    from healer.eval.ppl import read_text
     from healer.modeling import load_model, load_tokenizer, resolve_source
 
     location = resolve_source(source)

@@ -63,10 +63,10 @@ def _tokenizer(kind: str):
         from healer.modeling import load_tokenizer, resolve_source
 
         return load_tokenizer(resolve_source("smollm2")), "SmolLM2"
+    import pydoc_data.topics
+
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-
-    import pydoc_data.topics
 
     text = "\n".join(pydoc_data.topics.topics.values())
     bpe = ByteLevelBPETokenizer()
@@ -246,9 +246,9 @@ def main() -> int:
             line += f" | KD step-time ratio c/b = {med(c[kind]) / med(b[kind]):.3f} (target <= 1.5)"
         print(line)
     if peak is not None:
-        from healer.train.metrics import training_flops_per_token
-
         from transformers import AutoConfig
+
+        from healer.train.metrics import training_flops_per_token
 
         mcfg = AutoConfig.from_pretrained(student)
         n_matmul = out_b["parameters"]  # tied embeddings: the head's matmul counts once

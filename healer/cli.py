@@ -47,7 +47,7 @@ def verb_help(verb: Verb, options: type | None) -> str:
             default = f" [default: {f.default}]" if f.default is not None else ""
             lines.append(_row(f.name.upper() + choices, f.metadata["help"] + default))
         seen = set()
-        for name, flag in option_flags(options).items():
+        for _, flag in option_flags(options).items():
             if flag.field.name in seen:
                 continue
             seen.add(flag.field.name)

@@ -329,7 +329,8 @@ def probe_batch(vocab_size: int, seq_len: int = 16, batch: int = 2, seed: int = 
     return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
 
 
-def save_and_verify(model, tokenizer, out_dir: str | Path, atol: float = 1e-3, probe: torch.Tensor | None = None) -> float:
+def save_and_verify(model, tokenizer, out_dir: str | Path, atol: float = 1e-3,
+                    probe: torch.Tensor | None = None) -> float:
     """Save ``model`` (+ tokenizer) as safetensors, reload it with plain transformers and compare logits.
 
     Returns the largest absolute logit difference; raises :class:`VerificationError` above ``atol``.

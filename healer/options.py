@@ -109,7 +109,7 @@ def parse_command_line(verb: Verb, argv: list[str], options: type) -> Parsed:
         arg = argv[i]
         name, eq, inline = arg.partition("=")
 
-        def value() -> str:
+        def value(name: str = name, eq: str = eq, inline: str = inline) -> str:
             nonlocal i
             if eq:
                 return inline

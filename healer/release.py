@@ -105,7 +105,8 @@ def training_stages(recipe) -> list[dict]:
         if stage == "cpt":
             how = "continued pretraining" + (" with knowledge distillation from the dense model" if o.get("kd") else "")
         elif stage == "replace":
-            how = "training the block that replaced the span alone to reproduce the dense span's output (LLM-Streamline)"
+            how = ("training the block that replaced the span alone to reproduce the dense span's output "
+                   "(LLM-Streamline)")
         else:
             rank = (o.get("lora") or {}).get("rank")
             how = "LoRA instruction tuning" + (f" (rank {rank})" if rank else "") + ", merged into the weights"
@@ -151,8 +152,14 @@ def _replace_dir(partial: Path, out: Path) -> None:
 def build_release(recipe, out: Path) -> dict:
     """Write the release directory ``out``; returns the manifest outputs."""
     from healer.model_card import render
-    from healer.modeling import (count_parameters, load_model, load_tokenizer, resolve_source, save_and_verify,
-                                 torch_dtype)
+    from healer.modeling import (
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        resolve_source,
+        save_and_verify,
+        torch_dtype,
+    )
     from healer.plots import plot_curves, read_scalars
     from healer.redact import public_yaml, redact_text, secret_values
 
@@ -177,7 +184,8 @@ def build_release(recipe, out: Path) -> dict:
     params_after = count_parameters(model)
     del model
     # The replace stage's copy adds how the replacement block was trained (LLM-Streamline).
-    prune_report = ((read_json_if_present(recipe.stage_dir("replace") / "prune_report.json") if recipe.replace else None)
+    prune_report = ((read_json_if_present(recipe.stage_dir("replace") / "prune_report.json")
+                     if recipe.replace else None)
                     or read_json_if_present(recipe.stage_dir("prune") / "prune_report.json"))
     # Measured on the files being published: they must hold the zeros the card claims.
     sparsity = released_sparsity(partial, prune_report)

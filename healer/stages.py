@@ -13,8 +13,9 @@ Each verb's own flags are the fields of an ``Options`` dataclass in its target m
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ def _check_resolves(host: str, what: str) -> None:
     try:
         socket.getaddrinfo(host, None)
     except socket.gaierror as err:
-        raise HealerError(f"{what}: cannot resolve host {host!r} ({err.strerror}); fix the name or use an IP address")
+        raise HealerError(f"{what}: cannot resolve host {host!r} ({err.strerror}); "
+                          "fix the name or use an IP address") from err
 
 
 def _check_pdsh_env(env: dict[str, str]) -> None:

@@ -9,8 +9,8 @@ of a checkpoint directory, one block resident at a time, so a model larger than 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -11,8 +11,15 @@ from pydantic import Field, field_validator, model_validator
 
 from healer.config_base import Section
 from healer.errors import HealerError
-from healer.prune.criteria import (CRITERIA, METHODS, WIDTH_TARGETS, Criterion, criterion_names, describe_choices,
-                                   get_criterion)
+from healer.prune.criteria import (
+    CRITERIA,
+    METHODS,
+    WIDTH_TARGETS,
+    Criterion,
+    criterion_names,
+    describe_choices,
+    get_criterion,
+)
 from healer.prune.replace import is_span
 from healer.prune.sparse_scores import parse_pattern
 

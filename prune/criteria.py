@@ -25,8 +25,8 @@ criterion does not ``need_data`` and no calibration file was given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from healer.prune import depth, sparse, width
 from healer.prune.sparsegpt import Hessian

@@ -126,7 +126,8 @@ def describe(kind: str, init: str, span: list[int], seed: int, fit: SpanFit | No
     return out
 
 
-def plan(kind: str, init: str, stack: BlockStack, tokens: torch.Tensor | None, span: list[int]) -> tuple[list[int], dict]:
+def plan(kind: str, init: str, stack: BlockStack, tokens: torch.Tensor | None,
+         span: list[int]) -> tuple[list[int], dict]:
     """(blocks to drop, the report's ``replacement`` entry) for replacing ``span`` of the model in ``stack``.
 
     ``kind`` and ``init`` are ``prune.replace``'s keys; ``tokens`` (calibration) measure the span when given.

@@ -125,8 +125,8 @@ def plan_sparsity(config, pattern: str = "unstructured", ratio: float | None = N
 @torch.no_grad()
 def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None, *, criterion: str = "wanda",
              pattern: str = "unstructured", ratio: float | None = None, layers: Iterable[str] | None = None,
-             blocksize: int = 128, percdamp: float = 0.01, write: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-             progress: bool = True) -> dict:
+             blocksize: int = 128, percdamp: float = 0.01,
+             write: Callable[[int, dict[str, torch.Tensor]], None] | None = None, progress: bool = True) -> dict:
     """Prune the linear layers of every block, block after block, and return a report.
 
     ``stack_or_model``: a causal LM in memory (pruned in place) or a :class:`BlockStack` (one block resident at
@@ -148,9 +148,11 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
         raise HealerError(str(err)) from None
     opts = SparseOptions(parse_pattern(pattern, ratio), blocksize, percdamp)
     if blocksize <= 0 or not 0 <= percdamp < 1:
-        raise HealerError(f"prune.sparsity: blocksize must be > 0 and percdamp in [0, 1), got {blocksize}, {percdamp}")
+        raise HealerError(f"prune.sparsity: blocksize must be > 0 and percdamp in [0, 1), "
+                          f"got {blocksize}, {percdamp}")
     if criterion == "sparsegpt" and opts.pattern.is_nm and blocksize % opts.pattern.m:
-        raise HealerError(f"prune.sparsity.blocksize {blocksize} must be a multiple of M={opts.pattern.m} for {pattern}")
+        raise HealerError(f"prune.sparsity.blocksize {blocksize} must be a multiple of M={opts.pattern.m} "
+                          f"for {pattern}")
     in_memory = isinstance(stack_or_model, nn.Module)
     stack = BlockStack.from_model(stack_or_model) if in_memory else stack_or_model
     if write is None and not in_memory and not _blocks_persist(stack):
@@ -253,7 +255,8 @@ def summarize(per_layer: dict[str, dict], pattern: Pattern | None) -> dict:
             continue
         if pattern.is_nm and s["bad_groups"]:
             problems.append(f"{name}: {s['bad_groups']} groups of {pattern.m} hold more than {pattern.n} nonzeros"
-                            if s["bad_groups"] > 0 else f"{name}: {s['in_features']} inputs not a multiple of {pattern.m}")
+                            if s["bad_groups"] > 0
+                            else f"{name}: {s['in_features']} inputs not a multiple of {pattern.m}")
         # Unstructured: each row (or SparseGPT column block) rounds its count down, so allow one weight per row.
         if not pattern.is_nm and s["sparsity"] < pattern.ratio - 1.0 / s["in_features"]:
             problems.append(f"{name}: sparsity {s['sparsity']:.4f} below {pattern.ratio:g}")

@@ -58,7 +58,8 @@ def check_shape(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
     """N:M groups run along the input dimension, so it must be a multiple of M."""
     if pattern.is_nm and weight.shape[1] % pattern.m:
         raise HealerError(f"layer {name} has {weight.shape[1]} inputs, not a multiple of {pattern.m}: pattern "
-                          f"{pattern} cannot hold; choose another pattern or leave this layer out (prune.sparsity.layers)")
+                          f"{pattern} cannot hold; choose another pattern or leave this layer out "
+                          f"(prune.sparsity.layers)")
 
 
 def row_mask(metric: torch.Tensor, pattern: Pattern) -> torch.Tensor:

@@ -18,8 +18,19 @@ from healer.adapter import ModelAdapter, architecture_for
 from healer.calibration import load_calibration
 from healer.errors import HealerError
 from healer.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
-from healer.modeling import (check_output_dir, check_seq_len, check_weights, count_parameters, load_config,
-                             load_model, load_tokenizer, model_path, resolve_source, save_and_verify, torch_dtype)
+from healer.modeling import (
+    check_output_dir,
+    check_seq_len,
+    check_weights,
+    count_parameters,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_path,
+    resolve_source,
+    save_and_verify,
+    torch_dtype,
+)
 from healer.prune import depth, replace, width
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig
@@ -38,7 +49,8 @@ def plan_depth(cfg: PruneConfig, num_blocks: int) -> tuple[int, list[int]]:
     if cfg.blocks is not None:
         bad = [b for b in cfg.blocks if not 0 <= b < num_blocks]
         if bad:
-            raise ValueError(f"prune.blocks: {bad} out of range for a model with {num_blocks} blocks (0..{num_blocks - 1})")
+            raise ValueError(f"prune.blocks: {bad} out of range for a model with {num_blocks} blocks "
+                             f"(0..{num_blocks - 1})")
         if len(set(cfg.blocks)) >= num_blocks:
             raise ValueError(f"prune.blocks removes all {num_blocks} blocks")
         return len(set(cfg.blocks)), sorted(set(cfg.blocks))
@@ -225,7 +237,8 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         "calibration_ppl_before": ppl_before,
         "calibration_ppl_after": ppl_after,
         "config_changes": {k: [config_before.get(k), v] for k, v in config_after.items()
-                           if config_before.get(k) != v and k not in ("transformers_version", "dtype", "architectures")},
+                           if config_before.get(k) != v
+                           and k not in ("transformers_version", "dtype", "architectures")},
         "reload_max_logit_diff": max_diff,
         "scored_from": "disk, one block at a time" if scored is not None else "memory",
         "seed": seed,

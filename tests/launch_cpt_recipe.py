@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import _TEXT, save_tiny
 
 STEPS = 60  # a few seconds of training: long enough for a preemption signal to land mid-run

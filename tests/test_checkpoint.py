@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from healer.errors import HealerError
-from healer.train.checkpoint import (COMPLETE, LATEST, check_settings, find_resume_checkpoint, load_checkpoint,
-                                     resolve_resume, save_checkpoint)
+from healer.train.checkpoint import (
+    COMPLETE,
+    LATEST,
+    check_settings,
+    find_resume_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 
 SETTINGS = {"data.seq_len": 32, "cpt.micro_batch_size": 1}
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from healer import pipeline, recipe as recipe_module, stages
+from healer import pipeline, stages
+from healer import recipe as recipe_module
 from healer.cli import main
-from healer.options import option_flags, parse_command_line
 from healer.errors import HealerError, RecipeError
+from healer.options import option_flags, parse_command_line
 from healer.recipe import Recipe, load_recipe
 from healer.stages import VERBS, Verb
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import _TEXT, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -36,7 +35,7 @@ def _corpus(path: Path, docs: int, seed: int) -> Path:
     rng = random.Random(seed)
     words = _TEXT.split()
     with open(path, "w") as fh:
-        for i in range(docs):
+        for _ in range(docs):
             fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
     return path
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import _TEXT, save_tiny
+
 from healer.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
 from healer.train.engine import build_ds_config
@@ -172,5 +172,6 @@ def test_a_sequence_longer_than_the_model_was_built_for_is_refused_before_traini
                                       "data": {"sources": [{"path": str(corpus)}], "seq_len": limit + 1},
                                       "cpt": {"input": str(model), "max_steps": 1}}))
     assert main(["cpt", str(recipe)]) == 2
-    assert f"data.seq_len: {limit + 1} tokens is more than the model's max_position_embeddings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"data.seq_len: {limit + 1} tokens is more than the model's max_position_embeddings" in err
     assert not (tmp_path / "run" / "cpt" / "checkpoints").exists()

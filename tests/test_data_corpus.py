@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import tiny_tokenizer
 
 from healer.cli import main as healer_main
 from healer.train.data import DataConfig, build_demo_corpus, build_loader
-
-from conftest import tiny_tokenizer
 
 
 def read_shard(path: Path) -> list[dict]:

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_data_pipeline import make_docs, write_shards
 
 from healer.train.data import DataConfig, build_loader
-
-from test_data_pipeline import make_docs, write_shards
 
 
 def _free_port() -> int:

@@ -233,7 +233,8 @@ def test_every_format_gives_the_same_tokens(tmp_path, tok):
     (tmp_path / "docs.json").write_text(json.dumps(docs, indent=1))  # a JSON list, pretty-printed
     for path in ("jsonl", "jsonl.gz", "jsonl.zst/*.zst", "docs.parquet", "docs.txt", "docs.txt.gz", "docs.json"):
         cfg = DataConfig(sources=[{"path": str(tmp_path / path)}], seq_len=8, on_exhausted="stop")
-        streams[path] = torch.cat([b["input_ids"].flatten() for b in build_loader(cfg, tok, micro_batch_size=1)]).tolist()
+        batches = build_loader(cfg, tok, micro_batch_size=1)
+        streams[path] = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
     first = streams["jsonl"]
     assert len(first) > 100 and all(s == first for s in streams.values())
 
@@ -428,8 +429,9 @@ def long_docs(n_words: int, seed: int = 0) -> list[dict]:
 
 
 def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok, monkeypatch):
-    import healer.train.data.stream as stream
     from conftest import tiny_tokenizer
+
+    import healer.train.data.stream as stream
 
     monkeypatch.setattr(stream, "PIECE_CHARS", 300)  # a 6000-word document: some 90 pieces, cut over many batches
     monkeypatch.setattr(stream, "FILL_CHARS", 1000)

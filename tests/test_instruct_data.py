@@ -8,8 +8,15 @@ import pytest
 from conftest import tiny_tokenizer
 
 from healer.errors import HealerError
-from healer.train.instruct import (IGNORE_INDEX, alpaca_prompt, collate, load_records, resolve_prompt_format,
-                                   tokenize_record, tokenize_records)
+from healer.train.instruct import (
+    IGNORE_INDEX,
+    alpaca_prompt,
+    collate,
+    load_records,
+    resolve_prompt_format,
+    tokenize_record,
+    tokenize_records,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -50,7 +57,8 @@ def test_chat_template_masks_every_non_assistant_token():
     ex = tokenize_record(record, tok, "chat")
     eos = tok.eos_token_id
     expect_ids, expect_labels = [], []
-    for text, trained in [("<|system|>\nbe brief<|endoftext|>\n<|user|>\nadd 1 and 2<|endoftext|>\n<|assistant|>\n", False),
+    for text, trained in [("<|system|>\nbe brief<|endoftext|>\n"
+                           "<|user|>\nadd 1 and 2<|endoftext|>\n<|assistant|>\n", False),
                           ("3<|endoftext|>\n", True),
                           ("<|user|>\nand 2 and 2<|endoftext|>\n<|assistant|>\n", False),
                           ("4<|endoftext|>\n", True)]:
@@ -89,8 +97,8 @@ def test_truncation_drops_examples_with_no_reply_left():
 
 def test_collate_pads_outside_attention_and_loss():
     tok = tiny_tokenizer()
-    data = tokenize_records([{"instruction": "a", "output": "b"}, {"instruction": "longer one here", "output": "c d e"}],
-                            tok, "alpaca")
+    data = tokenize_records([{"instruction": "a", "output": "b"},
+                             {"instruction": "longer one here", "output": "c d e"}], tok, "alpaca")
     batch = collate(data.examples, pad_id=tok.pad_token_id)
     short = len(data.examples[0].input_ids)
     assert batch["input_ids"].shape[1] == max(len(e.input_ids) for e in data.examples)

@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import save_tiny
+
 from healer.cli import main
 from healer.errors import HealerError
 from healer.lock import DirectoryLock, lock_path

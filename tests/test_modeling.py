@@ -8,12 +8,20 @@ import os
 import shutil
 
 import pytest
+from conftest import save_tiny, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny, tiny_model, tiny_tokenizer
 from healer.errors import HealerError
-from healer.modeling import (check_output_dir, check_seq_len, check_weights, load_config, load_model, load_tokenizer,
-                             resolve_source, smollm2_gguf_path)
+from healer.modeling import (
+    check_output_dir,
+    check_seq_len,
+    check_weights,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    smollm2_gguf_path,
+)
 from healer.prune.blockwise import BlockStack
 
 

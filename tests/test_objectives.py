@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from healer.errors import HealerError
 from healer.train import kd
 from healer.train.kd import chunked_head_loss, distill_loss

@@ -7,9 +7,9 @@ import json
 import textwrap
 
 import pytest
+from conftest import _TEXT, save_tiny
 from transformers import AutoModelForCausalLM
 
-from conftest import _TEXT, save_tiny
 from healer.cli import main
 from healer.manifest import expect_inputs, write_stage_manifest
 from healer.recipe import load_recipe

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from healer.adapter import ModelAdapter
 from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack

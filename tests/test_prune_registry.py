@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny, tiny_model
+
 from healer.prune import depth
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig

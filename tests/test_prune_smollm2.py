@@ -18,6 +18,7 @@ def test_smollm2_depth_ppl_20_percent(tmp_path):
     except HealerError as err:
         pytest.skip(str(err))
     import pydoc_data.topics
+
     from transformers import AutoModelForCausalLM
 
     from healer.prune.config import PruneConfig

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
 from healer.prune.blockwise import BlockStack
-from healer.prune.sparse import (ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify,
-                                 verify_sparsity)
+from healer.prune.sparse import ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify, verify_sparsity
 from healer.prune.sparse_scores import magnitude_mask, parse_pattern, wanda_mask
 from healer.prune.sparsegpt import Hessian, sparsegpt_prune
 

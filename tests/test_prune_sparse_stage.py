@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny, tiny_tokenizer
-from healer.prune.sparse import verify_sparsity
-from healer.prune.stage import Options, prune, run_prune_stage
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
 from healer.errors import HealerError
 from healer.manifest import read_stage_manifest
+from healer.prune.sparse import verify_sparsity
+from healer.prune.stage import Options, prune, run_prune_stage
 from healer.recipe import RecipeError, load_recipe
 from healer.release import build_release
 

@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 import pytest
+from conftest import FAMILIES, save_tiny
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, save_tiny
 from healer.cli import main
 from healer.errors import HealerError
 from healer.prune.config import PruneConfig

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from healer.adapter import ModelAdapter, architecture_for
 from healer.errors import UnsupportedArchitecture
 from healer.modeling import save_and_verify

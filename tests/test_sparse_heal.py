@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 from conftest import _TEXT, save_tiny, tiny_tokenizer
-from healer.prune.sparse import prune_sparse, verify_sparsity
-from healer.train.masks import pack_bits, sparsity_to_keep, unpack_bits
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
 from healer.modeling import resolve_source
+from healer.prune.sparse import prune_sparse, verify_sparsity
+from healer.train.masks import pack_bits, sparsity_to_keep, unpack_bits
 
 SHAPE = {"layers": 2, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 2}
 
@@ -31,7 +31,8 @@ def _corpus(path: Path, docs: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
     words = _TEXT.split()
     with open(path, "w") as fh:
-        fh.writelines(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n" for _ in range(docs))
+        fh.writelines(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n"
+                      for _ in range(docs))
     return path
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, save_tiny
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, save_tiny
 from healer.errors import HealerError
 from healer.prune.config import PruneConfig
 from healer.prune.replace import lowest_sum_span

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import _TEXT, save_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import _TEXT, save_tiny
 from healer.cli import main
 from healer.recipe import load_recipe
 

@@ -8,12 +8,11 @@ import random
 
 import pytest
 import zstandard
+from conftest import tiny_tokenizer
 
 from healer.calibration import calibration_tokens, load_calibration
 from healer.errors import HealerError
 from healer.textio import BadRecords, file_kind, read_texts, split_points, tokenizer_encoder
-
-from conftest import tiny_tokenizer
 
 DOCS = ["first document, one line", "second: with 'quotes' and ünïcode", "third"]
 

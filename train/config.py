@@ -97,7 +97,8 @@ class SelfDistillConfig(Section):
     corpus: str | None = Field(
         None, description="directory/glob/file of .jsonl(.zst)/.txt text; defaults to the first data source, "
                           "else the Python docs every install carries (pydoc_data)")
-    output: str | None = Field(None, description="Alpaca JSON written here; defaults to <sft stage dir>/self_distill.json")
+    output: str | None = Field(
+        None, description="Alpaca JSON written here; defaults to <sft stage dir>/self_distill.json")
     num_examples: int = Field(128, gt=0)
     max_new_tokens: int = Field(96, gt=0)
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")

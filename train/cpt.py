@@ -219,8 +219,14 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     """
     from healer.modeling import load_tokenizer
     from healer.train.data import build_loader
-    from healer.train.engine import (batch_summary, build_ds_config, init_distributed, init_engine, make_optimizer,
-                                     resolve_precision)
+    from healer.train.engine import (
+        batch_summary,
+        build_ds_config,
+        init_distributed,
+        init_engine,
+        make_optimizer,
+        resolve_precision,
+    )
     from healer.train.export import export_hf
     from healer.train.metrics import MetricsLogger, peak_flops, training_flops_per_token
     from healer.train.objectives import Distill, NextTokenCE

@@ -18,14 +18,14 @@ import json
 import os
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from healer.errors import HealerError
-
 
 
 def _presets() -> dict[str, Any]:

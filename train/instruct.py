@@ -13,9 +13,10 @@ keeps its id in ``labels``; every token it only *reads* (template, instruction, 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

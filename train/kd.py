@@ -168,7 +168,10 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         grad_h, grad_w = ctx.grads
         del ctx.grads
-        scale = (lambda g: None if g is None else g.mul_(grad_loss))  # the buffers are ours: scale in place
+
+        def scale(g):  # the buffers are ours: scale in place
+            return None if g is None else g.mul_(grad_loss)
+
         return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
 
 

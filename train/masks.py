@@ -195,9 +195,8 @@ def check_kept(model_dir: str | Path, keep: dict, what: str) -> dict:
     ``keep``: :func:`sparsity_to_keep`'s dict. ``what`` names the directory in the error. Returns the
     ``verify_sparsity`` summary without the per-layer table, for the stage manifest.
     """
-    from healer.prune.sparse import verify_sparsity
-
     from healer.errors import VerificationError
+    from healer.prune.sparse import verify_sparsity
 
     found = verify_sparsity(model_dir, keep["pattern"], keep["ratio"], layers=keep["layers"])["sparsity"]
     if not found["pattern_holds"] or (keep.get("zeros") is not None and found["zeros"] < keep["zeros"]):

@@ -263,8 +263,15 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     from healer.modeling import load_tokenizer
     from healer.train.cpt import CorpusBatches, attn_implementation
     from healer.train.data import build_loader
-    from healer.train.engine import (batch_summary, build_ds_config, init_distributed, init_engine,
-                                     init_frozen_engine, make_optimizer, resolve_precision)
+    from healer.train.engine import (
+        batch_summary,
+        build_ds_config,
+        init_distributed,
+        init_engine,
+        init_frozen_engine,
+        make_optimizer,
+        resolve_precision,
+    )
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
     from healer.train.objectives import HiddenMSE

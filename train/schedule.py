@@ -9,7 +9,7 @@ follows the schedule of the recipe it is resumed with.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 

@@ -241,7 +241,8 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
         raise HealerError(f"the teacher {teacher_source} gave no usable reply to {len(prompts)} prompts")
     write_json_atomic(out_file, records)
     print(f"instruct: {len(records)} records ({len(prompts) - len(records)} empty replies dropped) from "
-          f"{len(texts)} documents, answered by {location} ({model.dtype}) in {time.perf_counter() - t0:.0f}s -> {out_file}")
+          f"{len(texts)} documents, answered by {location} ({model.dtype}) in {time.perf_counter() - t0:.0f}s "
+          f"-> {out_file}")
     return Path(out_file)
 
 

@@ -58,7 +58,8 @@ def stats(recipe, *, batches: int, split: str) -> int:
     if split not in ("train", "validation"):
         raise HealerError(f"--split must be train or validation, not {split!r}")
     # a wrong path fails here, before the tokenizer takes its seconds to load
-    plan_entries(cfg.sources if split == "train" else cfg.validation, f"data.{'sources' if split == 'train' else split}")
+    plan_entries(cfg.sources if split == "train" else cfg.validation,
+                 f"data.{'sources' if split == 'train' else split}")
     tokenizer = load_tokenizer(resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision))
     loader = build_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=1, split=split)
     last, read = None, 0

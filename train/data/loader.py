@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healer.errors import HealerError
-from healer.train.data.config import DataConfig, SourceConfig
 from healer.textio import MAX_EXAMPLES, BadRecords
+from healer.train.data.config import DataConfig, SourceConfig
 from healer.train.data.shards import fingerprint, resolve_files
 from healer.train.data.stream import Entry, PackedStream, StreamSettings
 

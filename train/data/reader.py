@@ -21,6 +21,7 @@ import random
 from healer.errors import HealerError
 from healer.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
 
+
 class DocReader:
     """Texts of one mixture entry for one global worker, epoch after epoch, resumable at any record.
 

@@ -189,7 +189,7 @@ class PackedStream:
         weight = sum(self.entries[i].weight for i in active)
         assigned = sum(self.est[i][4] for i in active)
         best, best_score = active[0], float("-inf")
-        for k, i in enumerate(active):
+        for _, i in enumerate(active):
             deficit = self.entries[i].weight / weight * assigned - self.est[i][4]
             score = deficit + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
             if score > best_score:
