@@ -14,7 +14,7 @@ import json
 import sys
 
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from healer.train.engine import build_ds_config, init_distributed, init_engine, init_frozen_engine, make_optimizer
 from healer.train.kd import distill_loss

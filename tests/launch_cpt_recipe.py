@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 
 STEPS = 60  # a few seconds of training: long enough for a preemption signal to land mid-run
 
@@ -21,7 +21,7 @@ STEPS = 60  # a few seconds of training: long enough for a preemption signal to 
 def cpt_workspace(root: Path) -> dict[str, Path]:
     student = save_tiny(root, "llama", name="student", layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2)
     rng = random.Random(0)
-    words = _TEXT.split()
+    words = SAMPLE_TEXT.split()
     corpus = root / "train.jsonl"
     with open(corpus, "w") as fh:
         for _ in range(300):

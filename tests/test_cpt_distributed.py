@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def _corpus(path: Path, docs: int, seed: int) -> Path:
     import random
 
     rng = random.Random(seed)
-    words = _TEXT.split()
+    words = SAMPLE_TEXT.split()
     with open(path, "w") as fh:
         for _ in range(docs):
             fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 
 from healer.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
@@ -68,7 +68,7 @@ def _steps(stage: Path) -> list[int]:
 def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
     corpus = tmp_path / "train.jsonl"
-    lines = [json.dumps({"text": f"{i} {_TEXT}"}) for i in range(50)]
+    lines = [json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) for i in range(50)]
     lines[1] = '{"text": "a line cut short'  # a bad record: skipped, counted, and shown with its line
     corpus.write_text("\n".join(lines) + "\n")
     stage = tmp_path / "cpt"
@@ -132,7 +132,7 @@ def test_a_resumed_run_follows_its_recipe_and_refuses_incomparable_settings(tmp_
     refused naming the key; --force resumes anyway, restarting the data stream."""
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
     corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {_TEXT}"}) + "\n" for i in range(40)))
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
     first = _heal(tmp_path, model, corpus, max_steps=2, lr=1e-3)
     assert first["steps"] == 2
 
@@ -166,7 +166,7 @@ def test_a_sequence_longer_than_the_model_was_built_for_is_refused_before_traini
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
     limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     corpus = tmp_path / "train.jsonl"
-    corpus.write_text(json.dumps({"text": _TEXT}) + "\n")
+    corpus.write_text(json.dumps({"text": SAMPLE_TEXT}) + "\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
                                       "data": {"sources": [{"path": str(corpus)}], "seq_len": limit + 1},

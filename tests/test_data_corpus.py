@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 from healer.cli import main as healer_main
 from healer.train.data import DataConfig, build_demo_corpus, build_loader

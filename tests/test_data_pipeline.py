@@ -429,7 +429,7 @@ def long_docs(n_words: int, seed: int = 0) -> list[dict]:
 
 
 def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok, monkeypatch):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     import healer.train.data.stream as stream
 
@@ -469,7 +469,7 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, t
 _PEAK = r"""
 import json, random, resource, sys
 sys.path.insert(0, sys.argv[3])
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 from healer.train.data import DataConfig, build_loader
 
 chars, path = int(sys.argv[1]), sys.argv[2]

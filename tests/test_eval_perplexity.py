@@ -124,7 +124,7 @@ def test_invalid_json_file_is_one_line_naming_it(tmp_path):
 
 
 def test_a_long_text_is_tokenized_in_pieces_to_the_same_ids():
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     import healer.textio as textio
 

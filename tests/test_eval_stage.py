@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 
 from healer.cli import main
 from healer.manifest import read_stage_manifest
@@ -16,7 +16,7 @@ def setup(tmp_path):
     dense = save_tiny(tmp_path, name="dense", layers=3, seed=0)
     pruned = save_tiny(tmp_path, name="pruned", layers=2, seed=1)
     text = tmp_path / "text.jsonl"
-    text.write_text("".join(json.dumps({"text": _TEXT * 3}) + "\n" for _ in range(4)))
+    text.write_text("".join(json.dumps({"text": SAMPLE_TEXT * 3}) + "\n" for _ in range(4)))
     return dense, pruned, text
 
 

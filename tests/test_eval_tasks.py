@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from helpers import tiny_model, tiny_tokenizer
 
 from healer.errors import HealerError
 from healer.eval.harness import run_tasks

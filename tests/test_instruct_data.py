@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 from healer.errors import HealerError
 from healer.train.instruct import (

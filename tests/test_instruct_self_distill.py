@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import save_tiny
+from helpers import save_tiny
 
 from healer.cli import main as cli_main
 from healer.errors import HealerError

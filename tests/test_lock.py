@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import save_tiny
+from helpers import save_tiny
 
 from healer.cli import main
 from healer.errors import HealerError

@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from conftest import save_tiny, tiny_model, tiny_tokenizer
+from helpers import save_tiny, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from healer.errors import HealerError

@@ -7,7 +7,7 @@ import json
 import textwrap
 
 import pytest
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
@@ -22,10 +22,10 @@ def _write_inputs(tmp_path):
     for shard in range(2):
         with open(corpus / f"part_{shard}.jsonl", "w") as fh:
             for i in range(30):
-                fh.write(json.dumps({"text": f"Shard {shard} document {i}. " + _TEXT,
+                fh.write(json.dumps({"text": f"Shard {shard} document {i}. " + SAMPLE_TEXT,
                                      "meta": {"redpajama_set_name": "Tiny"}}) + "\n")
     heldout = tmp_path / "heldout.txt"
-    heldout.write_text(_TEXT * 20)
+    heldout.write_text(SAMPLE_TEXT * 20)
     instruct = tmp_path / "instruct.json"
     instruct.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"}
                                     for i in range(16)]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from helpers import save_tiny, tiny_model
 
 from healer.prune import depth
 from healer.prune.blockwise import BlockStack

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from helpers import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
@@ -262,7 +262,7 @@ def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio, tm
 
 
 def test_plan_refuses_a_width_that_does_not_fit_the_groups():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from healer.prune.sparse import plan_sparsity
 
@@ -274,7 +274,7 @@ def test_plan_refuses_a_width_that_does_not_fit_the_groups():
 def test_prune_sparse_writes_a_checked_directory_and_report_from_disk_and_from_memory(tmp_path):
     import json
 
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     from healer.modeling import resolve_source
     from healer.prune.sparse import prune_sparse

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import save_tiny, tiny_tokenizer
+from helpers import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import FAMILIES, save_tiny
+from helpers import FAMILIES, save_tiny
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 

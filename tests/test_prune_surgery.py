@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from helpers import FAMILIES, tiny_model
 
 from healer.adapter import ModelAdapter, architecture_for
 from healer.errors import UnsupportedArchitecture

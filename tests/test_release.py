@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import save_tiny
+from helpers import save_tiny
 
 from healer.cli import main
 from healer.manifest import read_stage_manifest, write_stage_manifest

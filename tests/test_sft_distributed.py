@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny
+from helpers import save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

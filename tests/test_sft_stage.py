@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_tiny
+from helpers import save_tiny
 
 from healer.cli import main as cli_main
 from healer.errors import HealerError

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import _TEXT, save_tiny, tiny_tokenizer
+from helpers import SAMPLE_TEXT, save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
@@ -29,7 +29,7 @@ def _corpus(path: Path, docs: int = 120, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    words = _TEXT.split()
+    words = SAMPLE_TEXT.split()
     with open(path, "w") as fh:
         fh.writelines(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n"
                       for _ in range(docs))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, save_tiny
+from helpers import FAMILIES, save_tiny
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM

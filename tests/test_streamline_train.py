@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import _TEXT, save_tiny
+from helpers import SAMPLE_TEXT, save_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,9 +20,9 @@ STEPS = 24
 def _recipe(tmp_path, calibration_file, **replace) -> tuple:
     model = save_tiny(tmp_path, "llama", layers=8)
     corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {_TEXT}"}) + "\n" for i in range(60)))
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(60)))
     held = tmp_path / "val.jsonl"
-    held.write_text("".join(json.dumps({"text": f"held out {i} {_TEXT[::-1]}"}) + "\n" for i in range(10)))
+    held.write_text("".join(json.dumps({"text": f"held out {i} {SAMPLE_TEXT[::-1]}"}) + "\n" for i in range(10)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),

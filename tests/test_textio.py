@@ -8,7 +8,7 @@ import random
 
 import pytest
 import zstandard
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 from healer.calibration import calibration_tokens, load_calibration
 from healer.errors import HealerError
