@@ -990,14 +990,29 @@ def p_jsonl_not_utf8(d):
     return refusal(res, names=("a.jsonl",))
 
 
+_PEAK = "healer-probe-peak-rss-kb="
+# Runs the CLI as its only child and reports that child's peak RSS (RUSAGE_CHILDREN of a fresh process).
+_WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+         f"print('{_PEAK}%d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+         "sys.exit(rc)")
+
+
 def _rss_cli(args: list[str], timeout: float = 300) -> Result:
-    """Run the CLI under /usr/bin/time-like accounting: peak RSS of the child from resource.getrusage."""
-    import resource
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = cli(*args, timeout=timeout)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res.peak_rss_mb = max(after, before) / 1024
-    return res
+    """The CLI with its peak resident memory measured (the largest of the healer process and its children)."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", _WRAP, sys.executable, "-m", "healer", *map(str, args)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        rc = None
+    peak = [int(line[len(_PEAK):]) for line in err.splitlines() if line.startswith(_PEAK)]
+    err = "\n".join(line for line in err.splitlines() if not line.startswith(_PEAK))
+    return Result(rc, out, err, time.time() - start, peak_rss_mb=(peak[0] / 1024 if peak else float("inf")))
 
 
 @probe("memory")
