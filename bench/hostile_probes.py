@@ -184,11 +184,13 @@ class Fixtures:
         return self._cpt_base
 
     def cpt_copy(self, d: Path) -> tuple[Path, Path]:
-        """A copy of the base cpt stage and its corpus in ``d``; returns (stage dir, corpus dir)."""
+        """A copy of the base cpt stage in ``d``; returns (stage dir, the base's corpus dir).
+
+        The corpus stays where the checkpoints were written from: its path is one of the recorded settings.
+        """
         base = self.cpt_base()
         shutil.copytree(base / "cpt", d / "cpt", symlinks=True)
-        shutil.copytree(base / "corpus", d / "corpus")
-        return d / "cpt", d / "corpus"
+        return d / "cpt", base / "corpus"
 
 
 FX: Fixtures
@@ -1192,10 +1194,15 @@ def p_resume_changed_seq_len(d):
 @probe("checkpoint")
 def p_resume_changed_data_same_names(d):
     stage, corpus = FX.cpt_copy(d)
-    for f in corpus.iterdir():
-        f.write_text("".join(json.dumps({"text": f"replaced {i} " + "other words " * 20}) + "\n" for i in range(25)))
-    (d / "cpt").joinpath("manifest.json").unlink(missing_ok=True)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
+    shutil.copytree(corpus, d / "original")
+    try:
+        for f in corpus.iterdir():
+            f.write_text("".join(json.dumps({"text": f"replaced {i} " + "other words " * 20}) + "\n"
+                                 for i in range(25)))
+        res = resume(d, stage, corpus, cpt={"max_steps": 3})
+    finally:
+        shutil.rmtree(corpus)
+        shutil.copytree(d / "original", corpus)
     said = lambda: any(w in res.err.lower() for w in ("changed", "fingerprint", "different"))
     return refusal(res, names=("data",), ok=lambda: said() and metrics(stage)[-1]["step"] == 3)
 
