@@ -31,9 +31,9 @@ import tempfile
 import textwrap
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -165,7 +165,8 @@ class Fixtures:
         cpt.update(over.pop("cpt", {}))
         import yaml
         recipe = {"name": "probe", "run_dir": str(d / "run"), "model": {"source": str(self.model)},
-                  "data": {"sources": [{"path": str(over.pop("corpus", self.corpus))}], "seq_len": over.pop("seq_len", 32)},
+                  "data": {"sources": [{"path": str(over.pop("corpus", self.corpus))}],
+                           "seq_len": over.pop("seq_len", 32)},
                   "cpt": cpt}
         path = d / over.pop("name", "cpt.yaml")
         path.write_text(yaml.safe_dump(recipe))
@@ -1136,8 +1137,7 @@ def p_truncated_with_complete(d):
     target = stage / "checkpoints" / LAST / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     target.write_bytes(target.read_bytes()[:100])
     res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    steps = lambda: [m["step"] for m in metrics(stage)]
-    return success(res, ok=lambda: "step00000001" in res.err and steps()[-2:] == [2, 3])
+    return success(res, ok=lambda: "step00000001" in res.err and [m["step"] for m in metrics(stage)][-2:] == [2, 3])
 
 
 @probe("checkpoint")
@@ -1203,8 +1203,10 @@ def p_resume_changed_data_same_names(d):
     finally:
         shutil.rmtree(corpus)
         shutil.copytree(d / "original", corpus)
-    said = lambda: any(w in res.err.lower() for w in ("changed", "fingerprint", "different"))
-    return refusal(res, names=("data",), ok=lambda: said() and metrics(stage)[-1]["step"] == 3)
+    def ok():
+        said = any(w in res.err.lower() for w in ("changed", "fingerprint", "different"))
+        return said and metrics(stage)[-1]["step"] == 3
+    return refusal(res, names=("data",), ok=ok)
 
 
 @probe("checkpoint")
@@ -1279,7 +1281,7 @@ def _pair_verdict(results: list[Result], ok: Callable[[], bool]) -> tuple[str, s
     rcs = sorted(r.rc for r in results)
     try:
         good = ok()
-    except Exception as err:
+    except Exception:
         good = False
     if rcs[0] == 0 and rcs[1] != 0:
         refused = next(r for r in results if r.rc != 0)
