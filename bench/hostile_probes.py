@@ -1170,7 +1170,7 @@ def p_zero_stage_change(d):
 def p_resume_changed_lr(d):
     stage, corpus = FX.cpt_copy(d)
     res = resume(d, stage, corpus, cpt={"max_steps": 3, "lr": 0.1})
-    return refusal(res, names=("lr",), ok=lambda: abs(metrics(stage)[-1]["lr"] - 0.1) < 1e-9)
+    return refusal(res, names=("lr",), ok=lambda: abs(metrics(stage)[-1]["train/lr"] - 0.1) < 1e-9)
 
 
 @probe("checkpoint")
@@ -1236,7 +1236,7 @@ def p_cpt_finished_then_new_input(d):
 def p_cpt_finished_then_changed_lr(d):
     stage, corpus = FX.cpt_copy(d)
     res = resume(d, stage, corpus, cpt={"lr": 0.01})
-    return refusal(res, names=("lr",), ok=lambda: "skipping" not in res.err and metrics(stage)[-1]["lr"] == 0.01)
+    return refusal(res, names=("lr",), ok=lambda: "skipping" not in res.err and metrics(stage)[-1]["train/lr"] == 0.01)
 
 
 @probe("stale")
