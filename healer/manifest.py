@@ -68,6 +68,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
     """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
+    from healer.redact import redact_tree
     from healer.stage_inputs import canonical_hash
 
     path = Path(stage_dir) / MANIFEST
@@ -77,7 +78,9 @@ def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, A
         # Unique per finish: stages after this one record its manifest's hash, so a re-run of this stage
         # makes them stale even when it finishes within the same second with the same numbers.
         "run_id": uuid.uuid4().hex,
-        "inputs": {"hash": canonical_hash(inputs), "values": inputs} if inputs is not None else None,
+        # The release's manifest is published: values are shown <redacted> where secret; the hash is of
+        # the real ones, and is what a later run compares.
+        "inputs": {"hash": canonical_hash(inputs), "values": redact_tree(inputs)} if inputs is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "outputs": outputs or {},
         "versions": package_versions(),

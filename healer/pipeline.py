@@ -25,6 +25,7 @@ from healer.manifest import (
     write_json_atomic,
 )
 from healer.recipe import Recipe
+from healer.redact import redact_tree
 from healer.stage_inputs import canonical_hash, describe_changes, stage_inputs
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
 
@@ -79,10 +80,10 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
         if reruns or stale_stages:
             changes = [f"built on {', '.join(reruns + stale_stages)}, which must run again"]
         else:
-            recorded = (manifest.get("inputs") or {}).get("values")
+            recorded = manifest.get("inputs") or {}
             expected = stage_inputs(recipe, stage)
-            changes = [] if recorded is not None and canonical_hash(recorded) == canonical_hash(expected) \
-                else describe_changes(recorded, expected)
+            changes = [] if recorded.get("hash") == canonical_hash(expected) \
+                else describe_changes(recorded.get("values"), redact_tree(expected)) or ["a secret value changed"]
         if changes:
             stale_stages.append(stage)
             stale.append(f"  {stage} ({recipe.stage_dir(stage)}): " + "; ".join(changes))
@@ -170,9 +171,10 @@ def _check_finished(recipe: Recipe, stage: str) -> None:
     if manifest is None:
         raise HealerError(f"{stage} exited without error but wrote no {recipe.stage_dir(stage) / MANIFEST}; "
                           "its output is incomplete -- see the messages above")
-    recorded = (manifest.get("inputs") or {}).get("values")
-    if recorded is None or canonical_hash(recorded) != canonical_hash(stage_inputs(recipe, stage)):
-        changes = "; ".join(describe_changes(recorded, stage_inputs(recipe, stage)))
+    recorded = manifest.get("inputs") or {}
+    if recorded.get("hash") != canonical_hash(stage_inputs(recipe, stage)):
+        changes = "; ".join(describe_changes(recorded.get("values"), redact_tree(stage_inputs(recipe, stage)))
+                            or ["a secret value changed"])
         raise HealerError(f"{stage} finished, but not from the inputs this run gave it ({changes}); "
                           "was another process writing it?")
 

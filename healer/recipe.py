@@ -8,6 +8,7 @@ either place is refused with a message that names the key.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from err
+    if isinstance(value, str) and not raw.lstrip().startswith(("'", '"')):
+        # YAML folds a newline into a space and drops a ` #...` tail: a plain string is kept as typed, so
+        # `--prune.output "out #2"` writes where it says (quote the value to have YAML read it).
+        value = raw
     return key, value
 
 
@@ -177,6 +182,25 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
         raise RecipeError(_format_validation_error(err, origin)) from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice: YAML would keep the last one and drop the first silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(f"{key!s} is given twice (lines {seen[key]} and {line}); "
+                                    "merge them into one, YAML would keep only the last")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(file: Path) -> Any:
     """The YAML in ``file``; a binary, non-UTF-8 or unreadable file is one line naming it."""
     try:
@@ -189,7 +213,9 @@ def _read_yaml(file: Path) -> Any:
     if "\x00" in text:
         raise RecipeError(f"{file}: not a text recipe (it contains NUL bytes); a recipe is a YAML file")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise RecipeError(f"{file}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -197,14 +223,25 @@ def _read_yaml(file: Path) -> Any:
         raise RecipeError(f"{file}: not valid YAML{line}: {problem}") from None
 
 
-def _expand_run_dir(node: Any, run_dir: str) -> Any:
-    """``${run_dir}`` in any string value becomes the recipe's run_dir, so one override moves every path."""
+# Values the shell reads, where ${VAR} is the shell's own syntax.
+_SHELL_KEYS = ("launch.env.", "launch.slurm.setup[")
+
+
+def _expand_run_dir(node: Any, run_dir: str, key: str = "") -> Any:
+    """``${run_dir}`` in any string value becomes the recipe's run_dir, so one override moves every path.
+
+    Any other ``${...}`` is refused naming ``key``: left as text it would become a directory called ``${...}``.
+    """
     if isinstance(node, str):
+        unknown = re.search(r"\$\{[^}]*\}", node.replace("${run_dir}", ""))
+        if unknown and not key.startswith(_SHELL_KEYS):
+            raise RecipeError(f"{key}: {unknown.group()} in {node!r} is not a reference healer expands; "
+                              "only ${run_dir} is (write the path out)")
         return node.replace("${run_dir}", run_dir)
     if isinstance(node, dict):
-        return {k: _expand_run_dir(v, run_dir) for k, v in node.items()}
+        return {k: _expand_run_dir(v, run_dir, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_run_dir(v, run_dir) for v in node]
+        return [_expand_run_dir(v, run_dir, f"{key}[{i}]") for i, v in enumerate(node)]
     return node
 
 

@@ -219,3 +219,25 @@ def test_force_reruns_every_training_stage_from_scratch(tmp_path, monkeypatch, c
     monkeypatch.setattr("healer.launch.run.run_stage", lambda *a, **k: 0)
     assert main(["run", str(recipe), "--force", "--only", "cpt"]) == 2
     assert "wrote no" in capsys.readouterr().err
+
+
+def test_a_manifest_shows_secret_inputs_redacted_and_still_compares_the_real_ones(tmp_path):
+    """The release's manifest.json is published: a token pasted into the recipe must not be in it."""
+    from healer.errors import HealerError
+    from healer.manifest import read_stage_manifest
+    from healer.pipeline import plan
+
+    token = "hf_AbCdEfGhIjKlMnOpQrStUv0123456789"
+    recipe = load_recipe(None, {"model": {"source": "m"}, "run_dir": str(tmp_path / "run"),
+                                "release": {"tags": [token]}})
+    expect_inputs("release", stage_inputs(recipe, "release"))
+    write_stage_manifest(recipe.stage_dir("release"), "release")
+    expect_inputs("release", None)
+    assert token not in (recipe.stage_dir("release") / "manifest.json").read_text()
+    assert read_stage_manifest(recipe.stage_dir("release"))["inputs"]["values"]
+    assert plan(recipe, ["release"], None, force=False) == [("release", False)]  # the same inputs: done
+    other = load_recipe(None, {"model": {"source": "m"}, "run_dir": str(tmp_path / "run"),
+                               "release": {"tags": [token.replace("A", "B")]}})
+    with pytest.raises(HealerError, match="release .*a secret value changed") as err:
+        plan(other, ["release"], None, force=False)
+    assert token.replace("A", "B") not in str(err.value)

@@ -46,3 +46,28 @@ def test_dumped_recipe_loads_back_the_same_even_with_nulls(tmp_path):
 def test_recipe_path_that_is_a_directory_is_named(tmp_path):
     with pytest.raises(RecipeError, match=f"recipe {tmp_path}: is a directory"):
         load_recipe(tmp_path)
+
+
+def test_a_section_given_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML keeps only the last of two `prune:` keys; the first section's settings would vanish unsaid."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {source: m}\nprune: {ratio: 0.2}\nprune:\n  output: x\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: prune is given twice \(lines 2 and 3\)"):
+        load_recipe(path)
+
+
+def test_an_unknown_reference_is_refused_and_shell_values_keep_theirs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {source: m}\nprune: {ratio: 0.2, output: '${nowhere}/p'}\n")
+    with pytest.raises(RecipeError, match=r"prune.output: \$\{nowhere\} .* only \$\{run_dir\}"):
+        load_recipe(path)
+    recipe = load_recipe("demo", ["launch.slurm.setup=['export A=${HOME}/bin']", "launch.env={B: '${X}'}"])
+    assert recipe.launch.slurm.setup == ["export A=${HOME}/bin"] and recipe.launch.env == {"B": "${X}"}
+
+
+@pytest.mark.parametrize("typed", ["out #2", "out\nx", "  padded"])
+def test_a_command_line_string_is_kept_as_typed(typed):
+    """YAML would read `out #2` as `out` and fold the newline: the run would write somewhere else."""
+    assert load_recipe("demo", [f"prune.output={typed}"]).prune.output == typed
+    assert load_recipe("demo", ["prune.output='quoted'"]).prune.output == "quoted"
+    assert load_recipe("demo", ["prune.ratio=null", "prune.blocks=[1, 2]"]).prune.blocks == [1, 2]

@@ -102,6 +102,17 @@ def metrics(stage: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
+def test_max_seq_len_above_the_models_positions_is_refused_before_training(tmp_path):
+    """As cpt's data.seq_len: an example longer than max_position_embeddings would train untrained positions."""
+    model_dir = save_tiny(tmp_path, layers=1)  # max_position_embeddings 512
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(arithmetic_records(4)))
+    cfg = SFTConfig(micro_batch_size=2, global_batch_size=2, max_steps=1, max_seq_len=513)
+    with pytest.raises(HealerError, match=r"sft.max_seq_len: 513 tokens .*max_position_embeddings \(512\)"):
+        train_lora(str(model_dir), data, cfg, tmp_path / "sft")
+    assert not (tmp_path / "sft" / "adapter").exists()
+
+
 def test_interrupted_sft_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     """Stop at step 2 (--steps), get SIGTERM during step 4, finish: the same losses and adapter, bit for bit.
 

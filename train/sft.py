@@ -180,7 +180,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     Returns the manifest outputs; ``"preempted"`` after a preemption signal; None when ``opts.steps`` paused
     the run before its end (a checkpoint is on disk).
     """
-    from healer.modeling import load_tokenizer, resolve_source, torch_dtype
+    from healer.modeling import check_seq_len, load_config, load_tokenizer, resolve_source, torch_dtype
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer, resolve_precision
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
@@ -195,6 +195,8 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     seed = cfg.seed if cfg.seed is not None else 0
 
     location = resolve_source(model_source)
+    # as for cpt's data.seq_len: positions past the model's maximum were never trained
+    check_seq_len(cfg.max_seq_len, load_config(location), "sft.max_seq_len")
     tokenizer = load_tokenizer(location)
     records = load_records(data_path, cfg.max_samples, seed=seed)
     data = tokenize_records(records, tokenizer, cfg.prompt_format, cfg.max_seq_len)
