@@ -12,6 +12,7 @@ import hashlib
 import json
 from typing import Any
 
+from healer.errors import HealerError
 from healer.stages import STAGES, VERBS
 
 # Keys that change how a run is watched or saved, not what it computes: checkpoint and log cadence
@@ -60,6 +61,33 @@ def stage_inputs(recipe, stage: str) -> dict[str, Any]:
             manifest = read_stage_manifest(recipe.stage_dir(upstream))
             out[f"{upstream} manifest"] = canonical_hash(manifest) if manifest is not None else None
     return out
+
+
+def changes_since_finish(recipe, stage: str) -> list[str]:
+    """``key: old -> new`` between the inputs a finished ``stage`` recorded and what ``recipe`` gives it now;
+    [] when it never finished or finished from these very inputs."""
+    from healer.manifest import finished_manifest
+    from healer.redact import redact_tree
+
+    manifest = finished_manifest(recipe.stage_dir(stage))
+    if manifest is None:
+        return []
+    recorded = manifest.get("inputs") or {}
+    expected = stage_inputs(recipe, stage)
+    if recorded.get("hash") == canonical_hash(expected):
+        return []
+    return describe_changes(recorded.get("values"), redact_tree(expected)) or ["a secret value changed"]
+
+
+def refuse_finished_with_other_inputs(recipe, stage: str, trains_on: tuple[str, ...]) -> None:
+    """A training verb run again on its finished stage under changed inputs has no step left to train, so it
+    would exit 0 over weights built from the old inputs. Refuse that, unless a key in ``trains_on`` changed
+    (a larger ``max_steps``: the run trains on, under the recipe it is resumed with)."""
+    changes = changes_since_finish(recipe, stage)
+    if changes and not any(change.split(":")[0] in trains_on for change in changes):
+        raise HealerError(f"{stage}: {recipe.stage_dir(stage)} finished from other inputs ({'; '.join(changes)}); "
+                          f"all its steps are trained, so they would not apply: raise {trains_on[0]} to train on "
+                          "with them, or pass --resume none to train again from the input")
 
 
 def describe_changes(recorded: dict[str, Any] | None, expected: dict[str, Any]) -> list[str]:

@@ -175,3 +175,28 @@ def test_a_sequence_longer_than_the_model_was_built_for_is_refused_before_traini
     err = capsys.readouterr().err
     assert f"data.seq_len: {limit + 1} tokens is more than the model's max_position_embeddings" in err
     assert not (tmp_path / "run" / "cpt" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(tmp_path, capsys):
+    """`healer cpt` again on its finished stage with a changed cpt.lr has no step left to train: it must not exit 0
+    over the old weights. A larger cpt.max_steps trains on under the new settings."""
+    from healer.cli import main
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
+                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
+                                      "cpt": {"input": str(model), "max_steps": 1, "micro_batch_size": 2,
+                                              "global_batch_size": 2, "zero_stage": 0}}))
+    assert main(["cpt", str(recipe)]) == 0
+    weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["cpt", str(recipe), "--cpt.lr", "0.01"]) == 2
+    assert "cpt.lr: 0.0001 -> 0.01" in capsys.readouterr().err
+    assert (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes() == weights
+    assert main(["cpt", str(recipe), "--cpt.lr", "0.01", "--cpt.max_steps", "2"]) == 0
+    manifest = json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())
+    assert manifest["outputs"]["steps"] == 2

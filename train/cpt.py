@@ -49,6 +49,7 @@ def run_cpt(recipe, opts: Options) -> int:
     """The ``healer cpt`` verb: every rank runs it. Returns the exit code."""
     from healer.manifest import write_stage_manifest
     from healer.modeling import check_seq_len, load_config, resolve_source
+    from healer.stage_inputs import refuse_finished_with_other_inputs
 
     cfg = recipe.cpt or CPTConfig(seed=recipe.seed)
     if recipe.data is None or not recipe.data.sources:
@@ -65,6 +66,8 @@ def run_cpt(recipe, opts: Options) -> int:
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
                                           recipe.model.revision if same_t else None)
     stage_dir = recipe.stage_dir("cpt")
+    if opts.action == "train" and opts.resume == "auto":
+        refuse_finished_with_other_inputs(recipe, "cpt", trains_on=("cpt.max_steps",))
     from healer.train.masks import sparsity_to_keep
 
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,

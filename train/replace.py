@@ -228,6 +228,10 @@ def run_replace(recipe, opts: Options) -> int:
     if recipe.data is None or not recipe.data.sources:
         raise HealerError("replace needs a `data:` section with at least one source (data.sources: [{path: ...}]): "
                           "the replacement learns the span's map on that text")
+    if opts.resume == "auto":
+        from healer.stage_inputs import refuse_finished_with_other_inputs
+
+        refuse_finished_with_other_inputs(recipe, "replace", trains_on=("replace.max_steps",))
     source = recipe.stage_input("replace")
     place = read_placement(source)  # before any model is loaded
     teacher = cfg.teacher or recipe.model.source

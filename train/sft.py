@@ -50,6 +50,7 @@ class Options:
 def run_sft(recipe, opts: Options) -> int:
     """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it."""
     from healer.manifest import write_stage_manifest
+    from healer.stage_inputs import refuse_finished_with_other_inputs
     from healer.train.engine import init_distributed
     from healer.train.signals import PREEMPTED_EXIT_CODE
 
@@ -57,6 +58,8 @@ def run_sft(recipe, opts: Options) -> int:
         raise HealerError(f"healer sft: --steps takes a positive number, got {opts.steps}")
     cfg = recipe.sft or SFTConfig(seed=recipe.seed)
     stage_dir = recipe.stage_dir("sft")
+    if opts.resume == "auto":
+        refuse_finished_with_other_inputs(recipe, "sft", trains_on=("sft.max_steps", "sft.epochs"))
     info = init_distributed()
     data_path = instruction_data(recipe, cfg, stage_dir, is_main=info.is_main)
     from healer.train.masks import sparsity_to_keep
