@@ -73,12 +73,18 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path, *, verify
             fresh.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished directory ``tmp`` at ``out``, replacing what was there; the old copy is removed only
+    once the new one is in place, so an interruption leaves one complete directory (``out`` or ``out.old``)."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

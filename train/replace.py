@@ -178,7 +178,7 @@ def splice_export(engine, location, position: int, tokenizer, hf_dir: Path) -> N
     """
     from healer.adapter import architecture_for
     from healer.modeling import load_model, save_and_verify
-    from healer.train.export import gather_state_dict
+    from healer.train.export import gather_state_dict, swap_in
 
     state = gather_state_dict(engine.module)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -194,12 +194,7 @@ def splice_export(engine, location, position: int, tokenizer, hf_dir: Path) -> N
         tmp = hf_dir.with_name(hf_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_and_verify(full, tokenizer, tmp)
-        old = hf_dir.with_name(hf_dir.name + ".old")
-        if hf_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            hf_dir.rename(old)
-        tmp.rename(hf_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, hf_dir)
     if dist.is_initialized():
         dist.barrier()
 
