@@ -214,9 +214,15 @@ def eval_section(result: dict | None, released_source: str | None = None) -> str
     bos_how = "prepended to" if bos.get("prepended") else "not added to"
     how = f"Perplexity: non-overlapping windows; BOS {bos_how} each window (policy `{bos.get('policy', '?')}`)."
     if result.get("tasks"):
-        how += (" Tasks: zero-shot, lm-evaluation-harness, acc_norm = length-normalised accuracy"
+        how += (" Tasks: zero-shot, lm-evaluation-harness's own task definitions on local files, "
+                "acc_norm = length-normalised accuracy"
                 + (f", first {limit} examples per task" if limit else "") + ".")
     lines.append(how)
+    lm_eval = result.get("lm_eval") or {}
+    if lm_eval.get("command"):  # the task numbers come from lm-eval's own task YAMLs; say how to get them again
+        lines += ["", f"Re-run the task numbers with lm-evaluation-harness {lm_eval.get('version', '')} "
+                  f"(the task YAMLs in `{lm_eval.get('include_path')}` include lm-eval's own and name the local "
+                  "data files):", "", "```bash", lm_eval["command"], "```"]
     for note in result.get("notes") or []:
         lines.append(f"\n*{note}.*")
     if not has_dense:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import tiny_model, tiny_tokenizer
 
 from healer.errors import HealerError
 from healer.eval.harness import run_tasks
-from healer.eval.tasks import load_docs
+from healer.eval.tasks import data_source, prepare_tasks
 
 
 def write_jsonl(path, rows):
@@ -96,36 +99,63 @@ def all_task_files(tmp_path):
     return {name: str(path) for name, path in files.items()}
 
 
-def test_every_schema_is_read_and_scored(tmp_path):
+def test_every_schema_runs_through_lm_evals_own_task_yaml(tmp_path):
     files = all_task_files(tmp_path)
-    assert [d["gold"] for d in load_docs("piqa", files["piqa"])] == [0, 1]
-    assert [d["gold"] for d in load_docs("boolq", files["boolq"])] == [0, 1]
-    wino = load_docs("winogrande", files["winogrande"])
-    assert wino[1]["query"] == 1 and wino[1]["choices"][1] == "The model beat the block because the model"
-    assert wino[1]["gold"] == "was trained."
-    assert load_docs("hellaswag", files["hellaswag"])[0]["choices"][1] == "sleeps. now."
-    assert load_docs("lambada", files["lambada"])[1] == {"query": "Models predict the next", "target": " token"}
-
     results = run_tasks(tiny_model(layers=2), tiny_tokenizer(), files, tmp_path / "out", batch_size=8)
     assert set(results) == set(files)
     for name, entry in results.items():
         assert entry["n"] == 2, name
         assert 0.0 <= entry["acc"] <= 1.0, name
-        if name == "lambada":
-            assert entry["perplexity"] > 1.0
-        else:
-            assert 0.0 <= entry["acc_norm"] <= 1.0, name
+    # the metrics are the ones lm-eval's YAML defines, not a list healer keeps
+    assert results["lambada"]["perplexity"] > 1.0 and "acc_norm" not in results["lambada"]
+    assert "acc_norm" not in results["boolq"] and "acc_norm" not in results["winogrande"]
+    assert 0.0 <= results["hellaswag"]["acc_norm"] <= 1.0
+    folder = tmp_path / "out" / "tasks"
+    import lm_eval
+
+    for name in files:
+        written = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        # lm-eval's installed definition, with only the data source replaced
+        assert written["include"].startswith(str(Path(lm_eval.__file__).parent / "tasks"))
+        assert written["dataset_path"] == "json"
+        assert not {"doc_to_text", "doc_to_target", "doc_to_choice", "process_docs"} & set(written), name
+    # files lm-eval reads as they are are used in place; PIQA's separate labels and google/boolq's `answer`
+    # are merged into a copy
+    assert yaml.safe_load((folder / "arc_challenge.yaml").read_text())["dataset_kwargs"]["data_files"]["eval"] \
+        == str(Path(files["arc_challenge"]).resolve())
+    piqa = [json.loads(line) for line in (folder / "piqa.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in piqa] == [0, 1]
+    boolq = [json.loads(line) for line in (folder / "boolq.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in boolq] == [0, 1]
 
 
 def test_a_record_outside_the_schema_is_named(tmp_path):
     bad = write_jsonl(tmp_path / "arc.jsonl", ARC[:1] + [{"question": "no choices", "answerKey": "A"}])
     with pytest.raises(HealerError, match=r"arc_easy: .*arc.jsonl record 2 lacks choices"):
-        load_docs("arc_easy", bad)
+        data_source("arc_easy", bad, tmp_path)
     lone_piqa = write_jsonl(tmp_path / "test.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}])
     with pytest.raises(HealerError, match="no `label` field and no test-labels.lst"):
-        load_docs("piqa", lone_piqa)
+        data_source("piqa", lone_piqa, tmp_path)
     with pytest.raises(HealerError, match="unknown task 'mmlu'.*arc_easy"):
-        load_docs("mmlu", bad)
+        data_source("mmlu", bad, tmp_path)
+
+
+def test_a_rerun_with_fewer_tasks_leaves_no_stale_task_yaml(tmp_path):
+    files = all_task_files(tmp_path)
+    prepare_tasks({"piqa": files["piqa"], "arc_easy": files["arc_challenge"]}, tmp_path / "out")
+    folder = prepare_tasks({"arc_easy": files["arc_challenge"]}, tmp_path / "out")
+    assert sorted(p.name for p in folder.iterdir()) == ["arc_easy.yaml"]
+
+
+def hand_docs(name: str, path: str, limit: int) -> list[dict]:
+    """The prompt, choices and gold of the first ``limit`` rows, written out from lm-eval's YAMLs by hand."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()[:limit]]
+    if name == "piqa":  # the original release: labels in valid-labels.lst
+        labels = Path(path).with_name("valid-labels.lst").read_text().split()
+        return [{"query": f"Question: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]], "gold": int(lab)}
+                for r, lab in zip(rows, labels)]
+    return [{"query": f"Question: {r['question']}\nAnswer:", "choices": r["choices"]["text"],
+             "gold": r["choices"]["label"].index(r["answerKey"])} for r in rows]
 
 
 @pytest.mark.slow
@@ -135,7 +165,6 @@ def test_real_arc_easy_and_piqa_with_smollm2_score_as_computed_by_hand(tmp_path,
     Few examples (CPU time), but each is scored both ways, so a wrong prompt, gold index or
     tokenizer boundary (BOS, the space before the answer) shows as a mismatch.
     """
-    from healer.eval.tasks import load_docs
     from healer.modeling import load_model, load_tokenizer, resolve_source
 
     location = resolve_source("smollm2")
@@ -146,7 +175,7 @@ def test_real_arc_easy_and_piqa_with_smollm2_score_as_computed_by_hand(tmp_path,
     results = run_tasks(model, tok, tasks, tmp_path, limit=limit, batch_size=8)
     for name, path in tasks.items():
         hits, hits_norm = [], []
-        for doc in load_docs(name, path, limit):
+        for doc in hand_docs(name, path, limit):
             lls = np.array([loglikelihood(model, tok, doc["query"], " " + c) for c in doc["choices"]])
             lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
             hits.append(int(np.argmax(lls) == doc["gold"]))
@@ -154,3 +183,55 @@ def test_real_arc_easy_and_piqa_with_smollm2_score_as_computed_by_hand(tmp_path,
         assert results[name]["n"] == limit
         assert results[name]["acc"] == pytest.approx(np.mean(hits)), name
         assert results[name]["acc_norm"] == pytest.approx(np.mean(hits_norm)), name
+
+
+def test_recorded_lm_eval_command_parses_and_gives_healers_numbers(tmp_path):
+    """eval.json's `lm_eval` command, parsed by lm-eval's own CLI parser and run by lm-eval from the saved
+    checkpoint, gives the accuracies healer reported from the model it had in memory."""
+    from helpers import save_tiny
+    from lm_eval import simple_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.tasks import TaskManager
+
+    from healer.eval.config import EvalConfig
+    from healer.eval.suite import evaluate
+
+    model_dir = save_tiny(tmp_path, layers=2, name="model, with a comma")  # the command must survive the path
+    files = all_task_files(tmp_path)
+    tasks = {"arc_easy": str(write_jsonl(tmp_path / "arc.jsonl", ARC)), "piqa": files["piqa"],
+             "boolq": files["boolq"]}
+    cfg = EvalConfig(tasks=tasks, limit=5, batch_size=3, context_lengths=[])
+    result = evaluate(str(model_dir), cfg, tmp_path / "eval")
+    recorded = json.loads((tmp_path / "eval" / "eval.json").read_text())["lm_eval"]
+    assert recorded["argv"] == shlex.split(recorded["command"])
+
+    argv = shlex.split(recorded["command"])
+    assert argv[0] == "lm_eval"
+    args = HarnessCLI()._parser.parse_args(["run", *argv[1:]])  # what `lm_eval ...` inserts, 'run' first
+    assert args.model_args["pretrained"] == str(model_dir.resolve())
+    assert args.tasks == ["arc_easy", "piqa", "boolq"] and args.limit == 5 and args.num_fewshot == 0
+    # lm-eval's CLI also indexes its built-in tasks (20 s here); our include path's YAMLs win over them
+    manager = TaskManager(include_path=args.include_path, include_defaults=False)
+    theirs = simple_evaluate(model=args.model, model_args=args.model_args, tasks=args.tasks, limit=args.limit,
+                             num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+                             task_manager=manager, random_seed=args.seed[0], numpy_random_seed=args.seed[1],
+                             torch_random_seed=args.seed[2], fewshot_random_seed=args.seed[3])["results"]
+    for name in tasks:
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in theirs[name] or metric in result["tasks"][name]:
+                assert result["tasks"][name][metric] == theirs[name][f"{metric},none"], (name, metric)
+    assert result["tasks"]["arc_easy"]["n"] == 5
+
+
+def test_the_model_card_prints_the_lm_eval_command(tmp_path):
+    from healer.eval.harness import lm_eval_command
+    from healer.model_card import eval_section
+
+    argv = lm_eval_command("/runs/x/cpt/hf", ["arc_easy"], tmp_path / "tasks", batch_size=4, limit=100)
+    command = shlex.join(argv)
+    result = {"parameters": 10, "tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 100}},
+              "lm_eval": {"version": "0.4.13", "include_path": str(tmp_path / "tasks"), "argv": argv,
+                          "command": command}}
+    section = eval_section(result)
+    assert f"```bash\n{command}\n```" in section
+    assert '"pretrained": "/runs/x/cpt/hf"' in command and "--limit 100" in command

@@ -14,7 +14,14 @@ from healer.eval.config import EvalConfig
 from healer.eval.ppl import perplexity, read_text, resolve_bos, tokenize
 from healer.eval.sparsity import measure_sparsity
 from healer.manifest import write_json_atomic
-from healer.modeling import count_parameters, load_model, load_tokenizer, resolve_source, torch_dtype
+from healer.modeling import (
+    ModelLocation,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    torch_dtype,
+)
 from healer.textio import BadRecords
 
 EVAL_FILE = "eval.json"
@@ -55,8 +62,13 @@ def max_positions(model) -> int | None:
 
 
 def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed: int = 0,
-                    sparsity_pattern: tuple[str | None, float | None] = (None, None)) -> dict:
-    """Evaluate a model already in memory; see :func:`evaluate`."""
+                    sparsity_pattern: tuple[str | None, float | None] = (None, None),
+                    location: ModelLocation | None = None, dtype: str = "float32") -> dict:
+    """Evaluate a model already in memory; see :func:`evaluate`.
+
+    ``location``/``dtype``: where and how the weights were loaded, for the ``lm_eval`` command line that
+    re-runs the task numbers (none is recorded for a model that exists only in memory).
+    """
     start = time.time()
     limit_pos = max_positions(model)
     bos_id = resolve_bos(tokenizer, cfg.bos)
@@ -80,12 +92,16 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
         ppl[label] = per_ctx
     if not cfg.perplexity_files and not cfg.tasks:
         notes.append("nothing to measure: set eval.perplexity_files and/or eval.tasks")
-    tasks = {}
+    tasks, lm_eval = {}, None
     if cfg.tasks:
-        from healer.eval.harness import run_tasks
+        from healer.eval.harness import reproduction, run_tasks
 
         tasks = run_tasks(model, tokenizer, cfg.tasks, out_dir, limit=cfg.limit, batch_size=cfg.batch_size,
                           add_bos_token=bos_id is not None, seed=seed)
+        if location is not None:
+            lm_eval = reproduction(location, cfg.tasks, out_dir, dtype=dtype, batch_size=cfg.batch_size,
+                                   limit=cfg.limit, add_bos_token=bos_id is not None,
+                                   device=next(model.parameters()).device.type, seed=seed)
     return {
         "parameters": count_parameters(model),
         "sparsity": measure_sparsity(model, *sparsity_pattern),
@@ -95,6 +111,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
                 "bos_token_id": getattr(tokenizer, "bos_token_id", None)},
         "perplexity": ppl,
         "tasks": tasks,
+        "lm_eval": lm_eval,
         "notes": notes,
         "settings": settings(cfg),
         "seconds": round(time.time() - start, 1),
@@ -108,7 +125,7 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
 
     Args:
         cfg: which text files and context lengths for perplexity, which zero-shot tasks.
-        out_dir: gets ``eval.json`` and ``tasks/`` (the converted task data and lm-eval YAMLs).
+        out_dir: gets ``eval.json`` and ``tasks/`` (the lm-eval task YAMLs, and any data file that needed a fix).
         gguf_file, dtype: as ``model.gguf_file`` / ``model.dtype`` in the recipe.
         sparsity_pattern: (pattern, ratio) a sparse prune aimed at, checked on the weights; (None, None) counts.
 
@@ -120,7 +137,10 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
          "bos": {"policy", "prepended", "bos_token_id"},
          "perplexity": {file label (perplexity_labels): {context length: {"ppl", "nll", "tokens_scored", ...}
                                                     or {"skipped": why}}},
-         "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "data"}},
+         "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (the metrics lm-eval's task
+                          defines), "n", "data", "version"}},
+         "lm_eval": {"version", "include_path", "argv", "command"}: the ``lm_eval`` command line that
+                    re-runs the task numbers from the checkpoint (None without tasks),
          "notes": [...], "settings": {...}, "seconds"}
 
     ``healer eval`` adds ``source`` and, with ``compare_to``, ``dense`` and ``deltas``.
@@ -134,7 +154,8 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
     model = load_model(location, torch_dtype(dtype))
     tokenizer = load_tokenizer(location)
     result = {"model": str(location), **evaluate_loaded(model, tokenizer, cfg, out_dir, seed=seed,
-                                                        sparsity_pattern=sparsity_pattern)}
+                                                        sparsity_pattern=sparsity_pattern, location=location,
+                                                        dtype=dtype)}
     write_json_atomic(Path(out_dir) / EVAL_FILE, result)
     return result
 

@@ -1,18 +1,20 @@
-"""Zero-shot tasks read from local files in the Hugging Face schemas, turned into lm-eval task configs.
+"""Zero-shot tasks run through lm-eval's own task definitions, on local files.
 
-lm-eval's own task YAMLs point at the Hub. Here each task's rows are read from a
-local file (``.jsonl``, ``.json`` list or ``.parquet``, as the Hub serves them),
-turned into one flat multiple-choice shape ``{query, choices, gold}`` with the
-same prompt lm-eval's YAML builds, and written to ``<out>/tasks/<task>.jsonl``.
-lm-eval then loads that file through ``dataset_path: json`` + ``data_files``: no
-network, and the written YAML next to it reproduces the run with ``lm_eval
---include_path``.
+For each task healer writes ``<out>/tasks/<task>.yaml``, which ``include:``\\ s the YAML that the
+installed lm-eval ships for that task (its prompt, target, choices, metrics, any ``process_docs``) and
+overrides only where the rows come from: ``dataset_path: json`` (or ``parquet``) with ``data_files``
+naming the local file, and the split to score. No prompt is re-typed here, so healer's numbers are
+lm-eval's numbers, and ``lm_eval --include_path <out>/tasks --tasks ...`` re-runs them.
+
+The local file is handed to lm-eval as it is when lm-eval's YAML can read its rows. A few published
+variants of a schema need a plain data fix first (PIQA's original release keeps its labels in a
+``-labels.lst`` file; google/boolq says ``answer: true`` where super_glue says ``label: 1``); those
+rows are written, fixed and nothing else, to ``<out>/tasks/<task>.jsonl`` and that file is the source.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,63 @@ import yaml
 
 from healer.errors import HealerError
 from healer.textio import BadRecords, iter_file_records
+
+
+def _boolq_label(row: dict) -> dict:
+    # super_glue/boolq (what lm-eval's YAML reads) has `label` 0/1; google/boolq has `answer` true/false.
+    if "label" not in row and "answer" in row:
+        return {**row, "label": int(bool(row["answer"]))}
+    return row
+
+
+def _winogrande_answer(row: dict) -> dict:
+    # lm-eval's winogrande functions look the answer up as the string "1"/"2"; some exports store an int.
+    return {**row, "answer": str(row["answer"])} if not isinstance(row.get("answer"), str) else row
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    yaml: str  # lm-eval's YAML for the task, relative to lm_eval/tasks
+    fields: tuple[str, ...]  # what a row must have for that YAML (checked first, so a bad file is named)
+    fix: Callable[[dict], dict] | None = None  # a variant schema's row -> the row lm-eval's YAML reads
+
+
+TASKS: dict[str, TaskSpec] = {
+    "arc_easy": TaskSpec("arc/arc_easy.yaml", ("question", "choices", "answerKey")),
+    "arc_challenge": TaskSpec("arc/arc_challenge.yaml", ("question", "choices", "answerKey")),
+    "piqa": TaskSpec("piqa/piqa.yaml", ("goal", "sol1", "sol2", "label")),
+    "boolq": TaskSpec("super_glue/boolq/default.yaml", ("question", "passage", "label"), _boolq_label),
+    "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", ("ctx_a", "ctx_b", "activity_label", "endings", "label")),
+    "winogrande": TaskSpec("winogrande/default.yaml", ("sentence", "option1", "option2", "answer"),
+                           _winogrande_answer),
+    "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", ("question_stem", "choices", "answerKey")),
+    "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", ("text",)),
+    "lambada_standard": TaskSpec("lambada/lambada_standard.yaml", ("text",)),
+}
+TASKS["lambada"] = TASKS["lambada_openai"]  # what healer called it before; lm-eval's `lambada` is a group
+
+# The split name healer gives the local file in every generated YAML.
+SPLIT = "eval"
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The lm-eval task behind ``name``: a known name, or one of them plus a suffix (``arc_easy_dev``)."""
+    for known in sorted(TASKS, key=len, reverse=True):
+        if name == known or name.startswith(known + "_"):
+            return TASKS[known]
+    raise HealerError(f"eval.tasks: unknown task {name!r}; known: {', '.join(TASKS)} "
+                      "(a name may add a suffix, e.g. arc_easy_dev)")
+
+
+def lm_eval_yaml(spec: TaskSpec) -> Path:
+    """The installed lm-eval's YAML for ``spec``; refused naming the version when that lm-eval lacks it."""
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / spec.yaml
+    if not path.is_file():
+        raise HealerError(f"eval.tasks: the installed lm-eval {lm_eval.__version__} has no {spec.yaml}; "
+                          "install the version healer supports: pip install 'healer[eval]'")
+    return path
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -33,98 +92,12 @@ def read_records(path: str | Path) -> list[dict]:
     return [record for record, _where in iter_file_records(str(path), BadRecords(strict=True, setting=None))]
 
 
-def _need(row: dict, keys: tuple[str, ...], task: str, path: Path, index: int) -> None:
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise HealerError(f"eval.tasks.{task}: {path} record {index + 1} lacks {', '.join(missing)}; "
-                          f"the {task} schema needs {', '.join(keys)}")
+def _piqa_labels(path: Path, rows: list[dict]) -> bool:
+    """The original PIQA release keeps labels in ``<split>-labels.lst`` beside ``<split>.jsonl``: merge them.
 
-
-# --- one converter per schema: HF row -> {query, choices, gold}; prompts as in lm-eval 0.4's task YAMLs ---
-
-def _arc(row: dict) -> dict:
-    labels = row["choices"]["label"]
-    return {"query": f"Question: {row['question']}\nAnswer:", "choices": list(row["choices"]["text"]),
-            "gold": labels.index(str(row["answerKey"]).strip())}
-
-
-def _openbookqa(row: dict) -> dict:
-    labels = row["choices"]["label"]
-    return {"query": row["question_stem"], "choices": list(row["choices"]["text"]),
-            "gold": labels.index(str(row["answerKey"]).strip())}
-
-
-def _piqa(row: dict) -> dict:
-    return {"query": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
-            "gold": int(row["label"])}
-
-
-def _boolq(row: dict) -> dict:
-    # super_glue/boolq has `label` (0/1); google/boolq has `answer` (bool)
-    gold = int(row["label"]) if "label" in row else int(bool(row["answer"]))
-    return {"query": f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", "choices": ["no", "yes"],
-            "gold": gold}
-
-
-def _hellaswag_clean(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(row: dict) -> dict:
-    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    return {"query": _hellaswag_clean(row["activity_label"] + ": " + ctx),
-            "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
-
-
-def _winogrande(row: dict) -> dict:
-    # Partial scoring: the options differ in the context; the model scores the shared rest of the sentence.
-    cut = row["sentence"].index("_")
-    return {"query": {"1": 0, "2": 1}[str(row["answer"])],
-            "choices": [row["sentence"][:cut] + row["option1"], row["sentence"][:cut] + row["option2"]],
-            "gold": row["sentence"][cut + 1:].strip()}
-
-
-def _lambada(row: dict) -> dict:
-    words = row["text"].split(" ")
-    return {"query": " ".join(words[:-1]), "target": " " + words[-1]}
-
-
-@dataclass(frozen=True)
-class TaskKind:
-    convert: Callable[[dict], dict]
-    fields: tuple[str, ...]  # what a row of the HF schema must have
-    output_type: str = "multiple_choice"
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-
-
-TASKS: dict[str, TaskKind] = {
-    "arc_easy": TaskKind(_arc, ("question", "choices", "answerKey")),
-    "arc_challenge": TaskKind(_arc, ("question", "choices", "answerKey")),
-    "piqa": TaskKind(_piqa, ("goal", "sol1", "sol2", "label")),
-    "boolq": TaskKind(_boolq, ("question", "passage")),
-    "hellaswag": TaskKind(_hellaswag, ("ctx_a", "ctx_b", "activity_label", "endings", "label")),
-    "winogrande": TaskKind(_winogrande, ("sentence", "option1", "option2", "answer")),
-    "openbookqa": TaskKind(_openbookqa, ("question_stem", "choices", "answerKey")),
-    "lambada": TaskKind(_lambada, ("text",), output_type="loglikelihood", metrics=("acc", "perplexity")),
-}
-TASKS["lambada_openai"] = TASKS["lambada"]
-
-
-def task_kind(name: str) -> TaskKind:
-    """The schema of task ``name``: a known name, or one of them plus a suffix (``arc_easy_dev``)."""
-    for known in sorted(TASKS, key=len, reverse=True):
-        if name == known or name.startswith(known + "_"):
-            return TASKS[known]
-    raise HealerError(f"eval.tasks: unknown task {name!r}; known: {', '.join(TASKS)} "
-                      "(a name may add a suffix, e.g. arc_easy_dev)")
-
-
-def _piqa_labels(path: Path, rows: list[dict]) -> None:
-    """The original PIQA release keeps labels in ``<split>-labels.lst`` beside ``<split>.jsonl``; merge them."""
+    Returns whether rows were changed."""
     if not rows or "label" in rows[0]:
-        return
+        return False
     labels_file = path.with_name(path.stem + "-labels.lst")
     if not labels_file.is_file():
         raise HealerError(f"eval.tasks.piqa: {path} has no `label` field and no {labels_file.name} beside it")
@@ -133,67 +106,73 @@ def _piqa_labels(path: Path, rows: list[dict]) -> None:
         raise HealerError(f"eval.tasks.piqa: {labels_file} has {len(labels)} labels for {len(rows)} records")
     for row, label in zip(rows, labels):
         row["label"] = int(label)
+    return True
 
 
-def load_docs(name: str, path: str | Path, limit: int | None = None) -> list[dict]:
-    """Read task ``name``'s rows from ``path`` and convert them to the flat shape lm-eval is given."""
-    kind = task_kind(name)
+def data_source(name: str, path: str | Path, folder: Path) -> tuple[str, Path]:
+    """(lm-eval ``dataset_path``, file) that lm-eval's YAML for ``name`` reads the rows of ``path`` from.
+
+    Every row is checked against the fields the YAML reads first, so a wrong file is refused naming its
+    record rather than failing inside lm-eval. The file itself is used when it is ``.jsonl`` or
+    ``.parquet`` and its rows need no fix; otherwise the rows (fixed) go to ``folder/<name>.jsonl``.
+    """
+    spec = task_spec(name)
     path = Path(path)
     rows = read_records(path)
-    if kind is TASKS["piqa"]:
-        _piqa_labels(path, rows)
-    if limit is not None:
-        rows = rows[:limit]
     if not rows:
         raise HealerError(f"eval.tasks.{name}: {path} has no records")
-    docs = []
+    changed = _piqa_labels(path, rows) if spec is TASKS["piqa"] else False
     for i, row in enumerate(rows):
-        _need(row, kind.fields, name, path, i)
-        try:
-            docs.append(kind.convert(row))
-        except (KeyError, ValueError, IndexError, TypeError) as err:
-            raise HealerError(f"eval.tasks.{name}: {path} record {i + 1} does not fit the schema ({err!r})") from None
-    return docs
+        fixed = spec.fix(row) if spec.fix else row
+        missing = [k for k in spec.fields if k not in fixed]
+        if missing:
+            raise HealerError(f"eval.tasks.{name}: {path} record {i + 1} lacks {', '.join(missing)}; "
+                              f"lm-eval's {spec.yaml} reads {', '.join(spec.fields)}")
+        if fixed is not row:
+            rows[i], changed = fixed, True
+    if not changed and path.name.endswith(".parquet"):
+        return "parquet", path.resolve()
+    if not changed and path.name.endswith(".jsonl"):
+        return "json", path.resolve()
+    # .json lists, compressed files and fixed rows: lm-eval gets one plain JSON-lines file.
+    out = folder / f"{name}.jsonl"
+    with open(out, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return "json", out.resolve()
 
 
-def task_config(name: str, data_file: str | Path) -> dict:
-    """The lm-eval task config for ``name`` reading the converted ``data_file``."""
-    kind = task_kind(name)
-    config = {
+def task_yaml(name: str, dataset_path: str, data_file: Path) -> dict:
+    """The task YAML for ``name``: lm-eval's own definition with only its data source replaced."""
+    return {
+        "include": str(lm_eval_yaml(task_spec(name))),
         "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
-        "test_split": "test",
-        "output_type": kind.output_type,
-        "doc_to_text": "query",
-        "doc_to_target": "target" if kind.output_type == "loglikelihood" else "gold",
-        "metric_list": [
-            {"metric": m, "aggregation": "perplexity" if m == "perplexity" else "mean",
-             "higher_is_better": m != "perplexity"} for m in kind.metrics
-        ],
-        "metadata": {"version": 1.0},
+        "dataset_path": dataset_path,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {SPLIT: str(data_file)}},
+        "training_split": None,
+        "validation_split": None,
+        "test_split": SPLIT,
+        # the included YAML may name few-shot splits of the Hub's copy; zero-shot needs none
+        "fewshot_split": None,
     }
-    if kind.output_type == "multiple_choice":
-        config["doc_to_choice"] = "choices"
-    return config
 
 
-def prepare_tasks(tasks: dict[str, str], out_dir: str | Path, limit: int | None = None) -> list[dict]:
-    """Convert every task's local file into ``out_dir/tasks/`` and return their lm-eval configs.
+def prepare_tasks(tasks: dict[str, str], out_dir: str | Path) -> Path:
+    """Write a task YAML (and, where needed, a fixed data file) per task into ``out_dir/tasks``; return it.
 
-    A YAML per task is written beside its data so the same run can be repeated with the
-    ``lm_eval`` CLI (``--include_path out_dir/tasks``).
+    That folder is what ``lm_eval --include_path`` takes. Files from an earlier run that no task of this
+    run names are removed, so the folder never offers lm-eval a stale task.
     """
     folder = Path(out_dir) / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
-    configs = []
+    written = set()
     for name, path in tasks.items():
-        docs = load_docs(name, path, limit)
-        data_file = folder / f"{name}.jsonl"
-        with open(data_file, "w", encoding="utf-8") as fh:
-            for doc in docs:
-                fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        config = task_config(name, data_file)
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        configs.append(config)
-    return configs
+        dataset_path, data_file = data_source(name, path, folder)
+        target = folder / f"{name}.yaml"
+        target.write_text(yaml.safe_dump(task_yaml(name, dataset_path, data_file), sort_keys=False))
+        written |= {target, data_file}
+    for stale in [*folder.glob("*.yaml"), *folder.glob("*.jsonl")]:
+        if stale.resolve() not in {w.resolve() for w in written}:
+            stale.unlink()
+    return folder
