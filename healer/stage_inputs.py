@@ -22,7 +22,7 @@ from healer.stages import STAGES, VERBS
 # size does split the data stream differently across ranks -- the trainers themselves refuse to *resume*
 # across that -- but a finished stage is the recipe's result, and moving to another cluster must not
 # make it stale.
-NOT_RESULT_KEYS = frozenset({"log_every", "save_every", "keep_last", "eval_every", "eval_batches"})
+NOT_RESULT_KEYS = frozenset({"log_every", "save_every", "keep_last", "eval_every", "eval_batches", "report_to"})
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

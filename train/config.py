@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from healer.config_base import Section
+from healer.train.trackers import ReportTo
 
 Schedule = Literal["cosine", "wsd", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -45,6 +46,9 @@ class CheckpointFields(Section):
     save_every: int = Field(50, gt=0, description="optimizer steps between resumable checkpoints (and at the end)")
     keep_last: int = Field(2, gt=0, description="complete checkpoints kept; older ones are deleted")
     log_every: int = Field(1, gt=0, description="optimizer steps between logged metrics")
+    report_to: ReportTo = Field(default_factory=lambda: ["tensorboard"], description=(
+        "where per-step metrics go: tensorboard (default; the release draws its curves from it), wandb, mlflow "
+        "(pip install 'healer[trackers]'; see train/trackers.py for their environment variables)"))
 
 
 class DeepSpeedFields(Section):

@@ -284,7 +284,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     peak, device_name = peak_flops(device, precision)
     flops_per_token = training_flops_per_token(model.config, n_matmul, seq_len)
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
-                           desc="cpt", jsonl_path=stage_dir / "metrics.jsonl")
+                           desc="cpt", jsonl_path=stage_dir / "metrics.jsonl",
+                           report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
     logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)

@@ -1,11 +1,13 @@
-"""Per-step metrics: TensorBoard scalars and a progress bar, on rank 0 only.
+"""Per-step metrics: TensorBoard scalars (and wandb / MLflow) and a progress bar, on rank 0 only.
 
 Every rank may call :meth:`MetricsLogger.log`; ranks other than 0 do nothing, so
-training loops need no ``if rank == 0`` around their logging. Scalars go to
-``<log_dir>`` as TensorBoard event files under the names given (use ``/`` to group:
-``train/loss``, ``tokens/source/arxiv``); the bar shows a few chosen keys.
+training loops need no ``if rank == 0`` around their logging. Scalars go to every tracker
+``report_to`` names (``train/trackers.py``; TensorBoard event files in ``<log_dir>`` by default)
+under the names given (use ``/`` to group: ``train/loss``, ``tokens/source/arxiv``); the bar
+shows a few chosen keys.
 
-    logger = MetricsLogger(stage_dir / "tensorboard", total_steps=cfg.max_steps, rank=rank, initial_step=start)
+    logger = MetricsLogger(stage_dir / "tensorboard", total_steps=cfg.max_steps, rank=rank, initial_step=start,
+                           report_to=cfg.report_to)
     for step in ...:
         logger.log(step, {"train/loss": loss, "train/lr": lr})
     logger.close()
@@ -14,15 +16,16 @@ training loops need no ``if rank == 0`` around their logging. Scalars go to
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from healer.train.trackers import Tracker, open_trackers
 
 # What the bar shows, in this order, when present in a step's scalars (key -> short label).
 DEFAULT_BAR_KEYS = {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s", "val/loss": "val"}
@@ -59,10 +62,11 @@ def _open_jsonl(path: Path, initial_step: int):
 
 
 class MetricsLogger:
-    """TensorBoard scalars every step plus a tqdm bar, written by rank 0 only.
+    """Scalars every step to TensorBoard (and wandb / MLflow) plus a tqdm bar, written by rank 0 only.
 
     Args:
-        log_dir: directory for the TensorBoard event files (created on rank 0).
+        log_dir: directory for the TensorBoard event files (created on rank 0); wandb and MLflow keep theirs
+            in its parent, the stage directory. None: no tracker at all (a logger that only prints).
         total_steps: the run's last step, so the bar shows progress and an ETA.
         rank: this process's global rank; only rank 0 writes or draws anything.
         initial_step: where a resumed run starts, so the bar does not restart at 0.
@@ -76,11 +80,15 @@ class MetricsLogger:
             plots (``time`` is the wall clock when the step was logged, ``cpu_time`` this process's CPU seconds so
             far: on a shared machine the gaps in CPU time measure a step's cost better than wall time); on a
             resume, lines past ``initial_step`` (from the interrupted run) are dropped first.
+        report_to: trackers to send the scalars to (``tensorboard``, ``wandb``, ``mlflow``; a training
+            section's ``report_to`` key).
+        run_config: the stage's settings, recorded as the wandb/MLflow run's config.
     """
 
     def __init__(self, log_dir: str | Path | None, total_steps: int, *, rank: int = 0, initial_step: int = 0,
                  desc: str = "train", bar_keys: Mapping[str, str] | None = None, progress_bar: bool | None = None,
-                 print_every: int = 10, jsonl_path: str | Path | None = None):
+                 print_every: int = 10, jsonl_path: str | Path | None = None,
+                 report_to: Sequence[str] = ("tensorboard",), run_config: Mapping[str, Any] | None = None):
         self.rank = rank
         self.enabled = rank == 0
         self.total_steps = total_steps
@@ -88,7 +96,7 @@ class MetricsLogger:
         self.print_every = max(1, print_every)
         self.desc = desc
         self.last: dict[str, float] = {}
-        self._writer = None
+        self._trackers: list[Tracker] = []
         self._bar = None
         self._jsonl = None
         if not self.enabled:
@@ -96,13 +104,8 @@ class MetricsLogger:
         if jsonl_path is not None:
             self._jsonl = _open_jsonl(Path(jsonl_path), initial_step)
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            # purge_step drops events past the resume point that a killed run may have written,
-            # so a resumed curve is not drawn twice.
-            self._writer = SummaryWriter(str(log_dir), purge_step=initial_step + 1 if initial_step else None,
-                                         flush_secs=30)
+            self._trackers = open_trackers(list(report_to), Path(log_dir), run_name=desc, initial_step=initial_step,
+                                           config=run_config)
         show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         self._text_progress = progress_bar is None and not show_bar
         if show_bar:
@@ -116,12 +119,8 @@ class MetricsLogger:
             return
         values = {k: v for k, v in ((k, _as_float(v)) for k, v in scalars.items()) if v is not None}
         self.last.update(values)
-        if self._writer is not None:
-            for key, value in values.items():
-                if math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
-                else:  # TensorBoard drops NaN/inf silently; keep a trace that it happened
-                    self._writer.add_scalar(key + "_nonfinite", 1.0, step)
+        for tracker in self._trackers:
+            tracker.log(step, values)
         if self._jsonl is not None:
             row = {"step": step, "time": time.time(), "cpu_time": time.process_time(), **values}
             self._jsonl.write(json.dumps(row) + "\n")
@@ -135,9 +134,10 @@ class MetricsLogger:
             print(f"[{self.desc}] step {step}/{self.total_steps} {body}", file=sys.stderr, flush=True)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        """Write a text note (the run's settings, a decoded sample) to TensorBoard."""
-        if self.enabled and self._writer is not None:
-            self._writer.add_text(tag, text, step)
+        """Write a text note (the run's settings, a decoded sample) to every tracker."""
+        if self.enabled:
+            for tracker in self._trackers:
+                tracker.text(tag, text, step)
 
     def write(self, message: str) -> None:
         """Print a line on rank 0 without breaking the bar."""
@@ -149,8 +149,8 @@ class MetricsLogger:
             print(message, file=sys.stderr, flush=True)
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        for tracker in self._trackers:
+            tracker.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -159,9 +159,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -337,7 +337,8 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     before = json.loads(before_path.read_text()) if rank == 0 and before_path.is_file() else {}
 
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
-                           desc="replace", jsonl_path=stage_dir / "metrics.jsonl")
+                           desc="replace", jsonl_path=stage_dir / "metrics.jsonl",
+                           report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
     logger.write(f"healer replace: block {place.position} of {location} stands in for dense blocks {place.span} of "
                  f"{teacher_location} | {trainable:,} trainable parameters | ZeRO-"
                  f"{ds_config['zero_optimization']['stage']} | {precision} | {world} ranks")

@@ -230,7 +230,8 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
                       frozen_base=True, say=say)
 
     logger = MetricsLogger(stage_dir / "tensorboard", total_steps=steps, rank=rank, initial_step=progress.step,
-                           desc="sft", jsonl_path=stage_dir / "metrics.jsonl")
+                           desc="sft", jsonl_path=stage_dir / "metrics.jsonl",
+                           report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
     logger.write(f"healer sft: {len(data.examples)} examples ({data.prompt_format} format, {data.tokens:,} tokens; "
                  f"{data.dropped} dropped, {data.truncated} truncated at {cfg.max_seq_len}), LoRA rank {cfg.rank} "
                  f"-> {trainable:,} trainable parameters; {steps} steps of {micro} x {accum} x {world} = "
