@@ -7,6 +7,7 @@ either place is refused with a message that names the key.
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 import re
 from pathlib import Path
@@ -155,15 +156,18 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | Path | dict | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file (or start empty), apply overrides, validate.
 
-    ``path`` may also name an embedded recipe (``demo``) shipped in ``healer.configs``.
+    ``path`` may also name an embedded recipe (``demo``) shipped in ``healer.configs``, or be the recipe
+    itself as a dict.
     Raises :class:`RecipeError` with the file and key named when anything is wrong.
     """
     tree: dict[str, Any] = {}
     origin = "command line"
-    if path is not None:
+    if isinstance(path, dict):  # the Python API's recipe given as a dict (healer.api)
+        tree, origin = copy.deepcopy(path), "recipe dict"
+    elif path is not None:
         file = resolve_recipe_path(path)
         origin = str(file)
         loaded = _read_yaml(file)
