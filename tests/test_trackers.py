@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 import sys
@@ -44,6 +45,7 @@ def fake_wandb(monkeypatch):
     """A stand-in `wandb` module: what the logger hands it is what a real run would get."""
     runs: list[FakeRun] = []
     module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe it with find_spec
     module.init = lambda **kwargs: runs.append(FakeRun(**kwargs)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", module)
     return runs
@@ -106,3 +108,30 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     run_id = (stage / ".wandb_run_id").read_text().strip()
     offline = list((stage / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline and any(offline[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_a_cpt_run_reports_its_steps_to_the_trackers_its_recipe_names(tmp_path, fake_wandb):
+    """cpt.report_to reaches the trainer's logger: every optimizer step's loss goes to wandb too."""
+    import json
+
+    from helpers import SAMPLE_TEXT, save_tiny
+
+    from healer.modeling import resolve_source
+    from healer.train.config import CPTConfig
+    from healer.train.cpt import Options, heal
+    from healer.train.data.config import DataConfig, SourceConfig
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(20)))
+    cfg = CPTConfig(zero_stage=2, micro_batch_size=2, global_batch_size=4, max_steps=2, warmup_steps=1, seed=0,
+                    report_to=["tensorboard", "wandb"])
+    heal(cfg, DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=32), location=resolve_source(str(model)),
+         teacher_location=None, stage_dir=tmp_path / "cpt", hf_dir=tmp_path / "cpt" / "hf", opts=Options())
+    run = fake_wandb[-1]
+    jsonl = [json.loads(line) for line in (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines()]
+    losses = {step: values["train/loss"] for step, values in run.logged if "train/loss" in values}
+    assert losses == {row["step"]: pytest.approx(row["train/loss"]) for row in jsonl if "train/loss" in row}
+    assert sorted(losses) == [1, 2] and run.init["name"] == "cpt" and run.init["config"]["max_steps"] == 2
+    assert run.finished
