@@ -138,6 +138,12 @@ def test_a_record_outside_the_schema_is_named(tmp_path):
         data_source("piqa", lone_piqa, tmp_path)
     with pytest.raises(HealerError, match="unknown task 'mmlu'.*arc_easy"):
         data_source("mmlu", bad, tmp_path)
+    with pytest.raises(HealerError, match=r"task name 'arc_easy_/../x' may hold only letters, digits and _"):
+        data_source("arc_easy_/../x", bad, tmp_path)
+    binary = tmp_path / "arc_bin.jsonl"
+    binary.write_bytes(b"\x00\xff\xfe garbage\n")
+    with pytest.raises(HealerError, match="arc_bin.jsonl"):
+        data_source("arc_easy", binary, tmp_path)
 
 
 def test_a_rerun_with_fewer_tasks_leaves_no_stale_task_yaml(tmp_path):
@@ -145,6 +151,14 @@ def test_a_rerun_with_fewer_tasks_leaves_no_stale_task_yaml(tmp_path):
     prepare_tasks({"piqa": files["piqa"], "arc_easy": files["arc_challenge"]}, tmp_path / "out")
     folder = prepare_tasks({"arc_easy": files["arc_challenge"]}, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["arc_easy.yaml"]
+
+
+def test_a_json_list_is_handed_to_lm_eval_as_json_lines(tmp_path):
+    listed = tmp_path / "arc.json"
+    listed.write_text(json.dumps({"data": ARC}))
+    kind, file = data_source("arc_easy", listed, tmp_path)
+    assert kind == "json" and file == (tmp_path / "arc_easy.jsonl").resolve()
+    assert [json.loads(line) for line in file.read_text().splitlines()] == ARC
 
 
 def hand_docs(name: str, path: str, limit: int) -> list[dict]:

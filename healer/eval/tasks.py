@@ -15,6 +15,7 @@ rows are written, fixed and nothing else, to ``<out>/tasks/<task>.jsonl`` and th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ SPLIT = "eval"
 
 def task_spec(name: str) -> TaskSpec:
     """The lm-eval task behind ``name``: a known name, or one of them plus a suffix (``arc_easy_dev``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):  # it names files and an lm-eval task: no paths, no spaces
+        raise HealerError(f"eval.tasks: task name {name!r} may hold only letters, digits and _")
     for known in sorted(TASKS, key=len, reverse=True):
         if name == known or name.startswith(known + "_"):
             return TASKS[known]
