@@ -29,9 +29,10 @@ class EvalConfig(Section):
     tasks: dict[str, str] = Field(
         default_factory=dict,
         description="zero-shot task -> local data file in the HF schema (arc_easy, arc_challenge, piqa, boolq, "
-        "hellaswag, winogrande, openbookqa, lambada), e.g. arc_easy: data/arc_easy/validation.jsonl",
+        "hellaswag, winogrande, openbookqa, lambada_openai, lambada_standard; lambada = lambada_openai), e.g. "
+        "arc_easy: data/arc_easy/validation.jsonl; run through lm-eval's own task YAML for that name",
     )
-    limit: int | None = Field(None, gt=0, description="examples per task (the first N)")
+    limit: int | None = Field(None, gt=0, description="examples per task (the first N; lm_eval --limit)")
     batch_size: int = Field(8, gt=0)
     compare_to: str | None = Field(
         None, description="eval.json of the dense model, or 'dense' to evaluate model.source with the same settings"

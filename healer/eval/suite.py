@@ -27,6 +27,8 @@ from healer.textio import BadRecords
 EVAL_FILE = "eval.json"
 # 2: files read by healer.textio (a .txt line is a document; documents joined with a blank line)
 TEXT_READER = 2
+# 2: tasks run through lm-eval's own task YAMLs (1 was healer's re-typed prompts; same prompts, other metrics)
+TASK_RUNNER = 2
 
 
 def perplexity_labels(files: list[str]) -> list[str]:
@@ -54,6 +56,7 @@ def settings(cfg: EvalConfig) -> dict:
         "bos": cfg.bos,
         "tasks": dict(cfg.tasks),
         "limit": cfg.limit,
+        **({"task_runner": TASK_RUNNER} if cfg.tasks else {}),
     }
 
 
