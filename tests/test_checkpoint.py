@@ -31,7 +31,9 @@ def _engine(zero_stage: int, seed: int = 0):
     init_distributed()
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-    ds = build_ds_config(zero_stage=zero_stage, micro_batch_size=1, global_batch_size=1, world_size=1)
+    # the stage named in a passed-through config: on one rank a recipe's ZeRO-1/2 would run as stage 0
+    ds = build_ds_config(zero_stage=zero_stage, micro_batch_size=1, global_batch_size=1, world_size=1,
+                         base={"zero_optimization": {"stage": zero_stage}})
     return init_engine(model, ds, make_optimizer(model, lr=1e-2))
 
 

@@ -57,6 +57,38 @@ def test_batch_arithmetic_is_derived_and_a_bad_global_batch_is_refused():
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 4
 
 
+def test_one_rank_trains_like_a_plain_adamw_loop():
+    """On one rank a recipe's ZeRO-2 runs as stage 0 without the all-reduce of a world of one, and its steps
+    are a plain PyTorch loop's: same weights after two accumulated, clipped steps (bench/lean_step.py times it)."""
+    import torch
+    from helpers import tiny_model
+
+    from healer.train.engine import init_distributed, init_engine, make_optimizer, param_groups
+
+    init_distributed()
+    ds = build_ds_config(zero_stage=2, micro_batch_size=2, global_batch_size=4, world_size=1, grad_clip=0.5)
+    assert ds["zero_optimization"]["stage"] == 0
+    assert build_ds_config(zero_stage=2, micro_batch_size=2, global_batch_size=4, world_size=1,
+                           base={"zero_optimization": {"stage": 2}})["zero_optimization"]["stage"] == 2
+    lean, plain = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    engine = init_engine(lean, ds, make_optimizer(lean, lr=1e-2, weight_decay=0.1))
+    assert not engine.enable_backward_allreduce
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5_000_000  # not DeepSpeed's 5e8 (2 GB of fp32)
+    opt = torch.optim.AdamW(param_groups(plain, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, plain.config.vocab_size, (2, 16), generator=gen) for _ in range(4)]
+    for step in range(2):
+        for ids in batches[2 * step: 2 * step + 2]:
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            (plain(input_ids=ids, labels=ids).loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b in zip(lean.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def _steps(stage: Path) -> list[int]:
     path = stage / "metrics.jsonl"
     if not path.is_file():

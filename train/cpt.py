@@ -286,7 +286,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
                            desc="cpt", jsonl_path=stage_dir / "metrics.jsonl",
                            report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
-    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}"
+    lowered = f" (cpt.zero_stage {cfg.zero_stage}: one rank shards nothing)" if zero_stage < cfg.zero_stage else ""
+    logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}{lowered}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))

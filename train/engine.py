@@ -161,7 +161,8 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size
                     section: str = "cpt") -> dict:
     """The DeepSpeed JSON for a run: ``base`` (passed through as is) plus the recipe's knobs for what it leaves out.
 
-    Gradient accumulation is derived as ``global_batch_size / (micro_batch_size * world_size)``; a global
+    On one rank ZeRO-1/2 run as stage 0 (plain data parallelism with nothing to shard), unless ``base`` names
+    the stage. Gradient accumulation is derived as ``global_batch_size / (micro_batch_size * world_size)``; a global
     batch that does not divide is refused with the numbers, naming ``<section>.global_batch_size``.
     ``precision`` is already resolved (bf16, fp16 or fp32).
     """
@@ -177,6 +178,10 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size
     if "gradient_accumulation_steps" in cfg and int(cfg["gradient_accumulation_steps"]) != accum:
         raise HealerError(f"deepspeed_config: gradient_accumulation_steps={cfg['gradient_accumulation_steps']} "
                           f"disagrees with train_batch_size {total} / ({micro} micro * {world_size} ranks) = {accum}")
+    if world_size == 1 and zero_stage in (1, 2) and not offload_optimizer:
+        # One rank has nothing to shard: ZeRO-1/2 would only add a flat fp32 copy of the weights, gradient
+        # buckets and the copies between them (bench/lean_step.py measures it). A stage named in ``base`` is kept.
+        zero_stage = 0
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage >= 1:
         zero.update(overlap_comm=True, contiguous_gradients=True)
@@ -251,9 +256,28 @@ def init_engine(model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.
     state goes into checkpoints and a resumed run follows the recipe it is resumed with.
     """
     import deepspeed
+    import torch.distributed as dist
 
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden:
+        _setdefault_deep(ds_config, bucket_sizes(hidden))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if engine.zero_optimization_stage() == 0 and dist.get_world_size() == 1:
+        # A world of one has nothing to all-reduce, but DeepSpeed would still flatten every gradient into a
+        # bucket and copy it back at each step (one more copy of the gradients, and the time to make it).
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def bucket_sizes(hidden_size: int) -> dict[str, Any]:
+    """ZeRO communication buckets sized to the model, as transformers' DeepSpeed integration sizes "auto".
+
+    DeepSpeed's defaults are 5e8 elements: 2 GB of fp32 per bucket whatever the model, most of a small
+    model's memory. hidden_size² (16.8M elements for a 7B Llama, floored at 5M) keeps each collective large
+    enough to be efficient. Stage 3's prefetch and persistence knobs keep DeepSpeed's defaults.
+    """
+    size = max(hidden_size * hidden_size, 5_000_000)
+    return {"zero_optimization": {"reduce_bucket_size": size, "allgather_bucket_size": size}}
 
 
 def set_lr(engine, lr: float) -> None:
