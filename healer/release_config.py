@@ -31,7 +31,17 @@ class ReleaseConfig(Section):
                              "HfApi.upload_folder; the token comes from HF_TOKEN or `hf auth login`, never the recipe")
     private: bool = Field(False, description="create the pushed repo private (an existing repo keeps its visibility)")
     revision: str | None = Field(None, description="branch to push to (created if missing); default the main branch")
-    commit_message: str | None = Field(None, description="commit message of the push; default names the recipe")
+    commit_message: str | None = Field(None, description="commit message of the push; default names the release folder")
+
+    @field_validator("revision")
+    @classmethod
+    def _branch(cls, value: str | None) -> str | None:
+        bad = value is not None and (not re.fullmatch(r"\w[\w.\-/]*", value) or ".." in value
+                                     or value.endswith(("/", ".lock")))
+        if bad:
+            raise ValueError(f"release.revision {value!r} is not a usable branch name; use letters, digits, '-', "
+                             "'_', '.' and '/' (e.g. v1 or pruned-20pct)")
+        return value
 
     @field_validator("push")
     @classmethod

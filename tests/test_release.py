@@ -134,7 +134,8 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     assert set(runs) == {"cpt", "sft"} and all(f in files for f in runs["cpt"] + runs["sft"])
     assert all(f.startswith(f"runs/{stage}/events.out.tfevents.") and f.endswith(".healer")
                for stage, names in runs.items() for f in names)
-    assert read_scalars(out / "runs" / "cpt")["train/loss"] == read_scalars(run_dir / "cpt" / "tensorboard")["train/loss"]
+    published = read_scalars(out / "runs" / "cpt")
+    assert published["train/loss"] == read_scalars(run_dir / "cpt" / "tensorboard")["train/loss"]
     assert b"secret-config" not in b"".join((out / f).read_bytes() for f in runs["cpt"])
     assert "`runs/cpt/`, `runs/sft/`" in card
 
@@ -306,6 +307,10 @@ def test_push_names_a_hub_repo(tmp_path):
     for bad in ("https://huggingface.co/org/name", "org/name\n", "name", "org/name/extra"):
         with pytest.raises(ValueError, match="is not a Hub repo id; give org/name"):
             ReleaseConfig(push=bad)
+    for bad in ("../main", "v1\n", "a b", "refs/"):
+        with pytest.raises(ValueError, match="is not a usable branch name"):
+            ReleaseConfig(push="org/name", revision=bad)
+    assert ReleaseConfig(push="org/name", revision="pruned/20pct").revision == "pruned/20pct"
 
 
 def test_float16_overflow_is_refused_and_a_cast_is_measured():
