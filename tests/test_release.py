@@ -229,8 +229,11 @@ def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
 def test_card_for_width_pruning_without_a_dense_baseline():
     from healer.model_card import render
 
+    from healer.prune.width import kernel_warnings, width_divisibility
+
     report = {"method": "width", "criterion": "maw", "target": "mlp", "ratio": 0.2, "intermediate_size": [1536, 1232],
-              "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800}
+              "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800,
+              "widths": width_divisibility({"intermediate_size": 1232}), "warnings": kernel_warnings(1232)}
     card = render({"name": "w", "base_model": None, "base_source": "/models/base", "license": None, "tags": ["x"],
                    "params_before": 1000, "params_after": 800, "prune_report": report, "training": [],
                    "eval": {"parameters": 800, "perplexity": {"t.txt": {"128": {"ppl": 9.5}}}, "tasks": {}},
@@ -240,6 +243,8 @@ def test_card_for_width_pruning_without_a_dense_baseline():
     assert "licence could not be determined" in card
     assert "| perplexity `t.txt` @ 128 tokens | 9.5 |" in card and "No dense baseline was evaluated" in card
     assert "| removed | 200 (20.0%) |" in card
+    assert "| `intermediate_size` divisible by | none of 32, 64, 128, 256 |" in card
+    assert "**Deployment warning:** intermediate_size 1232 is not a multiple of 32: llama.cpp cannot quantise" in card
 
 
 def test_push_uploads_the_verified_release_and_nothing_when_the_release_fails(run, monkeypatch, capsys):
