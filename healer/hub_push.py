@@ -24,14 +24,14 @@ def verify_release(folder: Path) -> list[str]:
 
     manifest = read_stage_manifest(folder)
     if not manifest or manifest.get("stage") != "release":
-        raise HealerError(f"release.push: {folder} has no release manifest; the release did not finish, nothing "
+        raise HealerError(f"release.push: {folder} has no release manifest (the release did not finish); nothing "
                           "was uploaded")
     listed = (manifest.get("outputs") or {}).get("files") or {}
     found = file_hashes(folder)
     if found != listed:
         changed = sorted(set(found) ^ set(listed) | {k for k in found.keys() & listed.keys() if found[k] != listed[k]})
-        raise HealerError(f"release.push: {folder} changed after it was written ({', '.join(changed[:3])}); run "
-                          "`healer release` again, nothing was uploaded")
+        raise HealerError(f"release.push: {folder} changed after it was written ({', '.join(changed[:3])}); "
+                          "nothing was uploaded")
     return sorted(found) + ["manifest.json"]
 
 
@@ -40,12 +40,11 @@ def hub_upload(*, folder: Path, repo_id: str, private: bool, revision: str | Non
     from huggingface_hub import HfApi, get_token
 
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise HealerError(f"release.push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload (the release "
-                          "directory is complete and can be pushed later with `hf upload`)")
+        raise HealerError(f"release.push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
     token = get_token()
     if not token:
         raise HealerError(f"release.push {repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login` "
-                          "(a token in the recipe is never used)")
+                          "(never a token in the recipe)")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -374,7 +374,7 @@ def push(cfg: ReleaseConfig, out: Path, upload=None) -> str:
                            commit_message=cfg.commit_message, upload=upload)
     except HealerError as err:
         supersede_stage_manifest(out)
-        raise HealerError(f"{err} ({out} is kept but no longer counts as finished, so `healer run` or `healer "
-                          "release` builds and pushes it again)") from None
+        raise HealerError(f"{err}; {out} is kept but no longer marked finished, so `healer run` or `healer "
+                          "release` builds and pushes it again") from None
     print(f"healer release: pushed to {url}")
     return url
