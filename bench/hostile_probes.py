@@ -683,7 +683,8 @@ def p_prune_depth_then_width_same_output(d):
     first = prune(d, "--num-blocks", "1", "--output", d / "out")
     if first.rc != 0:
         return refusal(first)
-    res = prune(d, "--method", "width", "--criterion", "maw", "--ratio", "0.5", "--output", d / "out")
+    res = prune(d, "--method", "width", "--criterion", "maw", "--ratio", "0.5", "--round-to", "32",
+                "--output", d / "out")
 
     def ok():
         cfg = json.loads((d / "out" / "config.json").read_text())

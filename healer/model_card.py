@@ -6,8 +6,6 @@ Every section says so when its input is missing instead of leaving a hole.
 
 from __future__ import annotations
 
-import yaml
-
 
 def _num(value, digits: int = 4) -> str:
     if value is None:
@@ -23,16 +21,36 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def front_matter(base_model: str | None, license: str | None, tags: list[str]) -> str:
-    meta: dict = {}
-    if base_model:
-        meta["base_model"] = base_model
-    meta["library_name"] = "transformers"
-    if license:
-        meta["license"] = license
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = tags
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+def front_matter(data) -> str:
+    """The YAML header of the card from a ``huggingface_hub.ModelCardData`` (see :mod:`healer.hub_metadata`)."""
+    return "---\n" + data.to_yaml() + "\n---\n"
+
+
+def precision_section(precision: dict | None, base_gguf: dict | None) -> str:
+    """The dtype of the published weights and what casting to it cost; the GGUF the base came from, if any."""
+    lines = []
+    if precision:
+        line = f"The weights are stored in **{precision['dtype']}**"
+        if precision.get("cast_from") and precision["cast_from"] != precision["dtype"]:
+            line += (f", cast from {precision['cast_from']}: on a fixed probe of "
+                     f"{precision.get('probe_positions') or 'some'} token positions the top-1 next token is "
+                     f"unchanged at {precision['top1_agreement']:.1%} of them, the largest logit change is "
+                     f"{_num(precision['max_abs_logit_diff'])}")
+        lines.append(line + ".")
+    if base_gguf:
+        kind = f" ({base_gguf['type']})" if base_gguf.get("type") else ""
+        lines.append(f"**The base weights were dequantised from the GGUF file `{base_gguf['file']}`{kind}**, not "
+                     "read from the original checkpoint: that quantisation's rounding is in every weight of this "
+                     "model, and the dense baseline in the tables below is the dequantised model too.")
+    return "\n\n".join(lines)
+
+
+def runs_section(runs: dict[str, list[str]] | None) -> str:
+    if not runs:
+        return ""
+    where = ", ".join(f"`runs/{stage}/`" for stage in runs)
+    return (f"The TensorBoard scalars of every training stage are in {where} (the Hub shows them in the "
+            "\"Training metrics\" tab; `tensorboard --logdir runs` locally).")
 
 
 def pruning_summary(report: dict) -> str:
@@ -132,9 +150,14 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
                      f"{_num(report.get('calibration_ppl_after'))} right after pruning"])
     for key, (old, new) in (report.get("config_changes") or {}).items():
         rows.append([f"config `{key}`", f"{old} -> {new}"])
+    for name, width in (report.get("widths") or {}).items():
+        divides = [m for m, ok in (width.get("divisible_by") or {}).items() if ok]
+        rows.append([f"`{name}` divisible by", ", ".join(divides) or "none of 32, 64, 128, 256"])
     if report.get("seed") is not None:
         rows.append(["seed", str(report["seed"])])
     lines.append(_table(["", ""], rows))
+    for warning in report.get("warnings") or []:
+        lines += ["", f"**Deployment warning:** {warning}."]
     if report.get("method") == "sparse":
         lines += ["", sparsity_section(report, released_sparsity)]
     scores = report.get("scores")
@@ -249,19 +272,29 @@ def stages_section(summary: dict | None) -> str:
 def render(info: dict) -> str:
     """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
     prune_report, sparsity (``healer.release.released_sparsity``), training, curves, curves_missing, eval,
-    summary, recipe_yaml, source."""
+    summary, recipe_yaml, source; optional: card_data (``ModelCardData``; built from the keys above when
+    absent), precision (``healer.release.cast_for_release``), base_gguf, runs."""
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
     before, after = info.get("params_before"), info.get("params_after")
     intro = f"`{name}` is " + (f"[{base}](https://huggingface.co/{base}) " if info.get("base_model") else f"{base} ")
-    parts = [front_matter(info.get("base_model"), info.get("license"), info.get("tags") or []), f"# {name}", "", intro]
+    data = info.get("card_data")
+    if data is None:
+        from healer.hub_metadata import card_data
+
+        data = card_data(name=name, base_model=info.get("base_model"), license=info.get("license"), language=None,
+                         datasets=[], tags=info.get("tags") or [], eval_result=info.get("eval"))
+    parts = [front_matter(data), f"# {name}", "", intro]
     kind = "sparse" if (report or {}).get("method") == "sparse" else "structured"
     steps = [f"{kind} pruning ({pruning_summary(report)})"] if report else []
     steps += [s["how"] for s in info.get("training") or [] if not s.get("missing") and s.get("how")]
     parts[-1] += (f"after {', then '.join(steps)}, done with healer." if steps
                   else "packaged by healer, with no pruning or training recorded.")
     parts[-1] += " It is a plain `transformers` checkpoint; no custom code is needed."
+    precision = precision_section(info.get("precision"), info.get("base_gguf"))
+    if precision:
+        parts += ["", precision]
     if not info.get("license"):
         parts += ["", "*The base model's licence could not be determined; set `release.license` in the recipe.*"]
     parts += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -284,6 +317,9 @@ def render(info: dict) -> str:
     parts += ["", "## What was pruned and how", "", pruning_section(report, released), ""]
     parts += ["## Training", "", training_section(info.get("training") or []), ""]
     parts += ["## Learning curves", "", curves_section(info.get("curves") or [], info.get("curves_missing") or []), ""]
+    runs = runs_section(info.get("runs"))
+    if runs:
+        parts += [runs, ""]
     parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source")), ""]
     parts += ["## Recipe", "", "The healer recipe that produced this checkpoint (also in `recipe.yaml`):", "",
               "```yaml", info.get("recipe_yaml", "").rstrip(), "```", ""]

@@ -60,36 +60,50 @@ def _front_matter(readme: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def base_identity(source: str, gguf_file: str | None) -> tuple[str | None, str | None]:
-    """(hub id, licence) of the base model as far as they can be known offline.
+def base_identity(source: str, gguf_file: str | None) -> dict:
+    """What can be known offline about the base model: ``hub_id``, ``license``, ``language`` and, when its
+    weights come from a GGUF file, ``gguf`` (file name and quantisation type: the dequantised weights carry
+    that quantisation's error).
 
-    The licence comes from the base's own metadata: a GGUF's ``general.license``, or the
-    ``license`` in a local model directory's README front matter.
+    The licence and language come from the base's own metadata: a GGUF's ``general.license`` /
+    ``general.languages``, or the README front matter of a local model directory.
     """
     from healer.modeling import resolve_source
 
-    hub_id = KNOWN_BASES.get(source)
-    license = None
+    facts: dict = {"hub_id": KNOWN_BASES.get(source), "license": None, "language": None, "gguf": None}
     try:
         location = resolve_source(source, gguf_file)
     except HealerError:
-        return hub_id, None
+        return facts
     if location.gguf_file:
+        facts["gguf"] = {"file": location.gguf_file, "type": None}
         try:
             import gguf
 
-            field = gguf.GGUFReader(str(Path(location.path) / location.gguf_file)).fields.get("general.license")
-            license = field.contents() if field is not None else None
-        except Exception:  # an unreadable GGUF header only costs the licence line
-            license = None
+            fields = gguf.GGUFReader(str(Path(location.path) / location.gguf_file)).fields
+
+            def field(key):
+                return fields[key].contents() if key in fields else None
+
+            facts["license"], facts["language"] = field("general.license"), field("general.languages")
+            file_type = field("general.file_type")
+            if isinstance(file_type, int):
+                facts["gguf"]["type"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except Exception:  # an unreadable GGUF header only costs these lines of the card
+            pass
     elif Path(location.path).is_dir():
         meta = _front_matter(Path(location.path) / "README.md")
-        license = meta.get("license")
+        facts["license"], facts["language"] = meta.get("license"), meta.get("language")
         base = meta.get("base_model")
-        hub_id = hub_id or (base if isinstance(base, str) else None)
+        facts["hub_id"] = facts["hub_id"] or (base if isinstance(base, str) else None)
     elif HUB_ID.match(source):
-        hub_id = source
-    return hub_id, license if isinstance(license, str) else None
+        facts["hub_id"] = source
+    if not isinstance(facts["license"], str):
+        facts["license"] = None
+    language = facts["language"]
+    language = [language] if isinstance(language, str) else language
+    facts["language"] = [x for x in language if isinstance(x, str)] if isinstance(language, list) else None
+    return facts
 
 
 def training_stages(recipe) -> list[dict]:
@@ -134,6 +148,88 @@ def released_sparsity(folder: Path, prune_report: dict | None) -> dict | None:
             "pruned_zeros": pruned, "lost": lost, "kept": lost == 0 and bool(found["pattern_holds"])}
 
 
+# Ordinary prose for measuring what the dtype cast changes: random tokens give near-flat distributions whose
+# top-1 flips with any rounding, which says little about text.
+PROBE_TEXT = (
+    "The river rises in the hills to the north and flows south through farmland for about two hundred "
+    "kilometres before it reaches the sea. Most of the towns along its banks grew up around mills, and many "
+    "of the old stone bridges still carry traffic today. In spring the water is high and fast; by late "
+    "summer it is slow enough that children swim in it. The museum in the harbour town keeps a record of "
+    "every flood since the seventeenth century, and its small library is open to visitors on weekdays."
+)
+
+
+def probe_tokens(tokenizer, vocab_size: int):
+    """``PROBE_TEXT`` as a [1, n] batch of ``tokenizer``'s ids; random tokens when it cannot be encoded."""
+    import torch
+
+    from healer.modeling import probe_batch
+
+    try:
+        ids = tokenizer(PROBE_TEXT).input_ids if tokenizer is not None else []
+    except Exception:  # an odd tokenizer only costs the realism of the probe
+        ids = []
+    if len(ids) < 16 or max(ids) >= vocab_size:
+        return probe_batch(vocab_size)
+    return torch.tensor([ids[:128]])
+
+
+def cast_for_release(model, dtype: str, probe=None) -> dict:
+    """Cast ``model`` in place to the release ``dtype`` and measure what that costs on ``probe`` (token ids;
+    default random tokens).
+
+    Returns ``dtype``, ``cast_from`` and, when the dtype changed, the largest |logit difference| and the
+    share of probe positions whose top-1 token is unchanged. A cast that overflows (float16) is refused.
+    """
+    import torch
+
+    from healer.modeling import probe_batch, torch_dtype
+
+    target, loaded = torch_dtype(dtype), next(model.parameters()).dtype
+    facts = {"dtype": dtype, "cast_from": str(loaded).removeprefix("torch."), "max_abs_logit_diff": 0.0,
+             "top1_agreement": 1.0, "probe_positions": 0}
+    if target == loaded:
+        return facts
+    probe = probe if probe is not None else probe_batch(model.config.vocab_size)
+    facts["probe_positions"] = int(probe.numel())
+    model.eval()
+    with torch.no_grad():
+        before = model(probe).logits.float()
+        # Parameters only: model.to() would also round the float32 buffers (rotary inv_freq) that
+        # from_pretrained keeps in float32, and the in-memory model would no longer be what a user loads.
+        for param in model.parameters():
+            param.data = param.data.to(target)
+        after = model(probe).logits.float()
+    if not torch.isfinite(after).all():
+        raise HealerError(f"release.dtype {dtype}: the model's logits overflow (inf/nan) in {dtype}; use "
+                          "bfloat16 (same range as float32) or float32")
+    facts["max_abs_logit_diff"] = float((after - before).abs().max())
+    facts["top1_agreement"] = float((after.argmax(-1) == before.argmax(-1)).float().mean())
+    return facts
+
+
+def publish_stage_runs(recipe, folder: Path) -> dict[str, list[str]]:
+    """Each training stage's TensorBoard scalars under ``folder/runs/<stage>/`` -> the files, relative."""
+    from healer.release_runs import publish_runs
+
+    runs = {}
+    for stage in TRAINING_STAGES:
+        files = publish_runs(recipe.stage_dir(stage) / "tensorboard", folder / "runs" / stage)
+        if files:
+            runs[stage] = [f.relative_to(folder).as_posix() for f in files]
+    return runs
+
+
+def hub_metadata(recipe, base: dict, info: dict):
+    """The card's ``ModelCardData``: base model and relation, Hub datasets the recipe read, eval results."""
+    from healer.hub_metadata import card_data, hub_datasets, recipe_data_paths
+
+    return card_data(name=info["name"], base_model=info["base_model"], license=info["license"],
+                     language=(recipe.release.language if recipe.release else None) or base["language"],
+                     datasets=hub_datasets(recipe_data_paths(recipe)), tags=info["tags"],
+                     eval_result=info["eval"])
+
+
 def _check_output(out: Path) -> None:
     """Refuse to replace a directory that is not an earlier release: it may hold someone's work."""
     if out.is_file() or (out.is_dir() and any(out.iterdir())
@@ -174,8 +270,9 @@ def build_release(recipe, out: Path) -> dict:
 
     print(f"healer release: packaging {source}")
     location = resolve_source(source, gguf)
-    model = load_model(location, torch_dtype(cfg.dtype or recipe.model.dtype))
+    model = load_model(location, torch_dtype(recipe.model.dtype))
     tokenizer = load_tokenizer(location)
+    precision = cast_for_release(model, cfg.dtype, probe_tokens(tokenizer, model.config.vocab_size))
     save_and_verify(model, tokenizer, partial)  # safetensors + config + tokenizer, proven to reload as saved
     if not (partial / "generation_config.json").is_file():
         from transformers import GenerationConfig
@@ -210,9 +307,10 @@ def build_release(recipe, out: Path) -> dict:
         elif getattr(recipe, stage) is not None:
             curves_missing.append(stage)
 
-    base_model, base_license = base_identity(recipe.model.source, recipe.model.gguf_file)
-    base_model = cfg.base_model or base_model
-    license = cfg.license or base_license
+    runs = publish_stage_runs(recipe, partial)
+    base = base_identity(recipe.model.source, recipe.model.gguf_file)
+    base_model = cfg.base_model or base["hub_id"]
+    license = cfg.license or base["license"]
     method = (prune_report or {}).get("method")
     tags = list(dict.fromkeys([*cfg.tags, *([f"{method}-pruning"] if method in ("depth", "width", "sparse")
                                              else [])]))
@@ -224,7 +322,9 @@ def build_release(recipe, out: Path) -> dict:
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
         "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
+        "precision": precision, "base_gguf": base["gguf"], "runs": runs,
     }
+    info["card_data"] = hub_metadata(recipe, base, info)
     (partial / "README.md").write_text(redact_text(render(info), secrets), encoding="utf-8")
 
     outputs = {
@@ -236,6 +336,8 @@ def build_release(recipe, out: Path) -> dict:
         "inputs_found": {"prune_report": prune_report is not None, "eval": eval_result is not None,
                          **{f"{s}_tensorboard": s not in curves_missing and any(c[0] == s for c in curves)
                             for s in TRAINING_STAGES}},
+        "precision": precision, "base_gguf": base["gguf"], "runs": runs,
+        "push": {"repo_id": cfg.push, "private": cfg.private, "revision": cfg.revision} if cfg.push else None,
         "files": file_hashes(partial),
     }
     write_stage_manifest(partial, "release", outputs)
@@ -248,11 +350,31 @@ class Options:
     """``healer release`` has no flags of its own: everything it does is a recipe key (``--release.KEY``)."""
 
 
-def run_release_stage(recipe, opts: Options) -> int:
-    """The ``healer release`` verb: package the final checkpoint and every report into the release dir."""
+def run_release_stage(recipe, opts: Options, upload=None) -> int:
+    """The ``healer release`` verb: package the final checkpoint and every report into the release dir, then
+    upload it when ``release.push`` names a Hub repo. ``upload`` stands in for the Hub upload (tests)."""
     out = recipe.stage_dir("release")
     outputs = build_release(recipe, out)
     print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"
           + (f" (base {outputs['parameters_before']:,})" if outputs["parameters_before"] else "")
-          + f"\nwrote {out} (model card: {out / 'README.md'})")
+          + f", {outputs['precision']['dtype']}\nwrote {out} (model card: {out / 'README.md'})")
+    if recipe.release is not None and recipe.release.push:
+        push(recipe.release, out, upload)
     return 0
+
+
+def push(cfg: ReleaseConfig, out: Path, upload=None) -> str:
+    """Upload the finished release ``out`` to ``cfg.push``. On failure the release stops counting as finished,
+    so the next ``healer run`` builds and pushes it again instead of skipping it."""
+    from healer.hub_push import push_release
+    from healer.manifest import supersede_stage_manifest
+
+    try:
+        url = push_release(out, cfg.push, private=cfg.private, revision=cfg.revision,
+                           commit_message=cfg.commit_message, upload=upload)
+    except HealerError as err:
+        supersede_stage_manifest(out)
+        raise HealerError(f"{err}; {out} is kept but no longer marked finished, so `healer run` or `healer "
+                          "release` builds and pushes it again") from None
+    print(f"healer release: pushed to {url}")
+    return url

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from healer.config_base import Section
+
+# A Hub repository id as the Hub accepts it: one namespace, one name, no path, no URL.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 class ReleaseConfig(Section):
@@ -15,7 +21,31 @@ class ReleaseConfig(Section):
     base_model: str | None = Field(
         None, description="hub id of the base model for the card's front matter; guessed from model.source when unset"
     )
-    dtype: str | None = Field(None, description="dtype of the released weights (float32, bfloat16, float16); "
-                              "defaults to model.dtype")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the released weights: bfloat16 (half the download of float32, the range "
+        "of float32), float16 (checked for overflow) or float32")
     license: str | None = Field(None, description="defaults to the base model's licence when known")
     tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"])
+    language: list[str] | None = Field(None, description="ISO 639-1 codes for the card; defaults to the base model's")
+    push: str | None = Field(None, description="Hub repo (org/name) to upload the finished release to with "
+                             "HfApi.upload_folder; the token comes from HF_TOKEN or `hf auth login`, never the recipe")
+    private: bool = Field(False, description="create the pushed repo private (an existing repo keeps its visibility)")
+    revision: str | None = Field(None, description="branch to push to (created if missing); default the main branch")
+    commit_message: str | None = Field(None, description="commit message of the push; default names the release folder")
+
+    @field_validator("revision")
+    @classmethod
+    def _branch(cls, value: str | None) -> str | None:
+        bad = value is not None and (not re.fullmatch(r"\w[\w.\-/]*", value) or ".." in value
+                                     or value.endswith(("/", ".lock")))
+        if bad:
+            raise ValueError(f"release.revision {value!r} is not a usable branch name; use letters, digits, '-', "
+                             "'_', '.' and '/' (e.g. v1 or pruned-20pct)")
+        return value
+
+    @field_validator("push")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not REPO_ID.fullmatch(value):
+            raise ValueError(f"release.push {value!r} is not a Hub repo id; give org/name (e.g. myorg/my-model)")
+        return value

@@ -118,7 +118,9 @@ class PruneConfig(Section):
                                    f"{_end_defaults(0)})")
     keep_last: int | None = Field(None, ge=0, description=f"depth: blocks never removed at the end (default "
                                   f"{_end_defaults(1)})")
-    round_to: int = Field(8, gt=0, description="width: kept intermediate size is a multiple of this")
+    round_to: int = Field(256, gt=0, description="width: kept intermediate size is a multiple of this; 256 lets "
+                          "llama.cpp k-quantise ffn_down (QK_K=256) and fits Marlin/AWQ (128); smaller values are "
+                          "warned about in prune_report.json")
     sparsity: SparsityConfig | None = Field(None, description="sparse only: pattern, ratio, layers (and sparsegpt's "
                                             "blocksize, percdamp)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -198,7 +198,9 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
     elif spec.target == "mlp":
         kept = width.top_indices(scores, keep)
         adapter.shrink_mlp(kept)
-        details = {"intermediate_size": [config.intermediate_size, keep], **width.describe(scores, kept)}
+        details = {"intermediate_size": [config.intermediate_size, keep], **width.describe(scores, kept),
+                   "widths": width.width_divisibility({"intermediate_size": keep}),
+                   "warnings": width.kernel_warnings(keep)}
     else:
         before = (adapter.num_heads, adapter.num_kv_heads)
         kept = width.top_indices(scores, keep)
@@ -206,7 +208,9 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         details = {"attention_heads": [before[0], model.config.num_attention_heads],
                    "key_value_heads": [before[1], model.config.num_key_value_heads],
                    "removed_groups_per_block": width.describe(scores, kept)["removed_per_block"],
-                   "group_scores": [s.tolist() for s in scores]}
+                   "group_scores": [s.tolist() for s in scores],
+                   "widths": width.width_divisibility({"q_proj_out": adapter.num_heads * adapter.head_dim,
+                                                       "kv_proj_out": adapter.num_kv_heads * adapter.head_dim})}
 
     ppl_after = depth.perplexity(model, tokens) if tokens is not None else None
     # A report or manifest left by an earlier run must not describe the weights written now, even
@@ -335,3 +339,5 @@ def _print_summary(report: dict, out: Path) -> None:
         ppl = f"; calibration ppl {report['calibration_ppl_before']:.2f} -> {report['calibration_ppl_after']:.2f}"
     print(f"pruned ({report['method']}, {report['criterion']}): {what}; params {report['params_before']:,} -> "
           f"{report['params_after']:,} (-{report['param_reduction']:.1%}){ppl}\nwrote {out}")
+    for warning in report.get("warnings") or []:
+        print(f"warning: {warning}")

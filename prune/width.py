@@ -15,6 +15,38 @@ from healer.adapter import attention_projections, mlp_projections
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 
+# What the deploy kernels need of a pruned width (the GLU intermediate size is ffn_down's row length):
+# llama.cpp's k-quants (Q2_K..Q6_K, IQ*) quantise rows in super-blocks of QK_K = 256 and fall back to a
+# 32-block type (Q5_0, Q5_1, Q8_0, IQ4_NL) for a tensor whose rows are not a multiple of 256; the 32-block
+# types themselves need 32, below which llama-quantize refuses the tensor. Marlin (vLLM's GPTQ/AWQ kernel)
+# tiles K in 128 and N in 64, and AWQ/GPTQ quantise in groups of 128.
+KERNEL_MULTIPLES = (32, 64, 128, 256)
+KQUANT_BLOCK = 256
+GGUF_BLOCK = 32
+MARLIN_K = 128
+
+
+def width_divisibility(widths: dict[str, int]) -> dict[str, dict]:
+    """Each named width -> its value and whether it divides by 32, 64, 128 and 256 (what the kernels need)."""
+    return {name: {"value": value, "divisible_by": {str(m): value % m == 0 for m in KERNEL_MULTIPLES}}
+            for name, value in widths.items()}
+
+
+def kernel_warnings(intermediate_size: int) -> list[str]:
+    """What a pruned MLP width of ``intermediate_size`` costs at deployment; [] when every kernel takes it."""
+    out = []
+    if intermediate_size % GGUF_BLOCK:
+        out.append(f"intermediate_size {intermediate_size} is not a multiple of {GGUF_BLOCK}: llama.cpp cannot "
+                   "quantise ffn_down (q8_0, q4_0 and every k-quant need it); set prune.round_to 256")
+    elif intermediate_size % KQUANT_BLOCK:
+        out.append(f"intermediate_size {intermediate_size} is not a multiple of {KQUANT_BLOCK}: llama.cpp's "
+                   "k-quants (Q4_K_M etc.) cannot quantise ffn_down and llama-quantize falls back to a 32-block "
+                   "type (Q5_0/Q5_1/Q8_0/IQ4_NL) for it; set prune.round_to 256")
+    if intermediate_size % MARLIN_K:
+        out.append(f"intermediate_size {intermediate_size} is not a multiple of {MARLIN_K}: vLLM's Marlin "
+                   "kernels and AWQ/GPTQ group size 128 cannot take down_proj")
+    return out
+
 
 def kept_width(total: int, ratio: float, multiple: int) -> int:
     """Neurons kept when removing ``ratio`` of ``total``, rounded to a multiple of ``multiple``."""

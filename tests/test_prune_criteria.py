@@ -121,6 +121,20 @@ def test_kept_width_rounds_and_refuses_zero():
         width.kept_width(128, 0.01, 8)  # 126.7 rounds up to all 128
 
 
+def test_default_width_is_one_llama_cpp_k_quantises_and_smaller_ones_are_warned_about():
+    from healer.prune.config import PruneConfig
+
+    default = PruneConfig(method="width", criterion="maw", ratio=0.2).round_to
+    keep = width.kept_width(1536, 0.2, default)  # SmolLM2's MLP: round_to 8 gave 1232, not even a multiple of 32
+    assert keep == 1280 and width.kernel_warnings(keep) == []
+    assert width.width_divisibility({"intermediate_size": keep})["intermediate_size"]["divisible_by"] == {
+        "32": True, "64": True, "128": True, "256": True}
+    assert "cannot quantise ffn_down" in " ".join(width.kernel_warnings(1232))
+    k_quant, marlin = width.kernel_warnings(1216)  # round_to 64: q8_0 works, Q4_K falls back, Marlin refuses
+    assert "k-quants" in k_quant and "falls back" in k_quant and "Marlin" in marlin
+    assert len(width.kernel_warnings(1152)) == 1  # a multiple of 128 but not of 256
+
+
 def test_block_count_refusals():
     with pytest.raises(ValueError, match="rounds to 0"):
         depth.blocks_to_remove(6, 0.05, None)

@@ -58,12 +58,17 @@ def test_other_depth_criteria_remove_the_requested_count(criterion, tmp_path, ca
                                               ("attention", "head_norm")])
 def test_width_pruning_edits_config_honestly(target, criterion, tmp_path, calibration_file):
     src = save_tiny(tmp_path, "qwen2", layers=3, heads=4, kv_heads=2, intermediate=128)
-    cfg = PruneConfig(method="width", target=target, criterion=criterion, ratio=0.5,
+    cfg = PruneConfig(method="width", target=target, criterion=criterion, ratio=0.5, round_to=64,
                       calibration={"path": str(calibration_file), "num_samples": 4, "seq_len": 32})
-    prune(str(src), cfg, tmp_path / "out", progress=False)
+    report = prune(str(src), cfg, tmp_path / "out", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     if target == "mlp":
         assert config["intermediate_size"] == 64
+        # round_to 64 is below what llama.cpp's k-quants need: the report says so and records the divisibility
+        assert report["widths"]["intermediate_size"] == {
+            "value": 64, "divisible_by": {"32": True, "64": True, "128": False, "256": False}}
+        assert any("k-quants" in w for w in report["warnings"])
+        assert json.loads((tmp_path / "out" / "prune_report.json").read_text())["warnings"] == report["warnings"]
     else:
         assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 16)
     assert "quantization_config" not in config
@@ -79,7 +84,7 @@ def test_cli_prune_and_key_naming_errors(tmp_path, calibration_file, capsys):
     src = save_tiny(tmp_path, "llama", layers=6)
     out = tmp_path / "cli-out"
     code = main(["prune", "--model", str(src), "--method", "width", "--target", "mlp", "--criterion", "maw",
-                 "--ratio", "0.25", "--output", str(out)])
+                 "--ratio", "0.25", "--round-to", "32", "--output", str(out)])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
     assert json.loads((out / "manifest.json").read_text())["stage"] == "prune"
@@ -161,7 +166,7 @@ REFUSALS = [
     ("block out of range", None, dict(blocks=[1, 4]), "out", r"prune.blocks: \[4\] out of range"),
     ("every block listed", None, dict(blocks=[0, 1, 2, 3]), "out", "removes all 4 blocks"),
     ("protected ends leave too few", None, dict(num_blocks=1, criterion="ppl"), "out", "keep_first"),
-    ("width ratio removes no neuron", None, dict(method="width", criterion="maw", ratio=0.01), "out",
+    ("width ratio removes no neuron", None, dict(method="width", criterion="maw", ratio=0.01, round_to=8), "out",
      "rounds to removing none"),
     ("width ratio removes every KV group", None, dict(method="width", criterion="head_norm", ratio=0.9), "out",
      "would remove all 2 key-value groups"),

@@ -11,6 +11,7 @@ import yaml
 from helpers import save_tiny
 
 from healer.cli import main
+from healer.errors import HealerError
 from healer.manifest import read_stage_manifest, write_stage_manifest
 
 
@@ -18,6 +19,7 @@ def write_events(log_dir, steps: int = 12, with_val: bool = True) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(log_dir))
+    writer.add_text("config/ds_config", "secret-config")
     for step in range(1, steps + 1):
         writer.add_scalar("train/loss", 5.0 / step, step)
         writer.add_scalar("train/lr", 1e-4 * min(1.0, step / 4), step)
@@ -32,7 +34,7 @@ def run(tmp_path):
     """A finished prune -> cpt -> sft -> eval run on disk, as the stages leave it."""
     run_dir = tmp_path / "run"
     dense = save_tiny(tmp_path, name="dense", layers=4)
-    (dense / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\n---\n# tiny\n")
+    (dense / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\nlanguage: en\n---\n# tiny\n")
     merged = save_tiny(tmp_path / "run" / "sft", name="merged", layers=3)
     (run_dir / "prune").mkdir(parents=True)
     (run_dir / "prune" / "prune_report.json").write_text(json.dumps({
@@ -59,7 +61,11 @@ def run(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tiny-healed", "run_dir": str(run_dir), "model": {"source": str(dense)},
-        "prune": {"method": "depth", "ratio": 0.25}, "cpt": {}, "sft": {}, "eval": {"compare_to": "dense"},
+        "prune": {"method": "depth", "ratio": 0.25}, "cpt": {},
+        "data": {"sources": [{"path": "hf://datasets/cerebras/SlimPajama-627B/train/chunk1/*.jsonl.zst"},
+                             {"path": "/data/local/*.jsonl"}]},
+        "sft": {"data": "hf://datasets/yahma/alpaca-cleaned@main/alpaca_data_cleaned.json"},
+        "eval": {"compare_to": "dense"},
         "release": {"tags": ["pruned", "healer", "tiny"]}}))
     return recipe, run_dir, merged
 
@@ -74,18 +80,30 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     released = AutoModelForCausalLM.from_pretrained(out)
-    original = AutoModelForCausalLM.from_pretrained(merged)
+    assert released.dtype == torch.bfloat16  # the default: half the download of float32
+    original = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
     probe = torch.randint(0, 300, (1, 12))
-    assert torch.allclose(released(probe).logits, original(probe).logits, atol=1e-5)
+    assert torch.equal(released(probe).logits, original(probe).logits)
     assert AutoTokenizer.from_pretrained(out)("fox").input_ids
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "recipe.yaml"):
         assert (out / name).is_file(), name
 
     card = (out / "README.md").read_text()
-    meta = yaml.safe_load(card.split("---")[1])
-    assert meta["library_name"] == "transformers"
-    assert meta["license"] == "mit" and meta["base_model"] == "someorg/tiny-base"  # carried from the base
-    assert {"pruned", "healer", "tiny", "depth-pruning"} <= set(meta["tags"])
+    from huggingface_hub import ModelCard
+
+    hub = ModelCard.load(out / "README.md").data  # what the Hub will read from the front matter
+    assert hub.library_name == "transformers" and hub.pipeline_tag == "text-generation"
+    assert hub.license == "mit" and hub.base_model == "someorg/tiny-base"  # carried from the base
+    assert hub.base_model_relation == "finetune" and hub.language == ["en"]
+    assert hub.datasets == ["cerebras/SlimPajama-627B", "yahma/alpaca-cleaned"]  # hf:// sources only
+    assert {"pruned", "healer", "tiny", "depth-pruning"} <= set(hub.tags)
+    results = {(r.dataset_name, r.metric_type, r.metric_config): r for r in hub.eval_results}
+    assert results[("wiki.txt", "perplexity", "context 128")].metric_value == 30.0
+    assert ("wiki.txt", "perplexity", "context 2048") not in results  # skipped, so not a number
+    arc = results[("arc_easy", "acc", "first 50 examples")]
+    assert arc.metric_value == 0.4 and arc.dataset_type == "allenai/ai2_arc" and arc.dataset_config == "ARC-Easy"
+    assert results[("arc_easy", "acc_norm", "first 50 examples")].metric_value == 0.38
+    assert "The weights are stored in **bfloat16**, cast from float32" in card
     assert ("is [someorg/tiny-base](https://huggingface.co/someorg/tiny-base) after structured pruning (removed 1 of 4 "
             "decoder blocks (block 2)), then continued pretraining, then LoRA instruction tuning (rank 4)") in card
     assert "123,456" in card and "100,000" in card
@@ -107,6 +125,19 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     weights = out / "model.safetensors"
     assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert manifest["outputs"]["tokens_trained"] == {"cpt": 65536, "sft": 4096}
+    assert manifest["outputs"]["precision"]["dtype"] == "bfloat16"
+
+    # the stages' TensorBoard scalars ship under runs/ for the Hub's metrics tab, text notes and host names not
+    from healer.plots import read_scalars
+
+    runs = manifest["outputs"]["runs"]
+    assert set(runs) == {"cpt", "sft"} and all(f in files for f in runs["cpt"] + runs["sft"])
+    assert all(f.startswith(f"runs/{stage}/events.out.tfevents.") and f.endswith(".healer")
+               for stage, names in runs.items() for f in names)
+    published = read_scalars(out / "runs" / "cpt")
+    assert published["train/loss"] == read_scalars(run_dir / "cpt" / "tensorboard")["train/loss"]
+    assert b"secret-config" not in b"".join((out / f).read_bytes() for f in runs["cpt"])
+    assert "`runs/cpt/`, `runs/sft/`" in card
 
     # releasing again replaces the earlier release
     assert main(["release", str(recipe), "--release.model_name", "second"]) == 0
@@ -198,8 +229,11 @@ def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
 def test_card_for_width_pruning_without_a_dense_baseline():
     from healer.model_card import render
 
+    from healer.prune.width import kernel_warnings, width_divisibility
+
     report = {"method": "width", "criterion": "maw", "target": "mlp", "ratio": 0.2, "intermediate_size": [1536, 1232],
-              "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800}
+              "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800,
+              "widths": width_divisibility({"intermediate_size": 1232}), "warnings": kernel_warnings(1232)}
     card = render({"name": "w", "base_model": None, "base_source": "/models/base", "license": None, "tags": ["x"],
                    "params_before": 1000, "params_after": 800, "prune_report": report, "training": [],
                    "eval": {"parameters": 800, "perplexity": {"t.txt": {"128": {"ppl": 9.5}}}, "tasks": {}},
@@ -209,3 +243,105 @@ def test_card_for_width_pruning_without_a_dense_baseline():
     assert "licence could not be determined" in card
     assert "| perplexity `t.txt` @ 128 tokens | 9.5 |" in card and "No dense baseline was evaluated" in card
     assert "| removed | 200 (20.0%) |" in card
+    assert "| `intermediate_size` divisible by | none of 32, 64, 128, 256 |" in card
+    assert "**Deployment warning:** intermediate_size 1232 is not a multiple of 32: llama.cpp cannot quantise" in card
+
+
+def test_push_uploads_the_verified_release_and_nothing_when_the_release_fails(run, monkeypatch, capsys):
+    from healer.recipe import load_recipe
+    from healer.release import Options, run_release_stage
+
+    recipe_path, run_dir, merged = run
+    tree = yaml.safe_load(recipe_path.read_text())
+    tree["release"].update({"push": "someorg/tiny-healed", "private": True, "revision": "v1"})
+    recipe_path.write_text(yaml.safe_dump(tree))
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    calls = []
+
+    def fake_upload(**kwargs):
+        folder = kwargs["folder"]
+        calls.append({**kwargs, "files": sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                                if p.is_file())})
+        return "https://huggingface.co/someorg/tiny-healed/commit/abc"
+
+    assert run_release_stage(load_recipe(recipe_path), Options(), upload=fake_upload) == 0
+    out = run_dir / "release"
+    (call,) = calls
+    assert call["folder"] == out and call["repo_id"] == "someorg/tiny-healed"
+    assert call["private"] is True and call["revision"] == "v1"
+    assert {"model.safetensors", "README.md", "manifest.json"} <= set(call["files"])
+    assert "pushed to https://huggingface.co/someorg/tiny-healed/commit/abc" in capsys.readouterr().out
+    manifest_text = (out / "manifest.json").read_text()
+    assert HF_TOKEN not in manifest_text
+    assert json.loads(manifest_text)["outputs"]["push"] == {"repo_id": "someorg/tiny-healed", "private": True,
+                                                            "revision": "v1"}
+
+    # a release that was changed after it was written is not pushed, and no longer counts as finished
+    (out / "README.md").write_text("edited by hand")
+    from healer.release import push
+
+    with pytest.raises(HealerError, match=r"changed after it was written \(README.md\)"):
+        push(load_recipe(recipe_path).release, out, upload=fake_upload)
+    assert len(calls) == 1 and read_stage_manifest(out).get("superseded")
+
+    # a release that fails (the checkpoint to release is corrupt) uploads nothing
+    (merged / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(HealerError):
+        run_release_stage(load_recipe(recipe_path), Options(), upload=fake_upload)
+    assert len(calls) == 1
+
+
+def test_push_without_a_token_or_offline_is_one_clear_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from healer.hub_push import hub_upload
+
+    kwargs = dict(folder=tmp_path, repo_id="someorg/x", private=False, revision=None, commit_message="m")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HealerError, match="^release.push someorg/x: HF_HUB_OFFLINE is set"):
+        hub_upload(**kwargs)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(HealerError, match="^release.push someorg/x: no Hugging Face token; set HF_TOKEN"):
+        hub_upload(**kwargs)
+
+
+def test_push_names_a_hub_repo(tmp_path):
+    from healer.release_config import ReleaseConfig
+
+    for bad in ("https://huggingface.co/org/name", "org/name\n", "name", "org/name/extra"):
+        with pytest.raises(ValueError, match="is not a Hub repo id; give org/name"):
+            ReleaseConfig(push=bad)
+    for bad in ("../main", "v1\n", "a b", "refs/"):
+        with pytest.raises(ValueError, match="is not a usable branch name"):
+            ReleaseConfig(push="org/name", revision=bad)
+    assert ReleaseConfig(push="org/name", revision="pruned/20pct").revision == "pruned/20pct"
+
+
+def test_float16_overflow_is_refused_and_a_cast_is_measured():
+    from helpers import tiny_model
+
+    from healer.release import cast_for_release
+
+    model = tiny_model("llama")
+    facts = cast_for_release(model, "bfloat16")
+    assert facts["cast_from"] == "float32" and 0 < facts["max_abs_logit_diff"] < 1
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e6)  # logits beyond float16's 65504
+    with pytest.raises(HealerError, match="release.dtype float16: the model's logits overflow"):
+        cast_for_release(model, "float16")
+
+
+def test_card_says_the_base_came_from_a_dequantised_gguf():
+    from healer.model_card import render
+
+    card = render({"name": "g", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_source": "smollm2",
+                   "license": "apache-2.0", "tags": [], "params_before": None, "params_after": 10, "prune_report": None,
+                   "training": [], "eval": None, "recipe_yaml": "",
+                   "precision": {"dtype": "bfloat16", "cast_from": "bfloat16", "max_abs_logit_diff": 0.0,
+                                 "top1_agreement": 1.0},
+                   "base_gguf": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "type": "Q4_1"}})
+    assert "dequantised from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1)" in card
+    assert "The weights are stored in **bfloat16**." in card
