@@ -99,6 +99,9 @@ _DECLARED = (
     Verb("launch", "healer.launch.cli:main",
          "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
          flags={"--run-dir": "run_dir"}),
+    Verb("forecast", "healer.forecast:run_forecast",
+         "fit a heal's validation loss to a power law in tokens: tokens to recover X% of the pruned-dense gap",
+         needs_recipe=False),
     Verb("schema", "healer.schema:run_schema", "print every recipe key with its type and default",
          needs_recipe=False),
 )
