@@ -283,6 +283,10 @@ def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | N
                "release": str(recipe.stage_dir("release")) if recipe.release is not None else None,
                "stage_seconds": {**previous.get("stage_seconds", {}), **(timings or {})},
                "tokens_trained": _tokens_trained(recipe)}
+    if recipe.prune is not None and recipe.prune.rounds:
+        summary["rounds"] = [{"round": k, "ratio": r.ratio, "heal_tokens": r.heal_tokens,
+                              "tokens_trained": summary["tokens_trained"].get(f"round{k}/cpt")}
+                             for k, r in enumerate(recipe.prune.rounds, start=1)]
     if wall_s is not None:
         summary["wall_seconds_this_run"] = round(wall_s, 1)
     write_json_atomic(path, summary)

@@ -158,6 +158,7 @@ def test_rounds_run_in_their_own_dirs_resume_in_round_two_and_reach_the_card(
     assert set(summary["tokens_trained"]) == {"round1/cpt", "round2/cpt", "cpt"}
     card = (run / "release" / "README.md").read_text()
     assert "| round 1 healed |" in card and "| round 2 pruned |" in card
+    assert "Pruned in 2 rounds" in card and "round 2 removed 25% of the original model and healed on" in card
 
 
 def test_a_changed_round_makes_every_later_step_stale(tmp_path, calibration_file, monkeypatch, capsys):
