@@ -8,7 +8,7 @@
 4. the curve's first quarter (in tokens) is fitted and compared with the measured rest: the loss error on the
    later points, and the tokens the forecast gives for 50/70/80% recovery against where the curve got there.
 
-    python bench/forecast_check.py --out /tmp/forecast-check [--dense-steps 600 --heal-steps 240]
+    python bench/forecast_check.py --out /tmp/forecast-check [--dense-steps 200 --heal-steps 120]
 
 Input is /work/shared/data (or --data); the product never reads it. Prints one block to paste into a note.
 """
@@ -85,7 +85,7 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int) -> None:
     start = build_dense_start(out, data)
     common = {"data": {"sources": [{"path": str(data / "train")}], "validation": [{"path": str(data / "validation")}],
                        "seq_len": 128}}
-    cpt = {"zero_stage": 0, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 20, "eval_batches": 8,
+    cpt = {"zero_stage": 0, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 20, "eval_batches": 4,
            "save_every": 100}
     dense = _recipe(out / "dense.yaml", {**common, "model": {"source": str(start)}, "run_dir": str(out / "dense"),
                                          "cpt": {**cpt, "input": str(start), "max_steps": dense_steps, "lr": 3e-3,
@@ -133,7 +133,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/forecast-check"))
     parser.add_argument("--data", type=Path, default=SHARED)
-    parser.add_argument("--dense-steps", type=int, default=600)
-    parser.add_argument("--heal-steps", type=int, default=240)
+    parser.add_argument("--dense-steps", type=int, default=200)
+    parser.add_argument("--heal-steps", type=int, default=120)
     args = parser.parse_args()
     run(args.out, args.data, args.dense_steps, args.heal_steps)

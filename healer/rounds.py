@@ -14,6 +14,7 @@ rounded cumulative ratio (``round(0.4 * N) - round(0.2 * N)``), so the total equ
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +92,27 @@ def width_ratios(ratios: list[float]) -> list[float]:
 
 
 def _original_blocks(recipe) -> int:
+    model = recipe.model
+    return _block_count(model.source, model.gguf_file, model.revision)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_count(source: str, gguf_file: str | None, revision: str | None) -> int:
+    """Blocks of the model at ``source``; a GGUF's from its header (transformers would de-quantize every
+    tensor to build the config). Cached: ``healer run`` plans the rounds more than once."""
     from healer.modeling import load_config, resolve_source
 
-    model = recipe.model
-    return load_config(resolve_source(model.source, model.gguf_file, model.revision)).num_hidden_layers
+    location = resolve_source(source, gguf_file, revision)
+    if location.gguf_file:
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(Path(location.path) / location.gguf_file)
+            arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+            return int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+        except Exception:  # noqa: BLE001 -- an unusual header: the full config load names the problem
+            pass
+    return load_config(location).num_hidden_layers
 
 
 def round_steps(recipe) -> list[Step]:

@@ -71,3 +71,25 @@ def test_pruned_llama32_mlp20_recipe_matches_the_release(tmp_path, capsys):
     assert recipe.stage_input("eval") == str(recipe.stage_dir("prune"))
     assert main(["run", str(CONFIGS / "pruned-llama3.2-3b-mlp20.yaml"), f"run_dir={tmp_path}", "--dry-run"]) == 0
     assert "release        run" in capsys.readouterr().out
+
+
+def test_smollm2_rounds_recipe_compares_like_with_like(tmp_path):
+    """Issue 13's CPU measurement: 2 x 20% and one-shot 40% remove the same 12 of 30 blocks with the same
+    criterion and train the same number of tokens."""
+    from healer.prune.depth import blocks_to_remove
+    from healer.rounds import blocks_per_round, heal_steps
+
+    path = CONFIGS / "smollm2-40-rounds.yaml"
+    rounds = load_recipe(path, [f"run_dir={tmp_path / 'rounds'}"])
+    oneshot = load_recipe(path, [f"run_dir={tmp_path / 'oneshot'}", "prune.rounds=null", "prune.ratio=0.4",
+                                 "cpt.max_steps=100"])
+    assert rounds.prune.criterion == oneshot.prune.criterion == "ppl"
+    assert blocks_per_round([r.ratio for r in rounds.prune.rounds], 30) == [6, 6]
+    assert blocks_to_remove(30, oneshot.prune.ratio, None) == 12
+    tokens_per_step = rounds.cpt.global_batch_size * rounds.data.seq_len
+    round_steps = [heal_steps(r.heal_tokens, rounds.cpt.global_batch_size, rounds.data.seq_len)
+                   for r in rounds.prune.rounds if r.heal_tokens]
+    assert round_steps == [50] and rounds.prune.rounds[0].heal_tokens == 50 * tokens_per_step
+    assert sum(round_steps) + rounds.cpt.max_steps == oneshot.cpt.max_steps
+    assert rounds.model_dir("prune") == tmp_path / "rounds" / "round2" / "prune"  # what the final cpt heals
+    assert rounds.stage_input("cpt") == str(tmp_path / "rounds" / "round2" / "prune")
