@@ -8,7 +8,7 @@
 4. the curve's first quarter (in tokens) is fitted and compared with the measured rest: the loss error on the
    later points, and the tokens the forecast gives for 50/70/80% recovery against where the curve got there.
 
-    python bench/forecast_check.py --out /tmp/forecast-check [--dense-steps 200 --heal-steps 120]
+    python bench/forecast_check.py --out /tmp/forecast-check [--dense-steps 300 --heal-steps 160 --seq-len 64]
 
 Input is /work/shared/data (or --data); the product never reads it. Prints one block to paste into a note.
 """
@@ -47,7 +47,7 @@ def _texts(folder: Path, limit: int) -> list[str]:
     return out[:limit]
 
 
-def build_dense_start(out: Path, data: Path) -> Path:
+def build_dense_start(out: Path, data: Path, vocab: int, hidden: int) -> Path:
     """A random small Llama with a tokenizer trained on the corpus, saved as a HF directory."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
@@ -57,12 +57,12 @@ def build_dense_start(out: Path, data: Path) -> Path:
     if (start / "config.json").is_file():
         return start
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_texts(data / "train", 1500), vocab_size=2048, min_frequency=2,
+    bpe.train_from_iterator(_texts(data / "train", 1500), vocab_size=vocab, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(start)
@@ -80,12 +80,12 @@ def measured_tokens(tokens: list[float], losses: list[float], target: float) -> 
     return next((t for t, y in zip(tokens, losses) if y <= target), math.inf)
 
 
-def run(out: Path, data: Path, dense_steps: int, heal_steps: int) -> None:
+def run(out: Path, data: Path, dense_steps: int, heal_steps: int, vocab: int, hidden: int, seq_len: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    start = build_dense_start(out, data)
+    start = build_dense_start(out, data, vocab, hidden)
     common = {"data": {"sources": [{"path": str(data / "train")}], "validation": [{"path": str(data / "validation")}],
-                       "seq_len": 128}}
-    cpt = {"zero_stage": 0, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 20, "eval_batches": 4,
+                       "seq_len": seq_len}}
+    cpt = {"zero_stage": 0, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 20, "eval_batches": 2,
            "save_every": 100}
     dense = _recipe(out / "dense.yaml", {**common, "model": {"source": str(start)}, "run_dir": str(out / "dense"),
                                          "cpt": {**cpt, "input": str(start), "max_steps": dense_steps, "lr": 3e-3,
@@ -97,7 +97,7 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int) -> None:
     heal = _recipe(out / "heal.yaml", {
         **common, "model": {"source": dense_model}, "run_dir": str(out / "heal"),
         "prune": {"method": "depth", "criterion": "block_influence", "num_blocks": 3, "keep_first": 0,
-                  "keep_last": 0, "calibration": {"path": str(calib), "num_samples": 16, "seq_len": 128}},
+                  "keep_last": 0, "calibration": {"path": str(calib), "num_samples": 16, "seq_len": seq_len}},
         "cpt": {**cpt, "max_steps": heal_steps, "lr": 1e-3, "eval_every": 4, "schedule": "constant",
                 "warmup_steps": 0, "stop_at_recovery": 1.0}})
     assert main(["prune", str(heal)]) == 0
@@ -133,7 +133,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/forecast-check"))
     parser.add_argument("--data", type=Path, default=SHARED)
-    parser.add_argument("--dense-steps", type=int, default=200)
-    parser.add_argument("--heal-steps", type=int, default=120)
+    parser.add_argument("--dense-steps", type=int, default=300)
+    parser.add_argument("--heal-steps", type=int, default=160)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
     args = parser.parse_args()
-    run(args.out, args.data, args.dense_steps, args.heal_steps)
+    run(args.out, args.data, args.dense_steps, args.heal_steps, args.vocab, args.hidden, args.seq_len)

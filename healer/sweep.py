@@ -46,7 +46,11 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
 
 
 def point_dir(run_dir: str | Path, key: str, value: Any) -> Path:
-    return Path(run_dir) / "sweep" / f"{key}={value}"
+    """``<run_dir>/sweep/KEY=VALUE``; a value that is a path keeps to one folder name (``/`` -> ``_``)."""
+    name = f"{key}={value}".replace("/", "_").replace("\\", "_")
+    if name.startswith(".") or "\n" in name:
+        raise HealerError(f"sweep: {key}={value!r} cannot name a run directory; use another value spelling")
+    return Path(run_dir) / "sweep" / name
 
 
 def point_recipe(recipe, key: str, value: Any, run_dir: Path):
@@ -141,7 +145,11 @@ def sweep(recipe, opts: Options) -> dict:
     out_dir = Path(recipe.run_dir) / "sweep"
     previous = read_json_if_present(out_dir / "sweep.json") or {}
     cached = {(r["label"], r["model"]): r for r in previous.get("rows", []) if r and r.get("stamp")}
-    points = [(v, point_recipe(recipe, key, v, point_dir(recipe.run_dir, key, v).resolve())) for v in values]
+    dirs = [point_dir(recipe.run_dir, key, v).resolve() for v in values]
+    if len(set(dirs)) != len(dirs):
+        raise HealerError(f"sweep: two values of {key} give the same run directory name "
+                          f"({', '.join(map(str, values))})")
+    points = [(v, point_recipe(recipe, key, v, d)) for v, d in zip(values, dirs)]
     rows, dense_row, summary = [], None, {}
     for value, point in points:
         print(f"[sweep] {key}={value} -> {point.run_dir}", flush=True)

@@ -21,6 +21,9 @@ def test_over_is_parsed_and_bad_ones_refused():
     for bad in ("prune.ratio", "prune.ratio=", "=0.2", "prune.ratio=0.2,0.2"):
         with pytest.raises(HealerError, match="--over"):
             parse_over(bad)
+    from healer.sweep import point_dir
+
+    assert point_dir("run", "model.source", "org/name").name == "model.source=org_name"  # one folder, not nested
 
 
 def _recipe(tmp_path, calibration_file, extra=""):
