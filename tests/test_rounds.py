@@ -189,3 +189,33 @@ def test_healer_prune_alone_refuses_rounds(tmp_path, calibration_file, capsys):
     recipe, _ = _rounds_recipe(tmp_path, calibration_file)
     assert main(["prune", str(recipe)]) == 2
     assert "healer run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_rounds_killed_in_round_two_heal_resume_from_its_checkpoint(tmp_path, calibration_file, monkeypatch,
+                                                                         capsys):
+    """The real thing, one rank: round 2's heal is SIGKILLed at its third step; the next `healer run` skips
+    round 1 and round 2's prune and resumes round 2's heal from its step-2 checkpoint."""
+    recipe, src = _rounds_recipe(tmp_path, calibration_file, heal=("128", "192"))  # 2 and 3 steps of 2 x 32
+    text = recipe.read_text().replace(
+        "cpt: {micro_batch_size: 2, global_batch_size: 4, max_steps: 3, kd: {alpha: 0.5}}",
+        "cpt: {micro_batch_size: 2, global_batch_size: 2, max_steps: 2, save_every: 1, zero_stage: 0, "
+        "kd: {alpha: 0.5}}\nlaunch: {nproc_per_node: 1}")
+    recipe.write_text(text.replace("release: {model_name: tiny-rounds}\n", ""))
+    run = tmp_path / "run"
+    monkeypatch.setenv("HEALER_FAULT", "kill_at_step:3")  # only round 2's heal has a third step
+    assert main(["run", str(recipe)]) != 0
+    assert json.loads((run / "round1" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 2
+    assert not (run / "round2" / "cpt" / "manifest.json").exists()
+    monkeypatch.delenv("HEALER_FAULT")
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    for label in ("round1/prune", "round1/cpt", "round2/prune"):
+        assert f"[{label}] finished earlier" in out
+    logs = "".join(p.read_text(errors="replace") for p in (run / "round2" / "launch").rglob("*") if p.is_file())
+    assert "at step 2" in logs  # healer: resumed from .../step_2 at step 2
+    manifest = json.loads((run / "round2" / "cpt" / "manifest.json").read_text())
+    assert manifest["outputs"]["steps"] == 3 and manifest["outputs"]["kd"] is not None
+    assert AutoConfig.from_pretrained(run / "cpt" / "hf").num_hidden_layers == 4
