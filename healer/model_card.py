@@ -266,6 +266,11 @@ def stages_section(summary: dict | None) -> str:
     if summary.get("text"):
         text += (f"\n\nPerplexity on `{summary['text'].split('/')[-1]}` in {summary['context_length']}-token "
                  "windows, measured the same way for every row.")
+    if summary.get("rounds"):  # prune.rounds: each round scored and pruned the model the round before left
+        text += (f"\n\nPruned in {len(summary['rounds'])} rounds, each scoring the model the round before left: "
+                 + "; ".join(f"round {r['round']} removed {r['ratio']:.0%} of the original model"
+                             + (f" and healed on {_num(r['tokens_trained'])} tokens" if r.get("tokens_trained") else "")
+                             for r in summary["rounds"]) + ".")
     return text
 
 

@@ -26,7 +26,8 @@ from healer.manifest import (
 )
 from healer.recipe import Recipe
 from healer.redact import redact_tree
-from healer.stage_inputs import canonical_hash, describe_changes, stage_inputs
+from healer.rounds import Step, round_step_dirs, step_inputs, steps_of
+from healer.stage_inputs import canonical_hash, describe_changes
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
 
 SUMMARY = "summary.json"
@@ -35,13 +36,18 @@ SUMMARY = "summary.json"
 @dataclass
 class Options:
     only: str | None = field(default=None, metadata={
-        "help": f"comma-separated stages to run ({','.join(STAGES)}); the others are left as they are"})
+        "help": f"comma-separated stages to run ({','.join(STAGES)}); the others are left as they are "
+                "(prune: every round of prune.rounds)"})
     force: bool = field(default=False, metadata={
         "help": "run every stage again from scratch, even finished ones (training stages get --resume none)"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "print the steps (each round of prune.rounds too) and which would run or be skipped; run nothing"})
 
 
 def stages_of(recipe: Recipe) -> list[str]:
-    return [s for s in STAGES if getattr(recipe, s) is not None]
+    """The labels of the steps ``healer run`` takes: the stages, with ``prune`` as ``roundK/prune``,
+    ``roundK/cpt`` when the recipe has ``prune.rounds``."""
+    return [step.label for step in steps_of(recipe, STAGES)]
 
 
 def _selected(opts: Options) -> set[str] | None:
@@ -56,44 +62,49 @@ def _selected(opts: Options) -> set[str] | None:
 
 
 def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) -> list[tuple[str, bool]]:
-    """(stage, run it?) for the selected stages; refuses when a finished stage no longer matches its inputs.
+    """(step, run it?) for the selected steps; refuses when a finished step no longer matches its inputs.
 
-    A finished stage is skipped only while the inputs recorded in its manifest equal what the recipe and
-    the stages before it give now. A stage that runs again invalidates every finished stage after it.
-    Stages before the last selected one are checked even when not selected: a selected stage must not
-    be built on a stale one.
+    ``stages`` are step labels (:func:`stages_of`). A finished step is skipped only while the inputs
+    recorded in its manifest equal what the recipe and the steps before it give now. A step that runs
+    again invalidates every finished step after it. Steps before the last selected one are checked even
+    when not selected: a selected step must not be built on a stale one.
     """
-    last = max((stages.index(s) for s in stages if only is None or s in only), default=-1)
+    by_label = {step.label: step for step in steps_of(recipe, STAGES)}
+    steps = [by_label[label] for label in stages]
+    chosen = [i for i, step in enumerate(steps) if only is None or step.group in only]
+    last = max(chosen, default=-1)
     reruns: list[str] = []
     stale: list[str] = []  # the refusal's lines
-    stale_stages: list[str] = []
+    stale_steps: list[str] = []
     out = []
-    for stage in stages[:last + 1]:
-        selected = only is None or stage in only
-        manifest = finished_manifest(recipe.stage_dir(stage))
+    for step in steps[:last + 1]:
+        selected = only is None or step.group in only
+        directory = step.recipe.stage_dir(step.stage)
+        manifest = finished_manifest(directory)
         if selected and (force or manifest is None):
-            reruns.append(stage)
-            out.append((stage, True))
+            reruns.append(step.label)
+            out.append((step.label, True))
             continue
         if manifest is None:
             continue
-        if reruns or stale_stages:
-            changes = [f"built on {', '.join(reruns + stale_stages)}, which must run again"]
+        if reruns or stale_steps:
+            changes = [f"built on {', '.join(reruns + stale_steps)}, which must run again"]
         else:
             recorded = manifest.get("inputs") or {}
-            expected = stage_inputs(recipe, stage)
+            expected = step_inputs(step)
             changes = [] if recorded.get("hash") == canonical_hash(expected) \
                 else describe_changes(recorded.get("values"), redact_tree(expected)) or ["a secret value changed"]
         if changes:
-            stale_stages.append(stage)
-            stale.append(f"  {stage} ({recipe.stage_dir(stage)}): " + "; ".join(changes))
+            stale_steps.append(step.label)
+            stale.append(f"  {step.label} ({directory}): " + "; ".join(changes))
         elif selected:
-            out.append((stage, False))
+            out.append((step.label, False))
     if stale:
+        groups = list(dict.fromkeys(by_label[label].group for label in stale_steps))
         raise HealerError(
             f"{recipe.run_dir} holds finished stages built from other inputs than this recipe gives:\n"
             + "\n".join(stale)
-            + f"\nto rebuild them, run again with --force --only {','.join(stale_stages)} (or --force for every "
+            + f"\nto rebuild them, run again with --force --only {','.join(groups)} (or --force for every "
             "stage); to keep them, use a new run_dir (--run-dir DIR)")
     return out
 
@@ -105,6 +116,9 @@ def run_pipeline(recipe: Recipe, opts: Options) -> int:
     if not stages:
         raise HealerError(f"the recipe has no stage sections ({', '.join(STAGES)})")
     run_dir = Path(recipe.run_dir)
+    if opts.dry_run:
+        print(format_plan(recipe, plan(recipe, stages, only, opts.force)))
+        return 0
     with DirectoryLock(run_dir, "healer run"):
         steps = plan(recipe, stages, only, opts.force)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,63 +133,94 @@ def run_pipeline(recipe: Recipe, opts: Options) -> int:
         return _run(recipe, steps, resolved, opts.force)
 
 
+def format_plan(recipe: Recipe, steps: list[tuple[str, bool]]) -> str:
+    """``healer run --dry-run``: one line per step, what it does and whether it would run."""
+    by_label = {step.label: step for step in steps_of(recipe, STAGES)}
+    lines = [f"healer run {recipe.name}: {len(steps)} steps in {recipe.run_dir}"]
+    for label, run in steps:
+        step = by_label[label]
+        what = f"  ({step.detail})" if step.detail else ""
+        if step.stage == "cpt" and step.recipe is not recipe:
+            what = f"  ({step.recipe.cpt.max_steps} steps from {step.recipe.stage_input('cpt')})"
+        lines.append(f"  {label:<14} {'run' if run else 'finished, skip':<15} -> "
+                     f"{step.recipe.stage_dir(step.stage)}{what}")
+    return "\n".join(lines)
+
+
 def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: bool) -> int:
     started = time.time()
     timings: dict[str, float] = {}
+    by_label = {step.label: step for step in steps_of(recipe, STAGES)}
     print(f"healer run {recipe.name}: {' -> '.join(s for s, _ in steps)}  (run directory {recipe.run_dir})")
     if recipe.build_corpus is not None:
         _ensure_corpus(recipe.build_corpus.output, recipe.build_corpus.max_docs)
-    # Every stage this run rebuilds stops counting as finished now, not when its turn comes: if the run
+    # Every step this run rebuilds stops counting as finished now, not when its turn comes: if the run
     # is interrupted, the next `healer run` carries on with them instead of finding old results.
-    for stage, run in steps:
+    for label, run in steps:
         if run:
-            supersede_stage_manifest(recipe.stage_dir(stage))
-    for stage, run in steps:
-        stage_dir = recipe.stage_dir(stage)
+            step = by_label[label]
+            supersede_stage_manifest(step.recipe.stage_dir(step.stage))
+    for label, run in steps:
+        step = by_label[label]
+        stage_dir = step.recipe.stage_dir(step.stage)
         if not run:
-            print(f"[{stage}] finished earlier with the same inputs ({stage_dir}); skipping")
+            print(f"[{label}] finished earlier with the same inputs ({stage_dir}); skipping")
             continue
-        if stage == "release":
+        if step.stage == "release":
             write_summary(recipe)  # the model card shows the dense/pruned/healed table
-        print(f"[{stage}] starting -> {stage_dir}", flush=True)
+        print(f"[{label}] starting -> {stage_dir}" + (f"  ({step.detail})" if step.detail else ""), flush=True)
         t0 = time.time()
-        code = _run_stage(stage, recipe, resolved, force)
-        timings[stage] = round(time.time() - t0, 1)
+        code = _run_step(step, recipe, resolved, force)
+        timings[label] = round(time.time() - t0, 1)
         if code != 0:
-            print(f"[{stage}] stopped with exit code {code}; run `healer run` again to resume it")
+            print(f"[{label}] stopped with exit code {code}; run `healer run` again to resume it")
             return code
-        _check_finished(recipe, stage)
-        print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
+        _check_finished(step)
+        print(f"[{label}] done in {timings[label]:.0f} s", flush=True)
 
     summary = write_summary(recipe, timings, time.time() - started)
     print(format_summary(summary))
     return 0
 
 
-def _run_stage(stage: str, recipe: Recipe, resolved: Path, force: bool) -> int:
-    if stage in DISTRIBUTED_STAGES:
-        from healer.launch.run import run_stage
+def _run_step(step: Step, recipe: Recipe, resolved: Path, force: bool) -> int:
+    if step.stage in DISTRIBUTED_STAGES:
+        from healer.launch.run import run_stage, write_rank_recipe
 
-        args = ["--resume", "none"] if force and stage in TRAINING_STAGES else []
-        return run_stage(stage, str(resolved), args, recipe.launch)
-    from healer.cli import invoke
+        if step.recipe is not recipe:  # a round: its ranks read the round recipe
+            resolved = Path(step.recipe.run_dir) / "recipe.yaml"
+            write_rank_recipe(step.recipe, resolved)
+        args = ["--resume", "none"] if force and step.stage in TRAINING_STAGES else []
+        return run_stage(step.stage, str(resolved), args, step.recipe.launch)
+    from healer.cli import is_main_process
+    from healer.manifest import expect_inputs
 
-    verb = VERBS[stage]
-    _, options = verb.load()
-    return invoke(verb, recipe, options() if options is not None else [])
+    verb = VERBS[step.stage]
+    func, options = verb.load()
+    # As healer.cli.invoke, with the step's inputs (a round's prune also records the round it prunes).
+    expect_inputs(step.stage, step_inputs(step))
+    try:
+        if not is_main_process():
+            return int(func(step.recipe, options()) or 0)
+        with DirectoryLock(step.recipe.stage_dir(step.stage), f"healer {step.stage}"):
+            return int(func(step.recipe, options()) or 0)
+    finally:
+        expect_inputs(step.stage, None)
 
 
-def _check_finished(recipe: Recipe, stage: str) -> None:
-    """A stage that exited 0 must have left a manifest recording the inputs this run gave it."""
-    manifest = finished_manifest(recipe.stage_dir(stage))
+def _check_finished(step: Step) -> None:
+    """A step that exited 0 must have left a manifest recording the inputs this run gave it."""
+    directory = step.recipe.stage_dir(step.stage)
+    manifest = finished_manifest(directory)
     if manifest is None:
-        raise HealerError(f"{stage} exited without error but wrote no {recipe.stage_dir(stage) / MANIFEST}; "
+        raise HealerError(f"{step.label} exited without error but wrote no {directory / MANIFEST}; "
                           "its output is incomplete -- see the messages above")
     recorded = manifest.get("inputs") or {}
-    if recorded.get("hash") != canonical_hash(stage_inputs(recipe, stage)):
-        changes = "; ".join(describe_changes(recorded.get("values"), redact_tree(stage_inputs(recipe, stage)))
+    expected = step_inputs(step)
+    if recorded.get("hash") != canonical_hash(expected):
+        changes = "; ".join(describe_changes(recorded.get("values"), redact_tree(expected))
                             or ["a secret value changed"])
-        raise HealerError(f"{stage} finished, but not from the inputs this run gave it ({changes}); "
+        raise HealerError(f"{step.label} finished, but not from the inputs this run gave it ({changes}); "
                           "was another process writing it?")
 
 
@@ -195,8 +240,17 @@ def _ensure_corpus(output: str, max_docs: int | None) -> None:
 def checkpoints(recipe: Recipe) -> list[tuple[str, str]]:
     """(label, model source) for the dense model and each stage's model that exists."""
     out = [("dense", recipe.model.source)]
+    rounds = recipe.prune.rounds if recipe.prune is not None else None
+    for k in range(1, len(rounds or ()) + 1):  # each round's pruned and healed model
+        for label, directory in round_step_dirs(recipe):
+            if label.startswith(f"round{k}/"):
+                model = directory / "hf" if label.endswith("cpt") else directory
+                if (model / "config.json").is_file():
+                    out.append((f"round {k} {'healed' if label.endswith('cpt') else 'pruned'}", str(model)))
     for stage, label in (("prune", "pruned"), ("replace", "span replaced"), ("cpt", "healed (CPT)"),
                          ("sft", "instruction-tuned")):
+        if stage == "prune" and rounds:
+            continue  # the last round's rows above
         if getattr(recipe, stage) is not None and (recipe.model_dir(stage) / "config.json").is_file():
             out.append((label, str(recipe.model_dir(stage))))
     return out
@@ -229,6 +283,10 @@ def write_summary(recipe: Recipe, timings: dict | None = None, wall_s: float | N
                "release": str(recipe.stage_dir("release")) if recipe.release is not None else None,
                "stage_seconds": {**previous.get("stage_seconds", {}), **(timings or {})},
                "tokens_trained": _tokens_trained(recipe)}
+    if recipe.prune is not None and recipe.prune.rounds:
+        summary["rounds"] = [{"round": k, "ratio": r.ratio, "heal_tokens": r.heal_tokens,
+                              "tokens_trained": summary["tokens_trained"].get(f"round{k}/cpt")}
+                             for k, r in enumerate(recipe.prune.rounds, start=1)]
     if wall_s is not None:
         summary["wall_seconds_this_run"] = round(wall_s, 1)
     write_json_atomic(path, summary)
@@ -288,6 +346,11 @@ def _stamp(model_source: str) -> float | None:
 
 def _tokens_trained(recipe: Recipe) -> dict[str, int]:
     out = {}
+    if recipe.prune is not None and recipe.prune.rounds:
+        for label, directory in round_step_dirs(recipe):
+            manifest = read_stage_manifest(directory) if label.endswith("cpt") else None
+            if manifest and "tokens_trained" in manifest.get("outputs", {}):
+                out[label] = manifest["outputs"]["tokens_trained"]
     for stage in TRAINING_STAGES:
         manifest = read_stage_manifest(recipe.stage_dir(stage)) if getattr(recipe, stage) is not None else None
         if manifest and "tokens_trained" in manifest.get("outputs", {}):

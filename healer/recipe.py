@@ -82,8 +82,20 @@ class Recipe(Section):
                              "layer, or drop the replace: section")
         return self
 
+    @model_validator(mode="after")
+    def _rounds_feed_the_final_heal(self) -> "Recipe":
+        if self.prune is not None and self.prune.rounds and self.cpt is not None and self.cpt.input:
+            raise ValueError("cpt.input: with prune.rounds the cpt: stage heals the last round's model; drop "
+                             "cpt.input (or prune.rounds)")
+        return self
+
     def stage_dir(self, stage: str) -> Path:
-        """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``."""
+        """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``; with ``prune.rounds``,
+        prune's is the last round's prune directory (its report describes the final cut)."""
+        if stage == "prune" and self.prune is not None and self.prune.rounds:
+            from healer.rounds import round_dir
+
+            return round_dir(self.run_dir, len(self.prune.rounds)) / "prune"
         section = getattr(self, stage, None)
         out = getattr(section, "output", None) if section is not None else None
         return Path(out) if out else Path(self.run_dir) / stage
@@ -106,9 +118,24 @@ class Recipe(Section):
         return self.model.source
 
     def model_dir(self, stage: str) -> Path:
-        """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory)."""
+        """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory; with
+        ``prune.rounds`` the last round's model)."""
+        if stage == "prune" and self.prune is not None and self.prune.rounds:
+            from healer.rounds import round_model_dir
+
+            return round_model_dir(self, len(self.prune.rounds))
         sub = VERBS[stage].model_subdir
         return self.stage_dir(stage) / sub if sub else self.stage_dir(stage)
+
+
+    def step_dirs(self, stage: str) -> list[tuple[str, Path]]:
+        """(label, directory) of every step whose manifest a later stage is built on: the stage's own, or
+        with ``prune.rounds`` each round's prune and heal."""
+        if stage == "prune" and self.prune is not None and self.prune.rounds:
+            from healer.rounds import round_step_dirs
+
+            return round_step_dirs(self)
+        return [(stage, self.stage_dir(stage))]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -143,7 +170,7 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid recipe"]
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
@@ -183,7 +210,7 @@ def load_recipe(path: str | Path | dict | None = None, overrides: list[str] | di
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err, origin)) from None
+        raise RecipeError(format_validation_error(err, origin)) from None
 
 
 class _DuplicateKey(Exception):

@@ -58,8 +58,9 @@ def stage_inputs(recipe, stage: str) -> dict[str, Any]:
     out[f"{stage}.input"] = recipe.stage_input(stage)  # the resolved input, also when it is implicit
     for upstream in STAGES[:STAGES.index(stage)]:
         if getattr(recipe, upstream, None) is not None:
-            manifest = read_stage_manifest(recipe.stage_dir(upstream))
-            out[f"{upstream} manifest"] = canonical_hash(manifest) if manifest is not None else None
+            for label, directory in recipe.step_dirs(upstream):  # several with prune.rounds
+                manifest = read_stage_manifest(directory)
+                out[f"{label} manifest"] = canonical_hash(manifest) if manifest is not None else None
     return out
 
 

@@ -99,6 +99,12 @@ _DECLARED = (
     Verb("launch", "healer.launch.cli:main",
          "run STAGE on many ranks: --nproc N here, --hostfile [--no-ssh --node-rank K], --slurm [--dry-run]",
          flags={"--run-dir": "run_dir"}),
+    Verb("sweep", "healer.sweep:run_sweep",
+         "run the recipe at each value of --over KEY=V1,V2 (own run dirs) -> sweep.json, sweep.md, frontier.png",
+         flags=dict(_MODEL)),
+    Verb("forecast", "healer.forecast:run_forecast",
+         "fit a heal's validation loss to a power law in tokens: tokens to recover X% of the pruned-dense gap",
+         needs_recipe=False),
     Verb("schema", "healer.schema:run_schema", "print every recipe key with its type and default",
          needs_recipe=False),
 )

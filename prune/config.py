@@ -103,6 +103,46 @@ class ReplaceConfig(Section):
         "the span's on calibration, needs prune.calibration.path), first or last")
 
 
+def parse_tokens(value) -> int:
+    """``50M``, ``1.5B``, ``200k`` or a plain number -> a token count (YAML reads ``50M`` as a string)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a token count")
+    if isinstance(value, (int, float)):
+        count = value
+    else:
+        text = str(value).strip().replace("_", "").replace(",", "")
+        scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}.get(text[-1:].lower(), 1)
+        try:
+            count = float(text[:-1] if scale > 1 else text) * scale
+        except ValueError:
+            raise ValueError(f"{value!r} is not a token count; write e.g. 50M, 1.5B or 200000") from None
+    if count < 0 or count != count:
+        raise ValueError(f"{value!r} is not a token count (>= 0)")
+    return int(round(count))
+
+
+class RoundConfig(Section):
+    """One round of an iterative schedule: prune ``ratio`` of the ORIGINAL model, then heal on ``heal_tokens``."""
+
+    ratio: float = Field(description="fraction of the original model's blocks (depth) or MLP neurons / KV groups "
+                         "(width) this round removes; the rounds' ratios add up")
+    heal_tokens: int = Field(0, description="tokens this round heals on with the cpt: settings (50M, 1.5B, ...): "
+                             "ceil(tokens / (cpt.global_batch_size * data.seq_len)) optimizer steps; 0: no heal "
+                             "before the next round (after the last one, the cpt: stage is the heal)")
+
+    @field_validator("heal_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value):
+        return parse_tokens(value)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"a round's ratio must be between 0 and 1 (exclusive), got {value}")
+        return value
+
+
 class PruneConfig(Section):
     method: Literal[METHODS] = Field("depth", description=f"{' or '.join(METHODS)}: remove whole blocks, shrink "
                                      "every block's MLP / attention, or zero weights inside the projections")
@@ -128,6 +168,11 @@ class PruneConfig(Section):
     verify_atol: float = Field(1e-3, gt=0, description="max |logit difference| allowed after reload")
     replace: ReplaceConfig = Field(default_factory=ReplaceConfig,
                                    description="depth: replace the removed span by one trained block")
+    rounds: list[RoundConfig] | None = Field(
+        None, description="iterative pruning instead of one shot: [{ratio: 0.2, heal_tokens: 50M}, ...]; each "
+        "round prunes the previous round's healed model (criteria recomputed on it) into <run_dir>/roundK/prune "
+        "and heals it into <run_dir>/roundK/cpt; ratios are of the original model and add up; `healer run` "
+        "runs them, then cpt:, sft:, eval:, release:")
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +185,9 @@ class PruneConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "PruneConfig":
         get_criterion(self.method, self.criterion, self.target if self.method == "width" else None)
+        if self.rounds is not None:
+            self._check_rounds()
+            return self
         if self.method != "sparse" and self.sparsity is not None:
             raise ValueError(f"prune.sparsity applies to method: sparse only (prune.method is {self.method})")
         if self.method == "sparse":
@@ -172,6 +220,32 @@ class PruneConfig(Section):
             if repeated:
                 raise ValueError(f"prune.blocks lists {repeated} more than once; list each block to remove once")
         return self
+
+    def _check_rounds(self) -> None:
+        if not self.rounds:
+            raise ValueError("prune.rounds is empty; list the rounds ([{ratio: 0.2, heal_tokens: 50M}, ...]) or "
+                             "drop the key for one-shot pruning")
+        if self.method == "sparse":
+            raise ValueError("prune.rounds applies to method: depth or width; sparse pruning is one-shot "
+                             "(prune.sparsity)")
+        given = [k for k in ("ratio", "num_blocks", "blocks", "output") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"prune.{given[0]} and prune.rounds both say what to remove; with rounds each "
+                             "round's ratio does (and each round writes <run_dir>/roundK/prune), drop "
+                             f"prune.{given[0]}")
+        if self.replace.kind != "none":
+            raise ValueError("prune.rounds with prune.replace: a replacement block stands in for one one-shot "
+                             "span; use one round, or replace.kind: none")
+        total = sum(r.ratio for r in self.rounds)
+        if total >= 1.0:
+            raise ValueError(f"prune.rounds remove {total:g} of the original model in total "
+                             f"({' + '.join(f'{r.ratio:g}' for r in self.rounds)}); the ratios are of the "
+                             "original model and must add up to less than 1")
+
+    @property
+    def total_ratio(self) -> float | None:
+        """What the whole prune removes, as a fraction of the original model (the rounds' sum, or ``ratio``)."""
+        return sum(r.ratio for r in self.rounds) if self.rounds else self.ratio
 
     @model_validator(mode="after")
     def _check_replace(self) -> "PruneConfig":

@@ -293,6 +293,9 @@ def run_prune_stage(recipe, opts: Options) -> int:
     """The ``healer prune`` verb: prune ``recipe.stage_input("prune")`` into the prune stage directory."""
     if recipe.prune is None:
         raise HealerError("the recipe has no prune: section (give --method/--ratio or a recipe with prune:)")
+    if recipe.prune.rounds:
+        raise HealerError("prune.rounds: each round prunes the round before's healed model; `healer run` runs "
+                          "them (`healer run --dry-run` lists the steps)")
     out = recipe.stage_dir("prune")
     report = prune(recipe.stage_input("prune"), recipe.prune, out, gguf_file=recipe.model.gguf_file,
                    dtype=recipe.model.dtype, seed=recipe.seed, keep_apart=teachers(recipe))

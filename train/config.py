@@ -92,6 +92,9 @@ class CPTConfig(TrainingFields):
     eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
     kd: KDConfig | None = Field(None, description="distil from a teacher instead of plain next-token CE")
+    stop_at_recovery: float | None = Field(
+        None, gt=0, le=1, description="stop once the validation loss has recovered this fraction of the gap between "
+        "the input's and the dense model's (both measured on data.validation at step 0); e.g. 0.9")
 
 
 class SelfDistillConfig(Section):

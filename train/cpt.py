@@ -60,8 +60,9 @@ def run_cpt(recipe, opts: Options) -> int:
     # Positions past the model's maximum were never trained: refuse before any rank builds an engine.
     check_seq_len(recipe.data.seq_len, load_config(location), "data.seq_len")
     teacher_location = None
-    if cfg.kd is not None and opts.action == "train":
-        teacher = cfg.kd.teacher or recipe.model.source
+    if (cfg.kd is not None or cfg.stop_at_recovery is not None) and opts.action == "train":
+        # The KD teacher; with stop_at_recovery (and no KD) the dense model the recovery is measured against.
+        teacher = (cfg.kd.teacher if cfg.kd is not None else None) or recipe.model.source
         same_t = teacher == recipe.model.source
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
                                           recipe.model.revision if same_t else None)
@@ -263,7 +264,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     engine = init_engine(model, ds_config, optimizer)
     constraints = _constraints(engine, keep_sparsity)
     teacher = None
-    if cfg.kd is not None and opts.action == "train":
+    if teacher_location is not None:
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned
 
@@ -318,6 +319,20 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         def evaluate_fn(eng):
             return evaluate(eng, make_val, cfg.eval_batches)
 
+    stop_when = None
+    if cfg.stop_at_recovery is not None:
+        from healer.forecast import recovery_baseline, recovery_reached
+
+        if evaluate_fn is None:
+            raise HealerError("cpt.stop_at_recovery measures recovery on validation loss; give data.validation")
+        baseline = recovery_baseline(stage_dir, fresh=progress.resumed_from is None, write=rank == 0,
+                                     pruned_loss=lambda: evaluate_fn(engine)["val/loss"],
+                                     dense_loss=lambda: evaluate_fn(teacher)["val/loss"])
+        logger.write(f"healer cpt: stop at {cfg.stop_at_recovery:.0%} recovery of validation loss "
+                     f"{baseline['pruned_val_loss']:.4f} (input) -> {baseline['dense_val_loss']:.4f} (dense)")
+        stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
+        if cfg.kd is None:
+            teacher = None  # it only measured the dense loss
     objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k)
                  if teacher is not None else NextTokenCE())
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
@@ -325,7 +340,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
-                    step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints)
+                    step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when)
     logger.close()
     if outcome.status == "preempted":
         return None
@@ -346,6 +361,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "mfu": last.get("perf/mfu"), "device": device_name, "world_size": world, "zero_stage": zero_stage,
         "precision": precision, "parameters": n_params, "kd": cfg.kd.model_dump() if cfg.kd else None,
         "sparsity": sparsity,
+        "recovery": {"target": cfg.stop_at_recovery, **baseline, "reached": outcome.status == "reached",
+                     "at_step": outcome.progress.step, "recovered": last.get("val/recovery")}
+        if cfg.stop_at_recovery is not None else None,
         "data_exhausted": outcome.status == "exhausted", "forced_changes": outcome.progress.changed,
         "tokens_per_source": {k[len("data/tokens/"):]: int(v) for k, v in last.items() if k.startswith("data/tokens/")},
     }

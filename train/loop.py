@@ -68,7 +68,8 @@ class Progress:
 
 @dataclass
 class Outcome:
-    """How :func:`train` ended: ``done``, ``paused`` (``stop_after`` reached), ``exhausted`` or ``preempted``."""
+    """How :func:`train` ended: ``done``, ``paused`` (``stop_after`` reached), ``reached`` (``stop_when``),
+    ``exhausted`` or ``preempted``."""
 
     status: str
     progress: Progress
@@ -150,7 +151,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
           progress: Progress, stage_dir: Path, settings: dict[str, Any], logger: MetricsLogger,
           stop_after: int | None = None, evaluate: Callable[[Any], dict[str, float]] | None = None,
           step_scalars: Callable[[int, float], dict[str, float]] | None = None,
-          frozen_base: bool = False, constraints: Sequence[Any] = ()) -> Outcome:
+          frozen_base: bool = False, constraints: Sequence[Any] = (),
+          stop_when: Callable[[dict[str, Any]], bool] | None = None) -> Outcome:
     """Collective: run optimizer steps from ``progress.step`` to ``cadence.max_steps`` (or ``stop_after`` more).
 
     Args:
@@ -163,6 +165,8 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
         frozen_base: checkpoints leave frozen weights out (LoRA).
         constraints: objects whose ``apply(engine)`` runs after every optimizer step (e.g.
             :class:`~healer.train.masks.SparsityMask`); their ``state_dict()`` goes into every checkpoint.
+        stop_when: ``(scalars) -> bool`` on every step's scalars (the same on every rank: they are reduced);
+            True saves and ends the run there (``cpt.stop_at_recovery``).
     """
     rank, world = _world()
     device = engine.device
@@ -236,10 +240,11 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
             if evaluate is not None and due(step, cadence.eval_every, cadence.max_steps):
                 scalars.update(evaluate(engine))
                 engine.train()
-            if due(step, cadence.log_every, stop_at) or preempted:
+            reached = stop_when is not None and stop_when(scalars)
+            if due(step, cadence.log_every, stop_at) or preempted or reached:
                 logger.log(step, scalars)
             last.update({k: float(v) for k, v in scalars.items() if v is not None})
-            if due(step, cadence.save_every, stop_at) or preempted:
+            if due(step, cadence.save_every, stop_at) or preempted or reached:
                 _save(engine, batches, stage_dir, Progress(step, tokens_seen, supervised), cadence, settings,
                       frozen_base, constraints)
                 saved_at = step
@@ -249,6 +254,10 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
                              f"{step}, exiting with {PREEMPTED_EXIT_CODE}")
                 if rank == 0:
                     _mark_preempted(stage_dir, step)
+                break
+            if reached:
+                status = "reached"
+                logger.write(f"healer: the stop condition was reached at step {step}; saved, stopping")
                 break
         else:
             if stop_at < cadence.max_steps:
@@ -278,7 +287,9 @@ def finished(stage_dir: Path, steps: int) -> bool:
     from healer.manifest import finished_manifest
 
     manifest = finished_manifest(stage_dir)
-    return manifest is not None and manifest.get("outputs", {}).get("steps") == steps
+    outputs = manifest.get("outputs", {}) if manifest is not None else {}
+    stopped = bool((outputs.get("recovery") or {}).get("reached"))  # cpt.stop_at_recovery ended it early
+    return manifest is not None and (outputs.get("steps") == steps or stopped)
 
 
 def _mark_preempted(stage_dir: Path, step: int) -> None:

@@ -1,0 +1,82 @@
+"""``healer sweep``: one run directory per value, a table and a frontier PNG with the dense model, finished
+points skipped on a second sweep."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from helpers import SAMPLE_TEXT, save_tiny
+
+import healer.sweep as sweep_mod
+from healer.cli import main
+from healer.errors import HealerError
+from healer.sweep import parse_over
+
+
+def test_over_is_parsed_and_bad_ones_refused():
+    assert parse_over("prune.ratio=0.2,0.3") == ("prune.ratio", [0.2, 0.3])
+    assert parse_over("--prune.num-blocks=1, 2") == ("prune.num_blocks", [1, 2])
+    for bad in ("prune.ratio", "prune.ratio=", "=0.2", "prune.ratio=0.2,0.2"):
+        with pytest.raises(HealerError, match="--over"):
+            parse_over(bad)
+    from healer.sweep import point_dir
+
+    assert point_dir("run", "model.source", "org/name").name == "model.source=org_name"  # one folder, not nested
+
+
+def _recipe(tmp_path, calibration_file, extra=""):
+    src = save_tiny(tmp_path, "llama", layers=4, hidden=64, intermediate=128)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(SAMPLE_TEXT * 10)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: tiny
+        run_dir: {tmp_path / 'run'}
+        model: {{source: {src}}}
+        prune:
+          method: depth
+          criterion: block_influence
+          ratio: 0.25
+          keep_first: 0
+          keep_last: 0
+          calibration: {{path: {calibration_file}, num_samples: 4, seq_len: 32}}
+        eval: {{perplexity_files: [{heldout}], context_lengths: [32], output: "${{run_dir}}/eval"}}
+    """) + extra)
+    return recipe
+
+
+def test_sweep_writes_a_frontier_with_the_dense_model_and_skips_finished_points(
+        tmp_path, calibration_file, monkeypatch, capsys):
+    recipe = _recipe(tmp_path, calibration_file)
+    assert main(["sweep", str(recipe), "--over", "prune.ratio=0.25,0.5", "--repeats", "1"]) == 0
+    sweep_dir = tmp_path / "run" / "sweep"
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["label"] for r in result["rows"]] == ["dense", "prune.ratio=0.25", "prune.ratio=0.5"]
+    assert [r["layers"] for r in result["rows"]] == [4, 3, 2]
+    params = [r["params"] for r in result["rows"]]
+    assert params[0] > params[1] > params[2]
+    assert all(r["perplexity"] > 1 and r["tokens_per_s"] > 0 for r in result["rows"])
+    for value in ("0.25", "0.5"):
+        assert (sweep_dir / f"prune.ratio={value}" / "eval" / "eval.json").is_file()
+    table = (sweep_dir / "sweep.md").read_text()
+    assert table.startswith("| model | parameters | blocks | perplexity | tokens/s |")
+    assert "| prune.ratio=0.5 |" in table
+    assert (sweep_dir / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Again: every stage of every point is finished, and no model is timed again.
+    timed = []
+    monkeypatch.setattr(sweep_mod, "throughput", lambda *a: timed.append(a) or 1.0)
+    capsys.readouterr()
+    assert main(["sweep", str(recipe), "--over", "prune.ratio=0.25,0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 4 and timed == []
+
+
+def test_a_fixed_stage_output_is_refused_since_every_point_would_share_it(tmp_path, calibration_file, capsys):
+    recipe = _recipe(tmp_path, calibration_file)
+    recipe.write_text(recipe.read_text().replace('output: "${run_dir}/eval"', f"output: {tmp_path / 'eval'}"))
+    assert main(["sweep", str(recipe), "--over", "prune.ratio=0.25,0.5"]) == 2
+    assert "eval.output" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
