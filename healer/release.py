@@ -149,6 +149,18 @@ def _replace_dir(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
+def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
+    """``release.gguf``: write each GGUF type under ``folder/gguf`` and prove it against the weights in ``folder``.
+
+    Raises (and so fails the release before any card is written) when a file fails its parity check.
+    """
+    if not kinds:
+        return []
+    from healer.gguf_export import export_and_check
+
+    return export_and_check(folder, folder / "gguf", name, kinds)
+
+
 def build_release(recipe, out: Path) -> dict:
     """Write the release directory ``out``; returns the manifest outputs."""
     from healer.model_card import render
@@ -197,6 +209,7 @@ def build_release(recipe, out: Path) -> dict:
     secrets = secret_values(tree)
     recipe_yaml = public_yaml(tree)
     (partial / "recipe.yaml").write_text(recipe_yaml)
+    gguf_files = release_ggufs(partial, cfg.model_name or recipe.name, cfg.gguf)
 
     eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
@@ -224,6 +237,7 @@ def build_release(recipe, out: Path) -> dict:
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
         "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
+        "gguf": gguf_files,
     }
     (partial / "README.md").write_text(redact_text(render(info), secrets), encoding="utf-8")
 
@@ -236,6 +250,7 @@ def build_release(recipe, out: Path) -> dict:
         "inputs_found": {"prune_report": prune_report is not None, "eval": eval_result is not None,
                          **{f"{s}_tensorboard": s not in curves_missing and any(c[0] == s for c in curves)
                             for s in TRAINING_STAGES}},
+        "gguf": gguf_files,
         "files": file_hashes(partial),
     }
     write_stage_manifest(partial, "release", outputs)

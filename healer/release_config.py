@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from healer.config_base import Section
 
@@ -19,3 +21,15 @@ class ReleaseConfig(Section):
                               "defaults to model.dtype")
     license: str | None = Field(None, description="defaults to the base model's licence when known")
     tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"])
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
+        default_factory=list,
+        description="GGUF files to write beside the weights, e.g. [f16, q8_0], as gguf/<name>-<type>.gguf; each is "
+        "loaded back and its logits checked against the checkpoint before the release is written",
+    )
+
+    @field_validator("gguf")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a type twice ({', '.join(value)}); name each GGUF type once")
+        return value
