@@ -234,7 +234,7 @@ def _file_type(kind: str):
 
 
 def _plan(config, arch: str, shapes: dict[str, tuple[int, ...]], kind: str) -> list[tuple[str, str, str]]:
-    """(hf name, gguf name, storage type) for every tensor, in file order; refuses a tensor llama.cpp has no name for."""
+    """(hf name, gguf name, storage type) of every tensor, in file order; refuses one llama.cpp has no name for."""
     import gguf
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
@@ -362,7 +362,7 @@ def export_gguf(hf_dir: str | Path, out: str | Path, kind: str, name: str) -> di
         writer.write_ti_data_to_file()
 
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        for hf_name, gguf_name, storage in plan:
+        for hf_name, _, storage in plan:
             with safe_open(files[hf_name], "pt") as fh:
                 tensor = fh.get_tensor(hf_name).float()
             if arch == "llama" and ".self_attn.q_proj." in hf_name:

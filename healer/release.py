@@ -270,4 +270,8 @@ def run_release_stage(recipe, opts: Options) -> int:
     print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"
           + (f" (base {outputs['parameters_before']:,})" if outputs["parameters_before"] else "")
           + f"\nwrote {out} (model card: {out / 'README.md'})")
+    for record in outputs["gguf"]:
+        checks = ", ".join(f"{c['loader']} top-1 {c['top1_agreement']:.1%}, max |dlogit| {c['max_abs_dlogit']:.3g}"
+                           for c in record["parity"])
+        print(f"  gguf/{record['file']}: {record['bytes'] / 1e6:,.1f} MB, parity passed ({checks})")
     return 0
