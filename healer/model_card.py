@@ -247,13 +247,15 @@ def gguf_section(files: list[dict], repo_id: str | None) -> str:
         for p in f.get("parity") or []:
             native |= p.get("loader") == "llama.cpp"
             dlogit = f"{_num(p.get('max_abs_dlogit'))} ({p.get('relative_dlogit', 0):.2%} of max)"
+            agree = f"{p.get('top1_agreement', 0):.1%} ({p.get('top1_agreement_with_ties', 0):.1%} with near-ties)"
             rows.append([f"`gguf/{f['file']}`", f["type"], f"{f['bytes'] / 1e6:,.1f} MB", p.get("loader", "-"),
-                         dlogit, f"{p.get('top1_agreement', 0):.1%}", _num(p.get("positions")),
+                         dlogit, agree, _num(p.get("positions")),
                          "passed" if p.get("passed") else "**failed**"])
     pick = next((f for f in files if f["type"] == "q8_0"), files[0])["file"]
     lines = ["Each GGUF file was loaded back after it was written and its logits compared with these safetensors "
              "weights on a fixed English prompt (float types: max |logit difference| within a bound relative to the "
-             "largest logit; q8_0: the same next token at 99% of positions or more):", "",
+             "largest logit; q8_0: the same next token at 99% of positions or more, where a token the weights rate "
+             "within 0.5 logit of their top one is a near-tie and counts as the same):", "",
              _table(["file", "type", "size", "loaded by", "max abs logit diff", "top-1 agreement", "positions",
                      "check"], rows), ""]
     if not native:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from types import SimpleNamespace
 
 import gguf
@@ -114,6 +115,25 @@ def test_pruned_models_export(tmp_path, calibration_file):
     assert {t.name: t.tensor_type.name for t in reader.tensors}["blk.0.ffn_down.weight"] == "F16"
     heads = gguf_export.export_and_check(tmp_path / "heads", tmp_path / "g3", "h", ["f16"])[0]["parity"][0]
     assert heads["passed"] and heads["config_from_checkpoint"] == ["head_dim"]
+
+
+def test_llama3_rope_scaling_travels_as_llama_cpp_reads_it(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    src = confident_model(tmp_path, "llama", layers=2, rope_parameters=rope)
+    check = gguf_export.export_and_check(src, tmp_path / "gguf", "r", ["f32"])[0]["parity"][0]
+    # transformers' GGUF reader knows no rope scaling: the check hands it the checkpoint's, and says so
+    assert check["passed"] and check["config_from_checkpoint"] == ["rope_parameters"]
+    _, reader = fields(tmp_path / "gguf" / "r-f32.gguf")
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    # llama.cpp divides each rotary frequency by its factor: 1 for short wavelengths, `factor` for long ones,
+    # smoothly in between (wavelength 2*pi*10000**(2i/16) against 64/4 and 64/1 positions)
+    expected = []
+    for i in range(8):
+        wavelength = 2 * math.pi * 10000 ** (2 * i / 16)
+        smooth = (64 / wavelength - 1) / 3
+        expected.append(1 if wavelength < 16 else 8 if wavelength > 64 else 1 / ((1 - smooth) / 8 + smooth))
+    assert factors.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_what_gguf_cannot_express_is_refused_in_one_line(tmp_path):
