@@ -274,11 +274,43 @@ def stages_section(summary: dict | None) -> str:
     return text
 
 
+def gguf_section(files: list[dict], repo_id: str | None) -> str:
+    """How to run the GGUF files with llama.cpp, and what their parity check measured (``healer.gguf_export``)."""
+    rows, native = [], False
+    for f in files:
+        for p in f.get("parity") or []:
+            native |= p.get("loader") == "llama.cpp"
+            dlogit = f"{_num(p.get('max_abs_dlogit'))} ({p.get('relative_dlogit', 0):.2%} of max)"
+            agree = f"{p.get('top1_agreement', 0):.1%} ({p.get('top1_agreement_with_ties', 0):.1%} with near-ties)"
+            rows.append([f"`gguf/{f['file']}`", f["type"], f"{f['bytes'] / 1e6:,.1f} MB", p.get("loader", "-"),
+                         dlogit, agree, _num(p.get("positions")),
+                         "passed" if p.get("passed") else "**failed**"])
+    pick = next((f for f in files if f["type"] == "q8_0"), files[0])["file"]
+    lines = ["Each GGUF file was loaded back after it was written and its logits compared with these safetensors "
+             "weights on a fixed English prompt (float types: max |logit difference| within a bound relative to the "
+             "largest logit; q8_0: the same next token at 99% of positions or more, where a token the weights rate "
+             "within 0.5 logit of their top one is a near-tie and counts as the same):", "",
+             _table(["file", "type", "size", "loaded by", "max abs logit diff", "top-1 agreement", "positions",
+                     "check"], rows), ""]
+    if not native:
+        lines += ["*llama.cpp itself did not run this check (`llama-cpp-python` was not installed); transformers' "
+                  "GGUF loader did.*", ""]
+    for f in files:
+        lines += [f"*`{f['file']}`: {note}.*" for note in f.get("notes") or []]
+    lines += ["```sh"]
+    if repo_id:
+        lines.append(f"llama-cli --hf-repo {repo_id} --hf-file gguf/{pick} -cnv")
+    lines += [f"llama-cli -m gguf/{pick} -cnv     # chat, with the chat template stored in the file",
+              f"llama-server -m gguf/{pick}       # OpenAI-compatible server on port 8080", "```"]
+    return "\n".join(lines)
+
+
 def render(info: dict) -> str:
     """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
     prune_report, sparsity (``healer.release.released_sparsity``), training, curves, curves_missing, eval,
     summary, recipe_yaml, source; optional: card_data (``ModelCardData``; built from the keys above when
-    absent), precision (``healer.release.cast_for_release``), base_gguf, runs."""
+    absent), precision (``healer.release.cast_for_release``), base_gguf, runs, gguf
+    (``healer.gguf_export.export_and_check``'s records)."""
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
@@ -326,6 +358,8 @@ def render(info: dict) -> str:
     if runs:
         parts += [runs, ""]
     parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source")), ""]
+    if info.get("gguf"):
+        parts += ["## Run it with llama.cpp", "", gguf_section(info["gguf"], info.get("repo_id")), ""]
     parts += ["## Recipe", "", "The healer recipe that produced this checkpoint (also in `recipe.yaml`):", "",
               "```yaml", info.get("recipe_yaml", "").rstrip(), "```", ""]
     parts += ["## Files", "", "`manifest.json` lists every file of this directory with its SHA-256 and size "

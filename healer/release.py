@@ -245,6 +245,18 @@ def _replace_dir(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
+def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
+    """``release.gguf``: write each GGUF type under ``folder/gguf`` and prove it against the weights in ``folder``.
+
+    Raises (and so fails the release before any card is written) when a file fails its parity check.
+    """
+    if not kinds:
+        return []
+    from healer.gguf_export import export_and_check
+
+    return export_and_check(folder, folder / "gguf", name, kinds)
+
+
 def build_release(recipe, out: Path) -> dict:
     """Write the release directory ``out``; returns the manifest outputs."""
     from healer.model_card import render
@@ -294,6 +306,7 @@ def build_release(recipe, out: Path) -> dict:
     secrets = secret_values(tree)
     recipe_yaml = public_yaml(tree)
     (partial / "recipe.yaml").write_text(recipe_yaml)
+    gguf_files = release_ggufs(partial, cfg.model_name or recipe.name, cfg.gguf)
 
     eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
@@ -322,7 +335,7 @@ def build_release(recipe, out: Path) -> dict:
         "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
         "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
-        "precision": precision, "base_gguf": base["gguf"], "runs": runs,
+        "precision": precision, "base_gguf": base["gguf"], "runs": runs, "gguf": gguf_files,
     }
     info["card_data"] = hub_metadata(recipe, base, info)
     (partial / "README.md").write_text(redact_text(render(info), secrets), encoding="utf-8")
@@ -338,6 +351,7 @@ def build_release(recipe, out: Path) -> dict:
                             for s in TRAINING_STAGES}},
         "precision": precision, "base_gguf": base["gguf"], "runs": runs,
         "push": {"repo_id": cfg.push, "private": cfg.private, "revision": cfg.revision} if cfg.push else None,
+        "gguf": gguf_files,
         "files": file_hashes(partial),
     }
     write_stage_manifest(partial, "release", outputs)
@@ -358,6 +372,10 @@ def run_release_stage(recipe, opts: Options, upload=None) -> int:
     print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"
           + (f" (base {outputs['parameters_before']:,})" if outputs["parameters_before"] else "")
           + f", {outputs['precision']['dtype']}\nwrote {out} (model card: {out / 'README.md'})")
+    for record in outputs["gguf"]:
+        checks = ", ".join(f"{c['loader']} top-1 {c['top1_agreement']:.1%}, max |dlogit| {c['max_abs_dlogit']:.3g}"
+                           for c in record["parity"])
+        print(f"  gguf/{record['file']}: {record['bytes'] / 1e6:,.1f} MB, parity passed ({checks})")
     if recipe.release is not None and recipe.release.push:
         push(recipe.release, out, upload)
     return 0

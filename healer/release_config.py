@@ -33,6 +33,12 @@ class ReleaseConfig(Section):
     revision: str | None = Field(None, description="branch to push to (created if missing); default the main branch")
     commit_message: str | None = Field(None, description="commit message of the push; default names the release folder")
 
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
+        default_factory=list,
+        description="GGUF files to write beside the weights, e.g. [f16, q8_0], as gguf/<name>-<type>.gguf; each is "
+        "loaded back and its logits checked against the checkpoint before the release is written",
+    )
+
     @field_validator("revision")
     @classmethod
     def _branch(cls, value: str | None) -> str | None:
@@ -48,4 +54,11 @@ class ReleaseConfig(Section):
     def _repo_id(cls, value: str | None) -> str | None:
         if value is not None and not REPO_ID.fullmatch(value):
             raise ValueError(f"release.push {value!r} is not a Hub repo id; give org/name (e.g. myorg/my-model)")
+        return value
+
+    @field_validator("gguf")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a type twice ({', '.join(value)}); name each GGUF type once")
         return value
