@@ -145,3 +145,14 @@ def test_the_wanda_recipes_heal_with_the_papers_lora_on_c4(recipe, tmp_path):
     assert loaded.cpt.lr == 1e-4 and loaded.data.seq_len == 1024
     assert loaded.cpt.max_steps * loaded.cpt.global_batch_size == 30000
     assert "c4" in loaded.data.sources[0].path
+
+
+def test_the_model_card_says_a_lora_heal_is_a_merged_adapter(tmp_path):
+    from healer.manifest import write_stage_manifest
+    from healer.recipe import load_recipe
+    from healer.release import training_stages
+
+    recipe = load_recipe(None, {"model.source": "x", "run_dir": str(tmp_path), "cpt": {"lora": {"rank": 8}}})
+    write_stage_manifest(recipe.stage_dir("cpt"), "cpt", {"lora": {"rank": 8}, "kd": None, "steps": 3})
+    (cpt,) = training_stages(recipe)
+    assert cpt["how"] == "continued pretraining of a LoRA adapter (rank 8), merged into the weights"
