@@ -112,9 +112,11 @@ def test_a_resumed_lora_run_continues_the_same_adapter_and_refuses_another_rank(
 def test_a_target_module_the_model_lacks_is_refused_naming_the_key(tmp_path):
     _corpus(tmp_path / "train.jsonl", docs=10)
     _, pruned, _ = _sparse(tmp_path, "unstructured")
-    with pytest.raises(HealerError, match=r"^cpt\.lora\.target_modules: 'vproj' names no module of the model; "
+    with pytest.raises(HealerError, match=r"^cpt\.lora\.target_modules: 'vproj' names no linear layer of the model; "
                                           r"its linear layers are .*v_proj"):
         _heal(tmp_path, pruned, max_steps=2, lora={"target_modules": ["q_proj", "vproj"]})
+    with pytest.raises(HealerError, match=r"^cpt\.lora\.target_modules: 'input_layernorm' names no linear layer"):
+        _heal(tmp_path, pruned, max_steps=2, lora={"target_modules": ["input_layernorm"]})
     with pytest.raises(HealerError, match=r"^cpt\.lora\.target_modules is empty"):
         _heal(tmp_path, pruned, max_steps=2, lora={"target_modules": []})
     assert not (tmp_path / "cpt" / "checkpoints").exists()

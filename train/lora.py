@@ -39,11 +39,12 @@ def check_targets(model: nn.Module, targets: list[str] | str, key: str) -> None:
         return
     if not targets:
         raise HealerError(f"{key} is empty: name the modules to adapt (e.g. [q_proj, v_proj]) or give all-linear")
-    names = [name for name, _ in model.named_modules()]
+    # What LoRA adapts in a decoder LLM: linear projections (and, if asked for, the embedding).
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise HealerError(f"{key}: {target!r} names no module of the model; its linear layers are "
+            raise HealerError(f"{key}: {target!r} names no linear layer of the model; its linear layers are "
                               f"{', '.join(linear)} (or give all-linear)")
 
 
@@ -54,8 +55,9 @@ def attach(model: nn.Module, cfg: LoRAFields, key: str):
     check_targets(model, cfg.target_modules, key)
     try:
         return get_peft_model(model, lora_config(cfg))
-    except ValueError as err:  # a name that matches a module PEFT cannot adapt (a norm, a whole block ...)
-        raise HealerError(f"{key}: PEFT cannot adapt {cfg.target_modules!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:  # a name that also matches a module PEFT cannot adapt (a norm, a whole block ...)
+        raise HealerError(f"{key}: PEFT cannot adapt {cfg.target_modules!r} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]})") from None
 
 
 def load_base(location, dtype: torch.dtype):
