@@ -293,7 +293,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     if lora:
         from healer.train.lora import attach
 
-        seed_everything(seed)  # the same adapter init on every rank (ZeRO-3 keeps each rank's own slice)
+        seed_everything(seed)  # every rank builds the same adapter (ZeRO-3 keeps each rank's slice of its own)
         model = attach(model, cfg.lora, "cpt.lora.target_modules")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         seed_everything(seed + rank)
