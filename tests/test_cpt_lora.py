@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sparse_heal import _corpus, _sparse, _zeros
+import yaml
+from test_sparse_heal import _corpus, _run, _sparse, _zeros
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
@@ -107,6 +108,35 @@ def test_a_resumed_lora_run_continues_the_same_adapter_and_refuses_another_rank(
     exported = AutoModelForCausalLM.from_pretrained(hf).state_dict()
     assert all(torch.equal(trained[k], exported[k]) for k in trained)
     assert _zeros(hf, "unstructured") == (zeros, True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_zero3_lora_heal_survives_a_kill_and_keeps_the_zeros(tmp_path):
+    """`healer cpt` on 2 ranks, ZeRO-3 (the adapter partitioned too), rank 1 SIGKILLed after step 3: the rerun
+    resumes the step-2 adapter checkpoint, and the merged export holds exactly the pruned 2:4 zeros."""
+    from peft import PeftModel
+
+    _corpus(tmp_path / "train.jsonl")
+    dense, pruned, zeros = _sparse(tmp_path)
+    out = tmp_path / "cpt"
+    recipe = {"model": {"source": str(dense)},
+              "data": {"sources": [{"path": str(tmp_path / "train.jsonl")}], "seq_len": 32},
+              "cpt": {"input": str(pruned), "output": str(out), "zero_stage": 3, "micro_batch_size": 2,
+                      "global_batch_size": 8, "max_steps": 5, "lr": 1e-2, "warmup_steps": 0, "save_every": 2,
+                      "lora": {"target_modules": "all-linear"}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    killed = _run(tmp_path, path, fault="kill_at_step:3:1")
+    latest = out / "checkpoints" / "latest"
+    assert killed.returncode != 0 and latest.is_file() and latest.read_text() == "step00000002", killed.stderr[-3000:]
+    final = _run(tmp_path, path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from" in final.stderr
+    assert _zeros(out / "hf") == (zeros, True)
+    manifest = json.loads((out / "manifest.json").read_text())["outputs"]
+    assert manifest["sparsity"]["zeros"] == zeros and manifest["steps"] == 5 and manifest["lora"]["rank"] == 8
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pruned), manifest["adapter_dir"])
 
 
 def test_a_target_module_the_model_lacks_is_refused_naming_the_key(tmp_path):
