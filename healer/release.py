@@ -118,6 +118,8 @@ def training_stages(recipe) -> list[dict]:
         o = manifest.get("outputs", {})
         if stage == "cpt":
             how = "continued pretraining" + (" with knowledge distillation from the dense model" if o.get("kd") else "")
+            if o.get("lora"):  # cpt.lora: only an adapter trained on the corpus text
+                how += f" of a LoRA adapter (rank {o['lora'].get('rank')}), merged into the weights"
         elif stage == "replace":
             how = ("training the block that replaced the span alone to reproduce the dense span's output "
                    "(LLM-Streamline)")

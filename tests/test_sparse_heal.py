@@ -187,7 +187,7 @@ def _adapter(base_dir: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
 def test_lora_merge_writes_exactly_the_pruned_zeros(tmp_path, pattern):
-    from healer.train.sft import merge_adapter
+    from healer.train.lora import merge_adapter
 
     _, pruned, zeros = _sparse(tmp_path, pattern)
     adapter = _adapter(pruned, tmp_path / "adapter")

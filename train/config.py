@@ -80,6 +80,28 @@ class KDConfig(Section):
     top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
 
 
+class LoRAFields(Section):
+    """A PEFT LoRA adapter on the frozen base: what ``healer.train.lora.lora_config`` reads."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha/rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; all-linear = every linear projection except lm_head")
+
+
+class LoRAConfig(LoRAFields):
+    """``cpt.lora``: train an adapter on the corpus stream instead of every weight, then merge it.
+
+    Defaults are the Wanda paper's healing (locuslab/wanda ``lora_ft/finetune_lm.py``: r 8, alpha 16,
+    dropout 0.05, q_proj and v_proj).
+    """
+
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], description="module names to adapt (name suffixes, as PEFT matches them); "
+                                          "all-linear = every linear projection except lm_head")
+
+
 class CPTConfig(TrainingFields):
     """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, lr 1e-4, wd 0.1)."""
 
@@ -95,6 +117,9 @@ class CPTConfig(TrainingFields):
     stop_at_recovery: float | None = Field(
         None, gt=0, le=1, description="stop once the validation loss has recovered this fraction of the gap between "
         "the input's and the dense model's (both measured on data.validation at step 0); e.g. 0.9")
+    lora: LoRAConfig | None = Field(
+        None, description="train a LoRA adapter on the frozen model instead of every weight; the export is the merge "
+                          "(W + dW), times the mask on a sparse input")
 
 
 class SelfDistillConfig(Section):
@@ -116,7 +141,7 @@ class SelfDistillConfig(Section):
     seed: int | None = Field(None, description="passage choice and sampling; defaults to the recipe's seed")
 
 
-class SFTConfig(TrainingFields):
+class SFTConfig(TrainingFields, LoRAFields):
     """LoRA instruction tuning (PEFT) with the Shortened LLaMA defaults: rank 8, lr 1e-4, batch 64, 2 epochs."""
 
     input: str | None = Field(None, description="checkpoint to tune; defaults to the cpt stage's export")
@@ -128,11 +153,6 @@ class SFTConfig(TrainingFields):
         "auto", description="auto: the tokenizer's chat template when it has one, else the Alpaca template")
     max_samples: int | None = Field(None, gt=0, description="train on a seeded random subset of this many records")
     max_seq_len: int = Field(512, gt=8, description="longer examples are cut; ones left with no reply are dropped")
-    rank: int = Field(8, gt=0, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha/rank)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt; all-linear = every linear projection except lm_head")
     epochs: float = Field(2.0, gt=0, description="passes over the data (when max_steps is not set)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     # The SFT seed's defaults differ from CPT's: a short LoRA run with Adam's usual betas, no decay.

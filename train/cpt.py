@@ -4,6 +4,10 @@ Run it under torchrun, the DeepSpeed launcher or srun (one process per device), 
 It reads ``recipe.stage_input("cpt")`` and the ``data:`` stream, and writes ``<stage_dir>/checkpoints``
 (resumable), ``<stage_dir>/tensorboard``, ``<stage_dir>/metrics.jsonl``, the Hugging Face export
 ``<stage_dir>/hf`` and, last, ``<stage_dir>/manifest.json``. The steps themselves are ``healer.train.loop``.
+
+With ``cpt.lora`` only a LoRA adapter trains (the Wanda paper's healing on C4): checkpoints hold the adapter
+and its optimizer, ``<stage_dir>/adapter`` is the adapter in PEFT's format, and the export is the base with the
+adapter folded in (times the mask on a sparse input, ``healer.train.lora.merge_adapter``).
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ class Options:
 def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
     """What makes two runs' steps comparable, by recipe key: resuming with another value is refused."""
     data = data_cfg.model_dump(mode="json", exclude={"validation"})
+    # A full-weight checkpoint and an adapter checkpoint hold different tensors: `cpt.lora` on/off is a
+    # setting of its own, so the refusal names it rather than a missing key.
+    lora = cfg.lora.model_dump(mode="json") if cfg.lora is not None else {}
     return {**{f"data.{k}": v for k, v in data.items()},
-            **{f"cpt.{k}": getattr(cfg, k) for k in ("micro_batch_size", "global_batch_size", "seed")}}
+            **{f"cpt.{k}": getattr(cfg, k) for k in ("micro_batch_size", "global_batch_size", "seed")},
+            "cpt.lora": cfg.lora is not None, **{f"cpt.lora.{k}": v for k, v in lora.items()}}
 
 
 def run_cpt(recipe, opts: Options) -> int:
@@ -72,7 +80,8 @@ def run_cpt(recipe, opts: Options) -> int:
     from healer.train.masks import sparsity_to_keep
 
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,
-                   hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source))
+                   hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source),
+                   merge_dtype=recipe.model.dtype)
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
@@ -95,9 +104,12 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, total - emb_n + (emb_n if tied else 0)
 
 
-def _constraints(engine, keep_sparsity: dict | None) -> list:
-    """The mask that keeps a sparse input's zeros through training (none for a dense input)."""
-    if keep_sparsity is None:
+def _constraints(engine, keep_sparsity: dict | None, lora: bool) -> list:
+    """The mask that keeps a sparse input's zeros through training (none for a dense input).
+
+    Under LoRA the base weights are frozen, so nothing fills the zeros in while training; the merge masks.
+    """
+    if keep_sparsity is None or lora:
         return []
     from healer.adapter import architecture_for
     from healer.train.masks import SparsityMask, projection_pattern
@@ -212,12 +224,30 @@ def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
     return init_frozen_engine(teacher, ds_config, device)
 
 
+def _export_lora(engine, *, stage_dir: Path, hf_dir: Path, location, tokenizer, dtype: str, keep_sparsity,
+                 rank: int, say) -> Path:
+    """Collective: save the engine's adapter to ``<stage_dir>/adapter``; rank 0 merges it into ``hf_dir``."""
+    from healer.modeling import torch_dtype
+    from healer.train.lora import ADAPTER, merge_adapter, save_adapter
+
+    adapter_dir = stage_dir / ADAPTER
+    save_adapter(engine, adapter_dir, rank == 0)
+    if rank == 0:
+        diff = merge_adapter(location, adapter_dir, Path(hf_dir), tokenizer, torch_dtype(dtype), keep_sparsity)
+        say(f"healer cpt: adapter -> {adapter_dir}, merged{' under the sparsity mask' if keep_sparsity else ''} "
+            f"-> {hf_dir} (reload check {diff:.2g})")
+    if dist.is_initialized():
+        dist.barrier()
+    return adapter_dir
+
+
 def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str | Path, hf_dir: str | Path,
-         opts: Options, keep_sparsity: dict | None = None) -> dict[str, Any] | None:
+         opts: Options, keep_sparsity: dict | None = None, merge_dtype: str = "float32") -> dict[str, Any] | None:
     """Collective: build the student (and teacher), resume, train with the loop, export.
 
     ``keep_sparsity`` (``healer.train.masks.sparsity_to_keep``): the input is a sparse prune whose zeros a
-    mask keeps through every optimizer step; the export is checked to still hold them.
+    mask keeps through every optimizer step (under ``cfg.lora``: the merge writes ``(W + dW) * mask``); the
+    export is checked to still hold them. ``merge_dtype``: the dtype of the merged export under ``cfg.lora``.
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
@@ -259,10 +289,19 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     attn = attn_implementation(cfg.attn_implementation, device, precision)
     model, hf_ds = _load_student(location, attn, cfg, ds_config)
     n_params, n_matmul = _matmul_params(model)
+    lora = cfg.lora is not None
+    trainable = n_params
+    if lora:
+        from healer.train.lora import attach
+
+        seed_everything(seed)  # every rank builds the same adapter (ZeRO-3 keeps each rank's slice of its own)
+        model = attach(model, cfg.lora, "cpt.lora.target_modules")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        seed_everything(seed + rank)
     optimizer = make_optimizer(model, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                offload="offload_optimizer" in ds_config["zero_optimization"])
     engine = init_engine(model, ds_config, optimizer)
-    constraints = _constraints(engine, keep_sparsity)
+    constraints = _constraints(engine, keep_sparsity, lora)
     teacher = None
     if teacher_location is not None:
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
@@ -273,17 +312,23 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger = MetricsLogger(None, cfg.max_steps, rank=rank, progress_bar=False)  # prints before the real one
     settings = settings_of(cfg, data_cfg)
     progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
-                      say=logger.write, constraints=constraints)
+                      frozen_base=lora, say=logger.write, constraints=constraints)
     if opts.action == "export":
         if progress.resumed_from is None:
             raise HealerError(f"healer cpt export: no complete checkpoint in {stage_dir / 'checkpoints'}")
-        export_hf(engine.module, tokenizer, hf_dir)
+        if lora:
+            _export_lora(engine, stage_dir=stage_dir, hf_dir=hf_dir, location=location, tokenizer=tokenizer,
+                         dtype=merge_dtype, keep_sparsity=keep_sparsity, rank=rank, say=logger.write)
+        else:
+            export_hf(engine.module, tokenizer, hf_dir)
         logger.write(f"healer cpt: exported step {progress.step} to {hf_dir}")
         return {"hf_dir": str(hf_dir), "steps": progress.step}
 
     seq_len = data_cfg.seq_len
     peak, device_name = peak_flops(device, precision)
     flops_per_token = training_flops_per_token(model.config, n_matmul, seq_len)
+    if lora:  # a frozen weight's backward computes no weight gradient: 4 instead of 6 FLOPs per parameter
+        flops_per_token -= 2.0 * n_matmul
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
                            desc="cpt", jsonl_path=stage_dir / "metrics.jsonl",
                            report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
@@ -291,7 +336,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}{lowered}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
-                 + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))
+                 + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
+                 + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} "
+                    "trainable parameters" if lora else ""))
     logger.text("config/ds_config", f"```\n{ds_config}\n```", progress.step)
     if peak is None:
         logger.write(f"healer cpt: MFU unknown on {device_name} (no known peak FLOP/s for it in {precision})")
@@ -340,11 +387,17 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
-                    step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when)
+                    step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when,
+                    frozen_base=lora)
     logger.close()
     if outcome.status == "preempted":
         return None
-    export_hf(engine.module, tokenizer, hf_dir)
+    adapter_dir = None
+    if lora:
+        adapter_dir = _export_lora(engine, stage_dir=stage_dir, hf_dir=hf_dir, location=location, tokenizer=tokenizer,
+                                   dtype=merge_dtype, keep_sparsity=keep_sparsity, rank=rank, say=logger.write)
+    else:
+        export_hf(engine.module, tokenizer, hf_dir)
     sparsity = None
     if keep_sparsity is not None and rank == 0:
         from healer.train.masks import check_kept
@@ -360,7 +413,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "tokens_per_s": ds_config["train_batch_size"] * seq_len / (sum(steady) / len(steady)) if steady else None,
         "mfu": last.get("perf/mfu"), "device": device_name, "world_size": world, "zero_stage": zero_stage,
         "precision": precision, "parameters": n_params, "kd": cfg.kd.model_dump() if cfg.kd else None,
-        "sparsity": sparsity,
+        "sparsity": sparsity, "trainable_parameters": trainable,
+        "lora": cfg.lora.model_dump(mode="json") if lora else None,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "recovery": {"target": cfg.stop_at_recovery, **baseline, "reached": outcome.status == "reached",
                      "at_step": outcome.progress.step, "recovered": last.get("val/recovery")}
         if cfg.stop_at_recovery is not None else None,

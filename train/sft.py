@@ -18,9 +18,7 @@ tokens of the whole accumulation window; preemption saves, writes ``PREEMPTED`` 
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,7 @@ import torch
 from healer.errors import HealerError
 from healer.train.config import SFTConfig
 from healer.train.instruct import Example, collate, load_records, tokenize_records
-
-ADAPTER = "adapter"
+from healer.train.lora import ADAPTER, attach, load_base, merge_adapter, save_adapter
 
 
 @dataclass
@@ -106,13 +103,6 @@ def _barrier() -> None:
 
 
 # ---------------------------------------------------------------- training
-
-def lora_config(cfg: SFTConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-
 
 def example_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of epoch ``epoch``: a pure function of (seed, epoch), so resuming needs no data state."""
@@ -254,7 +244,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
 
     adapter_dir = stage_dir / ADAPTER
     merged_dir = stage_dir / "merged"
-    _save_adapter(engine, adapter_dir, info.is_main)
+    save_adapter(engine, adapter_dir, info.is_main)
     if info.is_main:
         diff = merge_adapter(location, adapter_dir, merged_dir, tokenizer, torch_dtype(dtype), keep_sparsity)
         say(f"healer sft: adapter -> {adapter_dir}, merged model -> {merged_dir} (reload check {diff:.2g})")
@@ -276,77 +266,6 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
 
 
 def _lora_model(location, cfg: SFTConfig, dtype: torch.dtype):
-    from peft import get_peft_model
-
-    model = _load_base(location, dtype)
+    model = load_base(location, dtype)
     model.config.use_cache = False  # no KV cache while training
-    return get_peft_model(model, lora_config(cfg))
-
-
-def _load_base(location, dtype: torch.dtype):
-    from healer.modeling import load_model
-
-    return load_model(location, dtype=dtype)
-
-
-def _save_adapter(engine, adapter_dir: Path, is_main: bool) -> None:
-    """Write the trained adapter in PEFT's format (gathering ZeRO-3 shards first)."""
-    from peft import get_peft_model_state_dict
-
-    model = engine.module
-    lora = [p for n, p in model.named_parameters() if p.requires_grad]
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    else:
-        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    if is_main:
-        tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=state)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(tmp, adapter_dir)
-
-
-def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype,
-                  keep_sparsity: dict | None = None) -> float:
-    """Load the base fresh, apply the saved adapter, fold it into the weights and save a plain HF directory.
-
-    Going through the adapter directory proves it loads with ``PeftModel.from_pretrained``; the merged
-    directory is then reloaded with plain transformers and its logits compared (``save_and_verify``).
-    ``keep_sparsity``: the base's zeros are restored after folding, ``(W + dW) * mask``.
-    """
-    from peft import PeftModel
-
-    from healer.modeling import probe_batch, save_and_verify
-
-    base = _load_base(location, dtype)
-    masks = None
-    if keep_sparsity is not None:
-        from healer.train.masks import masks_of
-
-        masks = masks_of(base, keep_sparsity)
-    tuned = PeftModel.from_pretrained(base, str(adapter_dir))
-    tuned.eval()
-    probe = probe_batch(base.config.vocab_size)
-    with torch.no_grad():
-        expected = tuned(probe).logits.float()
-    merged = tuned.merge_and_unload()
-    with torch.no_grad():
-        folded = (merged(probe).logits.float() - expected).abs().max().item()
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
-    if folded > tol:
-        raise HealerError(f"merging the adapter changed the logits by {folded:.3g}; the adapter in {adapter_dir} "
-                          "is fine, but the merged model is not written")
-    if masks is not None:  # after the fold check: the mask changes the function on purpose
-        from healer.train.masks import mask_merged
-
-        mask_merged(merged, masks)
-    tmp = merged_dir.with_name(merged_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    diff = save_and_verify(merged, tokenizer, tmp, atol=tol, probe=probe)
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    os.replace(tmp, merged_dir)
-    return max(diff, folded)
+    return attach(model, cfg, "sft.target_modules")
