@@ -228,7 +228,6 @@ def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
 
 def test_card_for_width_pruning_without_a_dense_baseline():
     from healer.model_card import render
-
     from healer.prune.width import kernel_warnings, width_divisibility
 
     report = {"method": "width", "criterion": "maw", "target": "mlp", "ratio": 0.2, "intermediate_size": [1536, 1232],
