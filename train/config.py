@@ -74,6 +74,10 @@ class KDConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the next-token CE; 1-alpha goes to the KL")
     temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the KL is scaled by T^2")
     top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
+    hidden_weight: float = Field(
+        0.0, ge=0.0, description="weight of the hidden-state loss at a depth prune's cut points (read from the "
+        "input's prune_report.json): the student's state after the block before each cut against the teacher's "
+        "after the removed span, as ||s-t||^2/||t||^2 per token; 0 = logits only; other inputs have no cuts")
 
 
 class CPTConfig(TrainingFields):

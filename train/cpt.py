@@ -70,8 +70,11 @@ def run_cpt(recipe, opts: Options) -> int:
         refuse_finished_with_other_inputs(recipe, "cpt", trains_on=("cpt.max_steps",))
     from healer.train.masks import sparsity_to_keep
 
+    from healer.train.kd import cut_points_of_input
+
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,
-                   hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source))
+                   hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source),
+                   hidden_pairs=cut_points_of_input(recipe, source) if cfg.kd and cfg.kd.hidden_weight else None)
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
@@ -212,11 +215,13 @@ def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
 
 
 def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str | Path, hf_dir: str | Path,
-         opts: Options, keep_sparsity: dict | None = None) -> dict[str, Any] | None:
+         opts: Options, keep_sparsity: dict | None = None,
+         hidden_pairs: list[tuple[int, int]] | None = None) -> dict[str, Any] | None:
     """Collective: build the student (and teacher), resume, train with the loop, export.
 
     ``keep_sparsity`` (``healer.train.masks.sparsity_to_keep``): the input is a sparse prune whose zeros a
-    mask keeps through every optimizer step; the export is checked to still hold them.
+    mask keeps through every optimizer step; the export is checked to still hold them. ``hidden_pairs``: the
+    (student, teacher) hidden states KD also matches (``cpt.kd.hidden_weight``), the input's cut points.
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
@@ -288,7 +293,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
-                 + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else ""))
+                 + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
+                 + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else ""))
     logger.text("config/ds_config", f"```\n{ds_config}\n```", progress.step)
     if peak is None:
         logger.write(f"healer cpt: MFU unknown on {device_name} (no known peak FLOP/s for it in {precision})")
@@ -316,7 +322,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         def evaluate_fn(eng):
             return evaluate(eng, make_val, cfg.eval_batches)
 
-    objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k)
+    objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
+                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight)
                  if teacher is not None else NextTokenCE())
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
