@@ -68,9 +68,8 @@ def run_cpt(recipe, opts: Options) -> int:
     stage_dir = recipe.stage_dir("cpt")
     if opts.action == "train" and opts.resume == "auto":
         refuse_finished_with_other_inputs(recipe, "cpt", trains_on=("cpt.max_steps",))
-    from healer.train.masks import sparsity_to_keep
-
     from healer.train.kd import cut_points_of_input
+    from healer.train.masks import sparsity_to_keep
 
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,
                    hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source),
@@ -269,6 +268,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     constraints = _constraints(engine, keep_sparsity)
     teacher = None
     if cfg.kd is not None and opts.action == "train":
+        if teacher_location is None:
+            raise ValueError("heal: cfg.kd is set (KD is on by default) but no teacher_location was given; pass the "
+                             "teacher, or kd=None for plain CE")
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned
 
@@ -294,7 +296,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
-                 + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else ""))
+                 + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else
+                    " (cpt.kd.hidden_weight is ignored: the input has no depth-prune cut points)"
+                    if cfg.kd and cfg.kd.hidden_weight else ""))
     logger.text("config/ds_config", f"```\n{ds_config}\n```", progress.step)
     if peak is None:
         logger.write(f"healer cpt: MFU unknown on {device_name} (no known peak FLOP/s for it in {precision})")
