@@ -48,6 +48,13 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _block_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices") from None
+
+
 def prune_section(args) -> dict:
     """The recipe's ``prune:`` section for this variant."""
     if args.width_ratio is not None:
@@ -61,7 +68,7 @@ def prune_section(args) -> dict:
         if args.keep_last is not None:
             section["keep_last"] = args.keep_last
     else:
-        section = {"method": "depth", "blocks": [int(b) for b in args.blocks.split(",")]}
+        section = {"method": "depth", "blocks": args.blocks}
     return section
 
 
@@ -201,7 +208,8 @@ def main() -> None:
     p.add_argument("--label", help="name of this variant in the results (default: a hash of its settings)")
     p.add_argument("--table", action="store_true", help="print the results table and stop")
     g = p.add_argument_group("prune")
-    g.add_argument("--blocks", default=",".join(map(str, ISSUE_BLOCKS)), help="depth: explicit blocks to remove")
+    g.add_argument("--blocks", type=_block_list, default=ISSUE_BLOCKS, help="depth: explicit blocks to remove, "
+                   "comma-separated (default: the issue's 12,13,14,17,25,26)")
     g.add_argument("--criterion", help="depth: choose blocks by this criterion instead of --blocks")
     g.add_argument("--ratio", type=float, default=0.2, help="depth: fraction of blocks, with --criterion")
     g.add_argument("--keep-first", type=int)
