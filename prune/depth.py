@@ -227,3 +227,28 @@ def blocks_to_remove(num_blocks: int, ratio: float | None, count: int | None) ->
     if count >= num_blocks:
         raise ValueError(f"removing {count} of {num_blocks} blocks would leave none; lower prune.ratio/num_blocks")
     return count
+
+
+@torch.no_grad()
+def merge_across_cuts(blocks, removed: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """LaCo's reserving-differences merge: each run of removed blocks is folded into the kept block before it,
+    ``theta_k + sum_r (theta_r - theta_k)``, instead of being dropped.
+
+    blocks: the dense model's blocks (indexable, ``state_dict()`` each); removed: the blocks a depth prune cuts.
+    Returns the new state dict of every kept block that received a merge, by its dense index; a run at the very
+    start (no block before it) is dropped as usual.
+    """
+    removed_set = set(removed)
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for r in sorted(removed_set):
+        k = r - 1
+        while k in removed_set:
+            k -= 1
+        if k < 0:
+            continue
+        if k not in merged:
+            merged[k] = {n: t.detach().clone().float() for n, t in blocks[k].state_dict().items()}
+        base = blocks[k].state_dict()
+        for name, theta in blocks[r].state_dict().items():
+            merged[k][name] += theta.float() - base[name].float()
+    return merged

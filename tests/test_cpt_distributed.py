@@ -57,8 +57,7 @@ def _recipe(ws, out: Path, zero_stage: int, kd: bool) -> Path:
                 "global_batch_size": 8, "max_steps": STEPS, "lr": 3e-3, "warmup_steps": 2, "save_every": 2,
                 "keep_last": 2, "eval_every": 4, "eval_batches": 2},
     }
-    if kd:
-        recipe["cpt"]["kd"] = {"alpha": 0.5, "temperature": 2.0, "top_k": 16}
+    recipe["cpt"]["kd"] = {"alpha": 0.5, "temperature": 2.0, "top_k": 16} if kd else None  # None: plain CE
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -152,7 +152,7 @@ def _heal(tmp_path: Path, model: Path, corpus: Path, *, resume: str = "auto", fo
     from healer.train.data.config import DataConfig, SourceConfig
 
     cfg = CPTConfig(**{"zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 4, "save_every": 2,
-                       "warmup_steps": 1, "seed": 0, **cpt})
+                       "warmup_steps": 1, "seed": 0, "kd": None, **cpt})  # CE: no teacher is given
     data = DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=seq_len)
     return heal(cfg, data, location=resolve_source(str(model)), teacher_location=None, stage_dir=tmp_path / "cpt",
                 hf_dir=tmp_path / "cpt" / "hf", opts=Options(resume=resume, force=force))
@@ -227,7 +227,7 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
     weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01"]) == 2
-    assert "cpt.lr: 0.0001 -> 0.01" in capsys.readouterr().err
+    assert "cpt.lr: 0.0005 -> 0.01" in capsys.readouterr().err
     assert (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes() == weights
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01", "--cpt.max_steps", "2"]) == 0
     manifest = json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())

@@ -15,7 +15,7 @@ from helpers import tiny_model
 
 from healer.errors import HealerError
 from healer.train import kd
-from healer.train.kd import chunked_head_loss, distill_loss
+from healer.train.kd import chunked_head_loss, cut_points, cut_points_of, distill_loss, relative_mse
 from healer.train.objectives import OBJECTIVES, Distill, HiddenMSE, NextTokenCE, ReplyCE, make_objective
 
 TOL = 1e-5
@@ -125,6 +125,90 @@ def test_hidden_mse_inner_layers_and_padding():
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
     with pytest.raises(HealerError, match="student_layer=3: the model has hidden states 0..2"):
         HiddenMSE(teacher, student_layer=3, teacher_layer=0)(student, {"input_ids": ids})
+
+
+# --- hidden-state distillation at a depth prune's cut points ----------------------------------------------
+
+def test_cut_points_pair_the_block_before_each_cut_with_the_end_of_the_removed_span():
+    # The issue's cut of SmolLM2: runs 12-14, 17, 25-26 of 30 blocks. Before run 12-14 the student has 12 blocks
+    # (state 12), the teacher's span ends after block 14 (state 15); before 17 the student has 14 blocks; ...
+    assert cut_points([12, 13, 14, 17, 25, 26], 30) == [(12, 15), (14, 18), (21, 27)]
+    assert cut_points([26, 25, 12], 30) == [(12, 13), (24, 27)]  # order and runs found from the indices
+    assert cut_points([0, 1], 4) == [(0, 2)]  # a cut at the start pairs the embeddings
+    with pytest.raises(ValueError, match="do not fit a teacher of 4 blocks"):
+        cut_points([4], 4)
+
+
+def test_cut_points_of_a_report_only_for_plain_depth_cuts():
+    depth = {"method": "depth", "removed": [2, 3], "kept": [0, 1, 4, 5]}
+    assert cut_points_of(depth) == [(2, 4)]
+    assert cut_points_of({**depth, "replacement": {"span": [2, 3]}}) == []  # the replace stage matches that one
+    assert cut_points_of({"method": "width", "kept_width": 48}) == []
+    assert cut_points_of(None) == []
+
+
+def test_relative_mse_matches_a_hand_computation():
+    # s = (1, 1), t = (2, 0): ||s - t||^2 = 1 + 1 = 2, ||t||^2 = 4 -> 1/2; a copy scores 0, zeros score 1.
+    t = torch.tensor([[2.0, 0.0]])
+    assert relative_mse(torch.tensor([[1.0, 1.0]]), t).tolist() == [0.5]
+    assert relative_mse(t, t).tolist() == [0.0]
+    assert relative_mse(torch.zeros(1, 2), t).tolist() == [1.0]
+
+
+def _cut(teacher, drop: int):
+    """The teacher with block ``drop`` removed, sharing nothing with it."""
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    layers = student.model.layers
+    student.model.layers = torch.nn.ModuleList([b for i, b in enumerate(layers) if i != drop])
+    student.config.num_hidden_layers = len(student.model.layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [t for i, t in enumerate(student.config.layer_types) if i != drop]
+    return student.train()
+
+
+def test_kd_hidden_term_is_the_relative_mse_at_the_cut_summed_over_tokens():
+    teacher = tiny_model("llama", seed=2, layers=3, hidden=32, intermediate=64).requires_grad_(False)
+    student = _cut(teacher, 1)
+    ids = _ids(2, 7)
+    pairs = cut_points([1], 3)
+    assert pairs == [(1, 2)]
+    plain, parts0 = Distill(teacher, alpha=0.0)(student, {"input_ids": ids})
+    loss, parts = Distill(teacher, alpha=0.0, hidden_pairs=pairs, hidden_weight=3.0)(student, {"input_ids": ids})
+    # The student's block 0 is the teacher's, so its state 1 is the teacher's state 1; the cut skips block 1.
+    t = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    by_hand = sum(((t[1][b, i] - t[2][b, i]) ** 2).sum() / (t[2][b, i] ** 2).sum() for b in range(2) for i in range(6))
+    assert parts["hidden"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 3.0 * by_hand.item(), rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(parts0["kl"].item(), rel=1e-6)
+    assert "hidden" not in parts0
+
+
+def test_kd_hidden_term_is_zero_across_an_identity_block_and_pulls_the_block_before_the_cut():
+    teacher = tiny_model("llama", seed=2, layers=3, hidden=32, intermediate=64).requires_grad_(False)
+    with torch.no_grad():  # block 1 adds nothing to the residual stream: cutting it changes nothing
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    student = _cut(teacher, 1)
+    ids = _ids(2, 7)
+    objective = Distill(teacher, alpha=0.0, hidden_pairs=[(1, 2)], hidden_weight=1.0)
+    loss, parts = objective(student, {"input_ids": ids})
+    assert parts["hidden"].item() < 1e-10 and parts["kl"].item() < 1e-8
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.add_(0.05)
+    loss, parts = objective(student, {"input_ids": ids})
+    assert parts["hidden"].item() > 1e-3
+    loss.backward()
+    assert student.model.layers[0].mlp.down_proj.weight.grad.abs().max() > 0
+
+
+def test_kd_hidden_pairs_that_do_not_fit_the_models_are_refused():
+    teacher = tiny_model("llama", seed=2, layers=3, hidden=32, intermediate=64).requires_grad_(False)
+    student = _cut(teacher, 1)
+    objective = Distill(teacher, alpha=0.0, hidden_pairs=[(5, 2)], hidden_weight=1.0)
+    with pytest.raises(HealerError, match=r"hidden pair \(student 5, teacher 2\).*0..2 and the teacher 0..3"):
+        objective(student, {"input_ids": _ids(1, 5)})
+    with pytest.raises(HealerError, match="hidden_weight=-1"):
+        Distill(teacher, alpha=0.0, hidden_pairs=[(1, 2)], hidden_weight=-1.0)
 
 
 # --- chunked KD == today's unchunked distill_loss -----------------------------------------------------------

@@ -75,7 +75,8 @@ def _heal(root: Path, model: Path, stage: str, *, max_steps: int, resume: str = 
     from healer.train.data.config import DataConfig, SourceConfig
 
     cfg = CPTConfig(**{"zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 4, "save_every": 2,
-                       "warmup_steps": 0, "lr": 3e-3, "seed": 0, "max_steps": max_steps, **cpt})
+                       "warmup_steps": 0, "lr": 3e-3, "seed": 0, "max_steps": max_steps, "kd": None,
+                       **cpt})  # CE: no teacher is given
     data = DataConfig(sources=[SourceConfig(path=str(root / "train.jsonl"))], seq_len=32)
     return heal(cfg, data, location=resolve_source(str(model)), teacher_location=None, stage_dir=root / stage,
                 hf_dir=root / stage / "hf", opts=Options(resume=resume), keep_sparsity=keep)
@@ -148,8 +149,7 @@ def test_two_ranks_keep_the_mask_through_a_kill_and_resume(tmp_path, zero_stage,
               "data": {"sources": [{"path": str(tmp_path / "train.jsonl")}], "seq_len": 32},
               "cpt": {"input": str(pruned), "output": str(out), "zero_stage": zero_stage, "micro_batch_size": 2,
                       "global_batch_size": 8, "max_steps": 5, "lr": 3e-3, "warmup_steps": 0, "save_every": 2}}
-    if kd:
-        recipe["cpt"]["kd"] = {"alpha": 0.5, "temperature": 2.0}
+    recipe["cpt"]["kd"] = {"alpha": 0.5, "temperature": 2.0} if kd else None  # None: plain CE
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     killed = _run(tmp_path, path, fault="kill_at_step:3:1")

@@ -72,12 +72,20 @@ class TrainingFields(OptimizerFields, BatchFields, CheckpointFields, DeepSpeedFi
 
 
 class KDConfig(Section):
-    """Distillation from the unpruned teacher: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student)."""
+    """Distillation from the unpruned teacher: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student) (+ hidden).
+
+    The defaults are what recovered the most of the pruning gap per token in bench/heal_quality.py (README,
+    "Healing defaults"): pure logit KD (alpha 0) at T 1.
+    """
 
     teacher: str | None = Field(None, description="teacher model; defaults to the recipe's unpruned model.source")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the next-token CE; 1-alpha goes to the KL")
+    alpha: float = Field(0.0, ge=0.0, le=1.0, description="weight of the next-token CE; 1-alpha goes to the KL")
     temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the KL is scaled by T^2")
     top_k: int | None = Field(None, gt=0, description="keep only the teacher's top-k logits to save memory")
+    hidden_weight: float = Field(
+        0.0, ge=0.0, description="weight of the hidden-state loss at a depth prune's cut points (read from the "
+        "input's prune_report.json): the student's state after the block before each cut against the teacher's "
+        "after the removed span, as ||s-t||^2/||t||^2 per token; 0 = logits only; other inputs have no cuts")
 
 
 class LoRAFields(Section):
@@ -103,7 +111,8 @@ class LoRAConfig(LoRAFields):
 
 
 class CPTConfig(TrainingFields):
-    """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, lr 1e-4, wd 0.1)."""
+    """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, wd 0.1), by default distilling
+    from the unpruned model at a higher lr than the seed's 1e-4 (measured: README, "Healing defaults")."""
 
     input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
@@ -113,7 +122,9 @@ class CPTConfig(TrainingFields):
         "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
     eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
-    kd: KDConfig | None = Field(None, description="distil from a teacher instead of plain next-token CE")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (a pruned model heals faster than the seed's 1e-4)")
+    kd: KDConfig | None = Field(default_factory=KDConfig, description="distil from a teacher (default: the unpruned "
+                                "model.source); null = plain next-token CE")
     stop_at_recovery: float | None = Field(
         None, gt=0, le=1, description="stop once the validation loss has recovered this fraction of the gap between "
         "the input's and the dense model's (both measured on data.validation at step 0); e.g. 0.9")

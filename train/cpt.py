@@ -77,11 +77,13 @@ def run_cpt(recipe, opts: Options) -> int:
     stage_dir = recipe.stage_dir("cpt")
     if opts.action == "train" and opts.resume == "auto":
         refuse_finished_with_other_inputs(recipe, "cpt", trains_on=("cpt.max_steps",))
+    from healer.train.kd import cut_points_of_input
     from healer.train.masks import sparsity_to_keep
 
     outputs = heal(cfg, recipe.data, location=location, teacher_location=teacher_location, stage_dir=stage_dir,
                    hf_dir=recipe.model_dir("cpt"), opts=opts, keep_sparsity=sparsity_to_keep(recipe, source),
-                   merge_dtype=recipe.model.dtype)
+                   merge_dtype=recipe.model.dtype,
+                   hidden_pairs=cut_points_of_input(recipe, source) if cfg.kd and cfg.kd.hidden_weight else None)
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
@@ -242,12 +244,15 @@ def _export_lora(engine, *, stage_dir: Path, hf_dir: Path, location, tokenizer, 
 
 
 def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str | Path, hf_dir: str | Path,
-         opts: Options, keep_sparsity: dict | None = None, merge_dtype: str = "float32") -> dict[str, Any] | None:
+         opts: Options, keep_sparsity: dict | None = None, merge_dtype: str = "float32",
+         hidden_pairs: list[tuple[int, int]] | None = None) -> dict[str, Any] | None:
     """Collective: build the student (and teacher), resume, train with the loop, export.
 
     ``keep_sparsity`` (``healer.train.masks.sparsity_to_keep``): the input is a sparse prune whose zeros a
     mask keeps through every optimizer step (under ``cfg.lora``: the merge writes ``(W + dW) * mask``); the
     export is checked to still hold them. ``merge_dtype``: the dtype of the merged export under ``cfg.lora``.
+    ``hidden_pairs``: the (student, teacher) hidden states KD also matches (``cpt.kd.hidden_weight``), the
+    input's cut points.
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
@@ -303,6 +308,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     engine = init_engine(model, ds_config, optimizer)
     constraints = _constraints(engine, keep_sparsity, lora)
     teacher = None
+    if cfg.kd is not None and opts.action == "train" and teacher_location is None:
+        raise ValueError("heal: cfg.kd is set (KD is on by default) but no teacher_location was given; pass the "
+                         "teacher, or kd=None for plain CE")
     if teacher_location is not None:
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned
@@ -338,7 +346,10 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
                  + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} "
-                    "trainable parameters" if lora else ""))
+                    "trainable parameters" if lora else "")
+                 + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else
+                    " (cpt.kd.hidden_weight is ignored: the input has no depth-prune cut points)"
+                    if cfg.kd and cfg.kd.hidden_weight else ""))
     logger.text("config/ds_config", f"```\n{ds_config}\n```", progress.step)
     if peak is None:
         logger.write(f"healer cpt: MFU unknown on {device_name} (no known peak FLOP/s for it in {precision})")
@@ -380,7 +391,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
         if cfg.kd is None:
             teacher = None  # it only measured the dense loss
-    objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k)
+    objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
+                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight)
                  if teacher is not None else NextTokenCE())
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)

@@ -71,6 +71,60 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, inp
     return loss, ce.detach(), kl.detach()
 
 
+def cut_points(removed: list[int], num_blocks: int) -> list[tuple[int, int]]:
+    """Where a depth-pruned student must agree with its teacher: one ``(student, teacher)`` pair of hidden-state
+    indices per contiguous run of removed blocks (HF ``output_hidden_states`` indexing: n = after n blocks).
+
+    For a run ``a..b`` removed from a ``num_blocks``-block teacher, the student's state after its copy of block
+    ``a - 1`` (the block before the cut) is paired with the teacher's state after block ``b`` (the end of the
+    removed span): what the cut skipped is exactly what the student must learn to produce there.
+    """
+    removed = sorted(set(removed))
+    if any(not 0 <= b < num_blocks for b in removed) or len(removed) >= num_blocks:
+        raise ValueError(f"removed blocks {removed} do not fit a teacher of {num_blocks} blocks")
+    runs: list[list[int]] = []  # [first, last] of each contiguous run
+    for b in removed:
+        if runs and runs[-1][1] == b - 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    pairs = [(a - sum(r < a for r in removed), b + 1) for a, b in runs]
+    return pairs
+
+
+def cut_points_of(report: dict | None) -> list[tuple[int, int]]:
+    """:func:`cut_points` of a depth prune's ``prune_report.json`` (its ``removed`` and ``kept`` blocks); none for
+    any other input (width, sparse, unpruned) or a span replaced by a trained block (``replacement``), whose
+    state the replace stage already matches."""
+    if not report or report.get("method") != "depth" or report.get("replacement") or not report.get("removed"):
+        return []
+    removed = list(report["removed"])
+    return cut_points(removed, len(removed) + len(report.get("kept", [])))
+
+
+def cut_points_of_input(recipe, source: str) -> list[tuple[int, int]]:
+    """The cut points of the checkpoint a stage starts from: ``source/prune_report.json``, else the recipe's
+    prune stage's report when ``source`` descends from it; none when there is no depth prune."""
+    from pathlib import Path
+
+    from healer.manifest import read_json_if_present
+
+    report = read_json_if_present(Path(source) / "prune_report.json")
+    if report is None and recipe.prune is not None and source != recipe.model.source:
+        report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+    return cut_points_of(report)
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per position ``||s - t||^2 / ||t||^2`` over the last dim (``[..., H]`` -> ``[...]``), in fp32.
+
+    Scale-free, so one weight fits every model and layer (raw residual-stream norms grow with depth), and a
+    student that copies the teacher's state scores 0, one that outputs zeros scores 1.
+    """
+    t = teacher.float()
+    return (student.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
+
+
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from healer.errors import HealerError
-from healer.train.kd import DEFAULT_CHUNK_SIZE, chunked_head_loss
+from healer.train.kd import DEFAULT_CHUNK_SIZE, chunked_head_loss, relative_mse
 
 Batch = dict[str, torch.Tensor]
 
@@ -135,21 +135,32 @@ class ReplyCE(NextTokenCE):
 
 
 class Distill:
-    """``alpha*CE + (1-alpha)*T^2*KL(teacher || student)`` per supervised token, summed; parts "ce" and "kl".
+    """``alpha*CE + (1-alpha)*T^2*KL(teacher || student) + hidden_weight*H`` per supervised token, summed; parts
+    "ce", "kl" and, with hidden pairs, "hidden".
 
     teacher: a frozen model (DeepSpeed engine or module) with the student's vocabulary; it sees the same batch.
     alpha: weight of the CE on the true next token; ``1 - alpha`` goes to the KL.
     temperature: softens both distributions; the KL is scaled by T^2 so its gradient keeps its size.
     top_k: keep only the teacher's k largest logits per position (see :mod:`healer.train.kd`).
+    hidden_pairs: ``(student, teacher)`` hidden-state indices (HF ``output_hidden_states``: n = after n blocks)
+        that must agree, e.g. a depth prune's cut points (:func:`healer.train.kd.cut_points`). H is the mean over
+        the pairs of :func:`healer.train.kd.relative_mse` at a token (Minitron distils logits plus states).
+    hidden_weight: weight of H; 0 (or no pairs) leaves the logit loss alone.
     chunk_size: positions per chunk of logits.
-    Supervised tokens are every next token, or those with ``labels != -100`` when the batch has labels.
+    Supervised tokens are every next token, or those with ``labels != -100`` when the batch has labels; H is
+    taken at the same positions, so every part is summed over the tokens :meth:`tokens` counts.
     """
 
     name = "kd"
 
     def __init__(self, teacher, *, alpha: float, temperature: float = 1.0, top_k: int | None = None,
+                 hidden_pairs: list[tuple[int, int]] | None = None, hidden_weight: float = 0.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
         _need_teacher("kd", teacher)
+        if hidden_weight < 0:
+            raise HealerError(f"kd hidden_weight={hidden_weight}: must be >= 0")
+        self.hidden_pairs = [tuple(p) for p in hidden_pairs or []] if hidden_weight > 0 else []
+        self.hidden_weight = hidden_weight
         if not 0.0 <= alpha <= 1.0:
             raise HealerError(f"kd alpha={alpha}: must be within [0, 1]")
         if temperature <= 0:
@@ -165,16 +176,33 @@ class Distill:
 
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = _next_token_targets(batch, batch.get("labels") is not None)
-        hidden = _forward_hidden(model, batch)[-1][:, :-1]
+        states = _forward_hidden(model, batch)
         with torch.no_grad():
-            t_hidden = _forward_hidden(self.teacher, batch)[-1][:, :-1]
+            t_states = _forward_hidden(self.teacher, batch)
         try:
             loss, ce, kl = chunked_head_loss(
-                hidden, targets, output_head(model), teacher_hidden=t_hidden, teacher_head=output_head(self.teacher),
-                alpha=self.alpha, temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
+                states[-1][:, :-1], targets, output_head(model), teacher_hidden=t_states[-1][:, :-1],
+                teacher_head=output_head(self.teacher), alpha=self.alpha, temperature=self.temperature,
+                top_k=self.top_k, chunk_size=self.chunk_size)
         except ValueError as err:  # a vocabulary mismatch found at the first chunk
             raise HealerError(f"kd teacher: {err}; the teacher must share the student's tokenizer") from None
-        return loss, {"ce": ce, "kl": kl}
+        parts = {"ce": ce, "kl": kl}
+        if self.hidden_pairs:
+            hidden = self._hidden_sum(states, t_states, targets != -100)
+            loss = loss + self.hidden_weight * hidden
+            parts["hidden"] = hidden.detach()
+        return loss, parts
+
+    def _hidden_sum(self, states, t_states, keep: torch.Tensor) -> torch.Tensor:
+        """H summed over the supervised positions (``keep``: ``[B, S-1]``, position i predicts token i+1)."""
+        total = 0.0
+        for s, t in self.hidden_pairs:
+            if not (0 <= s < len(states) and 0 <= t < len(t_states)):
+                raise HealerError(f"kd hidden pair (student {s}, teacher {t}): the student has hidden states "
+                                  f"0..{len(states) - 1} and the teacher 0..{len(t_states) - 1}; the cut points do "
+                                  "not fit these models (was cpt.input pruned from cpt.kd.teacher?)")
+            total = total + relative_mse(states[s][:, :-1][keep], t_states[t][:, :-1][keep]).sum()
+        return total / len(self.hidden_pairs)
 
 
 class HiddenMSE:
