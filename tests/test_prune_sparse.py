@@ -250,6 +250,7 @@ def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio, tm
     assert (cfg.method, cfg.criterion, cfg.sparsity.pattern, cfg.sparsity.ratio) == ("sparse", "wanda", pattern, ratio)
     assert (cfg.calibration.num_samples, cfg.calibration.seq_len) == (128, 2048)
     assert loaded.cpt.max_steps * loaded.cpt.global_batch_size == 30000 and loaded.data.seq_len == 1024
+    assert loaded.cpt.kd is None and loaded.cpt.lora is not None  # the paper's LoRA heal is plain CE, not KD
     stages = stages_of(loaded)
     assert plan(loaded, stages, None, Options().force) == [(s, True) for s in ("prune", "cpt", "eval", "release")]
     assert loaded.stage_input("cpt") == str(tmp_path / "prune")
