@@ -36,7 +36,9 @@ def cpt_recipe(ws: dict[str, Path], run_dir: Path, steps: int = STEPS) -> Path:
         "model": {"source": str(ws["student"])},
         "data": {"sources": [{"path": str(ws["train"])}], "seq_len": 32},
         "cpt": {"zero_stage": 2, "micro_batch_size": 1, "global_batch_size": 4, "max_steps": steps, "lr": 3e-3,
-                "warmup_steps": 1, "save_every": 100, "keep_last": 1, "eval_every": 1000},
+                "warmup_steps": 1, "save_every": 100, "keep_last": 1, "eval_every": 1000,
+                # plain CE: the student is model.source itself, so default KD would train on a loss of ~0
+                "kd": None},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "recipe.yaml"

@@ -30,7 +30,7 @@ def _heal(root: Path, model: Path, *, max_steps: int, lora: dict | None, action:
 
     cfg = CPTConfig(**{"zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 4, "save_every": 2,
                        "warmup_steps": 0, "lr": 1e-2, "schedule": "constant", "seed": 0, "max_steps": max_steps,
-                       "lora": lora, **cpt})
+                       "lora": lora, "kd": None, **cpt})
     data = DataConfig(sources=[SourceConfig(path=str(root / "train.jsonl"))], seq_len=32)
     return heal(cfg, data, location=resolve_source(str(model)),
                 teacher_location=resolve_source(str(teacher)) if teacher else None, stage_dir=root / stage,

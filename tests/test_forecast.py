@@ -95,7 +95,7 @@ def test_cpt_stops_at_the_recovery_target_and_records_it(tmp_path, capsys):
            "eval_every": 2, "eval_batches": 2}
     dense = tmp_path / "dense.yaml"
     dense.write_text(yaml.safe_dump({**base, "model": {"source": str(model)}, "run_dir": str(tmp_path / "dense"),
-                                     "cpt": {**cpt, "input": str(model), "max_steps": 20}}))
+                                     "cpt": {**cpt, "input": str(model), "max_steps": 20, "kd": None}}))
     assert main(["cpt", str(dense)]) == 0
     heal = tmp_path / "heal.yaml"
     heal.write_text(yaml.safe_dump({**base, "model": {"source": str(tmp_path / "dense" / "cpt" / "hf")},

@@ -98,7 +98,7 @@ def test_pruned_models_export(tmp_path, calibration_file):
     src = confident_model(tmp_path, "llama", layers=4)
     prune(str(src), PruneConfig(blocks=[1, 2]), tmp_path / "depth", progress=False)
     # 128 -> 80 neurons: ffn_down rows 80 wide cannot be cut into q8_0's blocks of 32, so they stay f16
-    prune(str(src), PruneConfig(method="width", target="mlp", criterion="maw", ratio=0.375),
+    prune(str(src), PruneConfig(method="width", target="mlp", criterion="maw", ratio=0.375, round_to=8),
           tmp_path / "width", progress=False)
     qwen = confident_model(tmp_path, "qwen2", name="qwen", layers=2)
     # fewer heads, same head_dim: transformers' qwen2 GGUF reader cannot know head_dim, the check supplies it

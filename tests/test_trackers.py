@@ -126,7 +126,7 @@ def test_a_cpt_run_reports_its_steps_to_the_trackers_its_recipe_names(tmp_path, 
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(20)))
     cfg = CPTConfig(zero_stage=2, micro_batch_size=2, global_batch_size=4, max_steps=2, warmup_steps=1, seed=0,
-                    report_to=["tensorboard", "wandb"])
+                    report_to=["tensorboard", "wandb"], kd=None)
     heal(cfg, DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=32), location=resolve_source(str(model)),
          teacher_location=None, stage_dir=tmp_path / "cpt", hf_dir=tmp_path / "cpt" / "hf", opts=Options())
     run = fake_wandb[-1]
