@@ -89,7 +89,7 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int, vocab: int, hi
            "save_every": 100}
     dense = _recipe(out / "dense.yaml", {**common, "model": {"source": str(start)}, "run_dir": str(out / "dense"),
                                          "cpt": {**cpt, "input": str(start), "max_steps": dense_steps, "lr": 3e-3,
-                                                 "eval_every": 100}})
+                                                 "eval_every": 100, "kd": None}})
     dense_model = str(out / "dense" / "cpt" / "hf")
     if not (Path(dense_model) / "config.json").is_file():  # (or `healer cpt export` of a stopped one)
         assert main(["cpt", str(dense)]) == 0

@@ -2,7 +2,8 @@
 
 Each variant runs in its own process (peak memory is per process), on the same model, batch and tokens:
   (p) a plain loop: model(ids, labels) / backward / clip_grad_norm_ / AdamW.step / zero_grad;
-  (a) the bare DeepSpeed loop at the same ZeRO stage (engine(batch) / backward / step);
+  (a) the bare DeepSpeed loop at the real ZeRO stage (engine(batch) / backward / step), which is what one
+      rank ran before healer ran ZeRO-1/2 as stage 0 there;
   (h) `healer cpt`'s training function, real data pipeline, metrics and all.
 Step time is the median over the timed steps (checkpoint/eval steps never happen: their cadence is set past
 the end); memory is the process's peak RSS. Prints h/p (targets: time <= 1.1, memory <= 1.3) and h/a.
@@ -42,7 +43,7 @@ def _configs(args, corpus: str, domain: str | None):
 
     cfg = CPTConfig(zero_stage=args.zero_stage, micro_batch_size=args.micro_batch,
                     global_batch_size=args.micro_batch * args.accum, max_steps=args.warmup + args.steps + 1,
-                    save_every=10**6, eval_every=10**6, warmup_steps=2)
+                    save_every=10**6, eval_every=10**6, warmup_steps=2, kd=None)
     data_cfg = DataConfig(sources=[SourceConfig(path=corpus, domain_field=domain)], seq_len=args.seq_len)
     return cfg, data_cfg
 
@@ -86,13 +87,15 @@ def plain_loop(args, model_dir: Path, cfg, data_cfg, tokenizer) -> list[float]:
 
 
 def bare_deepspeed(args, model_dir: Path, cfg, data_cfg, tokenizer) -> list[float]:
-    """(a): the engine alone at the recipe's ZeRO stage, on tensors built before the clock starts."""
+    """(a): the engine alone at the real ZeRO stage (as healer ran one rank before the stage-0 path), on tensors
+    built before the clock starts."""
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer
 
     init_distributed()
     model = _load(model_dir)
     ds = build_ds_config(zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
-                         global_batch_size=cfg.global_batch_size, world_size=1, grad_clip=cfg.grad_clip)
+                         global_batch_size=cfg.global_batch_size, world_size=1, grad_clip=cfg.grad_clip,
+                         base={"zero_optimization": {"stage": cfg.zero_stage}})
     engine = init_engine(model, ds, make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay))
     batches = _batches(data_cfg, tokenizer, cfg.micro_batch_size, (args.warmup + args.steps) * args.accum)
     times = []
@@ -122,7 +125,7 @@ def healer_cpt(args, model_dir: Path, cfg, data_cfg, tokenizer) -> list[float]:
 
 
 VARIANTS = {"p": plain_loop, "a": bare_deepspeed, "h": healer_cpt}
-LABELS = {"p": "(p) plain PyTorch AdamW loop", "a": "(a) bare DeepSpeed loop", "h": "(h) healer cpt"}
+LABELS = {"p": "(p) plain PyTorch AdamW loop", "a": "(a) bare DeepSpeed, real", "h": "(h) healer cpt"}
 
 
 def worker(args) -> int:

@@ -41,7 +41,8 @@ def recipe(args) -> dict:
                  "seq_len": 128},
         "cpt": {"zero_stage": 2, "micro_batch_size": 4, "global_batch_size": 8, "max_steps": args.steps,
                 "lr": args.lr, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
-                "save_every": args.steps, "log_every": 1, **({"lora": {}} if lora else {})},
+                "save_every": args.steps, "log_every": 1, "kd": None,  # the Wanda paper heals with plain CE
+                **({"lora": {}} if lora else {})},
         "eval": {"perplexity_files": [str(DATA / "eval" / "wikitext-2" / "wiki.valid.tokens")],
                  "context_lengths": [128], "max_tokens": args.eval_tokens, "compare_to": "dense"},
         "launch": {"nproc_per_node": 1},
