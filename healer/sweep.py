@@ -1,7 +1,8 @@
 """``healer sweep RECIPE --over prune.ratio=0.2,0.3,0.4``: the size-quality frontier of one recipe.
 
 Each value runs the whole recipe (``healer run``) in its own run directory, ``<run_dir>/sweep/KEY=VALUE``,
-one after the other; a finished point is skipped stage by stage as ``healer run`` skips any finished stage.
+one after the other, or ``--jobs N`` at once, each in its own process with its log in the point's directory;
+a finished point is skipped stage by stage as ``healer run`` skips any finished stage.
 For the dense model and each point's final model it collects the parameter count, forward throughput
 (tokens/s of the same input on this machine, median of a few passes), perplexity as ``healer run``'s summary
 measures it and the eval stage's task accuracies, and writes ``sweep.json``, ``sweep.md`` (a table) and
@@ -10,7 +11,10 @@ measures it and the eval stage's task accuracies, and writes ``sweep.json``, ``s
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,9 @@ class Options:
     over: str = field(default="", metadata={
         "help": "KEY=V1,V2,...: the recipe key to vary and its values (YAML each), e.g. prune.ratio=0.2,0.3"})
     repeats: int = field(default=5, metadata={"help": "timed forward passes per model for throughput"})
+    jobs: int = field(default=1, metadata={
+        "help": "points run at once, each in its own process (log: <point>/sweep.log); with a local launcher the "
+                "visible GPUs, or on CPU the cores, are split evenly among them"})
 
 
 def parse_over(text: str) -> tuple[str, list[Any]]:
@@ -142,6 +149,8 @@ def sweep(recipe, opts: Options) -> dict:
     from healer.pipeline import run_pipeline, write_summary
 
     key, values = parse_over(opts.over)
+    if opts.jobs < 1:
+        raise HealerError(f"sweep: --jobs {opts.jobs}: give how many points run at once (1 or more)")
     out_dir = Path(recipe.run_dir) / "sweep"
     previous = read_json_if_present(out_dir / "sweep.json") or {}
     cached = {(r["label"], r["model"]): r for r in previous.get("rows", []) if r and r.get("stamp")}
@@ -150,13 +159,18 @@ def sweep(recipe, opts: Options) -> dict:
         raise HealerError(f"sweep: two values of {key} give the same run directory name "
                           f"({', '.join(map(str, values))})")
     points = [(v, point_recipe(recipe, key, v, d)) for v, d in zip(values, dirs)]
+    if opts.jobs > 1:
+        failed = run_parallel(key, points, opts.jobs)
+        if failed:
+            return {"exit_code": failed}
     rows, dense_row, summary = [], None, {}
     for value, point in points:
-        print(f"[sweep] {key}={value} -> {point.run_dir}", flush=True)
-        code = run_pipeline(point, RunOptions())
-        if code != 0:
-            print(f"[sweep] {key}={value} stopped with exit code {code}; run the sweep again to resume it")
-            return {"exit_code": code}
+        if opts.jobs == 1:
+            print(f"[sweep] {key}={value} -> {point.run_dir}", flush=True)
+            code = run_pipeline(point, RunOptions())
+            if code != 0:
+                print(f"[sweep] {key}={value} stopped with exit code {code}; run the sweep again to resume it")
+                return {"exit_code": code}
         summary = write_summary(point)
         eval_json = read_json_if_present(point.stage_dir("eval") / EVAL_FILE) if point.eval else None
         final = final_model(point)
@@ -185,6 +199,91 @@ def sweep(recipe, opts: Options) -> dict:
     print(format_table(result))
     print(f"[sweep] wrote {out_dir / 'sweep.json'}, sweep.md and frontier.png")
     return result
+
+
+def job_env(jobs: int, index: int, local: bool) -> dict[str, str]:
+    """What point ``index`` of ``jobs`` running at once gets: its share of the visible GPUs (local launcher) or,
+    on a machine without one, of the CPU cores. A Slurm launcher's points each get their own allocation."""
+    if not local:
+        return {}
+    import torch
+
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        share = len(devices) // jobs
+        if share == 0:
+            raise HealerError(f"sweep: --jobs {jobs} on {len(devices)} GPU(s): every point needs a GPU of its own; "
+                              f"use --jobs {len(devices)} or fewer")
+        return {"CUDA_VISIBLE_DEVICES": ",".join(devices[index * share:(index + 1) * share])}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
+def _run_point_logged(tree: dict, log: str, env: dict[str, str]) -> int:
+    """One point's ``healer run`` in a fresh process, every output (its stages' ranks' too) into ``log``."""
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    if "OMP_NUM_THREADS" in env:
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    from healer.pipeline import Options as RunOptions
+    from healer.pipeline import run_pipeline
+    from healer.recipe import Recipe
+
+    try:
+        return run_pipeline(Recipe.model_validate(tree), RunOptions())
+    except HealerError as err:
+        print(f"healer: {err}", flush=True)
+        return 2
+
+
+def run_parallel(key: str, points: list, jobs: int) -> int:
+    """Run every point's ``healer run``, ``jobs`` at once; return 0, or the first failed point's exit code
+    after all have ended (each failure printed with its log)."""
+    from multiprocessing.connection import wait
+
+    # spawn, not fork: a forked copy of a process that has started torch threads can deadlock. One process
+    # per point (not a pool): a point killed by the OOM killer fails alone, with its own exit code.
+    context = multiprocessing.get_context("spawn")
+    first_failure = 0
+    queue, free_slots, running = list(points), list(range(jobs)), {}
+    try:
+        while queue or running:
+            while queue and free_slots:  # a point holds a slot's GPUs (or cores) until it ends
+                (value, point), slot = queue.pop(0), free_slots.pop(0)
+                Path(point.run_dir).mkdir(parents=True, exist_ok=True)
+                log = Path(point.run_dir) / "sweep.log"
+                env = job_env(jobs, slot, point.launch.backend == "local")
+                proc = context.Process(target=_point_main, args=(point.model_dump(mode="json"), str(log), env))
+                proc.start()
+                running[proc.sentinel] = (proc, value, log, slot)
+                print(f"[sweep] {key}={value} -> {point.run_dir} (log {log})", flush=True)
+            for sentinel in wait(list(running)):
+                proc, value, log, slot = running.pop(sentinel)
+                proc.join()
+                free_slots.append(slot)
+                code = proc.exitcode
+                if code == 0:
+                    print(f"[sweep] {key}={value} finished", flush=True)
+                else:
+                    why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    first_failure = first_failure or (code if code > 0 else 1)
+                    print(f"[sweep] {key}={value} stopped ({why}); see {log}, run the sweep again to resume it",
+                          flush=True)
+    finally:  # interrupted: the points still running stop too (each resumes on the next sweep)
+        for proc, *_ in running.values():
+            proc.terminate()
+            proc.join()
+    return first_failure
+
+
+def _point_main(tree: dict, log: str, env: dict[str, str]) -> None:
+    sys.exit(_run_point_logged(tree, log, env))
 
 
 def _stamp(source: str) -> float | None:

@@ -80,3 +80,31 @@ def test_a_fixed_stage_output_is_refused_since_every_point_would_share_it(tmp_pa
     assert main(["sweep", str(recipe), "--over", "prune.ratio=0.25,0.5"]) == 2
     assert "eval.output" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_jobs_run_points_at_once_each_logging_to_its_own_directory(tmp_path, calibration_file, capsys):
+    recipe = _recipe(tmp_path, calibration_file)
+    assert main(["sweep", str(recipe), "--over", "prune.ratio=0.25,0.5", "--repeats", "1", "--jobs", "2"]) == 0
+    sweep_dir = tmp_path / "run" / "sweep"
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["layers"] for r in result["rows"]] == [4, 3, 2]
+    for value in ("0.25", "0.5"):
+        log = (sweep_dir / f"prune.ratio={value}" / "sweep.log").read_text()
+        assert "[prune] done" in log and "[eval] done" in log  # the point's whole run went to its own log
+    out = capsys.readouterr().out
+    assert "[sweep] prune.ratio=0.5 finished" in out and "[prune] starting" not in out
+
+
+def test_jobs_split_the_cores_and_refuse_more_gpus_than_there_are(monkeypatch):
+    import torch
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert sweep_mod.job_env(4, 3, local=True) == {"OMP_NUM_THREADS": "2"}
+    assert sweep_mod.job_env(4, 0, local=False) == {}  # a Slurm point gets its own allocation
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5")
+    assert sweep_mod.job_env(3, 2, local=True) == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    with pytest.raises(HealerError, match="--jobs 6 or fewer"):
+        sweep_mod.job_env(8, 0, local=True)
+    with pytest.raises(HealerError, match="--jobs 0"):
+        sweep_mod.sweep(None, sweep_mod.Options(over="prune.ratio=0.2", jobs=0))
