@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from _runner import run_verb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN = DATA / "corpus" / "slimpajama-sample" / "train"
@@ -122,22 +121,6 @@ def merge_cuts(prune_dir: Path, model: str, out_dir: Path) -> None:
             blocks[new].load_state_dict(merged[old])
     save_and_verify(student, load_tokenizer(resolve_source(str(prune_dir))), out_dir)
     shutil.copy(prune_dir / "prune_report.json", out_dir / "prune_report.json")
-
-
-def healer(verb: str, config: Path, out_dir: Path, log: Path) -> float | None:
-    """Run ``healer VERB`` in its own process; None when ``out_dir`` already holds a finished result."""
-    if (out_dir / "manifest.json").is_file():
-        return None
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    t0 = time.perf_counter()
-    with log.open("a") as fh:
-        done = subprocess.run([sys.executable, "-m", "healer", verb, "--config", str(config)], env=env,
-                              stdout=fh, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        sys.exit(f"healer {verb} failed ({done.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - t0
 
 
 class Perplexities:
@@ -259,7 +242,7 @@ def main() -> None:
     config = heal_dir / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe(args, out, prune_dir, heal_dir), sort_keys=False))
     log = heal_dir / "log.txt"
-    wall_prune = healer("prune", config, prune_dir, log)
+    wall_prune = run_verb("prune", config, prune_dir, log=log)
     ppl = Perplexities(out, args.eval_tokens)
     dense = ppl.get(f"dense:{args.model}", args.model)
     pruned = ppl.get(f"prune:{prune_key}", str(prune_dir))
@@ -280,7 +263,7 @@ def main() -> None:
         cfg = yaml.safe_load(config.read_text())
         cfg["cpt"]["input"] = str(merged_dir)
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    wall_heal = healer("cpt", config, heal_dir, log)
+    wall_heal = run_verb("cpt", config, heal_dir, log=log)
     t0 = time.perf_counter()
     healed = ppl.measure(str(heal_dir / "hf"))
     gap = pruned["ppl"] - dense["ppl"]

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from _runner import run_verb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN = DATA / "corpus" / "slimpajama-sample" / "train"
@@ -53,22 +51,6 @@ def recipe(args, out: Path) -> dict:
                     "output": str(out / "replace")},
         "cpt": {**batch, "lr": args.cpt_lr, "weight_decay": 0.0, "kd": {"alpha": 0.5, "temperature": 1.0}},
     }
-
-
-def healer(verb: str, config: Path, out_dir: Path, *overrides: str) -> float | None:
-    """Run ``healer VERB`` in its own process; returns its wall time, or None when ``out_dir`` holds a finished
-    result from an earlier run of the benchmark (its manifest). Stops the benchmark if the verb fails."""
-    if (out_dir / "manifest.json").is_file():
-        return None
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "healer", verb, "--config", str(config), *overrides], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"healer {verb} {' '.join(overrides)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return time.perf_counter() - t0
 
 
 def perplexity(source: str, args) -> float:
@@ -109,16 +91,16 @@ def main() -> None:
     per_step = args.global_batch * args.seq_len
     wall = {}
 
-    wall["prune: cut"] = healer("prune", config, out / "cut", f"prune.output={out / 'cut'}")
-    wall["prune: cut + replacement"] = healer("prune", config, out / "cut_replace",
+    wall["prune: cut"] = run_verb("prune", config, out / "cut", f"prune.output={out / 'cut'}")
+    wall["prune: cut + replacement"] = run_verb("prune", config, out / "cut_replace",
                                               f"prune.output={out / 'cut_replace'}", "prune.replace.kind=layer")
     cut = json.loads((out / "cut" / "prune_report.json").read_text())
     rep = json.loads((out / "cut_replace" / "prune_report.json").read_text())
     assert cut["removed"] == rep["removed"], "both prunes must cut the same span"
-    wall["replace"] = healer("replace", config, out / "replace", f"replace.max_steps={r}")
+    wall["replace"] = run_verb("replace", config, out / "replace", f"replace.max_steps={r}")
     runs = {"a": (out / "cut", n), "b": (out / "replace" / "hf", n), "c": (out / "cut", r + n)}
     for name, (src, steps) in runs.items():
-        wall[f"cpt ({name})"] = healer("cpt", config, out / f"cpt_{name}", f"cpt.input={src}",
+        wall[f"cpt ({name})"] = run_verb("cpt", config, out / f"cpt_{name}", f"cpt.input={src}",
                                        f"cpt.output={out / f'cpt_{name}'}", f"cpt.max_steps={steps}")
 
     trained = json.loads((out / "replace" / "prune_report.json").read_text())["replacement"]["training"]
