@@ -82,14 +82,14 @@ def test_smollm2_rounds_recipe_compares_like_with_like(tmp_path):
     path = CONFIGS / "smollm2-40-rounds.yaml"
     rounds = load_recipe(path, [f"run_dir={tmp_path / 'rounds'}"])
     oneshot = load_recipe(path, [f"run_dir={tmp_path / 'oneshot'}", "prune.rounds=null", "prune.ratio=0.4",
-                                 "cpt.max_steps=100"])
+                                 "cpt.max_steps=40"])
     assert rounds.prune.criterion == oneshot.prune.criterion == "ppl"
     assert blocks_per_round([r.ratio for r in rounds.prune.rounds], 30) == [6, 6]
     assert blocks_to_remove(30, oneshot.prune.ratio, None) == 12
     tokens_per_step = rounds.cpt.global_batch_size * rounds.data.seq_len
     round_steps = [heal_steps(r.heal_tokens, rounds.cpt.global_batch_size, rounds.data.seq_len)
                    for r in rounds.prune.rounds if r.heal_tokens]
-    assert round_steps == [50] and rounds.prune.rounds[0].heal_tokens == 50 * tokens_per_step
+    assert round_steps == [20] and rounds.prune.rounds[0].heal_tokens == 20 * tokens_per_step
     assert sum(round_steps) + rounds.cpt.max_steps == oneshot.cpt.max_steps
     assert rounds.model_dir("prune") == tmp_path / "rounds" / "round2" / "prune"  # what the final cpt heals
     assert rounds.stage_input("cpt") == str(tmp_path / "rounds" / "round2" / "prune")
