@@ -127,7 +127,7 @@ def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
     data = DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=32)
     tok = tiny_tokenizer()
     good = dict(teacher_location=resolve_source(str(model)), tokenizer=tok, data_cfg=data, streams=1, k=K)
-    cache.check(cache_key(**good), K)
+    cache.check(cache_key(**good), K, 320)
 
     other_model = save_tiny(tmp_path, "llama", name="other", seed=3, layers=2, hidden=32, intermediate=64)
     other_tok = tiny_tokenizer()
@@ -143,15 +143,17 @@ def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
     }
     for name, change in cases.items():
         with pytest.raises(HealerError, match=rf"built for other inputs -- {name}: cache has"):
-            cache.check(cache_key(**{**good, **change}), K)
+            cache.check(cache_key(**{**good, **change}), K, 320)
     with pytest.raises(HealerError, match=f"cpt.kd.top_k is 4 but .* holds the teacher's top {K}"):
-        cache.check(cache_key(**good), 4)
+        cache.check(cache_key(**good), 4, 320)
+    with pytest.raises(HealerError, match="vocabulary is 320, the student's 500"):
+        cache.check(cache_key(**good), K, 500)
     with pytest.raises(HealerError, match="top_k is null"):
-        cache.check(cache_key(**good), None)
+        cache.check(cache_key(**good), None, 320)
     # the data's file changed under the same name: refused too
     corpus.write_text(corpus.read_text() + json.dumps({"text": "one more"}) + "\n")
     with pytest.raises(HealerError, match="-- data:"):
-        cache.check(cache_key(**good), K)
+        cache.check(cache_key(**good), K, 320)
 
 
 def test_a_block_the_cache_lacks_names_the_step_and_the_coverage(tmp_path):
@@ -202,3 +204,43 @@ def test_a_killed_build_is_not_a_cache_and_the_next_build_finishes_it(tmp_path, 
     reused = re.search(r"([\d,]+) block reads already cached", capsys.readouterr().out)
     assert reused and int(reused.group(1).replace(",", "")) >= 8  # the kept shards' blocks: no teacher rerun
     assert LogitCache(cache_dir).tokens >= 20 * 4 * 32
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_zero3_kd_from_a_cache_built_for_two_ranks_matches_the_live_teacher(tmp_path):
+    """The build reads the stream split as 2 ranks will (every block each rank reads is there), and ZeRO-3's
+    partitioned head (the recomputed chunks) gives the live teacher's KD loss at every step."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from healer.cli import main
+
+    _, _, recipe = _setup(tmp_path, zero_stage=3, max_steps=3, micro_batch_size=1)
+    assert main(["distill-cache", str(recipe), "--ranks", "2"]) == 0
+    live = tmp_path / "live.yaml"
+    spec = yaml.safe_load(recipe.read_text())
+    spec["run_dir"] = str(tmp_path / "live_run")
+    spec["cpt"]["kd"].pop("cache")
+    live.write_text(yaml.safe_dump(spec))
+
+    def run(config: Path) -> dict[int, float]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "healer", "cpt", "--config",
+               str(config)]
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
+        rows = [json.loads(line) for line in (run_dir / "cpt" / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/kl"] for r in rows if "train/kl" in r}
+
+    cached, reference = run(recipe), run(live)
+    assert sorted(cached) == sorted(reference) == [1, 2, 3]
+    for step in reference:
+        assert abs(cached[step] - reference[step]) <= 1e-5 * abs(reference[step]), (step, cached, reference)

@@ -226,7 +226,7 @@ def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
     return init_frozen_engine(teacher, ds_config, device)
 
 
-def _open_cache(cfg: CPTConfig, data_cfg, teacher_location, tokenizer, world: int, ds_config: dict):
+def _open_cache(cfg: CPTConfig, data_cfg, teacher_location, tokenizer, world: int, ds_config: dict, vocab: int):
     """``cpt.kd.cache`` opened and checked against this run (teacher, tokenizer, data, seq_len, k, streams, and
     that it covers cpt.max_steps); None without one."""
     if cfg.kd is None or cfg.kd.cache is None:
@@ -235,7 +235,7 @@ def _open_cache(cfg: CPTConfig, data_cfg, teacher_location, tokenizer, world: in
 
     cache = LogitCache(cfg.kd.cache)
     cache.check(cache_key(teacher_location=teacher_location, tokenizer=tokenizer, data_cfg=data_cfg,
-                          streams=world * max(1, data_cfg.num_workers), k=cfg.kd.top_k), cfg.kd.top_k)
+                          streams=world * max(1, data_cfg.num_workers), k=cfg.kd.top_k), cfg.kd.top_k, vocab)
     need = cfg.max_steps * ds_config["train_batch_size"] * data_cfg.seq_len
     if cache.tokens < need:
         raise HealerError(f"cpt.kd.cache {cfg.kd.cache} covers {cache.tokens:,} tokens of the stream, cpt.max_steps "
@@ -328,7 +328,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     if cfg.kd is not None and opts.action == "train" and teacher_location is None:
         raise ValueError("heal: cfg.kd is set (KD is on by default) but no teacher_location was given; pass the "
                          "teacher, or kd=None for plain CE")
-    cache = _open_cache(cfg, data_cfg, teacher_location, tokenizer, world, ds_config) if opts.action == "train" else None
+    cache = (_open_cache(cfg, data_cfg, teacher_location, tokenizer, world, ds_config, model.config.vocab_size)
+             if opts.action == "train" else None)
     if teacher_location is not None and (cache is None or cfg.stop_at_recovery is not None):
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned

@@ -46,7 +46,7 @@ class Options:
         "help": "ranks the cpt stage will run on: the stream is split into ranks x data.num_workers parts"})
     k: int | None = field(default=None, metadata={
         "help": "logits kept per position; defaults to cpt.kd.top_k (the cpt stage must use the same)"})
-    dtype: str = field(default="float32", metadata={
+    values_dtype: str = field(default="float32", metadata={
         "help": "dtype of the stored logit values (bfloat16/float16 halve the values' size)",
         "choices": tuple(DTYPES)})
 
@@ -97,11 +97,13 @@ def run_distill_cache(recipe, opts: Options) -> int:
     micro_per_rank = steps * cfg.global_batch_size // per_step
     blocks_per_stream = math.ceil(micro_per_rank / max(1, recipe.data.num_workers)) * cfg.micro_batch_size
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HealerError(f"distill-cache: {out} is a file; the cache is a directory (cpt.kd.cache / --output)")
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "healer distill-cache"):
         build(out, key, location=location, tokenizer=tokenizer, data_cfg=recipe.data, streams=streams,
-              blocks_per_stream=blocks_per_stream, micro_batch_size=cfg.micro_batch_size, dtype=opts.dtype,
-              precision=cfg.precision, attn=cfg.attn_implementation,
+              blocks_per_stream=blocks_per_stream, micro_batch_size=cfg.micro_batch_size, dtype=opts.values_dtype,
+              precision=cfg.precision, attn=cfg.attn_implementation, vocab=config.vocab_size,
               coverage={"steps": steps, "global_batch_size": cfg.global_batch_size, "ranks": opts.ranks})
     return 0
 
@@ -191,12 +193,13 @@ def teacher_topk_rows(teacher, batch: dict[str, torch.Tensor], k: int, chunk_siz
 
 
 def build(out: Path, key: dict, *, location, tokenizer, data_cfg, streams: int, blocks_per_stream: int,
-          micro_batch_size: int, dtype: str, precision: str, attn: str, coverage: dict) -> dict:
+          micro_batch_size: int, dtype: str, precision: str, attn: str, coverage: dict, vocab: int) -> dict:
     """Write the cache into ``out`` (locked by the caller) and return what ``cache.json`` records.
 
     streams / blocks_per_stream: read that many blocks from each of the ``streams`` packed streams, in turn.
     micro_batch_size: rows per teacher forward (the stream's micro-batch).
     coverage: what the blocks amount to for the cpt stage (steps, global batch, ranks), recorded as is.
+    vocab: the teacher's vocabulary size (the student's must match, as live KD checks).
     """
     from tqdm.auto import tqdm
 
@@ -256,6 +259,7 @@ def build(out: Path, key: dict, *, location, tokenizer, data_cfg, streams: int, 
             writer.tmp.unlink(missing_ok=True)
     meta = {"format": FORMAT, "key": key, "dtype": dtype, "blocks": len(seen), "shards": sorted(shards),
             "tokens": len(seen) * key["seq_len"], "coverage": coverage, "teacher_precision": precision,
+            "vocab": vocab,
             # the stream's first tokens every block of which is here (repeated blocks are stored once)
             "stream_tokens": max(covered, read * key["seq_len"])}
     write_json_atomic(out / KEY_FILE, meta)  # last: from here on the directory is a cache

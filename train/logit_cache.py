@@ -155,7 +155,8 @@ def read_key_file(directory: Path) -> dict[str, Any]:
     """``DIR/cache.json``; refuses a directory that is not a finished cache."""
     path = directory / KEY_FILE
     if not directory.is_dir():
-        raise HealerError(f"cpt.kd.cache: {directory} does not exist; build it with `healer distill-cache RECIPE`")
+        what = "is a file, not a cache directory" if directory.exists() else "does not exist"
+        raise HealerError(f"cpt.kd.cache: {directory} {what}; build it with `healer distill-cache RECIPE`")
     if not path.is_file():
         partial = any(directory.glob("shard-*.index.npy"))
         why = ("holds shards of an unfinished build (killed?); run `healer distill-cache` again to finish it"
@@ -168,6 +169,11 @@ def read_key_file(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HealerError(f"cpt.kd.cache: {path} is format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                           f"this healer reads format {FORMAT}; rebuild the cache with this version")
+    missing = [f for f in ("key", "dtype", "shards", "stream_tokens", "vocab") if f not in meta]
+    missing += [f for f in KEY_FIELDS if f not in meta.get("key", {})]
+    if missing or meta["dtype"] not in DTYPES:
+        raise HealerError(f"cpt.kd.cache: {path} lacks {', '.join(missing) or 'a known dtype'}; it is not a cache "
+                          "healer wrote -- rebuild it with `healer distill-cache`")
     return meta
 
 
@@ -210,8 +216,12 @@ class LogitCache:
         """Tokens of the stream the cache covers from its start (all ranks together)."""
         return int(self.meta["stream_tokens"])
 
-    def check(self, wanted: dict[str, Any], top_k: int | None) -> None:
-        """Refuse, naming what differs, a cache built for another teacher, tokenizer, data, seq_len or k."""
+    def check(self, wanted: dict[str, Any], top_k: int | None, vocab: int) -> None:
+        """Refuse, naming what differs, a cache built for another teacher, tokenizer, data, seq_len or k, or for
+        a vocabulary other than the student's (``vocab``)."""
+        if int(self.meta["vocab"]) != vocab:
+            raise HealerError(f"cpt.kd.cache {self.directory}: the teacher's vocabulary is {self.meta['vocab']}, the "
+                              f"student's {vocab}; the teacher must share the student's tokenizer")
         if top_k is None:
             raise HealerError(f"cpt.kd.top_k is null (the full vocabulary) but cpt.kd.cache {self.directory} holds "
                               f"the teacher's top {self.k} logits; set cpt.kd.top_k: {self.k}")
