@@ -9,6 +9,7 @@ are kept) or extends a finished cache to more ``--tokens``; a cache built for ot
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ def run_distill_cache(recipe, opts: Options) -> int:
     config = load_config(location)
     check_seq_len(seq_len, config, "data.seq_len")
     if k > config.vocab_size:
-        raise HealerError(f"k {k} exceeds the teacher's vocabulary of {config.vocab_size}")
+        raise HealerError(f"k (--k or cpt.kd.top_k) {k} exceeds the teacher's vocabulary of {config.vocab_size}")
     tokenizer = load_tokenizer(location)  # KD needs the student to share it; the cpt stage checks its own
     streams = opts.ranks * max(1, recipe.data.num_workers)
     key = cache_key(teacher_location=location, tokenizer=tokenizer, data_cfg=recipe.data, streams=streams, k=k)
@@ -98,7 +99,7 @@ def run_distill_cache(recipe, opts: Options) -> int:
     blocks_per_stream = math.ceil(micro_per_rank / max(1, recipe.data.num_workers)) * cfg.micro_batch_size
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise HealerError(f"distill-cache: {out} is a file; the cache is a directory (cpt.kd.cache / --output)")
+        raise HealerError(f"{out} is a file; the cache is a directory (cpt.kd.cache / --output)")
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "healer distill-cache"):
         build(out, key, location=location, tokenizer=tokenizer, data_cfg=recipe.data, streams=streams,
@@ -108,24 +109,31 @@ def run_distill_cache(recipe, opts: Options) -> int:
     return 0
 
 
+def _json_object(path: Path) -> dict | None:
+    """The JSON object at ``path``; None when it is missing, not JSON (even binary) or not an object."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _previous(out: Path, key: dict) -> tuple[list[str], set[bytes], int, int]:
     """Shards a killed or finished build left (those with an index), their blocks' hashes, the next shard number
     and the stream tokens a finished cache covered; refuses a directory holding a cache for other inputs, or something else."""
-    from healer.manifest import read_json_if_present
-
     for stale in out.glob("*.tmp*"):  # the shard a killed build was writing
         stale.unlink()
-    meta = read_json_if_present(out / KEY_FILE) or read_json_if_present(out / BUILD_FILE)
+    meta = _json_object(out / KEY_FILE) or _json_object(out / BUILD_FILE)
     names = sorted(p.name[: -len(".index.npy")] for p in out.glob("shard-*.index.npy"))
     if meta is None:
         others = [p.name for p in out.iterdir() if p.name not in (".healer.lock",) and not p.name.startswith(".")]
         if others:
-            raise HealerError(f"distill-cache: {out} is not empty and is not a logit cache ({', '.join(others[:3])} "
+            raise HealerError(f"{out} is not empty and is not a logit cache ({', '.join(others[:3])} "
                               "...); choose an empty or new directory")
         return [], set(), 0, 0
     differs = key_mismatch(meta.get("key", {}), key) if meta.get("format") == FORMAT else "format"
     if differs:
-        raise HealerError(f"distill-cache: {out} holds a cache built for other inputs -- {differs}; choose another "
+        raise HealerError(f"{out} holds a cache built for other inputs -- {differs}; choose another "
                           "directory (or delete it to rebuild)")
     seen: set[bytes] = set()
     for name in names:
@@ -264,6 +272,7 @@ def build(out: Path, key: dict, *, location, tokenizer, data_cfg, streams: int, 
             "stream_tokens": max(covered, read * key["seq_len"])}
     write_json_atomic(out / KEY_FILE, meta)  # last: from here on the directory is a cache
     (out / BUILD_FILE).unlink(missing_ok=True)
-    print(f"healer distill-cache: {len(seen):,} blocks ({meta['tokens']:,} tokens, top {k} logits as {dtype}; "
-          f"{reused:,} block reads already cached) in {len(shards)} shard(s) -> {out}", flush=True)
+    print(f"healer distill-cache: the stream's first {meta['stream_tokens']:,} tokens: {len(seen):,} distinct blocks, "
+          f"top {k} logits as {dtype} ({reused:,} block reads already cached) in {len(shards)} shard(s) -> {out}",
+          flush=True)
     return meta

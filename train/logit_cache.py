@@ -165,15 +165,15 @@ def read_key_file(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise HealerError(f"cpt.kd.cache: {path} is not readable JSON ({err}); rebuild the cache") from None
+        raise HealerError(f"cpt.kd.cache: {path} is not readable JSON ({err}); delete {directory} and build it again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HealerError(f"cpt.kd.cache: {path} is format {meta.get('format') if isinstance(meta, dict) else '?'}, "
-                          f"this healer reads format {FORMAT}; rebuild the cache with this version")
+                          f"this healer reads format {FORMAT}; delete {directory} and build it again")
     missing = [f for f in ("key", "dtype", "shards", "stream_tokens", "vocab") if f not in meta]
     missing += [f for f in KEY_FIELDS if f not in meta.get("key", {})]
     if missing or meta["dtype"] not in DTYPES:
         raise HealerError(f"cpt.kd.cache: {path} lacks {', '.join(missing) or 'a known dtype'}; it is not a cache "
-                          "healer wrote -- rebuild it with `healer distill-cache`")
+                          f"healer wrote -- delete {directory} and build it again")
     return meta
 
 
@@ -182,9 +182,9 @@ def read_index(path: Path) -> np.ndarray:
     try:
         index = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise HealerError(f"logit cache: {path} is not a readable index ({err}); rebuild the cache") from None
+        raise HealerError(f"logit cache: {path} is not a readable index ({err}); delete {path.parent} and build it again") from None
     if index.dtype != INDEX_DTYPE:
-        raise HealerError(f"logit cache: {path} has entries of type {index.dtype}, not a cache index; rebuild")
+        raise HealerError(f"logit cache: {path} has entries of type {index.dtype}, not a cache index; delete {path.parent} and build it again")
     return index
 
 
@@ -227,11 +227,11 @@ class LogitCache:
                               f"the teacher's top {self.k} logits; set cpt.kd.top_k: {self.k}")
         if top_k != self.k:
             raise HealerError(f"cpt.kd.top_k is {top_k} but cpt.kd.cache {self.directory} holds the teacher's top "
-                              f"{self.k} logits; set cpt.kd.top_k: {self.k} or rebuild with --k {top_k}")
+                              f"{self.k} logits; set cpt.kd.top_k: {self.k}, or build a top-{top_k} cache into another directory")
         differs = key_mismatch(self.key, {**wanted, "k": self.k})
         if differs:
-            raise HealerError(f"cpt.kd.cache {self.directory} was built for other inputs -- {differs}; rebuild it "
-                              "with `healer distill-cache` for this recipe")
+            raise HealerError(f"cpt.kd.cache {self.directory} was built for other inputs -- {differs}; build one for this "
+                              "recipe into another directory (`healer distill-cache --output DIR`) or delete it first")
 
     def _find(self, digest: bytes) -> int | None:
         i = int(np.searchsorted(self.index["hash"], np.bytes_(digest)))
@@ -269,7 +269,7 @@ class LogitCache:
                 found.append(decode_block(self._read(i), seq - 1, self.k, self.dtype))
             except Exception as err:  # a truncated or altered shard
                 raise HealerError(f"cpt.kd.cache {self.directory}: shard {self.meta['shards'][int(self.shard_of[i])]}"
-                                  f" is damaged ({err}); rebuild the cache") from None
+                                  f" is damaged ({err}); delete {self.directory} and build it again") from None
         if missing:
             return missing
         return TopK(torch.stack([t.values for t in found]), torch.stack([t.indices for t in found]))
