@@ -13,6 +13,7 @@ after the first); ratios are against plain CPT in the same run. The KD loss is c
 live and cached (same init, same data): it must agree to fp32 rounding.
 
     python bench/kd_cache.py                    # 1 rank, ZeRO-0, 12 steps of 8 x 128 tokens, vocab 32000, k 64
+    python bench/kd_cache.py --ranks 2 --zero-stage 3
 """
 
 from __future__ import annotations
@@ -41,11 +42,22 @@ def _model(out: Path, layers: int, args, seed: int) -> Path:
     return out
 
 
-def _run(verb: str, recipe: Path, *extra: str) -> float:
+def _run(verb: str, recipe: Path, *extra: str, ranks: int = 1) -> float:
     from healer.cli import main
 
     t0 = time.perf_counter()
-    code = main([verb, str(recipe), *extra])
+    if ranks > 1:  # one process per rank, as `healer launch --nproc N` would start them
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "healer", verb,
+                               str(recipe), *extra], check=False).returncode
+    else:
+        code = main([verb, str(recipe), *extra])
     if code != 0:
         raise SystemExit(f"healer {verb} {' '.join(extra)} exited {code}")
     return time.perf_counter() - t0
@@ -69,6 +81,7 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=6)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1, help="cpt ranks (2 with --zero-stage 3: issue 15's target)")
     args = parser.parse_args()
 
     import yaml
@@ -92,17 +105,17 @@ def main() -> None:
         recipe.write_text(yaml.safe_dump(section))
         recipes[name] = recipe
 
-    build_s = _run("distill-cache", recipes["cached"])
+    build_s = _run("distill-cache", recipes["cached"], "--ranks", str(args.ranks))
     times, kls = {}, {}
     for name in ("plain", "live", "cached"):
-        _run("cpt", recipes[name])
+        _run("cpt", recipes[name], ranks=args.ranks)
         tps, kls[name] = _stage(tmp / name)
         times[name] = args.global_batch * args.seq_len / tps
     cache_mb = sum(f.stat().st_size for f in (tmp / "cache").iterdir()) / 2**20
     load = os.getloadavg()
     print(f"\nkd_cache bench: {args.steps} steps of {args.global_batch} x {args.seq_len} tokens, vocab {args.vocab}, "
           f"teacher {args.teacher_layers} / student {args.student_layers} blocks (hidden {args.hidden}), "
-          f"top_k {args.top_k}, 1 rank ZeRO-{args.zero_stage}, CPU; load average {load[0]:.2f}")
+          f"top_k {args.top_k}, {args.ranks} rank(s) ZeRO-{args.zero_stage}, CPU; load average {load[0]:.2f}")
     print(f"  cache build: {build_s:.1f} s, {cache_mb:.1f} MiB on disk")
     for name in ("plain", "live", "cached"):
         print(f"  {name:<7} step {times[name] * 1000:8.1f} ms   {times[name] / times['plain']:.2f}x plain")

@@ -134,15 +134,23 @@ def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
     other_tok.add_tokens(["<extra>"])
     other_corpus = tmp_path / "other.jsonl"
     other_corpus.write_text(json.dumps({"text": "something else " * 50}) + "\n")
+    import shutil
+
+    edited = tmp_path / "edited"  # same size, same first and last bytes, one weight changed in the middle
+    shutil.copytree(model, edited)
+    weights = bytearray((edited / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    (edited / "model.safetensors").write_bytes(bytes(weights))
     cases = {
         "teacher": {"teacher_location": resolve_source(str(other_model))},
+        "teacher ": {"teacher_location": resolve_source(str(edited))},
         "tokenizer": {"tokenizer": other_tok},
         "data": {"data_cfg": DataConfig(sources=[SourceConfig(path=str(other_corpus))], seq_len=32)},
         "seq_len": {"data_cfg": DataConfig(sources=[SourceConfig(path=str(corpus))], seq_len=16)},
         "streams": {"streams": 2},
     }
     for name, change in cases.items():
-        with pytest.raises(HealerError, match=rf"built for other inputs -- {name}: cache has"):
+        with pytest.raises(HealerError, match=rf"built for other inputs -- {name.strip()}: cache has"):
             cache.check(cache_key(**{**good, **change}), K, 320)
     with pytest.raises(HealerError, match=f"cpt.kd.top_k is 4 but .* holds the teacher's top {K}"):
         cache.check(cache_key(**good), 4, 320)
