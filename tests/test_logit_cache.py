@@ -14,7 +14,7 @@ from helpers import SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer
 
 from healer.errors import HealerError
 from healer.train.distill_cache import teacher_topk_rows
-from healer.train.kd import chunked_head_loss
+from healer.train.kd import TopK, chunked_head_loss
 from healer.train.logit_cache import CachedTeacherBatches, LogitCache, cache_key, decode_block, encode_block
 from healer.train.objectives import Distill, _forward_hidden, output_head
 
@@ -55,8 +55,8 @@ def test_cached_top_k_gives_the_live_top_k_loss_and_gradient(temperature):
                                      teacher_hidden=t_states[-1][:, :-1], teacher_head=output_head(teacher),
                                      alpha=0.3, temperature=temperature, top_k=K, fused=False, chunk_size=9)
     unfused_cached = chunked_head_loss(states[-1][:, :-1], targets, output_head(student), alpha=0.3,
-                                       temperature=temperature, teacher_topk=cached_batch and
-                                       type(top)(cached_batch["kd_values"], cached_batch["kd_indices"]),
+                                       temperature=temperature,
+                                       teacher_topk=TopK(cached_batch["kd_values"], cached_batch["kd_indices"]),
                                        fused=False, chunk_size=9)
     assert torch.allclose(unfused_cached[0], unfused_live[0], rtol=1e-6, atol=1e-6)
 

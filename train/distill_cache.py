@@ -120,7 +120,8 @@ def _json_object(path: Path) -> dict | None:
 
 def _previous(out: Path, key: dict) -> tuple[list[str], set[bytes], int, int]:
     """Shards a killed or finished build left (those with an index), their blocks' hashes, the next shard number
-    and the stream tokens a finished cache covered; refuses a directory holding a cache for other inputs, or something else."""
+    and the stream tokens a finished cache covered; refuses a directory holding a cache for other inputs, or
+    anything else."""
     for stale in out.glob("*.tmp*"):  # the shard a killed build was writing
         stale.unlink()
     meta = _json_object(out / KEY_FILE) or _json_object(out / BUILD_FILE)

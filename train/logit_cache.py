@@ -179,7 +179,8 @@ def read_key_file(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise HealerError(f"cpt.kd.cache: {path} is not readable JSON ({err}); delete {directory} and build it again") from None
+        raise HealerError(f"cpt.kd.cache: {path} is not readable JSON ({err}); delete {directory} and build it "
+                          "again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HealerError(f"cpt.kd.cache: {path} is format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                           f"this healer reads format {FORMAT}; delete {directory} and build it again")
@@ -196,9 +197,11 @@ def read_index(path: Path) -> np.ndarray:
     try:
         index = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise HealerError(f"logit cache: {path} is not a readable index ({err}); delete {path.parent} and build it again") from None
+        raise HealerError(f"logit cache: {path} is not a readable index ({err}); delete {path.parent} and build it "
+                          "again") from None
     if index.dtype != INDEX_DTYPE:
-        raise HealerError(f"logit cache: {path} has entries of type {index.dtype}, not a cache index; delete {path.parent} and build it again")
+        raise HealerError(f"logit cache: {path} has entries of type {index.dtype}, not a cache index; delete "
+                          f"{path.parent} and build it again")
     return index
 
 
@@ -241,11 +244,13 @@ class LogitCache:
                               f"the teacher's top {self.k} logits; set cpt.kd.top_k: {self.k}")
         if top_k != self.k:
             raise HealerError(f"cpt.kd.top_k is {top_k} but cpt.kd.cache {self.directory} holds the teacher's top "
-                              f"{self.k} logits; set cpt.kd.top_k: {self.k}, or build a top-{top_k} cache into another directory")
+                              f"{self.k} logits; set cpt.kd.top_k: {self.k}, or build a top-{top_k} cache into "
+                              "another directory")
         differs = key_mismatch(self.key, {**wanted, "k": self.k})
         if differs:
-            raise HealerError(f"cpt.kd.cache {self.directory} was built for other inputs -- {differs}; build one for this "
-                              "recipe into another directory (`healer distill-cache --output DIR`) or delete it first")
+            raise HealerError(f"cpt.kd.cache {self.directory} was built for other inputs -- {differs}; build one for "
+                              "this recipe into another directory (`healer distill-cache --output DIR`) or delete it "
+                              "first")
 
     def _find(self, digest: bytes) -> int | None:
         i = int(np.searchsorted(self.index["hash"], np.bytes_(digest)))
@@ -318,10 +323,11 @@ class CachedTeacherBatches:
         top = self.cache.lookup(batch)
         if isinstance(top, list):
             covered = self.cache.tokens
+            steps = covered // max(1, self.global_batch * self.cache.seq_len)
             raise HealerError(
                 f"cpt.kd.cache {self.cache.directory} has no entry for {len(top)} of this micro-batch's blocks at step "
-                f"{step} (the cache covers {covered:,} tokens = {covered // max(1, self.global_batch * self.cache.seq_len):,}"
-                f" steps of {self.global_batch} x {self.cache.seq_len}); build it further with `healer distill-cache "
+                f"{step} (the cache covers {covered:,} tokens = {steps:,} steps of {self.global_batch} x "
+                f"{self.cache.seq_len}); build it further with `healer distill-cache "
                 "--tokens N` (N at least max_steps x global batch x seq_len)")
         return {**batch, "kd_values": top.values, "kd_indices": top.indices}
 
