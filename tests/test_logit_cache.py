@@ -107,6 +107,10 @@ def test_distill_cache_builds_a_cache_the_cpt_stage_trains_on_without_the_teache
     kl = [r["train/kl"] for r in rows if "train/kl" in r]
     assert kl and all(v > 0 for v in kl)
 
+    # a sweep point with another temperature and alpha reads the same cache (they are applied after the lookup)
+    assert main(["cpt", str(recipe), "--cpt.kd.temperature", "2", "--cpt.kd.alpha", "0.5", "--run_dir",
+                 str(tmp_path / "point2")]) == 0
+    assert json.loads((tmp_path / "point2" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 2
     # more steps than the cache covers: refused before training, saying how to extend it
     capsys.readouterr()
     assert main(["cpt", str(recipe), "--cpt.max_steps", "50"]) == 2
@@ -158,6 +162,12 @@ def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
         cache.check(cache_key(**good), K, 500)
     with pytest.raises(HealerError, match="top_k is null"):
         cache.check(cache_key(**good), None, 320)
+    # the same corpus copied elsewhere is the same data
+    copied = tmp_path / "copy" / "train.jsonl"
+    copied.parent.mkdir()
+    copied.write_bytes(corpus.read_bytes())
+    cache.check(cache_key(**{**good, "data_cfg": DataConfig(sources=[SourceConfig(path=str(copied))], seq_len=32)}),
+                K, 320)
     # the data's file changed under the same name: refused too
     corpus.write_text(corpus.read_text() + json.dumps({"text": "one more"}) + "\n")
     with pytest.raises(HealerError, match="-- data:"):

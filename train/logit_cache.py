@@ -125,6 +125,8 @@ def data_fingerprint(data_cfg) -> dict[str, str]:
 
     settings = data_cfg.model_dump(mode="json", exclude={"validation", "num_workers", "tokenizer_batch_size",
                                                          "repeat_cache_mb", "bad_records", "seq_len"})
+    for source in settings["sources"]:  # where the corpus lies is not what it holds: its files are hashed below
+        source.pop("path")
     entries = plan_entries(data_cfg.sources, "data.sources")
     files = [fingerprint(list(e.files)) for e in entries]
     return {"label": ", ".join(e.name for e in entries), "hash": _digest([json.dumps(settings, sort_keys=True),
