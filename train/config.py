@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from healer.config_base import Section
 from healer.train.trackers import ReportTo
@@ -86,6 +86,16 @@ class KDConfig(Section):
         0.0, ge=0.0, description="weight of the hidden-state loss at a depth prune's cut points (read from the "
         "input's prune_report.json): the student's state after the block before each cut against the teacher's "
         "after the removed span, as ||s-t||^2/||t||^2 per token; 0 = logits only; other inputs have no cuts")
+    cache: str | None = Field(
+        None, description="directory of the teacher's cached top-k logits (`healer distill-cache` writes it): "
+        "the teacher is then not loaded; needs top_k equal to the cache's k and hidden_weight 0")
+
+    @model_validator(mode="after")
+    def _cache_serves_logits_only(self) -> "KDConfig":
+        if self.cache is not None and self.hidden_weight > 0:
+            raise ValueError(f"cache is set and hidden_weight is {self.hidden_weight}: hidden-state KD needs the live "
+                             "teacher; set hidden_weight: 0 or cache: null")
+        return self
 
 
 class LoRAFields(Section):

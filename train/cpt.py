@@ -226,6 +226,23 @@ def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
     return init_frozen_engine(teacher, ds_config, device)
 
 
+def _open_cache(cfg: CPTConfig, data_cfg, teacher_location, tokenizer, world: int, ds_config: dict, vocab: int):
+    """``cpt.kd.cache`` opened and checked against this run (teacher, tokenizer, data, seq_len, k, streams, and
+    that it covers cpt.max_steps); None without one."""
+    if cfg.kd is None or cfg.kd.cache is None:
+        return None
+    from healer.train.logit_cache import LogitCache, cache_key
+
+    cache = LogitCache(cfg.kd.cache)
+    cache.check(cache_key(teacher_location=teacher_location, tokenizer=tokenizer, data_cfg=data_cfg,
+                          streams=world * max(1, data_cfg.num_workers), k=cfg.kd.top_k), cfg.kd.top_k, vocab)
+    need = cfg.max_steps * ds_config["train_batch_size"] * data_cfg.seq_len
+    if cache.tokens < need:
+        raise HealerError(f"cpt.kd.cache {cfg.kd.cache} covers {cache.tokens:,} tokens of the stream, cpt.max_steps "
+                          f"{cfg.max_steps} reads {need:,}; extend it: healer distill-cache RECIPE --tokens {need}")
+    return cache
+
+
 def _export_lora(engine, *, stage_dir: Path, hf_dir: Path, location, tokenizer, dtype: str, keep_sparsity,
                  rank: int, say) -> Path:
     """Collective: save the engine's adapter to ``<stage_dir>/adapter``; rank 0 merges it into ``hf_dir``."""
@@ -311,7 +328,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     if cfg.kd is not None and opts.action == "train" and teacher_location is None:
         raise ValueError("heal: cfg.kd is set (KD is on by default) but no teacher_location was given; pass the "
                          "teacher, or kd=None for plain CE")
-    if teacher_location is not None:
+    cache = (_open_cache(cfg, data_cfg, teacher_location, tokenizer, world, ds_config, model.config.vocab_size)
+             if opts.action == "train" else None)
+    if teacher_location is not None and (cache is None or cfg.stop_at_recovery is not None):
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned
 
@@ -345,6 +364,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
+                 + (f" from the logit cache {cfg.kd.cache} (no teacher loaded)" if cache is not None else "")
                  + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} "
                     "trainable parameters" if lora else "")
                  + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else
@@ -389,14 +409,21 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         logger.write(f"healer cpt: stop at {cfg.stop_at_recovery:.0%} recovery of validation loss "
                      f"{baseline['pruned_val_loss']:.4f} (input) -> {baseline['dense_val_loss']:.4f} (dense)")
         stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
-        if cfg.kd is None:
+        if cfg.kd is None or cache is not None:
             teacher = None  # it only measured the dense loss
     objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
-                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight)
-                 if teacher is not None else NextTokenCE())
+                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight, cached=cache is not None)
+                 if teacher is not None or cache is not None else NextTokenCE())
+    train_batches = batches
+    if cache is not None:
+        from healer.train.logit_cache import CachedTeacherBatches
+
+        train_batches = CachedTeacherBatches(batches, cache, first_step=progress.step,
+                                             accumulation=ds_config["gradient_accumulation_steps"],
+                                             global_batch=ds_config["train_batch_size"])
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-    outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
+    outcome = train(engine, objective, train_batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
                     step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when,

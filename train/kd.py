@@ -18,11 +18,16 @@ and the student's log-probabilities are the full-vocabulary ``log_softmax(studen
 same ``k`` token ids (not renormalised). The term stays >= 0 and is zero only when the student's
 probabilities at the teacher's top-k tokens equal the renormalised teacher's -- i.e. when the student
 puts all its mass there, in the teacher's proportions.
+
+The teacher's top-k can also come precomputed (:class:`TopK`, read from a logit cache by
+:mod:`healer.train.logit_cache`): its values are the raw logits (temperature 1), divided by T here exactly as
+the live path divides before its ``topk``, so cached and live top-k give the same loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +36,32 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK_SIZE = 512  # positions per chunk: 512 x 128K vocab x 4 bytes = 256 MiB per fp32 temporary
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+class TopK(NamedTuple):
+    """A teacher's k largest logits per position, ``[..., k]`` each, largest first: the raw logits
+    (temperature 1, fp32 or the cache's dtype) and their token ids."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, k: int) -> TopK:
+    """The :class:`TopK` a logit cache stores for ``teacher_logits`` (``[..., V]``), in fp32."""
+    values, indices = teacher_logits.float().topk(k, dim=-1)
+    return TopK(values, indices)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK, temperature: float = 1.0,
              top_k: int | None = None) -> torch.Tensor:
     """KL(p_teacher || p_student) at ``temperature`` for every position (``[..., V]`` -> ``[...]``), in fp32.
 
-    ``top_k`` restricts the teacher to its k largest logits, as the module docstring defines.
+    ``top_k`` restricts the teacher to its k largest logits, as the module docstring defines; a
+    :class:`TopK` teacher is that restriction already made (``top_k`` is then not read).
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher_logits, TopK):
+        log_p = F.log_softmax(teacher_logits.values.float() / temperature, dim=-1)
+        log_q = log_q.gather(-1, teacher_logits.indices.long())
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
     t = teacher_logits.float() / temperature
     if top_k is not None and top_k < t.shape[-1]:
         t_vals, t_idx = t.topk(top_k, dim=-1)
@@ -129,11 +153,14 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _chunk_sums(hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, targets: torch.Tensor, head: Head,
-                teacher_head: Head | None, temperature: float, top_k: int | None
+                teacher_head: Head | None, temperature: float, top_k: int | None,
+                t_values: torch.Tensor | None = None, t_indices: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE sum, KL sum) of one chunk of positions; the KL is 0 without a teacher."""
+    """(CE sum, KL sum) of one chunk of positions; the KL is 0 without a teacher (head or cached top-k)."""
     logits = head(hidden)  # calling the module (not its weight) lets ZeRO-3's hooks gather a partitioned head
     ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if t_values is not None:
+        return ce, token_kl(logits, TopK(t_values, t_indices), temperature).sum()
     if teacher_head is None:
         return ce, ce.new_zeros(())
     with torch.no_grad():
@@ -148,26 +175,34 @@ def _same_vocab(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> N
                          f"{student_logits.shape[-1]}")
 
 
-def _loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, alpha: float,
-                         temperature: float, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | TopK | None,
+                         alpha: float, temperature: float, top_k: int | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE sum, KL sum, d loss_sum / d logits) of one chunk. Works in place on ``logits`` and ``t_logits``
-    (fp32 temporaries the caller gives up) so about five chunk-sized tensors are alive, not ten."""
+    (fp32 temporaries the caller gives up) so about five chunk-sized tensors are alive, not ten.
+    ``t_logits`` may be a cached :class:`TopK` (then ``top_k`` is not read)."""
     rows = torch.arange(targets.shape[0], device=targets.device)
     lse = logits.logsumexp(-1)
     ce = (lse - logits[rows, targets]).sum()
     if t_logits is None:
         kl, log_q = ce.new_zeros(()), None
     else:
-        _same_vocab(t_logits, logits)
+        if not isinstance(t_logits, TopK):
+            _same_vocab(t_logits, logits)
         log_q = F.log_softmax(logits / temperature, dim=-1)
     grad = logits.sub_(lse[:, None]).exp_().mul_(alpha)  # alpha * (softmax(s) - onehot), in the logits' memory
     grad[rows, targets] -= alpha
     if log_q is None:
         return ce, kl, grad
     scale = (1 - alpha) * temperature  # d(T^2 KL)/ds = T (q - p)
-    t = t_logits.float().div_(temperature)
-    if top_k is not None and top_k < t.shape[-1]:
-        t_vals, t_idx = t.topk(top_k, dim=-1)
+    if isinstance(t_logits, TopK):  # the cached top-k: the same division by T the live branch makes before topk
+        t_vals, t_idx, t = t_logits.values.float().div(temperature), t_logits.indices.long(), None
+    else:
+        t = t_logits.float().div_(temperature)
+        t_vals = t_idx = None
+        if top_k is not None and top_k < t.shape[-1]:
+            t_vals, t_idx = t.topk(top_k, dim=-1)
+    if t_vals is not None:
         log_p = F.log_softmax(t_vals, dim=-1)
         p = log_p.exp()
         kl = (p * (log_p - log_q.gather(-1, t_idx))).sum()
@@ -192,7 +227,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_head, alpha, temperature, top_k, chunk_size):
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_head, alpha, temperature, top_k, chunk_size,
+                teacher_topk=None):
         want_h, want_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) needs no [V, H] gradient buffer
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -200,7 +236,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            t_logits = None if teacher_head is None else teacher_head(teacher_hidden[start:start + chunk_size])
+            if teacher_topk is not None:
+                t_logits = TopK(*(t[start:start + chunk_size] for t in teacher_topk))
+            else:
+                t_logits = None if teacher_head is None else teacher_head(teacher_hidden[start:start + chunk_size])
             ce, kl, d_logits = _loss_and_logit_grad(F.linear(h, weight).float(), y, t_logits, alpha, temperature,
                                                     top_k)
             del t_logits
@@ -226,7 +265,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         def scale(g):  # the buffers are ours: scale in place
             return None if g is None else g.mul_(grad_loss)
 
-        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None
 
 
 def _plain_linear(head) -> bool:
@@ -244,8 +283,8 @@ def _frozen_partitioned_linear(head) -> bool:
 def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *,
                       teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None,
                       alpha: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool | None = None,
+                      teacher_topk: TopK | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_sum, ce_sum, kl_sum)`` over the positions of ``targets`` that are not -100.
 
     hidden: the student's final hidden states (after the final norm), ``[..., H]``, aligned with ``targets``
@@ -253,7 +292,10 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
     targets: next-token ids ``[...]``; -100 positions are skipped before the head ever sees them.
     head: the student's output head module.
     teacher_hidden / teacher_head: the frozen teacher's final hidden states (same shape as ``hidden``) and
-        head; without them the loss is plain CE (``kl_sum`` is 0) and ``alpha`` must be 1.
+        head; without them (and without ``teacher_topk``) the loss is plain CE (``kl_sum`` is 0) and ``alpha``
+        must be 1.
+    teacher_topk: the teacher's cached top-k logits (:class:`TopK`, ``[..., k]`` aligned with ``targets``) in
+        place of ``teacher_hidden``/``teacher_head``: the KL is the top-k KL over those k tokens.
     alpha, temperature, top_k: the distillation mix, as in :func:`distill_loss`.
     chunk_size: positions per chunk; the memory of the loss is about a handful of ``chunk_size x V`` fp32
         tensors instead of ``positions x V``.
@@ -263,21 +305,23 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
         and route its gradient). None picks fused whenever the head allows it.
     ``ce_sum`` and ``kl_sum`` are detached; ``loss_sum = alpha*ce_sum + (1-alpha)*T^2*kl_sum`` carries the grad.
     """
-    if teacher_head is None and alpha != 1.0:
+    if teacher_head is None and teacher_topk is None and alpha != 1.0:
         raise ValueError("chunked_head_loss: alpha < 1 needs a teacher")
     keep = targets.reshape(-1) != -100
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets.reshape(-1)[keep]
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep]
-    if teacher_head is None:
+    if teacher_topk is not None:
+        teacher_topk = TopK(*(t.reshape(-1, t.shape[-1])[keep] for t in teacher_topk))
+    elif teacher_head is None:
         alpha = 1.0
     training = torch.is_grad_enabled() and (hidden.requires_grad or getattr(head, "weight", hidden).requires_grad)
     if fused is None:
         fused = _plain_linear(head)
     if fused and training:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
-                                    top_k, chunk_size)
+                                    top_k, chunk_size, teacher_topk)
     if training and _frozen_partitioned_linear(head):
         # A recomputed chunk would find a frozen ZeRO-3 head partitioned again (no hook gathers it in backward);
         # fused needs it whole only during this forward, since its backward merely scales stored gradients.
@@ -285,13 +329,14 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
 
         with deepspeed.zero.GatheredParameters([head.weight]):
             return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha,
-                                        temperature, top_k, chunk_size)
+                                        temperature, top_k, chunk_size, teacher_topk)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kl_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_size):
         end = start + chunk_size
         args = (hidden[start:end], None if teacher_hidden is None else teacher_hidden[start:end],
-                targets[start:end], head, teacher_head, temperature, top_k)
+                targets[start:end], head, teacher_head, temperature, top_k,
+                *((None, None) if teacher_topk is None else (t[start:end] for t in teacher_topk)))
         if training:
             ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
         else:

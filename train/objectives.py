@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from healer.errors import HealerError
-from healer.train.kd import DEFAULT_CHUNK_SIZE, chunked_head_loss, relative_mse
+from healer.train.kd import DEFAULT_CHUNK_SIZE, TopK, chunked_head_loss, relative_mse
 
 Batch = dict[str, torch.Tensor]
 
@@ -147,6 +147,9 @@ class Distill:
         the pairs of :func:`healer.train.kd.relative_mse` at a token (Minitron distils logits plus states).
     hidden_weight: weight of H; 0 (or no pairs) leaves the logit loss alone.
     chunk_size: positions per chunk of logits.
+    cached: the teacher's top-k logits come with each batch (``kd_values``, ``kd_indices``: ``[B, S-1, k]``, from
+        :class:`healer.train.logit_cache.CachedTeacherBatches`) and ``teacher`` is None: no teacher runs. Needs
+        ``top_k`` (the cache's k) and no hidden pairs.
     Supervised tokens are every next token, or those with ``labels != -100`` when the batch has labels; H is
     taken at the same positions, so every part is summed over the tokens :meth:`tokens` counts.
     """
@@ -155,8 +158,16 @@ class Distill:
 
     def __init__(self, teacher, *, alpha: float, temperature: float = 1.0, top_k: int | None = None,
                  hidden_pairs: list[tuple[int, int]] | None = None, hidden_weight: float = 0.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
-        _need_teacher("kd", teacher)
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, cached: bool = False):
+        if cached:
+            if top_k is None:
+                raise HealerError("kd from a logit cache needs top_k (the cache's k); got null")
+            if hidden_weight > 0:
+                raise HealerError(f"kd hidden_weight={hidden_weight}: hidden-state KD needs the live teacher, not a "
+                                  "logit cache")
+        else:
+            _need_teacher("kd", teacher)
+        self.cached = cached
         if hidden_weight < 0:
             raise HealerError(f"kd hidden_weight={hidden_weight}: must be >= 0")
         self.hidden_pairs = [tuple(p) for p in hidden_pairs or []] if hidden_weight > 0 else []
@@ -177,6 +188,8 @@ class Distill:
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = _next_token_targets(batch, batch.get("labels") is not None)
         states = _forward_hidden(model, batch)
+        if self.cached:
+            return self._from_cache(model, batch, states, targets)
         with torch.no_grad():
             t_states = _forward_hidden(self.teacher, batch)
         try:
@@ -192,6 +205,19 @@ class Distill:
             loss = loss + self.hidden_weight * hidden
             parts["hidden"] = hidden.detach()
         return loss, parts
+
+    def _from_cache(self, model, batch: Batch, states, targets: torch.Tensor):
+        """The logit loss against the teacher's top-k that came with the batch."""
+        values, indices = batch.get("kd_values"), batch.get("kd_indices")
+        if values is None or indices is None:
+            raise HealerError("kd from a logit cache: the batch carries no kd_values/kd_indices (wrap the batches in "
+                              "healer.train.logit_cache.CachedTeacherBatches)")
+        if values.shape[-1] != self.top_k:
+            raise HealerError(f"kd top_k={self.top_k} but the cached top-k has {values.shape[-1]} logits per position")
+        loss, ce, kl = chunked_head_loss(
+            states[-1][:, :-1], targets, output_head(model), teacher_topk=TopK(values, indices), alpha=self.alpha,
+            temperature=self.temperature, chunk_size=self.chunk_size)
+        return loss, {"ce": ce, "kl": kl}
 
     def _hidden_sum(self, states, t_states, keep: torch.Tensor) -> torch.Tensor:
         """H summed over the supervised positions (``keep``: ``[B, S-1]``, position i predicts token i+1)."""
