@@ -183,11 +183,15 @@ class StreamLoader:
     def load_state_dict(self, sd: dict) -> None:
         """Continue from ``sd``; refused, naming the setting or source, when it was written for other data.
 
-        ``{"ranks": [state of old rank 0, 1, ...]}`` (an elastic resume: the checkpoint's ranks or workers were
-        others) re-deals the rest of the epoch over this layout's streams and keeps this rank's.
+        ``{"ranks": [state of old rank 0, 1, ...]}`` (what a checkpoint gives, a sequence read on demand) is
+        this rank's state when the ranks and workers are the ones it was written with; otherwise (an elastic
+        resume) the rest of the epoch is re-dealt over this layout's streams and this rank keeps its own.
         """
         if "ranks" in sd:
             olds = sd["ranks"]
+            if len(olds) == self.world_size and olds[self.rank].get("num_workers") == self.workers:
+                sd = olds[self.rank]  # the layout it was written with: no re-deal, only this rank's state is read
+        if "ranks" in sd:
             for old in olds:
                 self._check(old, same_layout=False)
             streams = [state for old in olds for state in old["streams"]]
