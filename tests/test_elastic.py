@@ -1,5 +1,7 @@
 """Elastic resume: a run checkpointed on N ranks (x workers) goes on with M, and within the epoch every
-document is still read exactly once (the data stream is re-dealt, :mod:`healer.train.data.reshard`).
+document is still read exactly once (the data stream is re-dealt, :mod:`healer.train.data.reshard`); the
+weights and Adam state of any ZeRO stage load into an engine of any other (:mod:`healer.train.universal`).
+The 2-process runs are in test_elastic_distributed.py.
 
 Documents here are ``d{i}`` repeated: every token of a batch names its document, so the test sees which
 documents each rank was handed, and a document read twice shows up as two separate runs of its id.
@@ -143,3 +145,69 @@ def test_deal_splits_pieces_by_lines_when_they_are_fewer_than_streams():
     assert deal([Piece("a", 0, 0, 1, 0), Piece("b", 0, 0, 1, 0), Piece("c", 0, 0, 1, 0)], 2) == [
         [Piece("a", 0, 0, 1, 0), Piece("c", 0, 0, 1, 0)], [Piece("b", 0, 0, 1, 0)]]
     assert deal([], 2) == [[], []]
+
+
+# -- weights and optimizer state ------------------------------------------------------------------------
+
+
+def _engine(zero_stage: int, seed: int, width: int = 8):
+    import torch
+
+    from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer
+
+    init_distributed()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.LayerNorm(width), torch.nn.Linear(width, 3))
+    ds = build_ds_config(zero_stage=zero_stage, micro_batch_size=1, global_batch_size=1, world_size=1,
+                         base={"zero_optimization": {"stage": zero_stage}})  # a stage named in a base config is kept
+    return init_engine(model, ds, make_optimizer(model, lr=1e-2))
+
+
+def _step(engine, i: int) -> None:
+    import torch
+
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(i))
+    engine.backward(engine(x).pow(2).sum())
+    engine.step()
+
+
+def _weights(engine) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero = engine.zero_optimization_stage() > 0
+    named = engine.module.named_parameters()
+    return {n: (safe_get_full_fp32_param(p) if zero else p.detach()).clone() for n, p in named}
+
+
+@pytest.mark.parametrize("stages", [(1, 0), (0, 2), (2, 3), (3, 0)], ids=lambda s: f"zero{s[0]}to{s[1]}")
+def test_another_zero_stage_resumes_with_the_same_weights_and_adam_state(tmp_path, stages):
+    """Five more steps after the resume match the engine that wrote the checkpoint: Adam's moments and step came
+    along (an optimizer started afresh moves the weights by ~lr at once, 1e-2 here)."""
+    from healer.train.checkpoint import load_checkpoint, save_checkpoint
+
+    old = _engine(stages[0], seed=0)
+    for i in range(3):
+        _step(old, i)
+    path = save_checkpoint(old, tmp_path, 3, {"step": 3, "data": {"pos": 7}}, keep_last=1, settings={})
+    new = _engine(stages[1], seed=1)
+    state = load_checkpoint(new, path, settings={})
+    assert state["elastic"] == f"ZeRO stage {stages[0]} -> {stages[1]}" and state["step"] == 3
+    assert state["data"]["ranks"][0] == {"pos": 7}
+    a, b = _weights(old), _weights(new)
+    assert all((a[n] == b[n]).all() for n in a)
+    for i in range(3, 8):
+        _step(old, i)
+        _step(new, i)
+    a, b = _weights(old), _weights(new)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_line(tmp_path):
+    from healer.errors import HealerError
+    from healer.train.checkpoint import load_checkpoint, save_checkpoint
+
+    old = _engine(2, seed=0)
+    _step(old, 0)
+    path = save_checkpoint(old, tmp_path, 1, {"step": 1}, keep_last=1, settings={})
+    with pytest.raises(HealerError, match=r"has shape \(8, 8\), this model.s \(6, 8\): it was written for another"):
+        load_checkpoint(_engine(0, seed=0, width=6), path, settings={})

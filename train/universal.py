@@ -154,6 +154,12 @@ def load_whole(engine, whole: Whole) -> None:
 
     stage = engine.zero_optimization_stage()
     named = dict(engine.module.named_parameters())
+    for name, values in whole.params.items():  # before anything is set: a refusal leaves the engine as it was
+        shape = tuple(getattr(named[name], "ds_shape", named[name].shape))
+        if tuple(values["fp32"].shape) != shape:
+            raise HealerError(f"the checkpoint's {name} has shape {tuple(values['fp32'].shape)}, this model's "
+                              f"{shape}: it was written for another model. Resume from a checkpoint of this run "
+                              "or start over (--resume none)")
     optimizer = engine.optimizer
     if stage > 0:  # AdamW makes its state at the first step; the moments must have a place before
         flats = optimizer.fp32_partitioned_groups_flat if stage == 3 else optimizer.single_partition_of_fp32_groups
