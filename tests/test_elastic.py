@@ -128,6 +128,14 @@ def test_fewer_workers_read_each_document_once(tok, corpus):
     _assert_each_once(seen, corpus)
 
 
+def test_the_worker_count_is_no_resume_setting(corpus):
+    from healer.train.config import CPTConfig
+    from healer.train.cpt import settings_of
+
+    settings = settings_of(CPTConfig(), _config(corpus, 2))
+    assert "data.num_workers" not in settings and settings["data.seq_len"] == 2  # other data keys still are
+
+
 def test_a_layout_change_without_all_ranks_states_is_refused(tok, corpus):
     from healer.errors import HealerError
 

@@ -61,27 +61,32 @@ def _metrics(stage: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())}
 
 
-def _sft_recipe(ws, out: Path) -> Path:
+def _sft_recipe(ws, out: Path, zero_stage: int) -> Path:
     recipe = {"model": {"source": str(ws["model"])}, "seed": 3,
-              "sft": {"data": str(ws["data"]), "output": str(out), "zero_stage": 2, "micro_batch_size": 2,
-                      "global_batch_size": 8, "epochs": 2, "lr": 3e-3, "dropout": 0.0, "save_every": 2,
-                      "keep_last": 2}}
+              "sft": {"data": str(ws["data"]), "output": str(out), "zero_stage": zero_stage,
+                      "micro_batch_size": 2, "global_batch_size": 8, "epochs": 2, "lr": 3e-3, "dropout": 0.0,
+                      "save_every": 2, "keep_last": 2}}
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def test_sft_two_ranks_to_one_to_two_continues_the_same_losses(workspace):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sft_two_ranks_to_one_to_two_continues_the_same_losses(workspace, zero_stage):
+    """ZeRO-2 runs as stage 0 on one rank (plain AdamW state), ZeRO-3 stays 3 (each parameter split in two)."""
     ws = workspace
-    ref = ws["root"] / "sft_ref"
-    _run(ws, "sft", _sft_recipe(ws, ref), 2)
-    run = ws["root"] / "sft_elastic"
-    recipe = _sft_recipe(ws, run)
+    ref = ws["root"] / f"sft_ref{zero_stage}"
+    _run(ws, "sft", _sft_recipe(ws, ref, zero_stage), 2)
+    run = ws["root"] / f"sft_elastic{zero_stage}"
+    recipe = _sft_recipe(ws, run, zero_stage)
     _run(ws, "sft", recipe, 2, "--steps", "2")
     one = _run(ws, "sft", recipe, 1, "--steps", "2")
-    assert "elastic resume (ranks 2 -> 1, ZeRO stage 2 -> 0)" in one.stderr, one.stderr[-3000:]
+    on_one = 0 if zero_stage == 2 else 3
+    change = f"ZeRO stage {zero_stage} -> {on_one}" if on_one != zero_stage else ""
+    assert f"elastic resume (ranks 2 -> 1{', ' + change if change else ''})" in one.stderr, one.stderr[-3000:]
     two = _run(ws, "sft", recipe, 2)
-    assert "elastic resume (ranks 1 -> 2, ZeRO stage 0 -> 2)" in two.stderr, two.stderr[-3000:]
+    change = f", ZeRO stage {on_one} -> {zero_stage}" if on_one != zero_stage else ""
+    assert f"elastic resume (ranks 1 -> 2{change})" in two.stderr, two.stderr[-3000:]
 
     want, got = _metrics(ref), _metrics(run)
     assert sorted(got) == sorted(want) == list(range(1, 7))
