@@ -161,18 +161,23 @@ def load_whole(engine, whole: Whole) -> None:
                               f"{shape}: it was written for another model. Resume from a checkpoint of this run "
                               "or start over (--resume none)")
     optimizer = engine.optimizer
+    if stage == 0 and not isinstance(optimizer, torch.optim.Optimizer):
+        # DeepSpeed's bf16/fp16 optimizer without ZeRO keeps its own fp32 copies: not handled (nor testable on CPU)
+        raise HealerError(f"an elastic resume into a {type(optimizer).__name__} engine (16-bit without ZeRO) is not "
+                          "supported; name the ZeRO stage in deepspeed_config (e.g. the zero2 preset) so one rank "
+                          "keeps it, or resume on the ranks the checkpoint was written with")
     if stage > 0:  # AdamW makes its state at the first step; the moments must have a place before
         flats = optimizer.fp32_partitioned_groups_flat if stage == 3 else optimizer.single_partition_of_fp32_groups
         for flat in flats:
             if not optimizer.optimizer.state[flat]:
-                optimizer.optimizer.state[flat] = {"step": torch.tensor(0.0),
+                optimizer.optimizer.state[flat] = {"step": _step_tensor(optimizer.optimizer, 0, flat),
                                                    **{k: torch.zeros_like(flat) for k in MOMENTS}}
     for name, values in whole.params.items():
         p = named[name]
         if stage == 0:
             with torch.no_grad():
                 p.copy_(values["fp32"])
-            optimizer.state[p] = {"step": torch.tensor(float(whole.step)),
+            optimizer.state[p] = {"step": _step_tensor(optimizer, whole.step, p),
                                   **{k: values[k].clone().to(p.device) for k in MOMENTS}}
             continue
         safe_set_full_fp32_param(p, values["fp32"].to(engine.device))
@@ -190,9 +195,10 @@ def load_whole(engine, whole: Whole) -> None:
             with torch.no_grad():
                 p.copy_(values["fp32"])
     if stage > 0:  # the inner AdamW steps flat partitions; their step counts are Adam's bias correction
-        for state in optimizer.optimizer.state.values():
+        for flat, state in optimizer.optimizer.state.items():
             if "step" in state:
-                state["step"] = torch.tensor(float(whole.step)) if torch.is_tensor(state["step"]) else whole.step
+                state["step"] = _step_tensor(optimizer.optimizer, whole.step, flat) if torch.is_tensor(
+                    state["step"]) else whole.step
     engine.global_steps = whole.step
 
 
@@ -209,3 +215,9 @@ def _set_zero12_moment(optimizer, p: torch.nn.Parameter, value: torch.Tensor, ke
     hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
     mine = value.flatten().narrow(0, lp.start, lp.numel)
     optimizer.optimizer.state[flat][key].narrow(0, hp.start, hp.numel).copy_(mine)
+
+
+def _step_tensor(optimizer: torch.optim.Optimizer, step: int, param: torch.Tensor) -> torch.Tensor:
+    """Adam's step count as torch keeps it: on the parameter's device for the fused/capturable kernels."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
