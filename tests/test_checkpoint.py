@@ -63,7 +63,8 @@ def test_trainer_state_is_json_and_rng_comes_back(engine, tmp_path):
 
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     state = load_checkpoint(engine, path, settings=SETTINGS)
-    assert state["step"] == 1 and state["data"] == {"pos": [1, 2]} and state["changed"] == []
+    assert state["step"] == 1 and list(state["data"]["ranks"]) == [{"pos": [1, 2]}] and state["changed"] == []
+    assert state["elastic"] == ""
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -100,14 +101,6 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(engine, tmp_path,
     assert find_resume_checkpoint(tmp_path).name == "step00000001"
 
 
-def test_a_changed_zero_stage_is_one_clear_line(engine, tmp_path):
-    _train_step(engine)
-    path = save_checkpoint(engine, tmp_path, 1, {"step": 1}, keep_last=2, settings=SETTINGS)
-    other = _engine(zero_stage=2)
-    with pytest.raises(HealerError, match=r"cannot be resumed with zero_stage: 1 -> 2"):
-        load_checkpoint(other, path, settings=SETTINGS, force=True)  # --force cannot help here
-
-
 def test_changed_settings_are_refused_by_key_unless_forced(tmp_path):
     saved = {"data.seq_len": 32, "cpt.micro_batch_size": 1, "cpt.betas": [0.9, 0.95]}
     now = {"data.seq_len": 64, "cpt.micro_batch_size": 1, "cpt.betas": (0.9, 0.95)}  # tuples == saved lists
@@ -115,8 +108,6 @@ def test_changed_settings_are_refused_by_key_unless_forced(tmp_path):
         check_settings(saved, now, path=tmp_path, force=False)
     assert check_settings(saved, now, path=tmp_path, force=True) == ["data.seq_len: 32 -> 64"]
     assert check_settings(saved, dict(saved), path=tmp_path, force=False) == []
-    with pytest.raises(HealerError, match="ranks: 2 -> 1"):
-        check_settings({"ranks": 2}, {"ranks": 1}, path=tmp_path, force=True)
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):

@@ -9,6 +9,10 @@ Layout of ``<stage_dir>/checkpoints``::
         complete.json              written last: step, ranks, ZeRO stage, the run's settings, every file's size
     latest                         the tag of the newest complete checkpoint, replaced atomically
 
+A checkpoint resumes on another number of ranks or another ZeRO stage (an elastic resume): the weights and
+Adam state are consolidated per parameter and loaded into the new engine (:mod:`healer.train.universal`), and
+the data positions of all the old ranks go to the batches, which re-deal them (``{"ranks": [...]}``).
+
 A checkpoint without ``complete.json`` is a save that was interrupted: it is never loaded and the next
 save of the same step replaces it, so a crash during a save leaves the previous checkpoint and the
 ``latest`` pointer as they were. A checkpoint whose files no longer have the sizes ``complete.json``
@@ -29,6 +33,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,22 +152,15 @@ def check_settings(saved: dict[str, Any], current: dict[str, Any], *, path: Path
     """Refuse to resume when a setting that makes steps incomparable changed (``cpt.seq_len: 32 -> 64``).
 
     Keys are recipe keys; ``--force`` turns the refusal into the returned list of changes (to be printed).
-    Keys in ``HARD`` cannot be forced: DeepSpeed cannot load such a checkpoint at all.
+    The ranks and ZeRO stage are not settings: they may change (see :func:`load_checkpoint`).
     """
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
                if k in saved and _plain(saved[k]) != _plain(v)]
-    hard = [c for c in changed if c.split(":")[0] in HARD]
-    if hard:
-        raise HealerError(f"checkpoint {path} cannot be resumed with {'; '.join(hard)} (DeepSpeed shards its state "
-                          "by those); resume with the old value, or start over with --resume none")
     if changed and not force:
         raise HealerError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}): its steps "
                           "would not continue the same run. Restore the settings, pass --force to resume anyway, "
                           "or start over with --resume none")
     return changed
-
-
-HARD = ("ranks", "zero_stage")
 
 
 def _plain(value: Any) -> Any:
@@ -319,19 +317,91 @@ def load_checkpoint(engine, path: str | Path, *, settings: dict[str, Any], force
                     frozen_base: bool = False) -> dict[str, Any]:
     """Collective: restore the engine (model, optimizer) and this rank's RNG; return this rank's trainer state.
 
-    ``settings`` are this run's (see ``save_checkpoint``); a change is refused unless ``force``. The ranks and
-    ZeRO stage must match in any case. The trainer state keeps the saved settings under ``"settings"`` and the
-    forced changes under ``"changed"``.
+    ``settings`` are this run's (see ``save_checkpoint``); a change is refused unless ``force``. The trainer
+    state keeps the saved settings under ``"settings"``, the forced changes under ``"changed"``, and its
+    ``"data"`` is ``{"ranks": [data position of each rank that wrote the checkpoint]}`` (read on demand).
+
+    Another number of ranks or ZeRO stage than the checkpoint's is an elastic resume: the weights and Adam
+    state are consolidated and loaded whole (:mod:`healer.train.universal`), ``"elastic"`` says what
+    changed, and a rank the checkpoint has no RNG for keeps the one it was seeded with.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     info = read_info(path)
     rank, world = _rank_world()
-    current = {"ranks": world, "zero_stage": engine.zero_optimization_stage(), **settings}
-    saved = {"ranks": info.get("ranks", info.get("world_size")), "zero_stage": info.get("zero_stage"),
-             **info.get("settings", {})}
-    changed = check_settings(saved, current, path=path, force=force)
+    saved_ranks = int(info.get("ranks", info.get("world_size")))
+    layout = {"ranks": (saved_ranks, world), "ZeRO stage": (info.get("zero_stage"), engine.zero_optimization_stage())}
+    elastic = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in layout.items() if a != b)
+    changed = check_settings(info.get("settings", {}), settings, path=path, force=force)
+    if elastic:
+        _load_elastic(engine, path, saved_ranks, info.get("zero_stage"))
+    else:
+        _load_same_layout(engine, path, frozen_base)
+    state = _rank_state(path, min(rank, saved_ranks - 1))  # step and tokens are the same on every rank
+    tensors = _rank_file(path, min(rank, saved_ranks - 1), lambda f: load_file(str(f)), "rng_rank{r}.safetensors")
+    rng = state.pop("rng")
+    if rank < saved_ranks:
+        restore_rng(rng, tensors)
+    constraints = path / f"{CONSTRAINTS}_rank{rank}.safetensors"
+    if elastic and (path / f"{CONSTRAINTS}_rank0.safetensors").is_file():
+        if 3 in (info.get("zero_stage"), engine.zero_optimization_stage()):
+            raise HealerError(f"checkpoint {path} holds ZeRO-3 shares of a sparsity mask; it cannot be resumed with "
+                              f"{elastic}. Resume with the layout it was written with, or start over (--resume none)")
+        constraints = path / f"{CONSTRAINTS}_rank0.safetensors"  # below ZeRO-3 every rank holds the whole mask
+    state["constraints"] = load_file(str(constraints)) if constraints.is_file() else None
+    if "data" in state:
+        state["data"] = {"ranks": _RankData(path, saved_ranks)}
+    return {**state, "settings": info.get("settings", {}), "changed": changed, "elastic": elastic}
+
+
+class _RankData(Sequence):
+    """The data position of each rank that wrote checkpoint ``path``, read when first asked for."""
+
+    def __init__(self, path: Path, ranks: int):
+        self.path, self.ranks = path, ranks
+        self._cache: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.ranks
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(self.ranks))]
+        if not 0 <= r < self.ranks:
+            raise IndexError(r)
+        if r not in self._cache:
+            self._cache[r] = _rank_state(self.path, r).get("data")
+        return self._cache[r]
+
+
+def _rank_file(path: Path, r: int, read, pattern: str):
+    try:
+        return read(path / pattern.format(r=r))
+    except (OSError, ValueError) as err:
+        raise HealerError(f"checkpoint {path}: the trainer state of rank {r} is unreadable ({err}); resume from "
+                          "an older one (--resume DIR) or start over (--resume none)") from None
+
+
+def _rank_state(path: Path, r: int) -> dict[str, Any]:
+    return _rank_file(path, r, lambda f: json.loads(f.read_text()), "trainer_state_rank{r}.json")
+
+
+def _load_elastic(engine, path: Path, saved_ranks: int, saved_stage: int | None) -> None:
+    from healer.train.universal import consolidate, load_whole, trainable_order
+
+    try:
+        whole = consolidate(path, trainable_order(engine.module))
+    except HealerError:
+        raise
+    except Exception as err:  # whatever the unpickler or a shard of another layout raises
+        raise HealerError(f"checkpoint {path} (ZeRO stage {saved_stage} on {saved_ranks} rank(s)) could not be "
+                          f"consolidated for this layout ({type(err).__name__}: {err}); resume with the layout it "
+                          "was written with, or start over (--resume none)") from None
+    load_whole(engine, whole)
+
+
+def _load_same_layout(engine, path: Path, frozen_base: bool) -> None:
     try:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=not frozen_base)
@@ -341,16 +411,6 @@ def load_checkpoint(engine, path: str | Path, *, settings: dict[str, Any], force
     if load_path is None:
         raise HealerError(f"DeepSpeed could not load checkpoint {path}; resume from an older one (--resume DIR) "
                           "or start over (--resume none)")
-    try:
-        state = json.loads((path / f"trainer_state_rank{rank}.json").read_text())
-        tensors = load_file(str(path / f"rng_rank{rank}.safetensors"))
-    except (OSError, ValueError) as err:
-        raise HealerError(f"checkpoint {path}: the trainer state of rank {rank} is unreadable ({err}); resume from "
-                          "an older one (--resume DIR) or start over (--resume none)") from None
-    restore_rng(state.pop("rng"), tensors)
-    constraints = path / f"{CONSTRAINTS}_rank{rank}.safetensors"
-    state["constraints"] = load_file(str(constraints)) if constraints.is_file() else None
-    return {**state, "settings": info.get("settings", {}), "changed": changed}
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -44,7 +44,8 @@ class Options:
 
 def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
     """What makes two runs' steps comparable, by recipe key: resuming with another value is refused."""
-    data = data_cfg.model_dump(mode="json", exclude={"validation"})
+    # num_workers is no setting: another worker count resumes with the stream re-dealt (data/reshard.py)
+    data = data_cfg.model_dump(mode="json", exclude={"validation", "num_workers"})
     # A full-weight checkpoint and an adapter checkpoint hold different tensors: `cpt.lora` on/off is a
     # setting of its own, so the refusal names it rather than a missing key.
     lora = cfg.lora.model_dump(mode="json") if cfg.lora is not None else {}

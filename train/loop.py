@@ -120,6 +120,9 @@ def resume(engine, batches: Batches, *, stage_dir: Path, how: str, settings: dic
         constraint.load_state_dict(state["constraints"], path)
     if state["changed"]:
         say(f"healer: --force: resuming {path} although {'; '.join(state['changed'])}")
+    if state["elastic"]:
+        say(f"healer: elastic resume ({state['elastic']}): weights and optimizer state consolidated, the rest of the "
+            "data epoch re-dealt over this run's ranks and workers")
     try:
         batches.load_state_dict(state["data"])
     except Exception as err:  # a forced change of data or seq_len: the old position means nothing now

@@ -117,7 +117,8 @@ def train_only(model: torch.nn.Module, position: int) -> int:
 
 def settings_of(cfg: ReplaceTrainConfig, data_cfg, place: Placement) -> dict[str, Any]:
     """What makes two runs' steps comparable, by recipe key: resuming with another value is refused."""
-    data = data_cfg.model_dump(mode="json", exclude={"validation"})
+    # num_workers is no setting: another worker count resumes with the stream re-dealt (data/reshard.py)
+    data = data_cfg.model_dump(mode="json", exclude={"validation", "num_workers"})
     return {**{f"data.{k}": v for k, v in data.items()},
             **{f"replace.{k}": getattr(cfg, k) for k in ("micro_batch_size", "global_batch_size", "seed")},
             "prune.replace (span)": place.span, "prune.replace (init_from_block)": place.report["replacement"].get(

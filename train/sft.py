@@ -144,6 +144,8 @@ class ExampleBatches:
         return {"micro_batches": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ranks" in state:  # from a checkpoint: every rank's position; another rank count keeps the examples seen
+            state = {"micro_batches": int(state["ranks"][0]["micro_batches"]) * len(state["ranks"]) // self.world}
         self.index = int(state["micro_batches"])
 
 

@@ -6,6 +6,7 @@ W-1, 0, ... (torch's DataLoader hands out an iterable dataset's items in exactly
 batch travels with its stream's state after it. The loader keeps the state of the last batch it handed
 out from each stream: that, plus whose turn is next, is the checkpoint. On resume the DataLoader's
 physical worker ``j`` plays stream ``(j + next) % W``, so the turn order carries on where it stopped.
+A checkpoint written by another number of ranks or workers is re-dealt (:mod:`healer.train.data.reshard`).
 """
 
 from __future__ import annotations
@@ -180,13 +181,42 @@ class StreamLoader:
                 "streams": list(self._data.states)}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue from ``sd``; refused, naming the setting or source, when it was written for other data."""
+        """Continue from ``sd``; refused, naming the setting or source, when it was written for other data.
+
+        ``{"ranks": [state of old rank 0, 1, ...]}`` (what a checkpoint gives, a sequence read on demand) is
+        this rank's state when the ranks and workers are the ones it was written with; otherwise (an elastic
+        resume) the rest of the epoch is re-dealt over this layout's streams and this rank keeps its own.
+        """
+        if "ranks" in sd:
+            olds = sd["ranks"]
+            if len(olds) == self.world_size and olds[self.rank].get("num_workers") == self.workers:
+                sd = olds[self.rank]  # the layout it was written with: no re-deal, only this rank's state is read
+        if "ranks" in sd:
+            for old in olds:
+                self._check(old, same_layout=False)
+            streams = [state for old in olds for state in old["streams"]]
+            from healer.train.data.reshard import reshard
+
+            new = reshard(streams, self.entries, self._data.tokenizer, self.settings,
+                          new_streams=self.world_size * self.workers)
+            self._data.states = new[self.rank * self.workers:(self.rank + 1) * self.workers]
+            self._next = 0
+            self._batches = sum(old["batches"] for r, old in enumerate(olds) if r % self.world_size == self.rank)
+            return
+        self._check(sd, same_layout=True)
+        self._data.states = list(sd["streams"])
+        self._next, self._batches = sd["next"], sd["batches"]
+
+    def _check(self, sd: dict, same_layout: bool) -> None:
+        """Refuse ``sd`` when it was written for other data (or, unless re-dealt, another layout)."""
         if sd.get("format") != STATE_FORMAT:
             raise HealerError(
                 f"data checkpoint: written in data-state format {sd.get('format')!r}, this healer reads format "
                 f"{STATE_FORMAT}; resume with the healer version that wrote it, or start the data stream afresh")
         mine = self._fingerprint()
         for key, value in mine.items():
+            if not same_layout and key in ("rank", "world_size", "num_workers"):
+                continue
             if _plain(sd.get(key)) != value:  # a checkpoint written as JSON has lists where tuples were
                 raise HealerError(
                     f"data checkpoint: {key} was {sd.get(key)!r} when it was saved and is {value!r} now; "
@@ -204,8 +234,6 @@ class StreamLoader:
                 f"data checkpoint: {key} source {entry.name!r}: {what}; resuming would continue mid-way "
                 "through other data. Point the source back at the data it was trained on, or start afresh "
                 "(--resume none)")
-        self._data.states = list(sd["streams"])
-        self._next, self._batches = sd["next"], sd["batches"]
 
     # -- counters -------------------------------------------------------------------------------
     def stats(self) -> dict:

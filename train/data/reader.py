@@ -4,6 +4,11 @@ A worker reads either its own subset of the shard files (when there are at least
 workers in the whole job) or, when files are fewer, every file but only every ``stride``-th line.
 Either way the workers of all ranks together read each record exactly once per epoch.
 
+After an elastic resume (another number of ranks or workers, :mod:`healer.train.data.reshard`) a reader
+first works through a *queue*: pieces of files left unread by the old layout's workers, each read from a
+byte offset and line on, every ``stride``-th line. When the queue is done its epoch ends, and the next
+epoch is the new layout's ordinary share.
+
 Records are cut out of files by :mod:`healer.textio` (which says what each suffix means); bad ones are
 skipped and counted by kind (``skip``) or stop the run with the file and line (``strict``). Each bad
 record is counted once: when one stream is split into domains, each domain has its own reader over the
@@ -17,9 +22,21 @@ from __future__ import annotations
 import bisect
 import json
 import random
+from typing import NamedTuple
 
 from healer.errors import HealerError
 from healer.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
+
+
+class Piece(NamedTuple):
+    """Part of a file: its records from byte ``offset`` (after ``line`` lines) on, every ``stride``-th line
+    starting at ``phase`` (lines counted from the file's start)."""
+
+    path: str
+    offset: int
+    line: int
+    stride: int
+    phase: int
 
 
 class DocReader:
@@ -52,6 +69,7 @@ class DocReader:
         needle = json.dumps(domain) if domain is not None else None
         self._needle = needle.encode() if needle and needle.isascii() and needle == f'"{domain}"' else None
         self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = 0, 0, 0, 0, 0
+        self.queue: list[Piece] | None = None  # the old layout's leftovers (elastic resume), read before epoch+1
         self._order = self._epoch_order()
         self._it = None
         self._kind = "jsonl"  # what the open file's raw records are: txt | jsonl | rows
@@ -61,21 +79,49 @@ class DocReader:
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "line": self.line,
-                "docs_this_epoch": self.docs_this_epoch}
+        sd = {"epoch": self.epoch, "index": self.index, "offset": self.offset, "line": self.line,
+              "docs_this_epoch": self.docs_this_epoch}
+        if self.queue is not None:
+            sd["queue"] = [list(piece) for piece in self.queue]
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch, self.index, self.offset = sd["epoch"], sd["index"], sd["offset"]
         self.line, self.docs_this_epoch = sd["line"], sd["docs_this_epoch"]
+        self.queue = [Piece(*piece) for piece in sd["queue"]] if sd.get("queue") is not None else None
         self._order = self._epoch_order()
         self._it = None
 
     def new_epoch(self) -> None:
         self.epoch, self.index, self.offset, self.line, self.docs_this_epoch = self.epoch + 1, 0, 0, 0, 0
+        self.queue = None
         self._order = self._epoch_order()
         self._it = None
 
+    def remainder(self) -> list[Piece]:
+        """What this reader has not read of its current epoch, as pieces another reader can take over."""
+        if self.queue is not None:
+            rest = self.queue[self.index:]
+            return [rest[0]._replace(offset=self.offset, line=self.line), *rest[1:]] if rest else []
+        rest = self._order[self.index:]
+        return [Piece(path, self.offset if k == 0 else 0, self.line if k == 0 else 0, self.stride, self.phase)
+                for k, path in enumerate(rest)]
+
+    def _share(self) -> tuple[int, int]:
+        """(stride, phase) of the file being read: the queue piece's, or this worker's own."""
+        if self.queue is not None and self.index < len(self.queue):
+            piece = self.queue[self.index]
+            return piece.stride, piece.phase
+        return self.stride, self.phase
+
+    def _next_file(self) -> None:
+        self.index, self.offset, self.line, self._it = self.index + 1, 0, 0, None
+        if self.queue is not None and self.index < len(self.queue):  # a leftover piece starts mid-file
+            self.offset, self.line = self.queue[self.index].offset, self.queue[self.index].line
+
     def _epoch_order(self) -> list[str]:
+        if self.queue is not None:
+            return [piece.path for piece in self.queue]
         order = list(self.files)
         if self.shuffle_seed is not None:
             random.Random(f"{self.shuffle_seed}:{self.phase}:{self.epoch}").shuffle(order)
@@ -84,20 +130,21 @@ class DocReader:
     # -- reading --------------------------------------------------------------------------------
     def next_text(self) -> str | None:
         """The next document's text, or None at the end of this epoch's files."""
-        if self.epoch > 0 and self.cache_chars:
+        if self.epoch > 0 and self.cache_chars and self.queue is None:
             if self._cache is None:
                 self._cache = self._build_cache()
             if self._cache:
                 return self._next_cached()
         while self.index < len(self._order):
             path = self._order[self.index]
+            stride, phase = self._share()
             try:
                 if self._it is None:
                     self._it = self._open(path)  # a .json list is parsed here, and may be broken
                 for raw, pos in self._it:
                     self.offset = pos
                     self.line += 1
-                    if (self.line - 1) % self.stride != self.phase:
+                    if (self.line - 1) % stride != phase:
                         continue
                     text = self._parse(raw, path, self.line)
                     if text is not None:
@@ -111,7 +158,7 @@ class DocReader:
                 raise
             except Exception as err:  # unreadable file, broken parquet footer, ...
                 self._skip_file("corrupt_shard", f"{path}:{self.line + 1}", f"{type(err).__name__}: {err}")
-            self.index, self.offset, self.line, self._it = self.index + 1, 0, 0, None
+            self._next_file()
         return None
 
     def _build_cache(self) -> dict | bool:
