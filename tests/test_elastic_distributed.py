@@ -71,9 +71,12 @@ def _sft_recipe(ws, out: Path, zero_stage: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-3 only: it stays stage 3 on one rank, its state split in two and joined again. ZeRO-2 becomes stage 0
+# (plain AdamW) on one rank; that conversion is pinned in-process by test_elastic.py and, over torchrun, by
+# the cpt test below (a third torchrun round trip would add minutes to CI for no new path).
+@pytest.mark.parametrize("zero_stage", [3])
 def test_sft_two_ranks_to_one_to_two_continues_the_same_losses(workspace, zero_stage):
-    """ZeRO-2 runs as stage 0 on one rank (plain AdamW state), ZeRO-3 stays 3 (each parameter split in two)."""
+    """ZeRO-3 stays 3 on one rank (each parameter split in two, then whole, then split again)."""
     ws = workspace
     ref = ws["root"] / f"sft_ref{zero_stage}"
     _run(ws, "sft", _sft_recipe(ws, ref, zero_stage), 2)
