@@ -262,3 +262,13 @@ def test_two_rank_zero3_kd_from_a_cache_built_for_two_ranks_matches_the_live_tea
     assert sorted(cached) == sorted(reference) == [1, 2, 3]
     for step in reference:
         assert abs(cached[step] - reference[step]) <= 1e-5 * abs(reference[step]), (step, cached, reference)
+
+
+def test_the_build_splits_the_stream_for_the_ranks_the_recipe_launches():
+    from healer.launch.config import LaunchConfig
+    from healer.train.distill_cache import planned_ranks
+
+    assert planned_ranks(LaunchConfig()) == 1
+    assert planned_ranks(LaunchConfig(nodes=2, nproc_per_node=4)) == 8
+    with pytest.raises(HealerError, match="pass --ranks"):
+        planned_ranks(LaunchConfig(backend="hostfile", hostfile="hosts", nodes=2))

@@ -43,13 +43,23 @@ class Options:
         "help": "cache directory; defaults to cpt.kd.cache"})
     tokens: int | None = field(default=None, metadata={
         "help": "tokens to cover; defaults to cpt.max_steps x cpt.global_batch_size x data.seq_len"})
-    ranks: int = field(default=1, metadata={
-        "help": "ranks the cpt stage will run on: the stream is split into ranks x data.num_workers parts"})
+    ranks: int | None = field(default=None, metadata={
+        "help": "ranks the cpt stage will run on: the stream is split into ranks x data.num_workers parts; "
+                "defaults to launch.nodes x launch.nproc_per_node"})
     k: int | None = field(default=None, metadata={
         "help": "logits kept per position; defaults to cpt.kd.top_k (the cpt stage must use the same)"})
     values_dtype: str = field(default="float32", metadata={
         "help": "dtype of the stored logit values (bfloat16/float16 halve the values' size)",
         "choices": tuple(DTYPES)})
+
+
+def planned_ranks(launch) -> int:
+    """The ranks ``launch:`` starts the cpt stage on; a hostfile without ``nproc_per_node`` is refused (its
+    slots decide, and a cache built for another count would not match the cpt stream)."""
+    if launch.nproc_per_node is None and launch.backend == "hostfile":
+        raise HealerError("distill-cache: launch.nproc_per_node is unset, so the hostfile's slots decide the ranks; "
+                          "pass --ranks (nodes x slots) so the cache matches the cpt stage's stream")
+    return launch.nodes * (launch.nproc_per_node or 1)
 
 
 def run_distill_cache(recipe, opts: Options) -> int:
@@ -73,6 +83,8 @@ def run_distill_cache(recipe, opts: Options) -> int:
     if k is None or k < 1:
         raise HealerError(f"cpt.kd.top_k is {k}: a cache keeps the teacher's top-k logits; set cpt.kd.top_k (e.g. 64)"
                           " or pass --k")
+    if opts.ranks is None:
+        opts.ranks = planned_ranks(recipe.launch)
     if opts.ranks < 1:
         raise HealerError(f"--ranks {opts.ranks}: must be >= 1")
     per_step = opts.ranks * cfg.micro_batch_size
