@@ -385,6 +385,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         logger.write("healer cpt: data.dynamic every " f"{data_cfg.dynamic.every} steps, eta {data_cfg.dynamic.eta}; "
                      "reference loss " + ", ".join(f"{d} {v:.4f}" for d, v in mixing.reference.items())
                      + " | weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(mixing.names, mixing.weights)))
+        if data_cfg.dynamic.every % cfg.log_every:
+            logger.write(f"healer cpt: data.dynamic.every ({data_cfg.dynamic.every}) is not a multiple of "
+                         f"cpt.log_every ({cfg.log_every}): updates at unlogged steps reach only the manifest")
 
     def step_scalars(step: int, seconds: float) -> dict[str, float]:
         n_skipped, examples = batches.skipped()
