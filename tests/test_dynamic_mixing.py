@@ -130,7 +130,7 @@ def test_a_new_mixture_sets_the_pace_from_then_on(tmp_path, tokenizer):
     share = new["A"] / sum(new.values())
     # one tokenizer batch (8 documents) is still read under 0.5/0.5, and the deficit rule keeps each
     # domain within about a document of its share; catching up on history would give A all of it
-    assert 0.7 < share < 0.86, new
+    assert 0.65 < share < 0.86, new
 
 
 def test_refusals_name_the_key_and_what_to_do(tmp_path):
@@ -203,3 +203,73 @@ def test_a_heal_run_stopped_and_resumed_moves_the_mixture_like_one_that_was_not(
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5)
     assert {"mix/excess/B", "mix/reference/B", "mix/loss/B", "mix/weight/B", "data/tokens/B"} <= set(a[6])
     assert (one / "cpt" / "domain_weights.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_agree_on_the_weights_and_a_killed_run_resumes_them(tmp_path):
+    """Under torchrun with 2 ranks every rank saves the same mixture, and a run SIGKILLed at step 5 and resumed
+    logs the same weights, excess and tokens per domain as one never interrupted."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    teacher = save_tiny(tmp_path, "llama", name="teacher", layers=3, hidden=32, intermediate=64)
+    student = save_tiny(tmp_path, "llama", name="student", seed=1, layers=2, hidden=32, intermediate=64)
+    data = data_cfg(write_corpus(tmp_path / "train.jsonl"), write_corpus(tmp_path / "valid.jsonl", per_domain=12,
+                                                                         seed=1)).model_dump(mode="json")
+
+    def run(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+        recipe = out.with_suffix(".yaml")
+        recipe.write_text(yaml.safe_dump({
+            "model": {"source": str(teacher)}, "data": data,
+            "cpt": {"input": str(student), "output": str(out), "zero_stage": 2, "micro_batch_size": 2,
+                    "global_batch_size": 4, "max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "save_every": 1,
+                    "eval_batches": 2, "report_to": []}}))
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env.pop("HEALER_FAULT", None)
+        if fault:
+            env["HEALER_FAULT"] = fault
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "healer", "cpt", "--config",
+               str(recipe)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+
+    straight = tmp_path / "straight"
+    assert run(straight).returncode == 0
+    killed = tmp_path / "killed"
+    assert run(killed, "kill_at_step:5").returncode != 0
+    done = run(killed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+
+    final = sorted((straight / "checkpoints").glob("step*"))[-1]
+    ranks = [json.loads((final / f"trainer_state_rank{r}.json").read_text())["data"]["mixture"] for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]["history"]) == 4
+    a, b = _rows(straight), _rows(killed)
+    for step in range(1, 9):
+        assert {k: v for k, v in b[step].items() if k.startswith(("mix/", "data/tokens/"))} == \
+               {k: v for k, v in a[step].items() if k.startswith(("mix/", "data/tokens/"))}
+    assert json.loads((killed / "manifest.json").read_text())["outputs"]["mixture"]["updates"] == 4
+
+
+def test_a_negligible_change_of_weights_leaves_the_stream_as_it_was(tmp_path, tokenizer):
+    """Each domain keeps its lead or lag across an update: a stream that forgot it would pick afresh (and
+    favour domains of long documents) at every update, however little the weights moved."""
+    from healer.train.data import build_loader
+
+    cfg = data_cfg(write_corpus(tmp_path / "c.jsonl"))
+    moved, kept = (build_loader(cfg, tokenizer, micro_batch_size=4) for _ in range(2))
+    its = [iter(moved), iter(kept)]
+    for _ in range(10):
+        next(its[0]), next(its[1])
+    moved.set_weights([0.5 + 1e-9, 0.3, 0.2 - 1e-9])
+    its[0] = iter(moved)
+    for _ in range(30):  # several document batches under the new weights
+        assert next(its[0])["input_ids"].tolist() == next(its[1])["input_ids"].tolist()

@@ -106,9 +106,8 @@ class PackedStream:
         # per entry: chars and count of documents read, tokens and chars of documents tokenized, and the
         # tokens handed to it so far (estimated from characters at read time), which the mixture balances
         self.est = [[0, 0, 0, 0, 0.0] for _ in range(n)]
-        # the mixture in force, and each entry's assigned tokens when it came into force: the deficit rule
-        # balances only what was handed out since, so a new mixture sets the pace from then on rather than
-        # making up for the whole history under the old one
+        # the mixture in force, and per entry the assigned tokens the deficit rule counts from: a new
+        # mixture sets the pace from then on rather than making up for the whole history under the old one
         self.weights = [e.weight for e in entries]
         self.base = [0.0] * n
         self._next_weights: list[float] | None = None  # set_weights: in force from the next document batch
@@ -192,6 +191,16 @@ class PackedStream:
         all_chars = sum(e[3] for e in self.est)
         return sum(e[2] for e in self.est) / all_chars if all_chars else 0.25
 
+    def _deficits(self) -> list[float]:
+        """Per entry, the tokens it is short of its share since ``base`` (0 for entries no longer active)."""
+        active = [i for i, st in enumerate(self.status) if st == "active"]
+        weight = sum(self.weights[i] for i in active)
+        assigned = sum(self.est[i][4] - self.base[i] for i in active)
+        out = [0.0] * len(self.entries)
+        for i in active:
+            out[i] = self.weights[i] / weight * assigned - (self.est[i][4] - self.base[i])
+        return out
+
     def _pick(self) -> int | None:
         """The entry furthest behind its token share, with a seeded jitter of up to one mean document.
 
@@ -206,12 +215,10 @@ class PackedStream:
             return active[0]
         docs = sum(e[1] for e in self.est)
         mean_doc = sum(e[4] for e in self.est) / docs if docs else 1.0
-        weight = sum(self.weights[i] for i in active)
-        assigned = sum(self.est[i][4] - self.base[i] for i in active)
+        deficits = self._deficits()
         best, best_score = active[0], float("-inf")
         for _, i in enumerate(active):
-            deficit = self.weights[i] / weight * assigned - (self.est[i][4] - self.base[i])
-            score = deficit + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
+            score = deficits[i] + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
             if score > best_score:
                 best, best_score = i, score
         self.picks += 1
@@ -252,7 +259,11 @@ class PackedStream:
         if self.ended:
             return False
         if self._next_weights is not None and self._next_weights != self.weights:
-            self.weights, self.base = self._next_weights, [e[4] for e in self.est]
+            # each entry keeps its lead or lag (within about a document) across the change; forgetting it
+            # would hand the next pick to any entry alike, which favours domains of long documents
+            lag = self._deficits()
+            self.base = [e[4] + d for e, d in zip(self.est, lag)]
+            self.weights = self._next_weights
         self._next_weights = None
         self._snapshot = self._core()  # with the mixture this batch is read under
         texts: list[str] = []
