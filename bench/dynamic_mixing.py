@@ -3,14 +3,14 @@
 1. a byte-level BPE tokenizer and a small Llama are built and pretrained (``healer cpt``) on the SlimPajama
    sample with the sample's own skew: the "dense" model (as ``bench/forecast_check.py`` does);
 2. ``healer prune`` removes 4 of its 8 blocks (block influence);
-3. ``healer cpt`` heals it twice for the same steps (so the same tokens), KD from the dense model: once with
-   the recipe's domain weights fixed, once with ``data.dynamic`` moving them every ``--every`` steps;
+3. ``healer cpt`` heals it for the same steps (so the same tokens), KD from the dense model: once with the
+   recipe's domain weights fixed, and once per ``--eta`` with ``data.dynamic`` moving them every ``--every`` steps;
 4. every model is scored on held-out text per domain (``meta.redpajama_set_name``).
 
 The held-out documents are cut in halves: ``data.dynamic`` steers on the first halves, the perplexities are
 measured on the second halves, so the dynamic run is not scored on the text it steered by.
 
-    python bench/dynamic_mixing.py --out /tmp/dynamic-mixing [--dense-steps 1500 --heal-steps 300 --every 25]
+    python bench/dynamic_mixing.py --out /tmp/dynamic-mixing [--dense-steps 1500 --heal-steps 300 --every 25 --eta 1,20]
 
 Input is /work/shared/data (or --data); the product never reads it. Prints one block to paste into a note.
 """
@@ -119,8 +119,8 @@ def held_out_loss(model_dir: str | Path, report: Path, seq_len: int) -> dict[str
     return out
 
 
-def run(out: Path, data: Path, dense_steps: int, heal_steps: int, every: int, eta: float, vocab: int, hidden: int,
-        seq_len: int) -> None:
+def run(out: Path, data: Path, dense_steps: int, heal_steps: int, every: int, etas: list[float], vocab: int,
+        hidden: int, seq_len: int, heal_batch: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = build_dense_start(out, data, vocab, hidden)
     steer, report = split_held_out(data, out)
@@ -139,48 +139,52 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int, every: int, et
     calib.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in _records(data / "train")[:64]))
     prune = {"method": "depth", "criterion": "block_influence", "num_blocks": 4, "keep_first": 0, "keep_last": 0,
              "calibration": {"path": str(calib), "num_samples": 16, "seq_len": seq_len}}
-    heal = {**cpt, "max_steps": heal_steps, "lr": 1e-3, "warmup_steps": 10}
+    heal = {**cpt, "max_steps": heal_steps, "lr": 1e-3, "warmup_steps": 10, "micro_batch_size": heal_batch,
+            "global_batch_size": heal_batch}
     runs = {}
-    for name, dynamic in (("fixed", None), ("dynamic", {"every": every, "eta": eta})):
-        recipe = _recipe(out / f"{name}.yaml", {
+    for name, dynamic in [("fixed", None)] + [(f"eta {eta:g}", {"every": every, "eta": eta}) for eta in etas]:
+        folder = name.replace(" ", "")
+        recipe = _recipe(out / f"{folder}.yaml", {
             # small document batches: a new mixture applies from each stream's next batch of documents, and
             # 256 documents (the default) would outlast this whole short run
             "data": {"sources": [train], "validation": [held], "seq_len": seq_len, "dynamic": dynamic,
                      "tokenizer_batch_size": 8},
-            "model": {"source": str(dense_model)}, "run_dir": str(out / name), "prune": prune,
+            "model": {"source": str(dense_model)}, "run_dir": str(out / folder), "prune": prune,
             "cpt": {**heal, "eval_every": every}})
-        assert main(["prune", str(recipe)]) == 0
-        assert main(["cpt", str(recipe)]) == 0
-        runs[name] = json.loads((out / name / "cpt" / "manifest.json").read_text())["outputs"]
+        if not (out / folder / "prune" / "config.json").is_file():
+            assert main(["prune", str(recipe)]) == 0
+        assert main(["cpt", str(recipe), "--resume", "none"]) == 0
+        runs[name] = json.loads((out / folder / "cpt" / "manifest.json").read_text())["outputs"]
 
     models = {"dense": dense_model, "pruned": out / "fixed" / "prune",
-              "fixed": Path(runs["fixed"]["hf_dir"]), "dynamic": Path(runs["dynamic"]["hf_dir"])}
-    if not (models["pruned"] / "config.json").is_file():
-        models.pop("pruned")
+              **{name: Path(r["hf_dir"]) for name, r in runs.items()}}
     scores = {k: held_out_loss(v, report, seq_len) for k, v in models.items()}
-    mix = runs["dynamic"]["mixture"]
-    print(f"\ndynamic mixing check: {heal_steps} heal steps x {runs['fixed']['tokens_trained'] // heal_steps:,} "
-          f"tokens (fixed {runs['fixed']['tokens_trained']:,}, dynamic {runs['dynamic']['tokens_trained']:,}), "
-          f"KD from the dense model; data.dynamic every {every} steps, eta {eta}; {mix['updates']} updates")
-    print("  reference (dense) loss on the steering halves: "
-          + ", ".join(f"{d[9:]} {v:.3f}" for d, v in mix["reference"].items()))
-    print(f"  {'domain':<14} {'weight fixed':>12} {'-> dynamic':>10} {'tokens fix':>10} {'tokens dyn':>10}  "
-          + " ".join(f"{'ppl ' + k:>12}" for k in scores))
+    tokens = runs["fixed"]["tokens_trained"]
+    each = ", ".join(f"{k} {r['tokens_trained']:,}" for k, r in runs.items())
+    print(f"\ndynamic mixing check: {heal_steps} heal steps x {tokens // heal_steps:,} tokens = {tokens:,} tokens per "
+          f"run ({each}), KD from the dense model; "
+          f"data.dynamic every {every} steps")
+    dyn = [k for k in runs if k != "fixed"]
+    ref = runs[dyn[0]]["mixture"]["reference"] if dyn else {}
+    print("  reference (dense) loss on the steering halves: " + ", ".join(f"{d[9:]} {v:.3f}" for d, v in ref.items()))
+    print(f"  {'':<14} {'weight':>7} " + " ".join(f"{'-> ' + k:>9}" for k in dyn) + " "
+          + " ".join(f"{'tok ' + k:>11}" for k in runs) + "  " + " ".join(f"{'ppl ' + k:>11}" for k in scores))
     for domain in WEIGHTS:
-        tf = runs["fixed"]["tokens_per_source"].get(domain, 0)
-        td = runs["dynamic"]["tokens_per_source"].get(domain, 0)
-        ppl = " ".join(f"{math.exp(scores[k][domain][0]) if domain in scores[k] else float('nan'):>12.2f}"
+        ppl = " ".join(f"{math.exp(scores[k][domain][0]) if domain in scores[k] else float('nan'):>11.2f}"
                        for k in scores)
-        print(f"  {domain[9:]:<14} {mix['initial'][domain]:>12.3f} {mix['weights'][domain]:>10.3f} {tf:>10,} "
-              f"{td:>10,}  {ppl}")
-    for label, weigh in (("overall", lambda d, n: n), ("domain mean", lambda d, n: 1)):
+        print(f"  {domain[9:]:<14} {WEIGHTS[domain]:>7.3f} "
+              + " ".join(f"{runs[k]['mixture']['weights'][domain]:>9.3f}" for k in dyn) + " "
+              + " ".join(f"{runs[k]['tokens_per_source'].get(domain, 0):>11,}" for k in runs) + "  " + ppl)
+    pad = 14 + 8 + 10 * len(dyn) + 12 * len(runs)
+    for label, weigh in (("overall", lambda n: n), ("domain mean", lambda n: 1)):
         row = []
         for k in scores:
-            w = {d: weigh(d, n) for d, (_, n) in scores[k].items()}
+            w = {d: weigh(n) for d, (_, n) in scores[k].items()}
             row.append(math.exp(sum(scores[k][d][0] * w[d] for d in w) / sum(w.values())))
-        print(f"  {label:<14} {'':>12} {'':>10} {'':>10} {'':>10}  " + " ".join(f"{v:>12.2f}" for v in row))
-    print(f"  weights plot: {out / 'dynamic' / 'cpt' / 'domain_weights.png'}")
-
+        print(f"  {label:<{pad}} " + " ".join(f"{v:>11.2f}" for v in row))
+    print("  (ppl: held-out second halves, packed in seq_len blocks; overall weighs domains by their tokens)")
+    for k in dyn:
+        print(f"  weights plot ({k}): {out / k.replace(' ', '') / 'cpt' / 'domain_weights.png'}")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -189,10 +193,12 @@ if __name__ == "__main__":
     parser.add_argument("--dense-steps", type=int, default=1500)
     parser.add_argument("--heal-steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--eta", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 20.0],
+                        help="one dynamic run per value, e.g. 1,20 (Sheared-LLaMA uses 1 with gaps of ~0.1-1 nat)")
+    parser.add_argument("--heal-batch", type=int, default=16, help="sequences per heal step")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=64)
     args = parser.parse_args()
     run(args.out, args.data, args.dense_steps, args.heal_steps, args.every, args.eta, args.vocab, args.hidden,
-        args.seq_len)
+        args.seq_len, args.heal_batch)
