@@ -62,6 +62,9 @@ def test_the_domain_lagging_its_reference_most_gains_weight(tmp_path, tokenizer)
     assert after["B"] > before["B"] and after["A"] < before["A"] and after["C"] < before["C"]
     assert scalars["mix/excess/B"] == pytest.approx(1.0) and scalars["mix/excess/C"] == pytest.approx(-0.5)
     assert mixer.weight_scalars()["mix/weight/B"] == after["B"]
+    # a diverged student (NaN loss) is logged, and the mixture stays where it was
+    scalars = mixer.update(4, {"A": float("nan"), "B": 3.0, "C": 1.5})
+    assert dict(zip(mixer.names, mixer.weights)) == after and scalars["mix/loss/A"] != scalars["mix/loss/A"]
 
 
 def _mixed(cfg: DataConfig, tokenizer, num_workers: int = 0) -> MixedBatches:
@@ -151,6 +154,8 @@ def test_refusals_name_the_key_and_what_to_do(tmp_path):
                    validation=[{"path": str(corpus), "domains": {"A": 1}}], dynamic={})
     with pytest.raises(ValidationError, match=r"data\.dynamic\.reference gives no loss for domain\(s\) \['C'\]"):
         data_cfg(corpus, reference={"A": 2.0, "B": 2.0})
+    with pytest.raises(ValidationError, match=r"data\.dynamic\.reference: \{'B': nan\} is not a loss"):
+        data_cfg(corpus, reference={"A": 2.0, "B": float("nan"), "C": 1.0})
     with pytest.raises(ValidationError, match="eta"):
         data_cfg(corpus, eta=0)
 

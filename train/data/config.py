@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -109,6 +110,9 @@ class DataConfig(Section):
             raise ValueError(f"data.dynamic: training domain(s) {missing} have no held-out data: add them to "
                              "a data.validation source's `domains`")
         if isinstance(self.dynamic.reference, dict):
+            bad = {d: v for d, v in self.dynamic.reference.items() if not math.isfinite(v)}
+            if bad:
+                raise ValueError(f"data.dynamic.reference: {bad} is not a loss; give finite numbers")
             missing = [d for d in train if d not in self.dynamic.reference]
             if missing:
                 raise ValueError(f"data.dynamic.reference gives no loss for domain(s) {missing}; give one per "

@@ -93,7 +93,9 @@ class DomainMixer:
             raise HealerError("data.dynamic: no reference loss was measured before the first update")
         loss = [losses[d] for d in self.domains]
         excess = [v - self.reference[d] for v, d in zip(loss, self.domains)]
-        self.weights = update_weights(self.weights, excess, eta=self.cfg.eta, smoothing=self.cfg.smoothing)
+        if all(math.isfinite(x) for x in excess):
+            self.weights = update_weights(self.weights, excess, eta=self.cfg.eta, smoothing=self.cfg.smoothing)
+        # else (a diverged loss): the weights stay; the NaN/inf goes to the log, never into the mixture
         self.history.append({"step": step, "weights": list(self.weights), "loss": loss, "excess": excess})
         out: dict[str, float] = {}
         for name, domain, v, x in zip(self.names, self.domains, loss, excess):
