@@ -69,8 +69,11 @@ def run_cpt(recipe, opts: Options) -> int:
     # Positions past the model's maximum were never trained: refuse before any rank builds an engine.
     check_seq_len(recipe.data.seq_len, load_config(location), "data.seq_len")
     teacher_location = None
-    if (cfg.kd is not None or cfg.stop_at_recovery is not None) and opts.action == "train":
-        # The KD teacher; with stop_at_recovery (and no KD) the dense model the recovery is measured against.
+    dynamic = recipe.data.dynamic
+    if (cfg.kd is not None or cfg.stop_at_recovery is not None or (dynamic and dynamic.reference == "teacher")) \
+            and opts.action == "train":
+        # The KD teacher; with stop_at_recovery or data.dynamic (and no KD) the dense model the recovery or
+        # the per-domain reference loss is measured on.
         teacher = (cfg.kd.teacher if cfg.kd is not None else None) or recipe.model.source
         same_t = teacher == recipe.model.source
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
@@ -331,12 +334,17 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                          "teacher, or kd=None for plain CE")
     cache = (_open_cache(cfg, data_cfg, teacher_location, tokenizer, world, ds_config, model.config.vocab_size)
              if opts.action == "train" else None)
-    if teacher_location is not None and (cache is None or cfg.stop_at_recovery is not None):
+    reference_from_teacher = data_cfg.dynamic is not None and data_cfg.dynamic.reference == "teacher"
+    if teacher_location is not None and (cache is None or cfg.stop_at_recovery is not None or reference_from_teacher):
         teacher = _teacher(teacher_location, attn, ds_config, device, model.config.vocab_size)
     del hf_ds  # later models (the export's rebuild) must not be partitioned
 
     batches = CorpusBatches(build_loader(data_cfg, tokenizer, rank=rank, world_size=world, micro_batch_size=micro,
                                          split="train"))
+    if data_cfg.dynamic is not None:
+        from healer.train.data.dynamic import DomainMixer, MixedBatches
+
+        batches = MixedBatches(batches, DomainMixer(data_cfg.dynamic, batches.loader.entries))
     logger = MetricsLogger(None, cfg.max_steps, rank=rank, progress_bar=False)  # prints before the real one
     settings = settings_of(cfg, data_cfg)
     progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
@@ -376,6 +384,32 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         logger.write(f"healer cpt: MFU unknown on {device_name} (no known peak FLOP/s for it in {precision})")
 
     shown: list[str] = []
+    mixing = batches.mixer if data_cfg.dynamic is not None else None
+    if mixing is not None:
+        from healer.train.data.dynamic import validation_of_domain
+
+        def domain_loss(eng, domain: str) -> float:
+            def make():
+                return build_loader(validation_of_domain(data_cfg, domain), tokenizer, rank=rank, world_size=world,
+                                    micro_batch_size=micro, split="validation")
+
+            loss = evaluate(eng, make, cfg.eval_batches).get("val/loss")
+            if loss is None:
+                raise HealerError(f"data.dynamic: data.validation has no full {seq_len}-token block of domain "
+                                  f"{domain!r} for every rank; give more held-out text of it")
+            return loss
+
+        if mixing.reference is None:
+            if teacher is None:
+                raise HealerError("data.dynamic.reference is `teacher` but no teacher is loaded; give cpt.kd.teacher "
+                                  "(or model.source), or per-domain reference losses")
+            mixing.measure_reference(lambda domain: domain_loss(teacher, domain))
+        logger.write("healer cpt: data.dynamic every " f"{data_cfg.dynamic.every} steps, eta {data_cfg.dynamic.eta}; "
+                     "reference loss " + ", ".join(f"{d} {v:.4f}" for d, v in mixing.reference.items())
+                     + " | weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(mixing.names, mixing.weights)))
+        if data_cfg.dynamic.every % cfg.log_every:
+            logger.write(f"healer cpt: data.dynamic.every ({data_cfg.dynamic.every}) is not a multiple of "
+                         f"cpt.log_every ({cfg.log_every}): updates at unlogged steps reach only the manifest")
 
     def step_scalars(step: int, seconds: float) -> dict[str, float]:
         n_skipped, examples = batches.skipped()
@@ -383,6 +417,9 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
             logger.write(f"healer cpt: skipped a bad record: {example}")
         shown[:] = examples
         out = {"data/skipped_records": float(n_skipped)}
+        if mixing is not None:
+            out.update(batches.step(step, lambda domain: domain_loss(engine, domain)))
+            engine.train()
         if peak is not None:
             out["perf/mfu"] = flops_per_token * ds_config["train_batch_size"] * seq_len / seconds / (peak * world)
         if step % SOURCE_STATS_EVERY == 0 or step == cfg.max_steps:
@@ -410,8 +447,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         logger.write(f"healer cpt: stop at {cfg.stop_at_recovery:.0%} recovery of validation loss "
                      f"{baseline['pruned_val_loss']:.4f} (input) -> {baseline['dense_val_loss']:.4f} (dense)")
         stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
-        if cfg.kd is None or cache is not None:
-            teacher = None  # it only measured the dense loss
+    if cfg.kd is None or cache is not None:
+        teacher = None  # it only measured the dense loss (recovery baseline, data.dynamic reference)
     objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
                          hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight, cached=cache is not None)
                  if teacher is not None or cache is not None else NextTokenCE())
@@ -430,6 +467,10 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                     step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when,
                     frozen_base=lora)
     logger.close()
+    if mixing is not None and rank == 0:
+        from healer.train.data.dynamic import plot_weights
+
+        plot_weights(mixing, stage_dir / "domain_weights.png")
     if outcome.status == "preempted":
         return None
     adapter_dir = None
@@ -459,6 +500,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "recovery": {"target": cfg.stop_at_recovery, **baseline, "reached": outcome.status == "reached",
                      "at_step": outcome.progress.step, "recovered": last.get("val/recovery")}
         if cfg.stop_at_recovery is not None else None,
+        "mixture": mixing.summary() if mixing is not None else None,
         "data_exhausted": outcome.status == "exhausted", "forced_changes": outcome.progress.changed,
         "tokens_per_source": {k[len("data/tokens/"):]: int(v) for k, v in last.items() if k.startswith("data/tokens/")},
     }

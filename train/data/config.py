@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from healer.config_base import Section
 
@@ -40,6 +41,22 @@ class SourceConfig(Section):
         return domains
 
 
+class DynamicMixConfig(Section):
+    """Loss-driven domain mixing (Sheared-LLaMA's dynamic batch loading): every ``every`` steps the training
+    domains' weights move toward the domains where the student's validation loss exceeds a reference most."""
+
+    every: int = Field(50, gt=0, description="optimizer steps between weight updates (each one evaluates the "
+                                              "student on every validation domain, cpt.eval_batches batches each)")
+    eta: float = Field(1.0, gt=0, allow_inf_nan=False, description="step size: w <- softmax(log w + eta * "
+                                                                    "max(loss - reference, 0)), per domain")
+    smoothing: float = Field(1e-4, ge=0, lt=1, description="mixed in uniformly after each update, "
+                                                            "w <- (1 - c) w + c / domains, so no domain starves")
+    reference: Literal["teacher"] | dict[str, float] = Field(
+        "teacher", description="per-domain reference loss: `teacher` measures the dense teacher once at step 0 on "
+                               "the validation domains (the loss healing tries to recover), or give "
+                               "{domain: loss} (e.g. Sheared-LLaMA's scaling-law predictions)")
+
+
 class DataConfig(Section):
     """A token stream for training: sources, mixture, tokenization and packing."""
 
@@ -62,3 +79,52 @@ class DataConfig(Section):
                               "worker's share is at most this many MB of text: upsampled small domains are "
                               "then not re-read from the shards; 0 = off")
     seed: int = 0
+    dynamic: DynamicMixConfig | None = Field(
+        None, description="move the domain weights of data.sources toward the domains whose validation loss "
+                          "lags the reference most (needs every source split by `domains` and data.validation "
+                          "split by the same domains); null: the weights stay as given")
+
+    @model_validator(mode="after")
+    def _dynamic_has_domains(self) -> "DataConfig":
+        if self.dynamic is None:
+            return self
+        for k, src in enumerate(self.sources):
+            if not src.domains:
+                raise ValueError(f"data.dynamic moves weights between domains, but data.sources[{k}] ({src.path}) "
+                                 "is not split by domain; give it `domains: {name: weight}` or drop data.dynamic")
+        train = training_domains(self.sources)
+        if len(train) < 2:
+            raise ValueError(f"data.dynamic needs at least 2 training domains with weight > 0, data.sources has "
+                             f"{train}; add domains or drop data.dynamic")
+        if not self.validation:
+            raise ValueError("data.dynamic measures each domain's loss on data.validation, which is empty; give "
+                             "held-out data split by the same `domains` as data.sources")
+        held_out: set[str] = set()
+        for k, src in enumerate(self.validation):
+            if not src.domains:
+                raise ValueError(f"data.dynamic needs per-domain validation loss, but data.validation[{k}] "
+                                 f"({src.path}) is not split by domain; give it `domains:` like data.sources")
+            held_out |= {d for d, w in src.domains.items() if w > 0}
+        missing = [d for d in train if d not in held_out]
+        if missing:
+            raise ValueError(f"data.dynamic: training domain(s) {missing} have no held-out data: add them to "
+                             "a data.validation source's `domains`")
+        if isinstance(self.dynamic.reference, dict):
+            bad = {d: v for d, v in self.dynamic.reference.items() if not math.isfinite(v)}
+            if bad:
+                raise ValueError(f"data.dynamic.reference: {bad} is not a loss; give finite numbers")
+            missing = [d for d in train if d not in self.dynamic.reference]
+            if missing:
+                raise ValueError(f"data.dynamic.reference gives no loss for domain(s) {missing}; give one per "
+                                 "training domain, or say `teacher`")
+        return self
+
+
+def training_domains(sources: list[SourceConfig]) -> list[str]:
+    """The distinct domains of ``sources`` that have weight > 0, in recipe order."""
+    out: list[str] = []
+    for src in sources:
+        for domain, weight in (src.domains or {}).items():
+            if weight > 0 and domain not in out:
+                out.append(domain)
+    return out

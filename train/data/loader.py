@@ -12,6 +12,7 @@ A checkpoint written by another number of ranks or workers is re-dealt (:mod:`he
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -160,6 +161,14 @@ class StreamLoader:
                 f"data: rank {self.rank} found no usable document in its share of the corpus "
                 f"({skips.summary()}); check the paths, text_field and domains"
             )
+
+    def set_weights(self, weights: list[float]) -> None:
+        """Mix the entries by ``weights`` (one each, in ``entries`` order) from each stream's next document
+        batch on (``data.dynamic``); a new ``iter()`` then makes the batches under them."""
+        self.entries = [replace(e, weight=float(w)) for e, w in zip(self.entries, weights, strict=True)]
+        self._data.entries = self.entries  # streams that have not started yet begin with them
+        self._data.states = [None if s is None else {**s, "next_weights": [float(w) for w in weights]}
+                             for s in self._data.states]
 
     # -- checkpoint -----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:

@@ -93,6 +93,14 @@ def reshard(old: list[dict | None], entries: list[Entry], tokenizer, settings: S
     docs_this_epoch = [sum(core["readers"][i]["docs_this_epoch"] for core in cores) for i in range(len(entries))]
     dealt = [deal([p for pieces, _ in per_stream for p in pieces[i]], new_streams) for i in range(len(entries))]
     est = [[sum(core["est"][i][k] for core in cores) / new_streams for k in range(5)] for i in range(len(entries))]
+    # data.dynamic: every stream mixes with the same weights; each entry's tokens since the last change (est
+    # minus base) are averaged over the new streams as est is, so no entry catches up on its whole history
+    mixture = {}
+    if cores and cores[0].get("weights") is not None:
+        base = [sum(core.get("base", [0.0] * len(entries))[i] for core in cores) / new_streams
+                for i in range(len(entries))]
+        mixture = {"weights": list(cores[0]["weights"]), "base": base}
+    next_weights = next((sd.get("next_weights") for sd in seen if sd.get("next_weights") is not None), None)
     states = []
     for j in range(new_streams):
         readers, status = [], []
@@ -108,8 +116,9 @@ def reshard(old: list[dict | None], entries: list[Entry], tokenizer, settings: S
         mine = [sd for g, sd in enumerate(old) if g % new_streams == j and sd is not None]
         skips = _merge_skips([sd["skips"] for sd in mine])
         core = {"readers": readers, "status": status, "picks": sum(c["picks"] for c in cores), "est": est,
-                "skips": skips, "ended": all(s != "active" for s in status), "pending": None}
+                "skips": skips, "ended": all(s != "active" for s in status), "pending": None, **mixture}
         states.append({"batch_start": core, "cursor": 0, "skips": skips,
                        "tokens": [sum(sd["tokens"][i] for sd in mine) for i in range(len(entries))],
-                       "docs": [sum(sd["docs"][i] for sd in mine) for i in range(len(entries))]})
+                       "docs": [sum(sd["docs"][i] for sd in mine) for i in range(len(entries))],
+                       "next_weights": next_weights})
     return states

@@ -106,6 +106,11 @@ class PackedStream:
         # per entry: chars and count of documents read, tokens and chars of documents tokenized, and the
         # tokens handed to it so far (estimated from characters at read time), which the mixture balances
         self.est = [[0, 0, 0, 0, 0.0] for _ in range(n)]
+        # the mixture in force, and per entry the assigned tokens the deficit rule counts from: a new
+        # mixture sets the pace from then on rather than making up for the whole history under the old one
+        self.weights = [e.weight for e in entries]
+        self.base = [0.0] * n
+        self._next_weights: list[float] | None = None  # set_weights: in force from the next document batch
         self.ended = False
         self.tokens, self.docs = [0] * n, [0] * n
         self._snapshot: dict | None = None
@@ -125,7 +130,7 @@ class PackedStream:
             pending = {"entry": entry, "reader": before, "piece": piece}
         return {"readers": [r.state_dict() for r in self.readers], "status": list(self.status), "picks": self.picks,
                 "est": [list(e) for e in self.est], "skips": self.skips.state_dict(), "ended": self.ended,
-                "pending": pending}
+                "pending": pending, "weights": list(self.weights), "base": list(self.base)}
 
     def _load_core(self, core: dict) -> None:
         self._pending = None
@@ -143,11 +148,14 @@ class PackedStream:
                 reader.load_state_dict(sd)
         self.status, self.picks, self.ended = list(core["status"]), core["picks"], core["ended"]
         self.est = [list(e) for e in core["est"]]
+        # states written before dynamic mixing have neither: the recipe's weights, in force from the start
+        self.weights = list(core.get("weights") or [e.weight for e in self.entries])
+        self.base = list(core.get("base") or [0.0] * len(self.entries))
         self.skips.load_state_dict(core["skips"])  # re-reading above may have counted skips again
 
     def state_dict(self) -> dict:
         return {"batch_start": self._snapshot, "cursor": self.cursor, "tokens": list(self.tokens),
-                "docs": list(self.docs), "skips": self.skips.state_dict()}
+                "docs": list(self.docs), "skips": self.skips.state_dict(), "next_weights": self._next_weights}
 
     def load_state_dict(self, sd: dict) -> None:
         if len(sd["tokens"]) != len(self.entries):
@@ -158,6 +166,17 @@ class PackedStream:
             self.cursor = sd["cursor"]
         self.tokens, self.docs = list(sd["tokens"]), list(sd["docs"])
         self.skips.load_state_dict(sd["skips"])
+        self.set_weights(sd.get("next_weights"))
+
+    def set_weights(self, weights: list[float] | None) -> None:
+        """Mix by ``weights`` (one per entry, summing to 1) from the next batch of documents on.
+
+        The batch being packed keeps the mixture it was read with, so a resume re-reads it identically;
+        setting the weights in force already changes nothing (a resume may set them again).
+        """
+        if weights is not None and len(weights) != len(self.entries):
+            raise HealerError(f"data: {len(weights)} mixture weights for {len(self.entries)} sources/domains")
+        self._next_weights = None if weights is None else [float(w) for w in weights]
 
     def stats(self) -> dict:
         return {"tokens": {e.name: t for e, t in zip(self.entries, self.tokens)},
@@ -171,6 +190,16 @@ class PackedStream:
             return tokens / chars
         all_chars = sum(e[3] for e in self.est)
         return sum(e[2] for e in self.est) / all_chars if all_chars else 0.25
+
+    def _deficits(self) -> list[float]:
+        """Per entry, the tokens it is short of its share since ``base`` (0 for entries no longer active)."""
+        active = [i for i, st in enumerate(self.status) if st == "active"]
+        weight = sum(self.weights[i] for i in active)
+        assigned = sum(self.est[i][4] - self.base[i] for i in active)
+        out = [0.0] * len(self.entries)
+        for i in active:
+            out[i] = self.weights[i] / weight * assigned - (self.est[i][4] - self.base[i])
+        return out
 
     def _pick(self) -> int | None:
         """The entry furthest behind its token share, with a seeded jitter of up to one mean document.
@@ -186,12 +215,10 @@ class PackedStream:
             return active[0]
         docs = sum(e[1] for e in self.est)
         mean_doc = sum(e[4] for e in self.est) / docs if docs else 1.0
-        weight = sum(self.entries[i].weight for i in active)
-        assigned = sum(self.est[i][4] for i in active)
+        deficits = self._deficits()
         best, best_score = active[0], float("-inf")
         for _, i in enumerate(active):
-            deficit = self.entries[i].weight / weight * assigned - self.est[i][4]
-            score = deficit + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
+            score = deficits[i] + uniform(self.s.seed, self.worker, self.picks * len(self.entries) + i) * mean_doc
             if score > best_score:
                 best, best_score = i, score
         self.picks += 1
@@ -231,7 +258,14 @@ class PackedStream:
         """Read and tokenize the next batch of documents (or pieces of one); False when the stream has ended."""
         if self.ended:
             return False
-        self._snapshot = self._core()
+        if self._next_weights is not None and self._next_weights != self.weights:
+            # each entry keeps its lead or lag (within about a document) across the change; forgetting it
+            # would hand the next pick to any entry alike, which favours domains of long documents
+            lag = self._deficits()
+            self.base = [e[4] + d for e, d in zip(self.est, lag)]
+            self.weights = self._next_weights
+        self._next_weights = None
+        self._snapshot = self._core()  # with the mixture this batch is read under
         texts: list[str] = []
         owners: list[int] = []
         opens: list[bool] = []
