@@ -146,8 +146,11 @@ class MixedBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         loader = self.batches.loader
         loader.load_state_dict(state)  # the loader reads its own keys only
-        if state.get("mixture") is not None:
-            self.mixer.load_state_dict(state["mixture"])
+        mixture = state.get("mixture")
+        if mixture is None and "ranks" in state:  # a checkpoint's positions of every rank that wrote it
+            mixture = state["ranks"][0].get("mixture")  # the same on every rank: the update is all-reduced
+        if mixture is not None:
+            self.mixer.load_state_dict(mixture)
             loader.set_weights(self.mixer.weights)  # idempotent: the streams' saved states hold them already
         self.batches.it = iter(loader)
 
