@@ -69,3 +69,12 @@ def save_tiny(tmp_path: Path, family: str = "llama", name: str = "model", **kwar
     model.save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a test's own torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

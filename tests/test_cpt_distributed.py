@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, free_port, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _corpus(path: Path, docs: int, seed: int) -> Path:
@@ -69,7 +64,7 @@ def _run(ws, recipe: Path, fault: str | None = None) -> subprocess.CompletedProc
     if fault:
         env["HEALER_FAULT"] = fault
     cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", "cpt",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", "cpt",
            "--config", str(recipe)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from test_data_pipeline import make_docs, write_shards
 
 from healer.train.data import DataConfig, build_loader
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _word_tokenizer():
@@ -65,7 +58,7 @@ def _rank_main(rank: int, world: int, port: int, corpus: str, out: str) -> None:
 @pytest.mark.distributed
 def test_two_ranks_with_workers_split_the_corpus_and_resume(tmp_path):
     write_shards(tmp_path / "c", make_docs(70), per_shard=10)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "c"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path / "c"), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     seen = results[0]["everyone"]
     assert sorted(seen[0] + seen[1]) == list(range(70)), "every document on exactly one rank"

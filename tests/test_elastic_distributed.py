@@ -11,22 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, free_port, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def _run(ws, verb: str, recipe: Path, ranks: int, *flags: str) -> subprocess.Com
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("HEALER_FAULT", None)
     cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", verb,
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", verb,
            "--config", str(recipe), *flags]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
     assert done.returncode == 0, done.stderr[-3000:]

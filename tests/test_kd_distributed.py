@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("kd_distributed_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_objectives_under_zero2_and_zero3_match_references(tmp_path):
     out = tmp_path / "diffs.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = ["timeout", "540", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=WORKER.parent)
     assert done.returncode == 0, done.stderr[-4000:]
     diffs = json.loads(out.read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_tiny
+from helpers import free_port, save_tiny
 
 from healer.cli import main as cli_main
 from healer.errors import HealerError
@@ -186,7 +186,7 @@ def test_two_ranks_under_zero2_match_one_process(tmp_path):
     recipe = write_recipe(tmp_path, model_dir, sft)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                            "-m", "healer", "sft", "--config", str(recipe)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,9 +201,3 @@ def test_two_ranks_under_zero2_match_one_process(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import SAMPLE_TEXT, save_tiny, tiny_tokenizer
+from helpers import SAMPLE_TEXT, free_port, save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from healer.errors import HealerError
@@ -119,10 +118,6 @@ def test_a_checkpoint_without_a_mask_is_not_resumed_as_sparse(tmp_path):
 
 # -- CPT, two processes, ZeRO-2 and ZeRO-3, killed and resumed -------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(root: Path, recipe: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -131,7 +126,7 @@ def _run(root: Path, recipe: Path, fault: str | None = None) -> subprocess.Compl
     if fault:
         env["HEALER_FAULT"] = fault
     cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "healer", "cpt",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", "cpt",
            "--config", str(recipe)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, check=False)
 
