@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import yaml  # noqa: E402
+from forecast_check import build_dense_start, write_recipe  # noqa: E402  (the forecast check's tiny dense start)
 
 from healer.cli import main  # noqa: E402
 
@@ -60,34 +60,6 @@ def split_held_out(data: Path, out: Path) -> tuple[Path, Path]:
             for fh, part in ((a, text[:cut]), (b, text[cut:])):
                 fh.write(json.dumps({"text": part, "meta": rec["meta"]}) + "\n")
     return steer, report
-
-
-def build_dense_start(out: Path, data: Path, vocab: int, hidden: int) -> Path:
-    """A random small Llama with a tokenizer trained on the corpus, saved as a HF directory."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    start = out / "start"
-    if (start / "config.json").is_file():
-        return start
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([r["text"] for r in _records(data / "train")[:1500]], vocab_size=vocab,
-                            min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(start)
-    tok.save_pretrained(start)
-    return start
-
-
-def _recipe(path: Path, tree: dict) -> Path:
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
 
 
 def held_out_loss(model_dir: str | Path, report: Path, seq_len: int) -> dict[str, tuple[float, int]]:
@@ -128,7 +100,7 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int, every: int, et
     held = {"path": str(steer), "domain_field": FIELD, "domains": {d: 1.0 for d in WEIGHTS}}
     cpt = {"zero_stage": 0, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 20, "eval_batches": 4,
            "save_every": 1000, "report_to": ["tensorboard"]}
-    dense = _recipe(out / "dense.yaml", {
+    dense = write_recipe(out / "dense.yaml", {
         "data": {"sources": [train], "seq_len": seq_len}, "model": {"source": str(start)},
         "run_dir": str(out / "dense"),
         "cpt": {**cpt, "input": str(start), "max_steps": dense_steps, "lr": 3e-3, "kd": None}})
@@ -144,7 +116,7 @@ def run(out: Path, data: Path, dense_steps: int, heal_steps: int, every: int, et
     runs = {}
     for name, dynamic in [("fixed", None)] + [(f"eta {eta:g}", {"every": every, "eta": eta}) for eta in etas]:
         folder = name.replace(" ", "")
-        recipe = _recipe(out / f"{folder}.yaml", {
+        recipe = write_recipe(out / f"{folder}.yaml", {
             # small document batches: a new mixture applies from each stream's next batch of documents, and
             # 256 documents (the default) would outlast this whole short run
             "data": {"sources": [train], "validation": [held], "seq_len": seq_len, "dynamic": dynamic,

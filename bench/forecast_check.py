@@ -75,7 +75,7 @@ def build_dense_start(out: Path, data: Path, vocab: int, hidden: int) -> Path:
     return start
 
 
-def _recipe(path: Path, tree: dict) -> Path:
+def write_recipe(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
 
@@ -99,15 +99,16 @@ def run(out: Path, data: Path, args) -> None:
         dense_model = args.model
     else:
         start = build_dense_start(out, data, args.vocab, args.hidden)
-        dense = _recipe(out / "dense.yaml", {**common, "model": {"source": str(start)}, "run_dir": str(out / "dense"),
-                                             "cpt": {**cpt, "input": str(start), "max_steps": args.dense_steps,
-                                                     "lr": 3e-3, "eval_every": 100, "kd": None}})
+        dense = write_recipe(out / "dense.yaml", {
+            **common, "model": {"source": str(start)}, "run_dir": str(out / "dense"),
+            "cpt": {**cpt, "input": str(start), "max_steps": args.dense_steps, "lr": 3e-3, "eval_every": 100,
+                    "kd": None}})
         dense_model = str(out / "dense" / "cpt" / "hf")
         if not (Path(dense_model) / "config.json").is_file():  # (or `healer cpt export` of a stopped one)
             assert main(["cpt", str(dense)]) == 0
     calib = out / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(data / "train", 64)))
-    heal = _recipe(out / "heal.yaml", {
+    heal = write_recipe(out / "heal.yaml", {
         **common, "model": {"source": dense_model}, "run_dir": str(out / "heal"),
         "prune": {"method": "depth", "criterion": "block_influence", "num_blocks": args.prune_blocks,
                   "keep_first": args.keep_first, "keep_last": args.keep_last,
