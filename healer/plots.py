@@ -67,6 +67,13 @@ def plot_curves(scalars: dict[str, tuple[list[int], list[float]]], out_png: str 
         if name == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     fig.suptitle(title)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay ``fig`` out, write it to ``out_png`` (its folder made), close it; the path written."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,8 @@ def plot_weights(mixer: DomainMixer, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from healer.plots import save_figure
+
     steps = [0] + [h["step"] for h in mixer.history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, name in enumerate(mixer.names):
@@ -191,9 +193,4 @@ def plot_weights(mixer: DomainMixer, out_png: str | Path) -> Path | None:
     ax.set_title(f"domain weights (data.dynamic, eta={mixer.cfg.eta})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
