@@ -82,13 +82,51 @@ def test_blocks_are_the_documents_end_to_end_with_eos(tmp_path, tok):
     docs = make_docs(40)
     write_shards(tmp_path / "c", docs, per_shard=15, suffix=".jsonl")
     cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=16, on_exhausted="stop", shuffle_files=False,
-                     tokenizer_batch_size=7)
+                     tokenizer_batch_size=7, shuffle_blocks=False)
     batches = list(build_loader(cfg, tok, rank=0, world_size=1, micro_batch_size=2))
     got = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
     want = expected_stream(tok, docs)
     assert all(b["input_ids"].shape == (2, 16) and b["input_ids"].dtype == torch.long for b in batches)
     assert got == want[: len(got)]
     assert len(want) - len(got) < 2 * 16, "only the last partial micro-batch may be dropped"
+
+
+def test_shuffled_blocks_spread_a_long_document_and_are_the_same_blocks(tmp_path, tok):
+    """A long document among short ones: read in order it fills consecutive steps; shuffled (the default), its
+    blocks are spread over the batch, and the stream hands out exactly the same blocks, resumably."""
+    docs = make_docs(30)
+    docs.insert(3, {"text": "d99 " + " ".join(f"w{i % 50}" for i in range(400))})
+    write_shards(tmp_path / "c", docs, per_shard=31)
+
+    def blocks(shuffle: bool) -> list[tuple[int, ...]]:
+        cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=8, on_exhausted="stop",
+                         tokenizer_batch_size=64, shuffle_blocks=shuffle)
+        return [tuple(b["input_ids"][0].tolist()) for b in build_loader(cfg, tok, micro_batch_size=1)]
+
+    ordered, shuffled = blocks(False), blocks(True)
+    assert sorted(shuffled) == sorted(ordered) and shuffled != ordered
+    flat = [t for b in ordered for t in b]
+    start = flat.index(tok.convert_tokens_to_ids("d99"))
+    end = flat.index(tok.eos_token_id, start)
+    inside = {b for i, b in enumerate(ordered) if start <= 8 * i and 8 * (i + 1) <= end}  # the long document's
+
+    def longest_run(seq: list[tuple[int, ...]]) -> int:
+        best = run = 0
+        for b in seq:
+            run = run + 1 if b in inside else 0
+            best = max(best, run)
+        return best
+
+    assert longest_run(ordered) >= 40  # ~400 tokens of one document in a row
+    assert longest_run(shuffled) <= 10
+
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=8, on_exhausted="stop", tokenizer_batch_size=64)
+    for k in (1, 17, 60):
+        first = build_loader(cfg, tok, micro_batch_size=1)
+        take(first, k)
+        resumed = build_loader(cfg, tok, micro_batch_size=1)
+        resumed.load_state_dict(first.state_dict())
+        assert [tuple(b["input_ids"][0].tolist()) for b in resumed] == shuffled[k:]
 
 
 def test_position_ids_restart_after_each_document(tmp_path, tok):
@@ -201,7 +239,8 @@ def test_bad_records_are_skipped_and_counted_or_refused(tmp_path, tok):
                                                            for i in range(k, k + 50))) for k in range(100, 400, 50)]
     (folder / "c.jsonl.zst").write_bytes(b"".join(frames)[:-20])  # the last of 6 frames is cut short
     (folder / "d.jsonl.zst").write_bytes(frames[0][:30] + b"\x00" * 64 + frames[0][30:])  # damaged inside
-    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=2, on_exhausted="drain", shuffle_files=False)
+    cfg = DataConfig(sources=[{"path": str(folder)}], seq_len=2, on_exhausted="drain", shuffle_files=False,
+                     shuffle_blocks=False)
     loader = build_loader(cfg, tok, micro_batch_size=1)
     seen = doc_ids(tok, list(loader))
     stats = loader.stats()
@@ -325,7 +364,7 @@ def test_remote_paths_go_through_fsspec_and_resume(tok):
             fh.write(zstandard.ZstdCompressor().compress(body))
     try:
         cfg = DataConfig(sources=[{"path": "memory://healer-test/train/*.jsonl.zst"}], seq_len=8,
-                         shuffle_files=False, tokenizer_batch_size=4)
+                         shuffle_files=False, tokenizer_batch_size=4, shuffle_blocks=False)
         reference = take(build_loader(cfg, tok, micro_batch_size=1), 30)
         got = torch.cat([b["input_ids"].flatten() for b in reference]).tolist()
         assert got == expected_stream(tok, docs)[: len(got)]
@@ -437,7 +476,7 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, t
     monkeypatch.setattr(stream, "FILL_CHARS", 1000)
     docs = long_docs(6000)
     write_shards(tmp_path / "c", docs, per_shard=7, suffix=".jsonl")
-    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
+    cfg = DataConfig(shuffle_blocks=False, sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
                      reset_position_ids=True, tokenizer_batch_size=4)
     for tokenizer in (tok, tiny_tokenizer()):  # word-level, and byte-level BPE (whose merges span a seam if cut badly)
         batches = list(build_loader(cfg, tokenizer, micro_batch_size=1))

@@ -74,6 +74,10 @@ class DataConfig(Section):
     tokenizer_batch_size: int = Field(256, gt=0, description="documents tokenized per call")
     num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank (0: read in the trainer)")
     shuffle_files: bool = Field(True, description="shuffle each worker's shard order every epoch (seeded)")
+    shuffle_blocks: bool = Field(
+        True, description="hand out the seq_len blocks of each batch of tokenizer_batch_size documents in a seeded "
+                          "random order (training stream only), so a long document's consecutive blocks do not "
+                          "fill whole optimizer steps; false: in reading order")
     repeat_cache_mb: int = Field(
         16, ge=0, description="from its 2nd epoch on, keep a source's (domain's) documents in memory when a "
                               "worker's share is at most this many MB of text: upsampled small domains are "

@@ -174,7 +174,8 @@ class StreamLoader:
     def _fingerprint(self) -> dict:
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.workers, "micro_batch_size": self.settings.micro_batch_size,
-                "seq_len": self.settings.seq_len, "entries": [e.name for e in self.entries]}
+                "seq_len": self.settings.seq_len, "shuffle_blocks": self.settings.shuffle_blocks,
+                "entries": [e.name for e in self.entries]}
 
     def sources(self) -> list[dict]:
         """Per entry, its shards' count and hashes of their names and contents (see ``shards.fingerprint``)."""
@@ -226,9 +227,10 @@ class StreamLoader:
         for key, value in mine.items():
             if not same_layout and key in ("rank", "world_size", "num_workers"):
                 continue
-            if _plain(sd.get(key)) != value:  # a checkpoint written as JSON has lists where tuples were
+            then = sd.get(key, False if key == "shuffle_blocks" else None)  # older states read blocks in order
+            if _plain(then) != value:  # a checkpoint written as JSON has lists where tuples were
                 raise HealerError(
-                    f"data checkpoint: {key} was {sd.get(key)!r} when it was saved and is {value!r} now; "
+                    f"data checkpoint: {key} was {then!r} when it was saved and is {value!r} now; "
                     "resume with the same data settings, ranks and workers (or start the data stream afresh)"
                 )
         key = "data.sources" if self.split == "train" else "data.validation"
@@ -272,15 +274,16 @@ def build_loader(cfg: DataConfig, tokenizer, *, rank: int = 0, world_size: int =
     """
     if split == "train":
         entries = plan_entries(cfg.sources, "data.sources")
-        policy, shuffle = cfg.on_exhausted, cfg.shuffle_files
+        policy, shuffle, blocks = cfg.on_exhausted, cfg.shuffle_files, cfg.shuffle_blocks
     elif split == "validation":
         entries = plan_entries(cfg.validation, "data.validation")
-        policy, shuffle = "drain", False
+        policy, shuffle, blocks = "drain", False, False
     else:
         raise HealerError(f"data loader: split must be 'train' or 'validation', not {split!r}")
     settings = StreamSettings(seq_len=cfg.seq_len, micro_batch_size=micro_batch_size, policy=policy, seed=cfg.seed,
                               strict=cfg.bad_records == "strict", reset_position_ids=cfg.reset_position_ids,
                               tokenizer_batch_size=cfg.tokenizer_batch_size, shuffle_files=shuffle, bos=cfg.bos,
+                              shuffle_blocks=blocks,
                               cache_chars=cfg.repeat_cache_mb * 1_000_000)
     return StreamLoader(entries, tokenizer, settings, rank=rank, world_size=world_size,
                         num_workers=cfg.num_workers, split=split)

@@ -10,7 +10,9 @@ lines (every ``k``-th line of it to each of ``k`` streams), so no new stream idl
 
 A new stream reads its pieces, then starts the next epoch of the new layout's ordinary split. So within
 the epoch being read at the checkpoint every document is read exactly once, by one old or one new stream.
-(A stream whose reader of an entry had already wrapped into a later epoch than another's gives its pieces
+(With ``data.shuffle_blocks`` a batch's blocks are handed out out of order, so a document of the old
+stream's current batch that was not begun while a later one was is skipped, not read twice; see
+:func:`_started`.) (A stream whose reader of an entry had already wrapped into a later epoch than another's gives its pieces
 of that later epoch; the new streams all go on with the epoch after the latest one.)
 
 Everything here is a pure function of the old streams' states and the new layout, so every rank computes
@@ -25,11 +27,23 @@ from healer.train.data.stream import Entry, PackedStream, StreamSettings
 
 
 def _started(stream: PackedStream) -> list[int]:
-    """Per entry, how many documents of the stream's current batch were begun by a handed-out block."""
+    """Per entry, how many of the current batch's documents its reader is wound past: up to the last one
+    any token of which was handed out.
+
+    Read in order, those documents are a prefix of the batch. With ``data.shuffle_blocks`` they need not
+    be: a document none of whose blocks the shuffle had reached, read before one it had, is then skipped
+    for the rest of the epoch rather than read twice (at most one batch of documents per old stream).
+    """
+    handed = stream.handed_out()
     counts = [0] * len(stream.entries)
-    for owner, start, opens in zip(stream._owners, stream._starts, stream._opens):
-        if opens and start < stream.cursor:
-            counts[owner] += 1
+    nth = [0] * len(stream.entries)
+    opening = [k for k, opens in enumerate(stream._opens) if opens]
+    for n, k in enumerate(opening):  # a document runs from its first piece to the next document's
+        owner, start = stream._owners[k], stream._starts[k]
+        end = stream._starts[opening[n + 1]] if n + 1 < len(opening) else len(stream._flat)
+        nth[owner] += 1
+        if any(a < end and start < b for a, b in handed):
+            counts[owner] = nth[owner]
     return counts
 
 
