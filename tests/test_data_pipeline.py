@@ -476,8 +476,8 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, t
     monkeypatch.setattr(stream, "FILL_CHARS", 1000)
     docs = long_docs(6000)
     write_shards(tmp_path / "c", docs, per_shard=7, suffix=".jsonl")
-    cfg = DataConfig(shuffle_blocks=False, sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
-                     reset_position_ids=True, tokenizer_batch_size=4)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "c")}], seq_len=64, on_exhausted="stop", shuffle_files=False,
+                     reset_position_ids=True, tokenizer_batch_size=4, shuffle_blocks=False)
     for tokenizer in (tok, tiny_tokenizer()):  # word-level, and byte-level BPE (whose merges span a seam if cut badly)
         batches = list(build_loader(cfg, tokenizer, micro_batch_size=1))
         got = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()

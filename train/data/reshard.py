@@ -10,10 +10,11 @@ lines (every ``k``-th line of it to each of ``k`` streams), so no new stream idl
 
 A new stream reads its pieces, then starts the next epoch of the new layout's ordinary split. So within
 the epoch being read at the checkpoint every document is read exactly once, by one old or one new stream.
-(With ``data.shuffle_blocks`` a batch's blocks are handed out out of order, so a document of the old
-stream's current batch that was not begun while a later one was is skipped, not read twice; see
-:func:`_started`.) (A stream whose reader of an entry had already wrapped into a later epoch than another's gives its pieces
-of that later epoch; the new streams all go on with the epoch after the latest one.)
+(A stream whose reader of an entry had already wrapped into a later epoch than another's gives its pieces
+of that later epoch; the new streams all go on with the epoch after the latest one.) With
+``data.shuffle_blocks`` a batch's blocks are handed out of order, so a document of an old stream's current
+batch that no handed-out block had reached, read before one that was, is skipped, not read twice (see
+:func:`_started`).
 
 Everything here is a pure function of the old streams' states and the new layout, so every rank computes
 the same deal and keeps its own streams.
