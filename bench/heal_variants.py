@@ -1,0 +1,199 @@
+"""Healing variants healer's ``cpt`` has no key for, screened in a plain-torch loop (issue 16).
+
+``bench/heal_quality.py`` measures what ``healer cpt`` recovers; a variant it cannot express (freezing the
+embeddings, training only the blocks around the cuts, folding a removed run into the block before it,
+hidden-state KD at every block, drawing the steps' sequences from a shuffled window) would need product
+code before it could be measured. This loop re-implements the cpt step it is compared with, on one
+process and without DeepSpeed: the same token stream (healer's loader, ``data.seed`` 0), pure logit KD
+(alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices, clipping at 1.0,
+linear warmup then cosine to 10% of the lr. With no variant flag it reproduces ``heal_quality.py``'s row
+"KD alpha 0 T 1, lr 5e-4, warmup 2, cosine" (20 steps: 28.27 both, before ``data.shuffle_blocks``; pass
+``--no-shuffle-blocks`` to compare with rows measured before it).
+
+    python bench/heal_quality.py --no-heal --out runs/bench-heal --eval-tokens 8192   # makes the pruned model
+    python bench/heal_variants.py --pruned runs/bench-heal/prune-<key> --label freeze --freeze-embeddings
+
+Dense and pruned perplexities are measured here too (WikiText-2 validation, the first ``--eval-tokens``
+tokens in 1024-token windows, healer's own perplexity code), so each row carries its own baseline. Rows go
+to ``<pruned>/../variants.jsonl``. The data in ``/work/shared/data`` is benchmark input only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRAIN = DATA / "corpus" / "slimpajama-sample" / "train"
+WIKITEXT = DATA / "eval" / "wikitext-2" / "wiki.valid.tokens"
+WINDOW = 1024
+
+
+def runs_of(blocks: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive block indices: [12, 13, 14, 17] -> [[12, 13, 14], [17]]."""
+    out: list[list[int]] = []
+    for b in sorted(blocks):
+        if out and b == out[-1][-1] + 1:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||s - t||^2 / ||t||^2 (the scale-free hidden-state distance cpt's hidden KD uses)."""
+    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1)).mean()
+
+
+def fold_runs(student, teacher, removed: list[int], batches: list[torch.Tensor], steps: int, lr: float) -> None:
+    """Train the kept block before each run of removed blocks a..b to map the teacher's input of block a-1 to
+    the teacher's state after b (LLM-Streamline's objective, with the block before the cut as the replacement,
+    so no block is added), on the heal's own token batches."""
+    from healer.prune.blockwise import BlockStack
+
+    kept = [i for i in range(teacher.config.num_hidden_layers) if i not in removed]
+    stack = BlockStack.from_model(student)
+    cuts = [(run[0] - 1, run[-1]) for run in runs_of(removed) if run[0] > 0]
+    pairs: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {c: [] for c in cuts}
+    with torch.no_grad():
+        for x in batches:
+            states = teacher(input_ids=x, output_hidden_states=True).hidden_states  # [i] enters block i
+            for before, last in cuts:
+                pairs[(before, last)].append((states[before], states[last + 1]))
+    for (before, last), data in pairs.items():
+        index = kept.index(before)
+        block = student.model.layers[index]
+        opt = torch.optim.AdamW(block.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        ctx = stack.context(data[0][0])
+        for step in range(steps):
+            h_in, h_out = data[step % len(data)]
+            loss = relative_mse(stack.run_block(block, index, h_in, ctx), h_out)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+            opt.step()
+        print(f"fold: block {before} <- {before}..{last}: relative MSE {relative_mse(data[0][0], data[0][1]):.4f} "
+              f"as a plain cut, {loss.item():.4f} after {steps} steps", flush=True)
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
+    """healer's cosine schedule: linear warmup to ``lr``, then cosine down to ``min_ratio * lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pruned", type=Path, required=True, help="a healer prune output (with prune_report.json)")
+    p.add_argument("--model", default="smollm2", help="the dense model (teacher, and the dense perplexity)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--no-shuffle-blocks", action="store_true", help="read the stream in order (data.shuffle_blocks: "
+                                                                     "false), as healer did before it")
+    v = p.add_argument_group("variants")
+    v.add_argument("--freeze-embeddings", action="store_true", help="train no embedding/output head weight")
+    v.add_argument("--train-blocks", default=None, help="comma-separated pruned-model block indices; others frozen")
+    v.add_argument("--fold-steps", type=int, default=0, help="fold each removed run into the block before it first")
+    v.add_argument("--fold-lr", type=float, default=1e-4)
+    v.add_argument("--hidden-all", type=float, default=0.0,
+                   help="weight of relative hidden-state MSE after every kept block, against the teacher's block")
+    v.add_argument("--shuffle-window", type=int, default=0,
+                   help="draw the steps' sequences at random from the stream's first N sequences")
+    args = p.parse_args()
+
+    from healer.eval.ppl import perplexity, tokenize
+    from healer.modeling import load_model, load_tokenizer, resolve_source
+    from healer.train.data.config import DataConfig
+    from healer.train.data.loader import build_loader
+
+    torch.manual_seed(0)
+    removed = json.loads((args.pruned / "prune_report.json").read_text())["removed"]
+    tok = load_tokenizer(resolve_source(args.model))
+    teacher = load_model(resolve_source(args.model), torch.float32).eval().requires_grad_(False)
+    student = load_model(resolve_source(str(args.pruned)), torch.float32)
+    kept = [i for i in range(teacher.config.num_hidden_layers) if i not in removed]
+    ids = tokenize(tok, WIKITEXT.read_text(encoding="utf-8"), args.eval_tokens or None)
+
+    def ppl(model) -> float:
+        model.eval()
+        value = perplexity(model, tok, ids, WINDOW, progress=False)["ppl"]
+        model.train()
+        return value
+
+    dense, pruned = ppl(teacher), ppl(student)
+    data = DataConfig(sources=[{"path": str(TRAIN), "name": "slimpajama"}], seq_len=args.seq_len, seed=0,
+                      shuffle_blocks=not args.no_shuffle_blocks)
+    stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
+    if args.shuffle_window:
+        rows: list[torch.Tensor] = []
+        while len(rows) < args.shuffle_window:
+            rows.extend(next(stream)["input_ids"])
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[: args.steps * args.batch]
+        batches = [torch.stack([rows[i] for i in order[k * args.batch:(k + 1) * args.batch]])
+                   for k in range(args.steps)]
+    else:
+        batches = [next(stream)["input_ids"] for _ in range(args.steps)]
+    tokens = args.steps * args.batch * args.seq_len
+    print(f"{args.label}: removed {removed}, {tokens:,} tokens; dense {dense:.2f}, pruned {pruned:.2f}", flush=True)
+
+    t0 = time.perf_counter()
+    if args.fold_steps:
+        fold_runs(student, teacher, removed, batches, args.fold_steps, args.fold_lr)
+        print(f"after the fold, before healing: {ppl(student):.2f}", flush=True)
+    student.requires_grad_(True)
+    if args.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+    if args.train_blocks is not None:
+        chosen = {int(b) for b in args.train_blocks.split(",")}
+        for i, block in enumerate(student.model.layers):
+            block.requires_grad_(i in chosen)
+    params = [q for q in student.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW([{"params": [q for q in params if q.ndim >= 2], "weight_decay": 0.1},
+                             {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    hidden = args.hidden_all > 0
+    for step, x in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, output_hidden_states=hidden)
+        s_out = student(input_ids=x, output_hidden_states=hidden)
+        kl = F.kl_div(F.log_softmax(s_out.logits[:, :-1].float(), -1), F.log_softmax(t_out.logits[:, :-1].float(), -1),
+                      log_target=True, reduction="none").sum(-1).mean()
+        loss = kl
+        if hidden:  # hidden_states[i + 1] leaves block i; the last entry is after the final norm, left out
+            terms = [relative_mse(s_out.hidden_states[si + 1], t_out.hidden_states[ti + 1])
+                     for si, ti in enumerate(kept[:-1])]
+            loss = loss + args.hidden_all * torch.stack(terms).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 5 == 0 or step == args.steps - 1:
+            print(f"step {step + 1}/{args.steps}: KL {kl.item():.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    healed = ppl(student)
+    share = (pruned - healed) / (pruned - dense)
+    row = {"label": args.label, "removed": removed, "tokens": tokens, "dense": dense, "pruned": pruned,
+           "healed": healed, "share": share, "args": {k: str(val) for k, val in vars(args).items()}}
+    print(f"{args.label}: dense {dense:.2f} | pruned {pruned:.2f} | healed {healed:.2f} | gap recovered {share:.1%}")
+    with (args.pruned.parent / "variants.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
