@@ -81,6 +81,8 @@ def cpt_section(args) -> dict:
             cpt[key] = getattr(args, flag)
     kd = {k: v for k, v in (("alpha", args.kd_alpha), ("temperature", args.kd_temperature),
                             ("hidden_weight", args.hidden_weight)) if v is not None}
+    if args.train_embeddings is not None:
+        cpt["train_embeddings"] = args.train_embeddings == "yes"
     if args.ce:
         cpt["kd"] = None
     elif kd:
@@ -177,7 +179,8 @@ def effective_heal(cpt: dict) -> str:
     cfg = CPTConfig(**cpt)
     kd = ("CE" if cfg.kd is None else f"KD a={cfg.kd.alpha} T={cfg.kd.temperature}"
           + (f" hidden={cfg.kd.hidden_weight}" if cfg.kd.hidden_weight else ""))
-    return f"{kd}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.schedule}"
+    return (f"{kd}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.schedule}"
+            + ("" if cfg.train_embeddings else ", embeddings frozen"))
 
 
 def describe(section: dict, skip=()) -> str:
@@ -218,6 +221,8 @@ def main() -> None:
     g.add_argument("--kd-alpha", type=float)
     g.add_argument("--kd-temperature", type=float)
     g.add_argument("--hidden-weight", type=float, help="cpt.kd.hidden_weight: hidden-state MSE at the cuts")
+    g.add_argument("--train-embeddings", choices=("yes", "no"), help="cpt.train_embeddings (no: freeze the "
+                                                                     "embeddings and output head)")
     p.add_argument("--eval-tokens", type=int, default=32768,
                    help="score the first N tokens of WikiText-2 validation (0 = all of it)")
     args = p.parse_args()

@@ -232,3 +232,25 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01", "--cpt.max_steps", "2"]) == 0
     manifest = json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())
     assert manifest["outputs"]["steps"] == 2
+
+
+def test_frozen_embeddings_stay_the_inputs_and_a_resume_cannot_unfreeze_them(tmp_path):
+    """cpt.train_embeddings: false trains the blocks only: the exported embedding and head are the input's,
+    bit for bit, the blocks moved, only the blocks' weights count as trainable, and resuming the run with the
+    embeddings trainable (other optimizer state) is refused naming the key."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
+    result = _heal(tmp_path, model, corpus, max_steps=2, lr=1e-2, train_embeddings=False)
+    before, after = load_file(model / "model.safetensors"), load_file(tmp_path / "cpt" / "hf" / "model.safetensors")
+    frozen = [k for k in before if "embed_tokens" in k or "lm_head" in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    blocks = sum(v.numel() for k, v in before.items() if k not in frozen)
+    assert result["steps"] == 2 and result["trainable_parameters"] == blocks
+
+    with pytest.raises(HealerError, match=r"cpt\.train_embeddings: False -> True"):
+        _heal(tmp_path, model, corpus, max_steps=4, lr=1e-2, train_embeddings=True)

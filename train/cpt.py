@@ -51,7 +51,9 @@ def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
     lora = cfg.lora.model_dump(mode="json") if cfg.lora is not None else {}
     return {**{f"data.{k}": v for k, v in data.items()},
             **{f"cpt.{k}": getattr(cfg, k) for k in ("micro_batch_size", "global_batch_size", "seed")},
-            "cpt.lora": cfg.lora is not None, **{f"cpt.lora.{k}": v for k, v in lora.items()}}
+            "cpt.lora": cfg.lora is not None, **{f"cpt.lora.{k}": v for k, v in lora.items()},
+            # frozen embeddings have no optimizer state: a checkpoint with and one without cannot swap
+            "cpt.train_embeddings": cfg.train_embeddings}
 
 
 def run_cpt(recipe, opts: Options) -> int:
@@ -108,6 +110,18 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
     return total, total - emb_n + (emb_n if tied else 0)
+
+
+def freeze_embeddings(model: torch.nn.Module) -> int:
+    """Freeze the token embeddings and the output head (``cpt.train_embeddings: false``); returns the output
+    head's parameter count, whose weight gradient backward no longer computes."""
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is None:
+        return 0
+    head.weight.requires_grad_(False)
+    return getattr(head.weight, "ds_numel", head.weight.numel())
 
 
 def _constraints(engine, keep_sparsity: dict | None, lora: bool) -> list:
@@ -317,6 +331,10 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     n_params, n_matmul = _matmul_params(model)
     lora = cfg.lora is not None
     trainable = n_params
+    frozen_head = 0  # matmul parameters of a frozen output head (no weight gradient in backward)
+    if not cfg.train_embeddings and not lora:
+        frozen_head = freeze_embeddings(model)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     if lora:
         from healer.train.lora import attach
 
@@ -365,6 +383,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     flops_per_token = training_flops_per_token(model.config, n_matmul, seq_len)
     if lora:  # a frozen weight's backward computes no weight gradient: 4 instead of 6 FLOPs per parameter
         flops_per_token -= 2.0 * n_matmul
+    flops_per_token -= 2.0 * frozen_head
     logger = MetricsLogger(stage_dir / "tensorboard", cfg.max_steps, rank=rank, initial_step=progress.step,
                            desc="cpt", jsonl_path=stage_dir / "metrics.jsonl",
                            report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
@@ -376,6 +395,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                  + (f" from the logit cache {cfg.kd.cache} (no teacher loaded)" if cache is not None else "")
                  + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} "
                     "trainable parameters" if lora else "")
+                 + (f" | embeddings and output head frozen: {trainable:,} trainable parameters" if frozen_head else "")
                  + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else
                     " (cpt.kd.hidden_weight is ignored: the input has no depth-prune cut points)"
                     if cfg.kd and cfg.kd.hidden_weight else ""))
