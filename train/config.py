@@ -134,8 +134,9 @@ class CPTConfig(TrainingFields):
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (a pruned model heals faster than the seed's 1e-4)")
     train_embeddings: bool = Field(
-        True, description="also train the token embeddings and output head; false freezes them (pruning leaves "
-                          "them intact): fewer weights to move and no optimizer state for a large vocabulary")
+        False, description="also train the token embeddings and output head; false (default) freezes them: "
+                           "pruning leaves them intact, and frozen they healed more of the gap (README, \"Healing "
+                           "defaults\"), with no optimizer state for a large vocabulary")
     kd: KDConfig | None = Field(default_factory=KDConfig, description="distil from a teacher (default: the unpruned "
                                 "model.source); null = plain next-token CE")
     stop_at_recovery: float | None = Field(
