@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,20 +34,11 @@ WIKITEXT = DATA / "eval" / "wikitext-2" / "wiki.valid.tokens"
 WINDOW = 1024
 
 
-def runs_of(blocks: list[int]) -> list[list[int]]:
-    """Maximal runs of consecutive block indices: [12, 13, 14, 17] -> [[12, 13, 14], [17]]."""
-    out: list[list[int]] = []
-    for b in sorted(blocks):
-        if out and b == out[-1][-1] + 1:
-            out[-1].append(b)
-        else:
-            out.append([b])
-    return out
-
-
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ||s - t||^2 / ||t||^2 (the scale-free hidden-state distance cpt's hidden KD uses)."""
-    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1)).mean()
+    """Mean over tokens of cpt's hidden-state distance ||s - t||^2 / ||t||^2 (:func:`healer.train.kd.relative_mse`)."""
+    from healer.train.kd import relative_mse as per_token
+
+    return per_token(student, teacher).mean()
 
 
 def fold_runs(student, teacher, removed: list[int], batches: list[torch.Tensor], steps: int, lr: float) -> None:
@@ -56,10 +46,13 @@ def fold_runs(student, teacher, removed: list[int], batches: list[torch.Tensor],
     the teacher's state after b (LLM-Streamline's objective, with the block before the cut as the replacement,
     so no block is added), on the heal's own token batches."""
     from healer.prune.blockwise import BlockStack
+    from healer.train.kd import cut_points
 
     kept = [i for i in range(teacher.config.num_hidden_layers) if i not in removed]
     stack = BlockStack.from_model(student)
-    cuts = [(run[0] - 1, run[-1]) for run in runs_of(removed) if run[0] > 0]
+    # cut_points pairs "after s student blocks" with "after t teacher blocks": block kept[s - 1] is the one
+    # before the cut, and t - 1 the run's last removed block (a run at block 0 has no block before it)
+    cuts = [(kept[s - 1], t - 1) for s, t in cut_points(removed, teacher.config.num_hidden_layers) if s > 0]
     pairs: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {c: [] for c in cuts}
     with torch.no_grad():
         for x in batches:
@@ -80,14 +73,6 @@ def fold_runs(student, teacher, removed: list[int], batches: list[torch.Tensor],
             opt.step()
         print(f"fold: block {before} <- {before}..{last}: relative MSE {relative_mse(data[0][0], data[0][1]):.4f} "
               f"as a plain cut, {loss.item():.4f} after {steps} steps", flush=True)
-
-
-def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
-    """healer's cosine schedule: linear warmup to ``lr``, then cosine down to ``min_ratio * lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def main() -> None:
@@ -118,6 +103,7 @@ def main() -> None:
     from healer.modeling import load_model, load_tokenizer, resolve_source
     from healer.train.data.config import DataConfig
     from healer.train.data.loader import build_loader
+    from healer.train.schedule import make_lr_lambda
 
     torch.manual_seed(0)
     removed = json.loads((args.pruned / "prune_report.json").read_text())["removed"]
@@ -166,9 +152,10 @@ def main() -> None:
                              {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     hidden = args.hidden_all > 0
+    schedule = make_lr_lambda("cosine", max_steps=args.steps, warmup_steps=args.warmup)
     for step, x in enumerate(batches):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+            group["lr"] = args.lr * schedule(step)
         with torch.no_grad():
             t_out = teacher(input_ids=x, output_hidden_states=hidden)
         s_out = student(input_ids=x, output_hidden_states=hidden)
