@@ -90,14 +90,41 @@ def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, A
 
 
 def read_json_if_present(path: str | Path) -> dict | None:
-    """The JSON at ``path``, or None when it is missing or half-written."""
+    """The JSON object at ``path``, or None when it is missing, half-written or not a JSON object.
+
+    For files whose absence only means "not done yet" (a stage manifest: the stage then runs again). A file
+    whose loss would change a result (a prune report, an evaluation) is read with :func:`read_json_report`.
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_json_report(path: str | Path) -> dict | None:
+    """The JSON object at ``path``, None when there is no such file; a damaged file is an error naming it.
+
+    healer writes its reports atomically, so a report that does not parse was edited or damaged by hand;
+    reading it as absent would silently drop what it says (a sparse prune's mask, the removed blocks).
+    """
+    from healer.errors import HealerError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HealerError(f"{path} is not valid JSON ({err}); restore it, or run the stage that wrote it "
+                          "again") from None
+    if not isinstance(data, dict):
+        raise HealerError(f"{path} holds a JSON {type(data).__name__}, not the object healer wrote; restore it, "
+                          "or run the stage that wrote it again")
+    return data
 
 
 def read_stage_manifest(stage_dir: str | Path) -> dict | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from healer.errors import HealerError
-from healer.manifest import read_json_if_present, read_stage_manifest, write_stage_manifest
+from healer.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
 from healer.release_config import ReleaseConfig
 from healer.stages import TRAINING_STAGES
 
@@ -295,9 +295,9 @@ def build_release(recipe, out: Path) -> dict:
     params_after = count_parameters(model)
     del model
     # The replace stage's copy adds how the replacement block was trained (LLM-Streamline).
-    prune_report = ((read_json_if_present(recipe.stage_dir("replace") / "prune_report.json")
+    prune_report = ((read_json_report(recipe.stage_dir("replace") / "prune_report.json")
                      if recipe.replace else None)
-                    or read_json_if_present(recipe.stage_dir("prune") / "prune_report.json"))
+                    or read_json_report(recipe.stage_dir("prune") / "prune_report.json"))
     # Measured on the files being published: they must hold the zeros the card claims.
     sparsity = released_sparsity(partial, prune_report)
 
@@ -310,7 +310,7 @@ def build_release(recipe, out: Path) -> dict:
     (partial / "recipe.yaml").write_text(recipe_yaml)
     gguf_files = release_ggufs(partial, cfg.model_name or recipe.name, cfg.gguf)
 
-    eval_result = read_json_if_present(recipe.stage_dir("eval") / "eval.json")
+    eval_result = read_json_report(recipe.stage_dir("eval") / "eval.json")
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
     curves, curves_missing = [], []

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from healer.errors import HealerError
-from healer.manifest import read_json_if_present, write_json_atomic
+from healer.manifest import read_json_if_present, read_json_report, write_json_atomic
 
 THROUGHPUT_TOKENS = 256  # one sequence of this many token ids, the same for every model
 
@@ -172,7 +172,7 @@ def sweep(recipe, opts: Options) -> dict:
                 print(f"[sweep] {key}={value} stopped with exit code {code}; run the sweep again to resume it")
                 return {"exit_code": code}
         summary = write_summary(point)
-        eval_json = read_json_if_present(point.stage_dir("eval") / EVAL_FILE) if point.eval else None
+        eval_json = read_json_report(point.stage_dir("eval") / EVAL_FILE) if point.eval else None
         final = final_model(point)
         # The release copies the last stage's model: its row in the summary is the last one.
         final_row = {r["model"]: r for r in summary["rows"]}.get(final) or summary["rows"][-1]

@@ -241,3 +241,17 @@ def test_a_manifest_shows_secret_inputs_redacted_and_still_compares_the_real_one
     with pytest.raises(HealerError, match="release .*a secret value changed") as err:
         plan(other, ["release"], None, force=False)
     assert token.replace("A", "B") not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00 not text", b'{"stage": "rel', b'"release"'])
+def test_a_damaged_stage_manifest_means_the_stage_runs_again(tmp_path, damage):
+    """A manifest that is not a readable JSON object is not a finished stage: the plan runs it, no traceback."""
+    from healer.pipeline import plan
+
+    recipe = load_recipe(None, {"model": {"source": "m"}, "run_dir": str(tmp_path / "run"), "release": {}})
+    expect_inputs("release", stage_inputs(recipe, "release"))
+    write_stage_manifest(recipe.stage_dir("release"), "release")
+    expect_inputs("release", None)
+    assert plan(recipe, ["release"], None, force=False) == [("release", False)]
+    (recipe.stage_dir("release") / "manifest.json").write_bytes(damage)
+    assert plan(recipe, ["release"], None, force=False) == [("release", True)]

@@ -66,6 +66,15 @@ def test_a_sparse_prune_is_found_from_its_report_or_the_recipe(tmp_path):
     assert sparsity_to_keep(recipe, str(dense)) is None  # a dense input trains without a mask
 
 
+@pytest.mark.parametrize("damage", [b'{"method": "sparse", "pattern": "2:', b"\xff\xfe\x00binary", b"[1, 2]"])
+def test_a_damaged_prune_report_stops_the_heal_instead_of_dropping_the_mask(tmp_path, damage):
+    # Read as "no report", the sparse prune would heal as a dense model and lose its zeros with exit 0.
+    _, pruned, _ = _sparse(tmp_path)
+    (pruned / "prune_report.json").write_bytes(damage)
+    with pytest.raises(HealerError, match="prune_report.json .*run the stage that wrote it again"):
+        sparsity_to_keep(None, str(pruned))
+
+
 # -- CPT, one process ------------------------------------------------------------------------------------
 
 def _heal(root: Path, model: Path, stage: str, *, max_steps: int, resume: str = "auto", keep: dict | None, **cpt):

@@ -131,11 +131,11 @@ def cut_points_of_input(recipe, source: str) -> list[tuple[int, int]]:
     prune stage's report when ``source`` descends from it; none when there is no depth prune."""
     from pathlib import Path
 
-    from healer.manifest import read_json_if_present
+    from healer.manifest import read_json_report
 
-    report = read_json_if_present(Path(source) / "prune_report.json")
+    report = read_json_report(Path(source) / "prune_report.json")
     if report is None and recipe.prune is not None and source != recipe.model.source:
-        report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+        report = read_json_report(recipe.stage_dir("prune") / "prune_report.json")
     return cut_points_of(report)
 
 

@@ -174,12 +174,12 @@ def sparsity_to_keep(recipe, source: str) -> dict | None:
     Read from ``source/prune_report.json`` when the input is a sparse prune's directory, else from the recipe's
     ``prune:`` section when the input descends from it (a cpt export feeding sft); None for a dense input.
     """
-    from healer.manifest import read_json_if_present
+    from healer.manifest import read_json_report
 
-    report = read_json_if_present(Path(source) / "prune_report.json")
+    report = read_json_report(Path(source) / "prune_report.json")
     upstream = recipe is not None and recipe.prune is not None and source != recipe.model.source
     if report is None and upstream:
-        report = read_json_if_present(recipe.stage_dir("prune") / "prune_report.json")
+        report = read_json_report(recipe.stage_dir("prune") / "prune_report.json")
         if report is None and recipe.prune.method == "sparse":  # its report is gone: the recipe still says
             sp = recipe.prune.sparsity
             return {"pattern": sp.pattern, "ratio": sp.ratio, "layers": sp.layers, "zeros": None}
