@@ -123,7 +123,8 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
     else:
         update = ", the remaining weights updated to compensate" if report.get("criterion") == "sparsegpt" \
             else ", no weight update"
-        lines = [f"**{pruning_summary(report)}**, one-shot{update}.", ""]
+        how = f"in {len(report['rounds'])} rounds (below)" if report.get("rounds") else "one-shot"
+        lines = [f"**{pruning_summary(report)}**, {how}{update}.", ""]
     rows = [["method", str(report.get("method", "-"))], ["criterion", str(report.get("criterion", "-"))],
             ["target", str(report.get("target", "-"))]]
     if report.get("pattern") is not None:
@@ -156,6 +157,8 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
     if report.get("seed") is not None:
         rows.append(["seed", str(report["seed"])])
     lines.append(_table(["", ""], rows))
+    if report.get("rounds"):
+        lines += ["", rounds_table(report["rounds"])]
     for warning in report.get("warnings") or []:
         lines += ["", f"**Deployment warning:** {warning}."]
     if report.get("method") == "sparse":
@@ -165,6 +168,24 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
         lines += ["", f"Block importance ({report.get('score_meaning', 'as computed by the criterion')}):", "",
                   _table(["block", "score"], [[k, _num(v)] for k, v in scores.items()])]
     return "\n".join(lines)
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    """``prune.rounds``: what each round removed (depth: in its input's and in the original numbering) and
+    the parameters and calibration perplexity of its input and output."""
+    depth = any("removed" in r for r in rounds)
+    header = ["round", *(["blocks removed (of its input)", "same blocks, original numbering"] if depth else []),
+              "parameters", "calibration perplexity"]
+    rows = []
+    for r in rounds:
+        row = [str(r["round"])]
+        if depth:
+            row += [", ".join(map(str, r.get("removed") or [])), ", ".join(map(str, r.get("removed_original") or []))]
+        row += [f"{_num(r.get('params_before'))} -> {_num(r.get('params_after'))}",
+                f"{_num(r.get('calibration_ppl_before'))} -> {_num(r.get('calibration_ppl_after'))}"]
+        rows.append(row)
+    return (f"Pruned in {len(rounds)} rounds; each round scored the model the round before left (healed, where it "
+            "healed), so its perplexities are of that model:\n\n" + _table(header, rows))
 
 
 def training_section(stages: list[dict]) -> str:

@@ -131,6 +131,22 @@ def training_stages(recipe) -> list[dict]:
     return out
 
 
+def round_reports(recipe) -> dict:
+    """``prune.rounds``: every round's prune report, combined into one against the original model
+    (:func:`healer.rounds.combined_report`); a round without its report is an error naming it."""
+    from healer.rounds import combined_report, round_dir
+
+    reports = []
+    for k in range(1, len(recipe.prune.rounds) + 1):
+        path = round_dir(recipe.run_dir, k) / "prune" / "prune_report.json"
+        report = read_json_report(path)
+        if report is None:
+            raise HealerError(f"release: {path} is missing; the card describes every round of prune.rounds. Run "
+                              f"`healer run RECIPE --only prune` to rebuild round {k}")
+        reports.append(report)
+    return combined_report(reports)
+
+
 def released_sparsity(folder: Path, prune_report: dict | None) -> dict | None:
     """Zeros in the written release's block projections, checked against what a sparse prune left.
 
@@ -298,6 +314,8 @@ def build_release(recipe, out: Path) -> dict:
     prune_report = ((read_json_report(recipe.stage_dir("replace") / "prune_report.json")
                      if recipe.replace else None)
                     or read_json_report(recipe.stage_dir("prune") / "prune_report.json"))
+    if recipe.prune is not None and recipe.prune.rounds:
+        prune_report = round_reports(recipe)  # the last round's alone counts from round K's input, not the base
     # Measured on the files being published: they must hold the zeros the card claims.
     sparsity = released_sparsity(partial, prune_report)
 

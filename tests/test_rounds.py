@@ -15,7 +15,7 @@ from healer.cli import main
 from healer.errors import HealerError, RecipeError
 from healer.manifest import expect_inputs, write_stage_manifest
 from healer.recipe import load_recipe
-from healer.rounds import blocks_per_round, heal_steps, width_ratios
+from healer.rounds import blocks_per_round, combined_report, heal_steps, width_ratios
 from healer.stage_inputs import stage_inputs
 
 
@@ -41,6 +41,27 @@ def test_impossible_rounds_are_refused_naming_the_key(tmp_path, rounds, match):
     with pytest.raises(RecipeError, match=match) as err:
         load_recipe(None, {"model": {"source": "m"}, "prune": {"method": "depth", "rounds": _yaml(rounds)}})
     assert "prune" in str(err.value)
+
+
+def test_the_rounds_report_counts_from_the_original_model():
+    # Round 2's indices are of round 1's 6-block output: its block 2 is original block 3, its 4 is original 6.
+    one = {"method": "depth", "removed": [2, 5], "kept": [0, 1, 3, 4, 6, 7], "params_before": 800,
+           "params_after": 600, "scores": {"0": 1.0}, "calibration_ppl_before": 10.0, "calibration_ppl_after": 12.0,
+           "config_changes": {"num_hidden_layers": [8, 6]}}
+    two = {"method": "depth", "removed": [2, 4], "kept": [0, 1, 3, 5], "params_before": 600, "params_after": 400,
+           "scores": {"0": 2.0}, "calibration_ppl_before": 11.0, "calibration_ppl_after": 15.0,
+           "config_changes": {"num_hidden_layers": [6, 4]}}
+    both = combined_report([one, two])
+    assert both["removed"] == [2, 3, 5, 6] and both["kept"] == [0, 1, 4, 7]
+    assert both["params_before"] == 800 and both["params_after"] == 400 and both["param_reduction"] == 0.5
+    assert both["ratio"] == 0.5 and both["config_changes"] == {"num_hidden_layers": [8, 4]}
+    assert "scores" not in both and "calibration_ppl_before" not in both  # they describe one round's input
+    assert [r["removed_original"] for r in both["rounds"]] == [[2, 5], [3, 6]]
+    assert both["rounds"][1]["calibration_ppl_after"] == 15.0
+    # Width: each round's ratio is of its own input's width.
+    w = combined_report([{"method": "width", "ratio": 0.2, "intermediate_size": [100, 80]},
+                         {"method": "width", "ratio": 0.25, "intermediate_size": [80, 60]}])
+    assert w["intermediate_size"] == [100, 60] and w["ratio"] == pytest.approx(0.4)
 
 
 def test_rounds_refuse_a_second_amount_and_sparse(tmp_path):
@@ -159,6 +180,13 @@ def test_rounds_run_in_their_own_dirs_resume_in_round_two_and_reach_the_card(
     card = (run / "release" / "README.md").read_text()
     assert "| round 1 healed |" in card and "| round 2 pruned |" in card
     assert "Pruned in 2 rounds" in card and "round 2 removed 25% of the original model and healed on" in card
+    # The card counts from the dense model, not from round 2's input: 4 of 8 blocks, the dense parameter count.
+    assert "removed 4 of 8 decoder blocks" in card and "in 2 rounds (below), no weight update" in card
+    dense_params = summary["rows"][0]["params"]
+    assert f"| base | {dense_params:,} |" in card
+    report1 = json.loads((run / "round1" / "prune" / "prune_report.json").read_text())
+    removed2 = [[b for b in range(8) if b not in report1["removed"]][i] for i in report2["removed"]]
+    assert f"| 2 | {', '.join(map(str, report2['removed']))} | {', '.join(map(str, removed2))} |" in card
 
 
 def test_a_changed_round_makes_every_later_step_stale(tmp_path, calibration_file, monkeypatch, capsys):
