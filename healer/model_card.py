@@ -6,6 +6,8 @@ Every section says so when its input is missing instead of leaving a hole.
 
 from __future__ import annotations
 
+import json
+
 
 def _num(value, digits: int = 4) -> str:
     if value is None:
@@ -207,7 +209,23 @@ def curves_section(curves: list[tuple[str, str]], missing: list[str]) -> str:
     return "\n\n".join(lines) if lines else "No TensorBoard logs were found."
 
 
-def eval_section(result: dict | None, released_source: str | None = None) -> str:
+def released_command(argv: list[str], model_ref: str) -> str:
+    """eval.json's ``lm_eval`` argv with ``pretrained`` set to the released model (``model_ref``: its hub id or
+    the path a reader puts it at) instead of the directory the run evaluated; the release is plain
+    safetensors, so a GGUF file or revision of the evaluated source no longer applies."""
+    import shlex
+
+    argv = list(argv)
+    if "--model_args" in argv:
+        i = argv.index("--model_args") + 1
+        args = json.loads(argv[i])
+        args = {"pretrained": model_ref, **{k: v for k, v in args.items()
+                                            if k not in ("pretrained", "gguf_file", "revision")}}
+        argv[i] = json.dumps(args)
+    return shlex.join(argv)
+
+
+def eval_section(result: dict | None, released_source: str | None = None, model_ref: str | None = None) -> str:
     if result is None:
         return "No `eval.json` was found: run `healer eval` before `healer release` to get this table."
     dense = result.get("dense") or {}
@@ -264,9 +282,12 @@ def eval_section(result: dict | None, released_source: str | None = None) -> str
     lines.append(how)
     lm_eval = result.get("lm_eval") or {}
     if lm_eval.get("command"):  # the task numbers come from lm-eval's own task YAMLs; say how to get them again
+        command = lm_eval["command"]
+        if model_ref and lm_eval.get("argv") and released_source and result.get("source") == released_source:
+            command = released_command(lm_eval["argv"], model_ref)  # the run's local path means nothing to a reader
         lines += ["", f"Re-run the task numbers with lm-evaluation-harness {lm_eval.get('version', '')} "
-                  f"(the task YAMLs in `{lm_eval.get('include_path')}` include lm-eval's own and name the local "
-                  "data files):", "", "```bash", lm_eval["command"], "```"]
+                  f"(the task YAMLs in `{lm_eval.get('include_path')}` of the run that made this model include "
+                  "lm-eval's own and name the local data files):", "", "```bash", command, "```"]
     for note in result.get("notes") or []:
         lines.append(f"\n*{note}.*")
     if not has_dense:
@@ -378,7 +399,8 @@ def render(info: dict) -> str:
     runs = runs_section(info.get("runs"))
     if runs:
         parts += [runs, ""]
-    parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source")), ""]
+    parts += ["## Evaluation", "", eval_section(info.get("eval"), info.get("source"),
+                                                info.get("repo_id") or f"path/to/{name}"), ""]
     if info.get("gguf"):
         parts += ["## Run it with llama.cpp", "", gguf_section(info["gguf"], info.get("repo_id")), ""]
     parts += ["## Recipe", "", "The healer recipe that produced this checkpoint (also in `recipe.yaml`):", "",

@@ -249,3 +249,15 @@ def test_the_model_card_prints_the_lm_eval_command(tmp_path):
     section = eval_section(result)
     assert f"```bash\n{command}\n```" in section
     assert '"pretrained": "/runs/x/cpt/hf"' in command and "--limit 100" in command
+    # In a release card of that same checkpoint the command names the released model, not the run's directory
+    # (which a reader of the card does not have); the rest of the line is unchanged and still parses.
+    from lm_eval._cli import HarnessCLI
+
+    result["source"] = "/runs/x/cpt/hf"
+    section = eval_section(result, "/runs/x/cpt/hf", "org/tiny-pruned")
+    released = section.split("```bash\n")[1].split("\n```")[0]
+    args = HarnessCLI()._parser.parse_args(["run", *shlex.split(released)[1:]])
+    assert args.model_args == {"pretrained": "org/tiny-pruned", "dtype": "float32"} and args.limit == 100
+    assert "/runs/x" not in released
+    # A card of another checkpoint than the one evaluated keeps the evaluated path: that is what was measured.
+    assert command in eval_section(result, "/runs/x/sft/hf", "org/tiny-pruned")
