@@ -2,8 +2,9 @@
 
 ``bench/heal_quality.py`` measures what ``healer cpt`` recovers; a variant it cannot express (freezing the
 embeddings, training only the blocks around the cuts, folding a removed run into the block before it,
-hidden-state KD at every block, drawing the steps' sequences from a shuffled window) would need product
-code before it could be measured. This loop re-implements the cpt step it is compared with, on one
+hidden-state KD at every block, drawing the steps' sequences from a shuffled window, an EMA or interpolation
+of the weights, LoRA instead of full weights, a least-squares linear fold across each cut, another domain
+mixture) would need product code before it could be measured. This loop re-implements the cpt step it is compared with, on one
 process and without DeepSpeed: the same token stream (healer's loader, ``data.seed`` 0), pure logit KD
 (alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices, clipping at 1.0,
 linear warmup then cosine to 10% of the lr. With no variant flag it reproduces ``heal_quality.py``'s row
@@ -75,6 +76,40 @@ def fold_runs(student, teacher, removed: list[int], batches: list[torch.Tensor],
               f"as a plain cut, {loss.item():.4f} after {steps} steps", flush=True)
 
 
+def linear_fold(student, teacher, removed: list[int], batches: list[torch.Tensor], ridge: float) -> None:
+    """ReplaceMe-style, training-free: for each run of removed blocks a..b, a d x d map T with
+    h_mid + M T ~ the teacher's state after b, where h_mid and M are the teacher block a-1's state after
+    attention and its MLP output; T is folded into that block's down projection (W <- T^T W), so no parameter
+    is added. Least squares on the given token batches, ridge ``ridge`` * mean(diag(M^T M)) toward T = I."""
+    from healer.train.kd import cut_points
+
+    kept = [i for i in range(teacher.config.num_hidden_layers) if i not in removed]
+    cuts = [(kept[s - 1], t - 1) for s, t in cut_points(removed, teacher.config.num_hidden_layers) if s > 0]
+    for before, last in cuts:
+        captured: list[torch.Tensor] = []
+        hook = teacher.model.layers[before].mlp.register_forward_hook(
+            lambda m, i, o, out=captured: out.append(o.detach()))
+        mm = mr = None
+        with torch.no_grad():
+            for x in batches:
+                captured.clear()
+                states = teacher(input_ids=x, output_hidden_states=True).hidden_states
+                m = captured[0].reshape(-1, captured[0].shape[-1]).double()
+                y = states[before + 1].reshape(m.shape).double()  # block `before`'s output = h_mid + M
+                target = states[last + 1].reshape(m.shape).double()
+                mm = m.T @ m if mm is None else mm + m.T @ m
+                mr = m.T @ (target - y) if mr is None else mr + m.T @ (target - y)
+        hook.remove()
+        lam = ridge * mm.diagonal().mean()
+        delta = torch.linalg.solve(mm + lam * torch.eye(mm.shape[0], dtype=mm.dtype), mr)  # T = I + delta
+        down = student.model.layers[kept.index(before)].mlp.down_proj
+        with torch.no_grad():
+            t = torch.eye(delta.shape[0], dtype=delta.dtype) + delta
+            down.weight.copy_((t.T @ down.weight.double()).to(down.weight.dtype))
+        print(f"linear fold: block {before} <- {before}..{last}: |delta| / |I| = "
+              f"{delta.norm() / delta.shape[0] ** 0.5:.3f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pruned", type=Path, required=True, help="a healer prune output (with prune_report.json)")
@@ -85,6 +120,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "wsd", "linear", "constant"))
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--no-shuffle-blocks", action="store_true", help="read the stream in order (data.shuffle_blocks: "
                                                                      "false), as healer did before it")
@@ -97,7 +133,25 @@ def main() -> None:
                    help="weight of relative hidden-state MSE after every kept block, against the teacher's block")
     v.add_argument("--shuffle-window", type=int, default=0,
                    help="draw the steps' sequences at random from the stream's first N sequences")
+    v.add_argument("--weight-decay", type=float, default=0.1)
+    v.add_argument("--domains", type=json.loads, default=None,
+                   help='the source\'s domain weights as JSON (data.sources[0].domains), e.g. \'{"RedPajamaC4": 1}\'')
+    v.add_argument("--linear-fold", type=float, default=None, metavar="RIDGE",
+                   help="fold a least-squares linear map of each removed run into the block before it first "
+                        "(ReplaceMe); the value is the ridge toward the identity (0: plain least squares)")
+    v.add_argument("--epochs", type=int, default=1, help="pass over the same --steps batches this many times "
+                                                          "(the same tokens, more updates)")
+    v.add_argument("--ema", default="",
+                   help="also score an exponential moving average of the weights for each comma-separated decay "
+                        "per step")
+    v.add_argument("--interpolate", default="",
+                   help="also score pruned + f * (healed - pruned) for each comma-separated factor f "
+                        "(f < 1 averages toward the pruned weights, f > 1 extrapolates the heal's update)")
+    v.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on every linear layer of the blocks instead of the weights")
     args = p.parse_args()
+    if args.ema and args.lora_rank:
+        p.error("--ema scores the trained weights themselves; with --lora-rank they are adapters merged at the end")
 
     from healer.eval.ppl import perplexity, tokenize
     from healer.modeling import load_model, load_tokenizer, resolve_source
@@ -120,7 +174,8 @@ def main() -> None:
         return value
 
     dense, pruned = ppl(teacher), ppl(student)
-    data = DataConfig(sources=[{"path": str(TRAIN), "name": "slimpajama"}], seq_len=args.seq_len, seed=0,
+    data = DataConfig(sources=[{"path": str(TRAIN), "name": "slimpajama", "domains": args.domains}],
+                      seq_len=args.seq_len, seed=0,
                       shuffle_blocks=not args.no_shuffle_blocks)
     stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
     if args.shuffle_window:
@@ -136,10 +191,20 @@ def main() -> None:
     print(f"{args.label}: removed {removed}, {tokens:,} tokens; dense {dense:.2f}, pruned {pruned:.2f}", flush=True)
 
     t0 = time.perf_counter()
+    if args.linear_fold is not None:
+        linear_fold(student, teacher, removed, batches, args.linear_fold)
+        print(f"after the linear fold, before healing: {ppl(student):.2f}", flush=True)
     if args.fold_steps:
         fold_runs(student, teacher, removed, batches, args.fold_steps, args.fold_lr)
         print(f"after the fold, before healing: {ppl(student):.2f}", flush=True)
+    start = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.interpolate else None
     student.requires_grad_(True)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        student = get_peft_model(student, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                     lora_dropout=0.0, target_modules=targets))
     if args.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -151,9 +216,14 @@ def main() -> None:
     opt = torch.optim.AdamW([{"params": [q for q in params if q.ndim >= 2], "weight_decay": 0.1},
                              {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
+    for group in opt.param_groups[:1]:
+        group["weight_decay"] = args.weight_decay
+    decays = [float(d) for d in args.ema.split(",")] if args.ema else []
+    emas = {d: {n: q.detach().clone() for n, q in student.named_parameters() if q.requires_grad} for d in decays}
     hidden = args.hidden_all > 0
-    schedule = make_lr_lambda("cosine", max_steps=args.steps, warmup_steps=args.warmup)
-    for step, x in enumerate(batches):
+    updates = args.steps * args.epochs
+    schedule = make_lr_lambda(args.schedule, max_steps=updates, warmup_steps=args.warmup)
+    for step, x in enumerate(batches * args.epochs):
         for group in opt.param_groups:
             group["lr"] = args.lr * schedule(step)
         with torch.no_grad():
@@ -168,15 +238,44 @@ def main() -> None:
             loss = loss + args.hidden_all * torch.stack(terms).mean()
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step + 1}/{args.steps}: KL {kl.item():.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        with torch.no_grad():
+            for decay, ema in emas.items():
+                for n, q in student.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(q, 1 - decay)
+        if step % 5 == 0 or step == updates - 1:
+            print(f"step {step + 1}/{updates}: KL {kl.item():.4f}, grad norm {norm.item():.2f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
+    if args.lora_rank:
+        student = student.merge_and_unload()
     healed = ppl(student)
     share = (pruned - healed) / (pruned - dense)
     row = {"label": args.label, "removed": removed, "tokens": tokens, "dense": dense, "pruned": pruned,
            "healed": healed, "share": share, "args": {k: str(val) for k, val in vars(args).items()}}
+    extra: dict[str, float] = {}
+    for decay, ema in emas.items():
+        final = {n: q.detach().clone() for n, q in student.named_parameters() if n in ema}
+        with torch.no_grad():
+            for n, q in student.named_parameters():
+                if n in ema:
+                    q.copy_(ema[n])
+        extra[f"ema {decay:g}"] = ppl(student)
+        with torch.no_grad():
+            for n, q in student.named_parameters():
+                if n in final:
+                    q.copy_(final[n])
+    if start is not None:
+        end = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        for factor in [float(f) for f in args.interpolate.split(",")]:
+            student.load_state_dict({k: start[k] + factor * (end[k] - start[k]) for k in end})
+            extra[f"x{factor:g}"] = ppl(student)
+        student.load_state_dict(end)
+    for name, value in extra.items():
+        print(f"{args.label} {name}: {value:.2f} | gap recovered {(pruned - value) / (pruned - dense):.1%}", flush=True)
+    row["extra"] = extra
     print(f"{args.label}: dense {dense:.2f} | pruned {pruned:.2f} | healed {healed:.2f} | gap recovered {share:.1%}")
     with (args.pruned.parent / "variants.jsonl").open("a") as fh:
         fh.write(json.dumps(row) + "\n")
