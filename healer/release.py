@@ -310,12 +310,12 @@ def build_release(recipe, out: Path) -> dict:
         GenerationConfig.from_model_config(model.config).save_pretrained(partial)
     params_after = count_parameters(model)
     del model
-    # The replace stage's copy adds how the replacement block was trained (LLM-Streamline).
-    prune_report = ((read_json_report(recipe.stage_dir("replace") / "prune_report.json")
-                     if recipe.replace else None)
-                    or read_json_report(recipe.stage_dir("prune") / "prune_report.json"))
     if recipe.prune is not None and recipe.prune.rounds:
         prune_report = round_reports(recipe)  # the last round's alone counts from round K's input, not the base
+    else:  # the replace stage's copy adds how the replacement block was trained (LLM-Streamline)
+        prune_report = ((read_json_report(recipe.stage_dir("replace") / "prune_report.json")
+                         if recipe.replace else None)
+                        or read_json_report(recipe.stage_dir("prune") / "prune_report.json"))
     # Measured on the files being published: they must hold the zeros the card claims.
     sparsity = released_sparsity(partial, prune_report)
 

@@ -214,8 +214,8 @@ def combined_report(reports: list[dict]) -> dict:
     out = {key: value for key, value in last.items()
            if key not in ("scores", "calibration_ppl_before", "calibration_ppl_after")}
     out["params_before"] = first.get("params_before")
-    if out.get("params_before") and out.get("params_after"):
-        out["param_reduction"] = 1 - out["params_after"] / out["params_before"]
+    out["param_reduction"] = (1 - out["params_after"] / out["params_before"]
+                              if out.get("params_before") and out.get("params_after") else None)
     for key in ("config_changes",):  # (old, new) pairs: old as round 1 found it, new as the last round left it
         if isinstance(first.get(key), dict) and isinstance(last.get(key), dict):
             out[key] = {k: [first[key].get(k, new)[0], new[1]] for k, new in last[key].items()}
