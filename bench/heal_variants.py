@@ -4,12 +4,13 @@
 embeddings, training only the blocks around the cuts, folding a removed run into the block before it,
 hidden-state KD at every block, drawing the steps' sequences from a shuffled window, an EMA or interpolation
 of the weights, LoRA instead of full weights, a least-squares linear fold across each cut, another domain
-mixture) would need product code before it could be measured. This loop re-implements the cpt step it is compared with, on one
-process and without DeepSpeed: the same token stream (healer's loader, ``data.seed`` 0), pure logit KD
-(alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices, clipping at 1.0,
-linear warmup then cosine to 10% of the lr. With no variant flag it reproduces ``heal_quality.py``'s row
-"KD alpha 0 T 1, lr 5e-4, warmup 2, cosine" (20 steps: 28.27 both, before ``data.shuffle_blocks``; pass
-``--no-shuffle-blocks`` to compare with rows measured before it).
+mixture) would need product code before it could be measured. This loop re-implements the cpt step it is
+compared with, on one process and without DeepSpeed: the same token stream (healer's loader, ``data.seed``
+0), pure logit KD (alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices,
+clipping at 1.0, linear warmup then cosine to 10% of the lr. With no variant flag it reproduces
+``heal_quality.py``'s row "KD alpha 0 T 1, lr 5e-4, warmup 2, cosine" (20 steps: 28.27 both, before
+``data.shuffle_blocks``; pass ``--no-shuffle-blocks`` to compare with rows measured before it); with
+``--freeze-embeddings --steps 80 --warmup 10`` it reproduces today's ``healer cpt`` defaults (25.05 both).
 
     python bench/heal_quality.py --no-heal --out runs/bench-heal --eval-tokens 8192   # makes the pruned model
     python bench/heal_variants.py --pruned runs/bench-heal/prune-<key> --label freeze --freeze-embeddings
