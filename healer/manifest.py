@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from healer.errors import HealerError
+
 MANIFEST = "manifest.json"
 
 # stage name -> effective inputs of that stage as this process runs it. The CLI records them when it
@@ -95,14 +97,10 @@ def read_json_if_present(path: str | Path) -> dict | None:
     For files whose absence only means "not done yet" (a stage manifest: the stage then runs again). A file
     whose loss would change a result (a prune report, an evaluation) is read with :func:`read_json_report`.
     """
-    path = Path(path)
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_json_report(path)
+    except HealerError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read_json_report(path: str | Path) -> dict | None:
@@ -111,8 +109,6 @@ def read_json_report(path: str | Path) -> dict | None:
     healer writes its reports atomically, so a report that does not parse was edited or damaged by hand;
     reading it as absent would silently drop what it says (a sparse prune's mask, the removed blocks).
     """
-    from healer.errors import HealerError
-
     path = Path(path)
     if not path.is_file():
         return None
