@@ -216,9 +216,10 @@ def combined_report(reports: list[dict]) -> dict:
     out["params_before"] = first.get("params_before")
     out["param_reduction"] = (1 - out["params_after"] / out["params_before"]
                               if out.get("params_before") and out.get("params_after") else None)
-    for key in ("config_changes",):  # (old, new) pairs: old as round 1 found it, new as the last round left it
-        if isinstance(first.get(key), dict) and isinstance(last.get(key), dict):
-            out[key] = {k: [first[key].get(k, new)[0], new[1]] for k, new in last[key].items()}
+    if isinstance(first.get("config_changes"), dict) and isinstance(last.get("config_changes"), dict):
+        # (old, new) pairs: old as round 1 found it, new as the last round left it
+        out["config_changes"] = {k: [first["config_changes"].get(k, new)[0], new[1]]
+                                 for k, new in last["config_changes"].items()}
     for key in ("intermediate_size", "attention_heads"):  # width: (before, after) of the whole cut
         if first.get(key) and last.get(key):
             out[key] = [first[key][0], last[key][1]]
