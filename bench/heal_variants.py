@@ -86,21 +86,23 @@ def linear_fold(student, teacher, removed: list[int], batches: list[torch.Tensor
 
     kept = [i for i in range(teacher.config.num_hidden_layers) if i not in removed]
     cuts = [(kept[s - 1], t - 1) for s, t in cut_points(removed, teacher.config.num_hidden_layers) if s > 0]
-    for before, last in cuts:
-        captured: list[torch.Tensor] = []
-        hook = teacher.model.layers[before].mlp.register_forward_hook(
-            lambda m, i, o, out=captured: out.append(o.detach()))
-        mm = mr = None
-        with torch.no_grad():
-            for x in batches:
-                captured.clear()
-                states = teacher(input_ids=x, output_hidden_states=True).hidden_states
-                m = captured[0].reshape(-1, captured[0].shape[-1]).double()
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [teacher.model.layers[before].mlp.register_forward_hook(
+        lambda m, i, o, before=before: captured.__setitem__(before, o.detach())) for before, _ in cuts]
+    sums: dict[int, list[torch.Tensor]] = {}  # per cut: [M^T M, M^T (target - block output)]
+    with torch.no_grad():
+        for x in batches:  # one teacher pass serves every cut
+            states = teacher(input_ids=x, output_hidden_states=True).hidden_states
+            for before, last in cuts:
+                m = captured[before].reshape(-1, captured[before].shape[-1]).double()
                 y = states[before + 1].reshape(m.shape).double()  # block `before`'s output = h_mid + M
                 target = states[last + 1].reshape(m.shape).double()
-                mm = m.T @ m if mm is None else mm + m.T @ m
-                mr = m.T @ (target - y) if mr is None else mr + m.T @ (target - y)
+                terms = [m.T @ m, m.T @ (target - y)]
+                sums[before] = terms if before not in sums else [a + b for a, b in zip(sums[before], terms)]
+    for hook in hooks:
         hook.remove()
+    for before, last in cuts:
+        mm, mr = sums[before]
         lam = ridge * mm.diagonal().mean()
         delta = torch.linalg.solve(mm + lam * torch.eye(mm.shape[0], dtype=mm.dtype), mr)  # T = I + delta
         down = student.model.layers[kept.index(before)].mlp.down_proj
@@ -257,22 +259,15 @@ def main() -> None:
     row = {"label": args.label, "removed": removed, "tokens": tokens, "dense": dense, "pruned": pruned,
            "healed": healed, "share": share, "args": {k: str(val) for k, val in vars(args).items()}}
     extra: dict[str, float] = {}
-    for decay, ema in emas.items():
-        final = {n: q.detach().clone() for n, q in student.named_parameters() if n in ema}
-        with torch.no_grad():
-            for n, q in student.named_parameters():
-                if n in ema:
-                    q.copy_(ema[n])
+    end = {k: v.detach().clone() for k, v in student.state_dict().items()} if emas or start else {}
+    for decay, ema in emas.items():  # the trained parameters' averages over the final weights, then back
+        student.load_state_dict(ema, strict=False)
         extra[f"ema {decay:g}"] = ppl(student)
-        with torch.no_grad():
-            for n, q in student.named_parameters():
-                if n in final:
-                    q.copy_(final[n])
-    if start is not None:
-        end = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        for factor in [float(f) for f in args.interpolate.split(",")]:
-            student.load_state_dict({k: start[k] + factor * (end[k] - start[k]) for k in end})
-            extra[f"x{factor:g}"] = ppl(student)
+        student.load_state_dict(end)
+    for factor in [float(f) for f in args.interpolate.split(",")] if start is not None else []:
+        student.load_state_dict({k: start[k] + factor * (end[k] - start[k]) for k in end})
+        extra[f"x{factor:g}"] = ppl(student)
+    if end:
         student.load_state_dict(end)
     for name, value in extra.items():
         print(f"{args.label} {name}: {value:.2f} | gap recovered {(pruned - value) / (pruned - dense):.1%}", flush=True)
