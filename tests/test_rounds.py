@@ -187,6 +187,11 @@ def test_rounds_run_in_their_own_dirs_resume_in_round_two_and_reach_the_card(
     report1 = json.loads((run / "round1" / "prune" / "prune_report.json").read_text())
     removed2 = [[b for b in range(8) if b not in report1["removed"]][i] for i in report2["removed"]]
     assert f"| 2 | {', '.join(map(str, report2['removed']))} | {', '.join(map(str, removed2))} |" in card
+    # A round's report gone: the release stops naming it instead of describing the cut from the others.
+    (run / "round1" / "prune" / "prune_report.json").unlink()
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--force", "--only", "release"]) != 0
+    assert "round1/prune/prune_report.json is missing" in capsys.readouterr().err
 
 
 def test_a_changed_round_makes_every_later_step_stale(tmp_path, calibration_file, monkeypatch, capsys):
