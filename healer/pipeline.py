@@ -170,6 +170,10 @@ def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: b
             write_summary(recipe)  # the model card shows the dense/pruned/healed table
         print(f"[{label}] starting -> {stage_dir}" + (f"  ({step.detail})" if step.detail else ""), flush=True)
         t0 = time.time()
+        if step.stage == "cpt":  # KD from a cache: build or extend it first (one teacher pass, every round reuses it)
+            from healer.train.distill_cache import ensure_cache
+
+            ensure_cache(step.recipe)
         code = _run_step(step, recipe, resolved, force)
         timings[label] = round(time.time() - t0, 1)
         if code != 0:

@@ -160,6 +160,10 @@ def sweep(recipe, opts: Options) -> dict:
                           f"({', '.join(map(str, values))})")
     points = [(v, point_recipe(recipe, key, v, d)) for v, d in zip(values, dirs)]
     if opts.jobs > 1:
+        from healer.train.distill_cache import ensure_cache
+
+        for _, point in points:  # points running at once would race to build a shared teacher-logit cache
+            ensure_cache(point)
         failed = run_parallel(key, points, opts.jobs)
         if failed:
             return {"exit_code": failed}

@@ -272,3 +272,33 @@ def test_the_build_splits_the_stream_for_the_ranks_the_recipe_launches():
     assert planned_ranks(LaunchConfig(nodes=2, nproc_per_node=4)) == 8
     with pytest.raises(HealerError, match="pass --ranks"):
         planned_ranks(LaunchConfig(backend="hostfile", hostfile="hosts", nodes=2))
+
+
+def test_healer_run_builds_a_missing_cache_and_extends_a_short_one(tmp_path, capsys, monkeypatch):
+    from healer.cli import main
+
+    model, corpus, recipe = _setup(tmp_path)
+    import healer.train.cpt as cpt
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the cpt stage loaded the teacher")
+
+    monkeypatch.setattr(cpt, "_teacher", no_teacher)
+    assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "building the teacher-logit cache" in out
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["stream_tokens"] >= 2 * 4 * 32
+    assert json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 2
+
+    # twice the steps: the cache is extended (its blocks reused) and the stage trains on it
+    assert main(["run", str(recipe), "--cpt.max_steps", "4", "--force"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "extending the teacher-logit cache" in out and "already cached" in out
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["stream_tokens"] >= 4 * 4 * 32
+    assert json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 4
+
+    # a cache that covers the stage is left alone (a sweep point, the next round)
+    assert main(["run", str(recipe), "--cpt.max_steps", "3", "--run-dir", str(tmp_path / "point")]) == 0, \
+        capsys.readouterr().err
+    assert "teacher-logit cache" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "point" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 3

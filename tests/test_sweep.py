@@ -108,3 +108,20 @@ def test_jobs_split_the_cores_and_refuse_more_gpus_than_there_are(monkeypatch):
         sweep_mod.job_env(8, 0, local=True)
     with pytest.raises(HealerError, match="--jobs 0"):
         sweep_mod.sweep(None, sweep_mod.Options(over="prune.ratio=0.2", jobs=0))
+
+
+def test_parallel_points_share_one_teacher_logit_cache_built_before_they_start(tmp_path, calibration_file, capsys):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(30)))
+    recipe = _recipe(tmp_path, calibration_file, textwrap.dedent(f"""
+        data: {{sources: [{{path: {corpus}}}], seq_len: 32}}
+        cpt: {{max_steps: 2, micro_batch_size: 2, global_batch_size: 2, zero_stage: 0, warmup_steps: 0,
+              kd: {{top_k: 8, cache: {tmp_path / 'cache'}}}}}
+    """))
+    assert main(["sweep", str(recipe), "--over", "cpt.lr=1e-4,1e-3", "--repeats", "1", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("building the teacher-logit cache") == 1
+    assert (tmp_path / "cache" / "cache.json").is_file()
+    for value in ("1e-4", "1e-3"):
+        log = (tmp_path / "run" / "sweep" / f"cpt.lr={value}" / "sweep.log").read_text()
+        assert "from the logit cache" in log and "teacher-logit cache" not in log

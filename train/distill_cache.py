@@ -121,6 +121,23 @@ def run_distill_cache(recipe, opts: Options) -> int:
     return 0
 
 
+def ensure_cache(recipe) -> None:
+    """What ``healer run`` does before a cpt stage with ``cpt.kd.cache``: build the cache when the directory
+    holds none (or only a killed build), extend it when it covers fewer stream tokens than the stage reads, and
+    otherwise leave it alone. A cache for other inputs is refused naming what differs (here when it is short,
+    by the cpt stage when it is not)."""
+    cfg, data = recipe.cpt, recipe.data
+    if cfg is None or cfg.kd is None or cfg.kd.cache is None or data is None:
+        return
+    need = cfg.max_steps * cfg.global_batch_size * data.seq_len
+    meta = _json_object(Path(cfg.kd.cache) / KEY_FILE)
+    if meta is not None and int(meta.get("stream_tokens", 0)) >= need:
+        return
+    print(f"[cpt] {'extending' if meta else 'building'} the teacher-logit cache {cfg.kd.cache} (cpt.kd.cache) to "
+          f"the {need:,} tokens the stage reads", flush=True)
+    run_distill_cache(recipe, Options())
+
+
 def _json_object(path: Path) -> dict | None:
     """The JSON object at ``path``; None when it is missing, not JSON (even binary) or not an object."""
     try:
