@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except HealerError as err:
         print(f"healer {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a stop the user asked for, not a crash to show a traceback for
+        print(f"healer {name}: interrupted; run the same command again to continue (finished stages are kept, "
+              "training resumes from its last checkpoint)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

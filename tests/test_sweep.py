@@ -4,7 +4,12 @@ points skipped on a second sweep."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 from helpers import SAMPLE_TEXT, save_tiny
@@ -125,3 +130,63 @@ def test_parallel_points_share_one_teacher_logit_cache_built_before_they_start(t
     for value in ("1e-4", "1e-3"):
         log = (tmp_path / "run" / "sweep" / f"cpt.lr={value}" / "sweep.log").read_text()
         assert "from the logit cache" in log and "teacher-logit cache" not in log
+
+
+def _steps(stage) -> list[int]:
+    path = stage / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.strip() and '"step"' in line]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ctrl_c_stops_every_parallel_point_at_a_checkpoint_and_the_next_sweep_resumes_them(
+        tmp_path, calibration_file):
+    import psutil
+
+    from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
+
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(30)))
+    recipe = _recipe(tmp_path, calibration_file, textwrap.dedent(f"""
+        data: {{sources: [{{path: {corpus}}}], seq_len: 32}}
+        cpt: {{max_steps: 100000, save_every: 100000, micro_batch_size: 2, global_batch_size: 2, zero_stage: 0,
+              warmup_steps: 0, kd: null}}
+    """))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HEALER_FAULT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "healer", "sweep", str(recipe), "--over", "cpt.lr=1e-4,1e-3", "--repeats", "1",
+           "--jobs", "2"]
+    stages = [tmp_path / "run" / "sweep" / f"cpt.lr={v}" / "cpt" for v in ("1e-4", "1e-3")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while min(len(_steps(s)) for s in stages) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)  # only the sweep: it has to stop its points itself
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; run the same command again" in err and "Traceback" not in err, err[-3000:]
+    time.sleep(1)
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]  # no point or rank keeps training unseen
+    stopped = []
+    for stage in stages:
+        saved = find_resume_checkpoint(stage / "checkpoints")
+        assert saved is not None, (stage.parent / "sweep.log").read_text()[-3000:]
+        stopped.append(json.loads((saved / COMPLETE).read_text())["step"])
+        assert json.loads((stage / "PREEMPTED").read_text())["step"] == stopped[-1] >= 2
+        assert not (stage / "manifest.json").exists()
+
+    steps = max(stopped) + 2
+    done = subprocess.run(cmd + ["--cpt.max_steps", str(steps)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage, at in zip(stages, stopped):
+        assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == steps
+        assert _steps(stage)[-1] == steps and f"at step {at}" in (stage.parent / "sweep.log").read_text()
