@@ -302,3 +302,13 @@ def test_healer_run_builds_a_missing_cache_and_extends_a_short_one(tmp_path, cap
         capsys.readouterr().err
     assert "teacher-logit cache" not in capsys.readouterr().out
     assert json.loads((tmp_path / "point" / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 3
+
+
+def test_healer_run_on_a_cluster_does_not_build_the_cache_on_the_submitting_host(tmp_path, capsys):
+    from healer.cli import main
+
+    model, corpus, recipe = _setup(tmp_path)
+    assert main(["run", str(recipe), "--launch.backend", "slurm", "--launch.nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no cache" in err and "healer distill-cache RECIPE --ranks N" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "cpt").exists()

@@ -133,6 +133,13 @@ def ensure_cache(recipe) -> None:
     meta = _json_object(Path(cfg.kd.cache) / KEY_FILE)
     if meta is not None and int(meta.get("stream_tokens", 0)) >= need:
         return
+    launch = recipe.launch
+    if launch.backend != "local" or launch.nodes > 1:  # the teacher pass would run here, on the submitting host
+        state = "covers fewer tokens than the stage reads" if meta else "holds no cache"
+        raise HealerError(f"cpt.kd.cache {cfg.kd.cache} {state}, and this run launches on {launch.backend} "
+                          f"({launch.nodes} node(s)): build it first on a node of that cluster, `healer distill-cache "
+                          "RECIPE --ranks N` (N: the cpt stage's ranks), then run again; healer run builds it itself "
+                          "only for a one-node local launch")
     print(f"[cpt] {'extending' if meta else 'building'} the teacher-logit cache {cfg.kd.cache} (cpt.kd.cache) to "
           f"the {need:,} tokens the stage reads", flush=True)
     run_distill_cache(recipe, Options())
