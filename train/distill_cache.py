@@ -131,7 +131,8 @@ def ensure_cache(recipe) -> None:
         return
     need = cfg.max_steps * cfg.global_batch_size * data.seq_len
     meta = _json_object(Path(cfg.kd.cache) / KEY_FILE)
-    if meta is not None and int(meta.get("stream_tokens", 0)) >= need:
+    covered = meta.get("stream_tokens") if meta is not None else None
+    if isinstance(covered, int) and covered >= need:
         return
     launch = recipe.launch
     if launch.backend != "local" or launch.nodes > 1:  # the teacher pass would run here, on the submitting host
