@@ -205,8 +205,8 @@ def test_a_killed_build_is_not_a_cache_and_the_next_build_finishes_it(tmp_path, 
         return real(*a, **k)
 
     monkeypatch.setattr(distill_cache, "teacher_topk_rows", dies_on_the_fifth)
-    with pytest.raises(KeyboardInterrupt):
-        main(["distill-cache", str(recipe)])
+    assert main(["distill-cache", str(recipe)]) == 130  # Ctrl-C: one line, no traceback
+    assert "interrupted" in capsys.readouterr().err
     cache_dir = tmp_path / "cache"
     assert not (cache_dir / "cache.json").exists()
     assert not list(cache_dir.glob("*.tmp*"))
@@ -312,3 +312,20 @@ def test_healer_run_on_a_cluster_does_not_build_the_cache_on_the_submitting_host
     err = capsys.readouterr().err
     assert "holds no cache" in err and "healer distill-cache RECIPE --ranks N" in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "cpt").exists()
+
+
+def test_a_cache_json_with_a_mistyped_field_is_refused_by_cpt_and_repaired_by_the_next_build(tmp_path, capsys):
+    from healer.cli import main
+
+    model, corpus, recipe = _setup(tmp_path)
+    assert main(["distill-cache", str(recipe)]) == 0
+    key_file = tmp_path / "cache" / "cache.json"
+    meta = json.loads(key_file.read_text())
+    key_file.write_text(json.dumps({**meta, "stream_tokens": "lots"}))
+    capsys.readouterr()
+    assert main(["cpt", str(recipe)]) == 2
+    assert "lacks a valid stream_tokens" in capsys.readouterr().err
+    assert main(["distill-cache", str(recipe)]) == 0  # every shard is kept; the key file is written again
+    assert "already cached" in capsys.readouterr().out
+    assert json.loads(key_file.read_text())["stream_tokens"] == meta["stream_tokens"]
+    assert main(["cpt", str(recipe)]) == 0

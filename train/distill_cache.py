@@ -169,7 +169,9 @@ def _previous(out: Path, key: dict) -> tuple[list[str], set[bytes], int, int]:
             raise HealerError(f"{out} is not empty and is not a logit cache ({', '.join(others[:3])} "
                               "...); choose an empty or new directory")
         return [], set(), 0, 0
-    differs = key_mismatch(meta.get("key", {}), key) if meta.get("format") == FORMAT else "format"
+    recorded = meta.get("key")
+    differs = ("format" if meta.get("format") != FORMAT else "key" if not isinstance(recorded, dict)
+               else key_mismatch(recorded, key))
     if differs:
         raise HealerError(f"{out} holds a cache built for other inputs -- {differs}; choose another "
                           "directory (or delete it to rebuild)")
@@ -177,7 +179,8 @@ def _previous(out: Path, key: dict) -> tuple[list[str], set[bytes], int, int]:
     for name in names:
         seen.update(bytes(h).ljust(16, b"\0") for h in read_index(out / f"{name}.index.npy")["hash"])
     following = max((int(n.split("-")[1]) for n in names), default=-1) + 1
-    return names, seen, following, int(meta.get("stream_tokens", 0))
+    covered = meta.get("stream_tokens")
+    return names, seen, following, covered if isinstance(covered, int) else 0
 
 
 class _ShardWriter:

@@ -186,10 +186,11 @@ def read_key_file(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HealerError(f"cpt.kd.cache: {path} is format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                           f"this healer reads format {FORMAT}; delete {directory} and build it again")
-    missing = [f for f in ("key", "dtype", "shards", "stream_tokens", "vocab") if f not in meta]
-    missing += [f for f in KEY_FIELDS if f not in meta.get("key", {})]
+    types = {"key": dict, "dtype": str, "shards": list, "stream_tokens": int, "vocab": int}
+    missing = [f for f, kind in types.items() if not isinstance(meta.get(f), kind)]
+    missing += [f for f in KEY_FIELDS if f not in (meta["key"] if isinstance(meta.get("key"), dict) else {})]
     if missing or meta["dtype"] not in DTYPES:
-        raise HealerError(f"cpt.kd.cache: {path} lacks {', '.join(missing) or 'a known dtype'}; it is not a cache "
+        raise HealerError(f"cpt.kd.cache: {path} lacks a valid {', '.join(missing) or 'dtype'}; it is not a cache "
                           f"healer wrote -- delete {directory} and build it again")
     return meta
 
