@@ -95,7 +95,8 @@ def recipe(args, out: Path, prune_dir: Path, heal_dir: Path) -> dict:
         "name": "bench-heal-quality", "run_dir": str(out), "seed": 0,
         "model": {"source": args.model, "dtype": "float32"},
         "prune": {**prune_section(args), "output": str(prune_dir)},
-        "data": {"sources": [{"path": str(TRAIN), "name": "slimpajama"}], "seq_len": args.seq_len},
+        "data": {"sources": [{"path": str(TRAIN), "name": "slimpajama"}], "seq_len": args.seq_len,
+                 **({"shuffle_blocks": False} if args.no_shuffle_blocks else {})},
         "cpt": {**cpt_section(args), "input": str(prune_dir), "output": str(heal_dir)},
     }
 
@@ -223,6 +224,8 @@ def main() -> None:
     g.add_argument("--hidden-weight", type=float, help="cpt.kd.hidden_weight: hidden-state MSE at the cuts")
     g.add_argument("--train-embeddings", choices=("yes", "no"), help="cpt.train_embeddings (no: freeze the "
                                                                      "embeddings and output head)")
+    g.add_argument("--no-shuffle-blocks", action="store_true", help="data.shuffle_blocks: false (read the stream in "
+                   "order, as healer did before issue 16)")
     p.add_argument("--eval-tokens", type=int, default=32768,
                    help="score the first N tokens of WikiText-2 validation (0 = all of it)")
     args = p.parse_args()
@@ -238,7 +241,7 @@ def main() -> None:
     prune = prune_section(args)
     cpt = cpt_section(args)
     prune_key = _key(prune)
-    label = args.label or f"v-{_key([prune, cpt])}"
+    label = args.label or f"v-{_key([prune, cpt] + (['in order'] if args.no_shuffle_blocks else []))}"
     prune_dir, heal_dir = out / f"prune-{prune_key}", out / f"heal-{label}"
     if (heal_dir / "recipe.yaml").is_file() and {k: v for k, v in yaml.safe_load(
             (heal_dir / "recipe.yaml").read_text())["cpt"].items() if k not in ("input", "output")} != cpt:
@@ -276,7 +279,7 @@ def main() -> None:
         "label": label, "prune": prune, "cpt": cpt, "removed": report.get("removed"), "merge": args.merge,
         "merged_ppl": merged_ppl,
         "prune_desc": describe(prune, skip=("calibration",)) + (", LaCo merge" if args.merge else ""),
-        "heal_desc": effective_heal(cpt),
+        "heal_desc": effective_heal(cpt) + (", stream in order" if args.no_shuffle_blocks else ""),
         "tokens": args.steps * args.global_batch * args.seq_len, "eval_tokens": healed["tokens_scored"],
         "dense": dense["ppl"], "pruned": pruned["ppl"], "healed": healed["ppl"],
         "recovered": (pruned["ppl"] - healed["ppl"]) / gap if gap > 0 else float("nan"),

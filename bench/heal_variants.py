@@ -4,7 +4,8 @@
 embeddings, training only the blocks around the cuts, folding a removed run into the block before it,
 hidden-state KD at every block, drawing the steps' sequences from a shuffled window, an EMA or interpolation
 of the weights, LoRA instead of full weights, a least-squares linear fold across each cut, another domain
-mixture) would need product code before it could be measured. This loop re-implements the cpt step it is
+mixture, removing the blocks gradually during the heal, healing on the teacher's own samples, another seed)
+would need product code before it could be measured. This loop re-implements the cpt step it is
 compared with, on one process and without DeepSpeed: the same token stream (healer's loader, ``data.seed``
 0), pure logit KD (alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices,
 clipping at 1.0, linear warmup then cosine to 10% of the lr. With no variant flag it reproduces
@@ -113,6 +114,58 @@ def linear_fold(student, teacher, removed: list[int], batches: list[torch.Tensor
               f"{delta.norm() / delta.shape[0] ** 0.5:.3f}", flush=True)
 
 
+class Fading(torch.nn.Module):
+    """A block on its way out: h + scale * (block(h) - h). Scale 0 is the pruned model exactly (the block is
+    not run at all), so the heal ends on the architecture ``healer prune`` wrote."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block.requires_grad_(False)
+        self.scale = 1.0
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.scale == 0:
+            return hidden_states
+        return hidden_states + self.scale * (self.block(hidden_states, *args, **kwargs) - hidden_states)
+
+
+def fade_scale(step: int, fade_steps: int) -> float:
+    """Linear from 1 toward 0, already below 1 at the first step (an exact copy of the teacher has zero KD
+    gradient, which Adam would blow up to full-size steps of rounding noise), and 0 from ``fade_steps`` on."""
+    return max(0.0, 1.0 - (step + 1) / fade_steps)
+
+
+def into_pruned(faded, pruned, kept: list[int]) -> None:
+    """Copy the faded dense model's weights that the pruned architecture has (kept blocks renumbered)."""
+    state = faded.state_dict()
+    out = {}
+    for name in pruned.state_dict():
+        source = name
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            source = f"model.layers.{kept[int(index)]}.{rest}"
+        out[name] = state[source]
+    pruned.load_state_dict(out)
+
+
+def teacher_samples(teacher, batches: list[torch.Tensor], prompt: int, seed: int) -> list[torch.Tensor]:
+    """Each sequence replaced by the teacher's own continuation of its first ``prompt`` tokens, sampled at
+    temperature 1 to the same length (self-data distillation: the student is healed on text the teacher finds
+    typical, not on the corpus)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    out = []
+    for x in tqdm(batches, desc="teacher samples", unit="batch"):
+        new = x.shape[1] - prompt
+        with torch.no_grad():
+            y = teacher.generate(input_ids=x[:, :prompt], attention_mask=torch.ones_like(x[:, :prompt]),
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=0, use_cache=True)
+        out.append(y[:, : x.shape[1]])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pruned", type=Path, required=True, help="a healer prune output (with prune_report.json)")
@@ -128,6 +181,14 @@ def main() -> None:
     p.add_argument("--no-shuffle-blocks", action="store_true", help="read the stream in order (data.shuffle_blocks: "
                                                                      "false), as healer did before it")
     v = p.add_argument_group("variants")
+    v.add_argument("--seed", type=int, default=0, help="data.seed and the torch seed (noise between runs)")
+    v.add_argument("--fade", type=float, default=0.0,
+                   help="gradual removal: heal the dense model with each removed block's output scaled from 1 to "
+                        "0 over this fraction of the steps, then without it; the result has the pruned "
+                        "architecture")
+    v.add_argument("--teacher-samples", type=int, default=0, metavar="PROMPT",
+                   help="heal on the teacher's sampled continuations of each sequence's first PROMPT tokens "
+                        "instead of the corpus text (the same number of tokens)")
     v.add_argument("--freeze-embeddings", action="store_true", help="train no embedding/output head weight")
     v.add_argument("--train-blocks", default=None, help="comma-separated pruned-model block indices; others frozen")
     v.add_argument("--fold-steps", type=int, default=0, help="fold each removed run into the block before it first")
@@ -153,6 +214,11 @@ def main() -> None:
     v.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on every linear layer of the blocks instead of the weights")
     args = p.parse_args()
+    if args.fade and (args.fold_steps or args.linear_fold is not None or args.lora_rank or args.interpolate
+                      or args.train_blocks or args.ema or args.hidden_all):
+        p.error("--fade heals the dense model and removes the blocks during the heal; it does not combine with "
+                "--fold-steps, --linear-fold, --lora-rank, --interpolate, --train-blocks, --ema or --hidden-all "
+                "(they name the pruned model's blocks and weights)")
     if args.ema and args.lora_rank:
         p.error("--ema scores the trained weights themselves; with --lora-rank they are adapters merged at the end")
 
@@ -162,7 +228,7 @@ def main() -> None:
     from healer.train.data.loader import build_loader
     from healer.train.schedule import make_lr_lambda
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     removed = json.loads((args.pruned / "prune_report.json").read_text())["removed"]
     tok = load_tokenizer(resolve_source(args.model))
     teacher = load_model(resolve_source(args.model), torch.float32).eval().requires_grad_(False)
@@ -178,7 +244,7 @@ def main() -> None:
 
     dense, pruned = ppl(teacher), ppl(student)
     data = DataConfig(sources=[{"path": str(TRAIN), "name": "slimpajama", "domains": args.domains}],
-                      seq_len=args.seq_len, seed=0,
+                      seq_len=args.seq_len, seed=args.seed,
                       shuffle_blocks=not args.no_shuffle_blocks)
     stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
     if args.shuffle_window:
@@ -190,6 +256,9 @@ def main() -> None:
                    for k in range(args.steps)]
     else:
         batches = [next(stream)["input_ids"] for _ in range(args.steps)]
+    if args.teacher_samples:
+        batches = teacher_samples(teacher, batches, args.teacher_samples, args.seed)
+        print("teacher sample:", repr(tok.decode(batches[0][0])[:300]), flush=True)
     tokens = args.steps * args.batch * args.seq_len
     print(f"{args.label}: removed {removed}, {tokens:,} tokens; dense {dense:.2f}, pruned {pruned:.2f}", flush=True)
 
@@ -200,8 +269,17 @@ def main() -> None:
     if args.fold_steps:
         fold_runs(student, teacher, removed, batches, args.fold_steps, args.fold_lr)
         print(f"after the fold, before healing: {ppl(student):.2f}", flush=True)
+    pruned_model, fading = None, []
+    if args.fade:  # the student is the dense model; the removed blocks fade out during the heal
+        pruned_model, student = student, load_model(resolve_source(args.model), torch.float32)
+        for i in removed:
+            student.model.layers[i] = Fading(student.model.layers[i])
+        fading = [student.model.layers[i] for i in removed]
+        fade_steps = max(1, round(args.fade * args.steps * args.epochs))
     start = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.interpolate else None
     student.requires_grad_(True)
+    for block in fading:
+        block.requires_grad_(False)
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -229,6 +307,8 @@ def main() -> None:
     for step, x in enumerate(batches * args.epochs):
         for group in opt.param_groups:
             group["lr"] = args.lr * schedule(step)
+        for block in fading:
+            block.scale = fade_scale(step, fade_steps)
         with torch.no_grad():
             t_out = teacher(input_ids=x, output_hidden_states=hidden)
         s_out = student(input_ids=x, output_hidden_states=hidden)
@@ -249,11 +329,15 @@ def main() -> None:
                     if n in ema:
                         ema[n].lerp_(q, 1 - decay)
         if step % 5 == 0 or step == updates - 1:
-            print(f"step {step + 1}/{updates}: KL {kl.item():.4f}, grad norm {norm.item():.2f} "
+            fade = f", fade {fading[0].scale:.2f}" if fading else ""
+            print(f"step {step + 1}/{updates}: KL {kl.item():.4f}, grad norm {norm.item():.2f}{fade} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     if args.lora_rank:
         student = student.merge_and_unload()
+    if pruned_model is not None:  # score the pruned architecture itself, with the faded model's kept weights
+        into_pruned(student, pruned_model, kept)
+        student = pruned_model
     healed = ppl(student)
     share = (pruned - healed) / (pruned - dense)
     row = {"label": args.label, "removed": removed, "tokens": tokens, "dense": dense, "pruned": pruned,
