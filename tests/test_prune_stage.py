@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -313,9 +314,12 @@ def test_layerwise_scoring_peak_memory_is_a_fraction_of_the_model(tmp_path):
     src = save_tiny(tmp_path, "llama", layers=12, hidden=512, intermediate=2048, heads=8, kv_heads=8, vocab=256)
     model_mb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20
     runs = {}
+    # A fixed mmap threshold: glibc otherwise raises it after the first large free, so later blocks come from
+    # the heap and stay in RSS after they are freed (the layerwise peak then wandered from 59 to 102 MB).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for mode in ("layerwise", "full"):
         out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(src), mode], capture_output=True, text=True,
-                             check=True, timeout=300)
+                             check=True, timeout=300, env=env)
         peak, scores = out.stdout.strip().split(" ", 1)
         runs[mode] = (float(peak), scores)
     assert runs["layerwise"][1] == runs["full"][1]  # same scores either way
