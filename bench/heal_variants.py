@@ -135,19 +135,6 @@ def fade_scale(step: int, fade_steps: int) -> float:
     return max(0.0, 1.0 - (step + 1) / fade_steps)
 
 
-def into_pruned(faded, pruned, kept: list[int]) -> None:
-    """Copy the faded dense model's weights that the pruned architecture has (kept blocks renumbered)."""
-    state = faded.state_dict()
-    out = {}
-    for name in pruned.state_dict():
-        source = name
-        if name.startswith("model.layers."):
-            index, rest = name[len("model.layers."):].split(".", 1)
-            source = f"model.layers.{kept[int(index)]}.{rest}"
-        out[name] = state[source]
-    pruned.load_state_dict(out)
-
-
 def teacher_samples(teacher, batches: list[torch.Tensor], prompt: int, seed: int) -> list[torch.Tensor]:
     """Each sequence replaced by the teacher's own continuation of its first ``prompt`` tokens, sampled at
     temperature 1 to the same length (self-data distillation: the student is healed on text the teacher finds
@@ -269,9 +256,9 @@ def main() -> None:
     if args.fold_steps:
         fold_runs(student, teacher, removed, batches, args.fold_steps, args.fold_lr)
         print(f"after the fold, before healing: {ppl(student):.2f}", flush=True)
-    pruned_model, fading = None, []
+    fading = []
     if args.fade:  # the student is the dense model; the removed blocks fade out during the heal
-        pruned_model, student = student, load_model(resolve_source(args.model), torch.float32)
+        student = load_model(resolve_source(args.model), torch.float32)
         for i in removed:
             student.model.layers[i] = Fading(student.model.layers[i])
         fading = [student.model.layers[i] for i in removed]
@@ -335,9 +322,10 @@ def main() -> None:
 
     if args.lora_rank:
         student = student.merge_and_unload()
-    if pruned_model is not None:  # score the pruned architecture itself, with the faded model's kept weights
-        into_pruned(student, pruned_model, kept)
-        student = pruned_model
+    if fading:  # score the pruned architecture itself: the faded blocks removed by healer prune's own surgery
+        from healer.adapter import ModelAdapter
+
+        ModelAdapter(student).remove_blocks(removed)
     healed = ppl(student)
     share = (pruned - healed) / (pruned - dense)
     row = {"label": args.label, "removed": removed, "tokens": tokens, "dense": dense, "pruned": pruned,
