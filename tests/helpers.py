@@ -6,6 +6,7 @@ Nothing here downloads anything: models are built from a config in-process. Test
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -69,6 +70,14 @@ def save_tiny(tmp_path: Path, family: str = "llama", name: str = "model", **kwar
     model.save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return out
+
+
+def logged_steps(stage: Path) -> list[int]:
+    """The steps a training stage has logged to ``<stage>/metrics.jsonl`` so far ([] before its first)."""
+    path = stage / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, logged_steps, save_tiny
 
 from healer.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
@@ -89,13 +89,6 @@ def test_one_rank_trains_like_a_plain_adamw_loop():
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def _steps(stage: Path) -> list[int]:
-    path = stage / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.mark.slow
 def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
@@ -117,7 +110,7 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
-        while len(_steps(stage)) < 3 and time.time() < deadline and proc.poll() is None:
+        while len(logged_steps(stage)) < 3 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         proc.send_signal(signal.SIGTERM)
@@ -129,7 +122,7 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
     assert "skipped a bad record" in err and "train.jsonl" in err, err[-3000:]
     saved = find_resume_checkpoint(stage / "checkpoints")
     stopped_at = json.loads((saved / COMPLETE).read_text())["step"]
-    assert stopped_at == _steps(stage)[-1] >= 3
+    assert stopped_at == logged_steps(stage)[-1] >= 3
     assert json.loads((stage / "PREEMPTED").read_text())["step"] == stopped_at
     assert not (stage / "manifest.json").exists()
 
@@ -137,7 +130,7 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"at step {stopped_at}" in done.stderr
-    assert _steps(stage) == list(range(1, stopped_at + 3))
+    assert logged_steps(stage) == list(range(1, stopped_at + 3))
     assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == stopped_at + 2
     assert not (stage / "PREEMPTED").exists()
     last = json.loads((stage / "metrics.jsonl").read_text().splitlines()[-1])

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, logged_steps, save_tiny
 
 import healer.sweep as sweep_mod
 from healer.cli import main
@@ -132,12 +132,6 @@ def test_parallel_points_share_one_teacher_logit_cache_built_before_they_start(t
         assert "from the logit cache" in log and "teacher-logit cache" not in log
 
 
-def _steps(stage) -> list[int]:
-    path = stage / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [json.loads(line)["step"] for line in lines if line.strip() and '"step"' in line]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ctrl_c_stops_every_parallel_point_at_a_checkpoint_and_the_next_sweep_resumes_them(
@@ -163,7 +157,7 @@ def test_ctrl_c_stops_every_parallel_point_at_a_checkpoint_and_the_next_sweep_re
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while min(len(_steps(s)) for s in stages) < 2 and time.time() < deadline and proc.poll() is None:
+        while min(len(logged_steps(s)) for s in stages) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         proc.send_signal(signal.SIGINT)  # only the sweep: it has to stop its points itself
@@ -189,4 +183,4 @@ def test_ctrl_c_stops_every_parallel_point_at_a_checkpoint_and_the_next_sweep_re
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for stage, at in zip(stages, stopped):
         assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == steps
-        assert _steps(stage)[-1] == steps and f"at step {at}" in (stage.parent / "sweep.log").read_text()
+        assert logged_steps(stage)[-1] == steps and f"at step {at}" in (stage.parent / "sweep.log").read_text()
