@@ -62,6 +62,11 @@ def planned_ranks(launch) -> int:
     return launch.nodes * (launch.nproc_per_node or 1)
 
 
+def stage_tokens(cfg, data) -> int:
+    """The stream tokens a cpt stage reads: what a cache for it must cover."""
+    return cfg.max_steps * cfg.global_batch_size * data.seq_len
+
+
 def run_distill_cache(recipe, opts: Options) -> int:
     """The verb: build (or finish, or extend) the cache. Returns the exit code."""
     from healer.lock import DirectoryLock
@@ -92,7 +97,7 @@ def run_distill_cache(recipe, opts: Options) -> int:
         raise HealerError(f"cpt.global_batch_size {cfg.global_batch_size} is not a multiple of --ranks {opts.ranks} x "
                           f"cpt.micro_batch_size {cfg.micro_batch_size}")
     seq_len = recipe.data.seq_len
-    tokens = opts.tokens if opts.tokens is not None else cfg.max_steps * cfg.global_batch_size * seq_len
+    tokens = opts.tokens if opts.tokens is not None else stage_tokens(cfg, recipe.data)
     if tokens < 1:
         raise HealerError(f"--tokens {tokens}: must be >= 1")
     teacher_source = cfg.kd.teacher or recipe.model.source
@@ -129,7 +134,7 @@ def ensure_cache(recipe) -> None:
     cfg, data = recipe.cpt, recipe.data
     if cfg is None or cfg.kd is None or cfg.kd.cache is None or data is None:
         return
-    need = cfg.max_steps * cfg.global_batch_size * data.seq_len
+    need = stage_tokens(cfg, data)
     meta = _json_object(Path(cfg.kd.cache) / KEY_FILE)
     covered = meta.get("stream_tokens") if meta is not None else None
     if isinstance(covered, int) and covered >= need:
