@@ -248,3 +248,35 @@ def test_a_checkpoint_of_another_model_is_one_clear_line(tmp_path):
     path = save_checkpoint(old, tmp_path, 1, {"step": 1}, keep_last=1, settings={})
     with pytest.raises(HealerError, match=r"has shape \(8, 8\), this model.s \(6, 8\): it was written for another"):
         load_checkpoint(_engine(0, seed=0, width=6), path, settings={})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_zero12_parameters_are_built_one_at_a_time_as_deepspeed_joins_them(world):
+    """An elastic resume builds each parameter from the ranks' partitions alone instead of joining every group
+    whole three times (weights, two moments); the values must be the ones DeepSpeed's ``zero_to_fp32`` gives,
+    alignment paddings and a parameter cut between two ranks included."""
+    import math
+
+    import torch
+    from deepspeed.utils import zero_to_fp32 as z
+
+    from healer.train.universal import _zero12_slices
+
+    shapes = [{"a": torch.Size([5, 3]), "b": torch.Size([7])}, {"c": torch.Size([2, 2, 3])}]
+    paddings = [[1, 0], [2]]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    gen = torch.Generator().manual_seed(world)
+    for group, pads in zip(shapes, paddings):
+        used = sum(s.numel() + p for s, p in zip(group.values(), pads))
+        per_rank = math.ceil(used / (2 * world)) * 2  # each rank's partition, the whole aligned to 2 x ranks
+        for rank in range(world):
+            parts[rank].append(torch.randn(per_rank, generator=gen))
+    state = z.zero_model_state(buffers={}, param_shapes=shapes, shared_params=[], ds_version=0,
+                               frozen_param_shapes=None, frozen_param_fragments=None)
+    want = z._get_fp32_state_dict_from_zero2_checkpoint(world, parts, [state], True, paddings)
+    built = _zero12_slices(parts, shapes, paddings, world)
+    assert sorted(built) == ["a", "b", "c"]
+    for name, build in built.items():
+        got = build()
+        assert got.shape == want[name].shape and torch.equal(got, want[name]), name
+        assert got.untyped_storage().data_ptr() not in {p.untyped_storage().data_ptr() for r in parts for p in r}

@@ -390,15 +390,14 @@ def _rank_state(path: Path, r: int) -> dict[str, Any]:
 def _load_elastic(engine, path: Path, saved_ranks: int, saved_stage: int | None) -> None:
     from healer.train.universal import consolidate, load_whole, trainable_order
 
-    try:
-        whole = consolidate(path, trainable_order(engine.module))
+    try:  # the shards are read tensor by tensor as load_whole sets them, so both can meet a bad file
+        load_whole(engine, consolidate(path, trainable_order(engine.module)))
     except HealerError:
         raise
     except Exception as err:  # whatever the unpickler or a shard of another layout raises
         raise HealerError(f"checkpoint {path} (ZeRO stage {saved_stage} on {saved_ranks} rank(s)) could not be "
                           f"consolidated for this layout ({type(err).__name__}: {err}); resume with the layout it "
                           "was written with, or start over (--resume none)") from None
-    load_whole(engine, whole)
 
 
 def _load_same_layout(engine, path: Path, frozen_base: bool) -> None:

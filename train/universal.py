@@ -6,11 +6,14 @@ the checkpoint to disk and only loads into ZeRO-1/2/3 engines; healer runs one r
 ``state_dict`` and which ``load_universal`` cannot fill. So healer does the same thing in memory:
 
 * :func:`consolidate` reads every rank's shards (memory-mapped) and gives, per trainable parameter name,
-  its fp32 master weight and its ``exp_avg`` / ``exp_avg_sq``, plus Adam's step count. The shard layout
-  is undone by DeepSpeed's own ``zero_to_fp32`` helpers, applied to the moments as to the weights.
+  how to build its whole fp32 master weight and its ``exp_avg`` / ``exp_avg_sq``, plus Adam's step count.
+  The shard layout is undone as DeepSpeed's ``zero_to_fp32`` undoes it (its own lazy helper for ZeRO-3, the
+  same walk over each group for ZeRO-1/2), applied to the moments as to the weights, one parameter at a
+  time: ``zero_to_fp32`` itself joins every group whole, three times (weights and two moments).
 * :func:`load_whole` puts them into a freshly built engine of any stage: stage 0 sets the parameter and
   the AdamW state; ZeRO-1/2/3 set each rank's fragment with ``safe_set_full_fp32_param`` and
-  ``safe_set_full_optimizer_state`` and the (16-bit or fp32) model weights from the same values.
+  ``safe_set_full_optimizer_state`` and the (16-bit or fp32) model weights from the same values. Each
+  tensor is built when it is set and dropped after, so the peak is the engine plus about one parameter.
 
 fp32 runs continue bit for bit up to the order in which gradients are summed (ranks vs accumulation).
 Trust boundary: like DeepSpeed's loader this unpickles ``*_states.pt`` (``weights_only=False``).
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +37,17 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 @dataclass
 class Whole:
-    """Per trainable parameter name: ``{"fp32": ..., "exp_avg": ..., "exp_avg_sq": ...}``; Adam's step."""
+    """A checkpoint's trainable parameters, whole, built one tensor at a time.
 
-    params: dict[str, dict[str, torch.Tensor]]
+    ``params``: per trainable parameter name (in the optimizer's order), per kind (``"fp32"``, ``"exp_avg"``,
+    ``"exp_avg_sq"``), a function that builds that whole tensor from the memory-mapped shards when called;
+    ``shapes``: each parameter's shape, known without building anything. Loading builds, sets and drops one
+    tensor at a time, so an elastic resume holds one parameter's whole copy beside the engine, not three whole
+    copies of the model (a 7B model's 84 GB of fp32 weights and moments, on every rank of a node).
+    """
+
+    params: dict[str, dict[str, Callable[[], torch.Tensor]]]
+    shapes: dict[str, tuple[int, ...]]
     step: int
 
 
@@ -54,8 +67,52 @@ def _step(state: dict) -> int:
     return int(value.item() if torch.is_tensor(value) else value)
 
 
+class _Joined:
+    """The concatenation of ``parts`` (1-D tensors, e.g. every rank's partition of a flat group), sliced
+    without building it: ZeRO-1/2 lay a group's parameters end to end over the ranks' partitions in order."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + part.numel())
+
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def slice(self, start: int, length: int) -> torch.Tensor:
+        end, pieces = start + length, []
+        for part, lo, hi in zip(self.parts, self.starts, self.starts[1:]):
+            if lo < end and start < hi:
+                pieces.append(part[max(start, lo) - lo: min(end, hi) - lo])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+
+def _zero12_slices(parts_per_rank: list[list[torch.Tensor]], shapes: list[dict], paddings, world: int
+                   ) -> dict[str, Callable[[], torch.Tensor]]:
+    """Per parameter name, a function building it from every rank's flat partitions (one list per rank, one
+    tensor per group), walking each group as DeepSpeed's ``zero_to_fp32`` does: parameters end to end in
+    ``param_shapes`` order, each followed by its alignment padding, the group's end aligned to 2 x ranks."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for g, group_shapes in enumerate(shapes):
+        joined = _Joined([rank_parts[g] for rank_parts in parts_per_rank])
+        pads = paddings[g] if paddings is not None else [0] * len(group_shapes)
+        if len(pads) != len(group_shapes):
+            raise ValueError(f"{len(pads)} alignment paddings for the {len(group_shapes)} parameters of group {g}")
+        offset = 0
+        for (name, shape), pad in zip(group_shapes.items(), pads):
+            numel = math.prod(shape)
+            out[name] = lambda joined=joined, offset=offset, numel=numel, shape=tuple(shape): joined.slice(
+                offset, numel).view(shape)
+            offset += numel + pad
+        align = 2 * world
+        if math.ceil(offset / align) != math.ceil(joined.numel() / align):
+            raise ValueError(f"group {g}: its parameters take {offset} numbers of its {joined.numel()}")
+    return out
+
+
 def consolidate(path: str | Path, order: list[str]) -> Whole:
-    """The whole fp32 weights and Adam moments of the DeepSpeed checkpoint directory ``path``.
+    """The whole fp32 weights and Adam moments of the DeepSpeed checkpoint directory ``path``, built lazily.
 
     ``order``: the trainable parameter names in the optimizer's order (``engine.param_groups`` order), which
     a stage-0 checkpoint needs (its AdamW state is keyed by position).
@@ -82,6 +139,7 @@ def consolidate(path: str | Path, order: list[str]) -> Whole:
         raise HealerError(f"checkpoint {path} holds {len(shards)} optimizer shard(s) for {world} ranks; resume "
                           "from a complete checkpoint")
     flats: dict[str, list] = {}
+    builders: dict[str, dict[str, Callable[[], torch.Tensor]]] = {}
     if stage <= 2:
         flats["fp32"] = [s["single_partition_of_fp32_groups"] for s in shards]
         for key in MOMENTS:
@@ -89,23 +147,24 @@ def consolidate(path: str | Path, order: list[str]) -> Whole:
                            for g in range(len(s["single_partition_of_fp32_groups"]))] for s in shards]
         step = _step(_group_state(shards[0], 0))
         paddings = shards[0].get("param_alignment_paddings")
-        with _quiet():
-            merged = {k: z._get_fp32_state_dict_from_zero2_checkpoint(world, v, models, True, paddings)
-                      for k, v in flats.items()}
+        for kind, parts in flats.items():
+            builders[kind] = _zero12_slices(parts, models[0].param_shapes, paddings, world)
     else:
         flats["fp32"] = [list(s["fp32_flat_groups"]) for s in shards]  # per rank, one flat tensor per sub-group
         inner = [s["optimizer_state_dict"]["state"] for s in shards]
         for key in MOMENTS:
             flats[key] = [[st[i][key] for i in sorted(st)] for st in inner]
         step = _step(inner[0][min(inner[0])])
-        with _quiet():
-            merged = {k: z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(world, v, models, True))
-                      for k, v in flats.items()}
-    missing = [n for n in order if n not in merged["fp32"]]
+        for kind, parts in flats.items():
+            with _quiet():  # DeepSpeed's GatheredTensor: joins one parameter's fragments when asked
+                lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, parts, models, True)
+            builders[kind] = {name: tensor.contiguous for name, tensor in lazy.items()}
+    missing = [n for n in order if n not in builders["fp32"]]
     if missing:
         raise HealerError(f"checkpoint {path} has no weights for {missing[:3]} (of {len(missing)}); it was written "
                           "for another model. Resume from a checkpoint of this run or start over (--resume none)")
-    return Whole({n: {k: merged[k][n] for k in merged} for n in order}, step)
+    shapes = {name: tuple(shape) for group in models[0].param_shapes for name, shape in group.items()}
+    return Whole({n: {k: builders[k][n] for k in builders} for n in order}, {n: shapes[n] for n in order}, step)
 
 
 def _group_state(shard: dict, group: int) -> dict:
@@ -128,16 +187,19 @@ def _consolidate_stage0(path: Path, order: list[str]) -> Whole:
     if len(index) != len(order):
         raise HealerError(f"checkpoint {path} has {len(index)} trained tensors, this model {len(order)}; it was "
                           "written for another model. Resume from a checkpoint of this run or start over")
-    params, step = {}, 0
+    params, shapes, step = {}, {}, 0
     for i, name in zip(index, order):
-        state = opt["state"].get(i)
+        weight, state = module[name], opt["state"].get(i)
+        shapes[name] = tuple(weight.shape)
         if state is None:  # never stepped: Adam starts from zeros
-            weight = module[name]
-            state = {"exp_avg": torch.zeros_like(weight, dtype=torch.float32), "exp_avg_sq":
-                     torch.zeros_like(weight, dtype=torch.float32), "step": 0}
+            zeros = lambda weight=weight: torch.zeros_like(weight, dtype=torch.float32)  # noqa: E731
+            params[name] = {"fp32": lambda weight=weight: weight.float(), "exp_avg": zeros, "exp_avg_sq": zeros}
+            continue
         step = max(step, _step(state))
-        params[name] = {"fp32": module[name].float(), **{k: state[k] for k in MOMENTS}}
-    return Whole(params, step)
+        # memory-mapped: each tensor is read from the file when it is copied into the engine
+        params[name] = {"fp32": lambda weight=weight: weight.float(),
+                        **{k: lambda state=state, k=k: state[k] for k in MOMENTS}}
+    return Whole(params, shapes, step)
 
 
 def trainable_order(module: torch.nn.Module) -> list[str]:
@@ -154,12 +216,12 @@ def load_whole(engine, whole: Whole) -> None:
 
     stage = engine.zero_optimization_stage()
     named = dict(engine.module.named_parameters())
-    for name, values in whole.params.items():  # before anything is set: a refusal leaves the engine as it was
+    for name, saved in whole.shapes.items():  # before anything is set: a refusal leaves the engine as it was
         shape = tuple(getattr(named[name], "ds_shape", named[name].shape))
-        if tuple(values["fp32"].shape) != shape:
-            raise HealerError(f"the checkpoint's {name} has shape {tuple(values['fp32'].shape)}, this model's "
-                              f"{shape}: it was written for another model. Resume from a checkpoint of this run "
-                              "or start over (--resume none)")
+        if tuple(saved) != shape:
+            raise HealerError(f"the checkpoint's {name} has shape {tuple(saved)}, this model's {shape}: it was "
+                              "written for another model. Resume from a checkpoint of this run or start over "
+                              "(--resume none)")
     optimizer = engine.optimizer
     if stage == 0 and not isinstance(optimizer, torch.optim.Optimizer):
         # DeepSpeed's bf16/fp16 optimizer without ZeRO keeps its own fp32 copies: not handled (nor testable on CPU)
@@ -172,28 +234,30 @@ def load_whole(engine, whole: Whole) -> None:
             if not optimizer.optimizer.state[flat]:
                 optimizer.optimizer.state[flat] = {"step": _step_tensor(optimizer.optimizer, 0, flat),
                                                    **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    for name, values in whole.params.items():
+    for name, build in whole.params.items():  # one whole tensor at a time, dropped once it is set
         p = named[name]
         if stage == 0:
             with torch.no_grad():
-                p.copy_(values["fp32"])
+                p.copy_(build["fp32"]())
             optimizer.state[p] = {"step": _step_tensor(optimizer, whole.step, p),
-                                  **{k: values[k].clone().to(p.device) for k in MOMENTS}}
+                                  **{k: build[k]().to(p.device, copy=True) for k in MOMENTS}}
             continue
-        safe_set_full_fp32_param(p, values["fp32"].to(engine.device))
+        fp32 = build["fp32"]().to(engine.device)
+        safe_set_full_fp32_param(p, fp32)
         for key in MOMENTS:
             if stage == 3:
-                safe_set_full_optimizer_state(p, values[key].to(engine.device), key)
+                safe_set_full_optimizer_state(p, build[key]().to(engine.device), key)
             else:
-                _set_zero12_moment(optimizer, p, values[key].to(engine.device), key)
+                _set_zero12_moment(optimizer, p, build[key]().to(engine.device), key)
         if stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                p.copy_(values["fp32"])
+                p.copy_(fp32)
         else:
             with torch.no_grad():
-                p.copy_(values["fp32"])
+                p.copy_(fp32)
+        del fp32
     if stage > 0:  # the inner AdamW steps flat partitions; their step counts are Adam's bias correction
         for flat, state in optimizer.optimizer.state.items():
             if "step" in state:
