@@ -74,7 +74,7 @@ def prune_section(args) -> dict:
 def cpt_section(args) -> dict:
     """The recipe's ``cpt:`` section: the token budget, plus only the heal options given on the command line."""
     cpt = {"micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch, "max_steps": args.steps,
-           "zero_stage": 2, "save_every": 10_000, "eval_every": 10_000, "seed": 0, "precision": "fp32"}
+           "zero_stage": 2, "save_every": 10_000, "eval_every": 10_000, "seed": args.seed, "precision": "fp32"}
     for flag, key in (("lr", "lr"), ("warmup", "warmup_steps"), ("schedule", "schedule"),
                       ("weight_decay", "weight_decay"), ("min_lr_ratio", "min_lr_ratio")):
         if getattr(args, flag) is not None:
@@ -92,11 +92,11 @@ def cpt_section(args) -> dict:
 
 def recipe(args, out: Path, prune_dir: Path, heal_dir: Path) -> dict:
     return {
-        "name": "bench-heal-quality", "run_dir": str(out), "seed": 0,
+        "name": "bench-heal-quality", "run_dir": str(out), "seed": args.seed,
         "model": {"source": args.model, "dtype": "float32"},
         "prune": {**prune_section(args), "output": str(prune_dir)},
         "data": {"sources": [{"path": str(TRAIN), "name": "slimpajama"}], "seq_len": args.seq_len,
-                 **({"shuffle_blocks": False} if args.no_shuffle_blocks else {})},
+                 "seed": args.seed, **({"shuffle_blocks": False} if args.no_shuffle_blocks else {})},
         "cpt": {**cpt_section(args), "input": str(prune_dir), "output": str(heal_dir)},
     }
 
@@ -218,6 +218,7 @@ def main() -> None:
     g.add_argument("--schedule", choices=("cosine", "wsd", "linear", "constant"))
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--min-lr-ratio", type=float)
+    g.add_argument("--seed", type=int, default=0, help="the run's seed, cpt.seed and data.seed (noise between runs)")
     g.add_argument("--ce", action="store_true", help="plain next-token CE (cpt.kd: null)")
     g.add_argument("--kd-alpha", type=float)
     g.add_argument("--kd-temperature", type=float)

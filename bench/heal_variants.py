@@ -4,7 +4,8 @@
 embeddings, training only the blocks around the cuts, folding a removed run into the block before it,
 hidden-state KD at every block, drawing the steps' sequences from a shuffled window, an EMA or interpolation
 of the weights, LoRA instead of full weights, a least-squares linear fold across each cut, another domain
-mixture, removing the blocks gradually during the heal, healing on the teacher's own samples, another seed)
+mixture, removing the blocks gradually during the heal, healing on the teacher's own samples or on a text file,
+another seed)
 would need product code before it could be measured. This loop re-implements the cpt step it is
 compared with, on one process and without DeepSpeed: the same token stream (healer's loader, ``data.seed``
 0), pure logit KD (alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices,
@@ -168,6 +169,8 @@ def main() -> None:
     p.add_argument("--no-shuffle-blocks", action="store_true", help="read the stream in order (data.shuffle_blocks: "
                                                                      "false), as healer did before it")
     v = p.add_argument_group("variants")
+    v.add_argument("--ce", action="store_true", help="next-token cross-entropy on the text instead of logit KD "
+                                                     "(healer cpt with cpt.kd: null)")
     v.add_argument("--seed", type=int, default=0, help="data.seed and the torch seed (noise between runs)")
     v.add_argument("--fade", type=float, default=0.0,
                    help="gradual removal: heal the dense model with each removed block's output scaled from 1 to "
@@ -190,6 +193,12 @@ def main() -> None:
     v.add_argument("--linear-fold", type=float, default=None, metavar="RIDGE",
                    help="fold a least-squares linear map of each removed run into the block before it first "
                         "(ReplaceMe); the value is the ridge toward the identity (0: plain least squares)")
+    v.add_argument("--heal-text", type=Path, default=None, metavar="FILE",
+                   help="heal on this plain text file instead of the corpus: its tokens after --heal-text-skip, "
+                        "cut in --seq-len sequences handed out in a seeded random order (an upper bound on what the "
+                        "choice of data can give when FILE is text like the evaluation's)")
+    v.add_argument("--heal-text-skip", type=int, default=16384,
+                   help="tokens of --heal-text left out first (with the WikiText file: past the evaluated prefix)")
     v.add_argument("--epochs", type=int, default=1, help="pass over the same --steps batches this many times "
                                                           "(the same tokens, more updates)")
     v.add_argument("--ema", default="",
@@ -234,7 +243,18 @@ def main() -> None:
                       seq_len=args.seq_len, seed=args.seed,
                       shuffle_blocks=not args.no_shuffle_blocks)
     stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
-    if args.shuffle_window:
+    if args.heal_text is not None:
+        text_ids = tokenize(tok, args.heal_text.read_text(encoding="utf-8"), None)[args.heal_text_skip:]
+        if args.heal_text_skip < args.eval_tokens and args.heal_text.resolve() == WIKITEXT.resolve():
+            p.error("--heal-text-skip must leave out at least the --eval-tokens the evaluation scores")
+        rows = list(text_ids[: len(text_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len))
+        if len(rows) < args.steps * args.batch:
+            p.error(f"--heal-text has {len(rows)} sequences of {args.seq_len} tokens after the skip; "
+                    f"{args.steps * args.batch} are needed")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))
+        batches = [torch.stack([rows[i] for i in order[k * args.batch:(k + 1) * args.batch]])
+                   for k in range(args.steps)]
+    elif args.shuffle_window:
         rows: list[torch.Tensor] = []
         while len(rows) < args.shuffle_window:
             rows.extend(next(stream)["input_ids"])
@@ -296,11 +316,15 @@ def main() -> None:
             group["lr"] = args.lr * schedule(step)
         for block in fading:
             block.scale = fade_scale(step, fade_steps)
-        with torch.no_grad():
-            t_out = teacher(input_ids=x, output_hidden_states=hidden)
+        if hidden or not args.ce:
+            with torch.no_grad():
+                t_out = teacher(input_ids=x, output_hidden_states=hidden)
         s_out = student(input_ids=x, output_hidden_states=hidden)
-        kl = F.kl_div(F.log_softmax(s_out.logits[:, :-1].float(), -1), F.log_softmax(t_out.logits[:, :-1].float(), -1),
-                      log_target=True, reduction="none").sum(-1).mean()
+        if args.ce:
+            kl = F.cross_entropy(s_out.logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        else:
+            kl = F.kl_div(F.log_softmax(s_out.logits[:, :-1].float(), -1), F.log_softmax(
+                t_out.logits[:, :-1].float(), -1), log_target=True, reduction="none").sum(-1).mean()
         loss = kl
         if hidden:  # hidden_states[i + 1] leaves block i; the last entry is after the final norm, left out
             terms = [relative_mse(s_out.hidden_states[si + 1], t_out.hidden_states[ti + 1])
@@ -317,8 +341,8 @@ def main() -> None:
                         ema[n].lerp_(q, 1 - decay)
         if step % 5 == 0 or step == updates - 1:
             fade = f", fade {fading[0].scale:.2f}" if fading else ""
-            print(f"step {step + 1}/{updates}: KL {kl.item():.4f}, grad norm {norm.item():.2f}{fade} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(f"step {step + 1}/{updates}: {'CE' if args.ce else 'KL'} {kl.item():.4f}, grad norm "
+                  f"{norm.item():.2f}{fade} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     if args.lora_rank:
         student = student.merge_and_unload()
