@@ -122,7 +122,7 @@ class LoRAConfig(LoRAFields):
 
 class CPTConfig(TrainingFields):
     """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, wd 0.1), by default distilling
-    from the unpruned model at a higher lr than the seed's 1e-4 (measured: README, "Healing defaults")."""
+    from the unpruned model, lr 3e-4 warmup-stable-decay (measured: README, "Healing defaults")."""
 
     input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
@@ -132,7 +132,10 @@ class CPTConfig(TrainingFields):
         "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
     eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (a pruned model heals faster than the seed's 1e-4)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (README, \"Healing defaults\")")
+    schedule: Schedule = Field("wsd", description="wsd (default: warmup, stable at lr, linear decay over the last "
+                                                  "decay_fraction of the steps), cosine, linear or constant; a "
+                                                  "short heal recovered more without cosine's long decay")
     train_embeddings: bool = Field(
         False, description="also train the token embeddings and output head; false (default) freezes them: "
                            "pruning leaves them intact, and frozen they healed more of the gap (README, \"Healing "
