@@ -158,7 +158,7 @@ def test_a_resumed_run_follows_its_recipe_and_refuses_incomparable_settings(tmp_
     model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
-    first = _heal(tmp_path, model, corpus, max_steps=2, lr=1e-3)
+    first = _heal(tmp_path, model, corpus, max_steps=2, lr=1e-3, schedule="cosine")
     assert first["steps"] == 2
 
     second = _heal(tmp_path, model, corpus, max_steps=4, lr=5e-3, schedule="linear", min_lr_ratio=0.0)
@@ -220,7 +220,9 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
     weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01"]) == 2
-    assert "cpt.lr: 0.0005 -> 0.01" in capsys.readouterr().err
+    from healer.train.config import CPTConfig
+
+    assert f"cpt.lr: {CPTConfig().lr} -> 0.01" in capsys.readouterr().err  # the default the first run used
     assert (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes() == weights
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01", "--cpt.max_steps", "2"]) == 0
     manifest = json.loads((tmp_path / "run" / "cpt" / "manifest.json").read_text())
