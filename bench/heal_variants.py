@@ -245,8 +245,10 @@ def main() -> None:
     stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
     if args.heal_text is not None:
         text_ids = tokenize(tok, args.heal_text.read_text(encoding="utf-8"), None)[args.heal_text_skip:]
-        if args.heal_text_skip < args.eval_tokens and args.heal_text.resolve() == WIKITEXT.resolve():
-            p.error("--heal-text-skip must leave out at least the --eval-tokens the evaluation scores")
+        if args.heal_text.resolve() == WIKITEXT.resolve() and (not args.eval_tokens
+                                                               or args.heal_text_skip < args.eval_tokens):
+            p.error("--heal-text-skip must leave out at least the --eval-tokens the evaluation scores (and "
+                    "--eval-tokens 0 scores the whole WikiText file)")
         rows = list(text_ids[: len(text_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len))
         if len(rows) < args.steps * args.batch:
             p.error(f"--heal-text has {len(rows)} sequences of {args.seq_len} tokens after the skip; "
