@@ -1,9 +1,11 @@
-"""Running one ``healer VERB`` in its own process from a benchmark, as a user would on this machine.
+"""What the benchmarks share: running one ``healer VERB`` in its own process, as a user would on this machine,
+and reading this process's memory counters.
 
-Shared by the benchmarks that drive whole stages (``heal_quality.py``, ``streamline.py``): a clean
+``run_verb`` is shared by the benchmarks that drive whole stages (``heal_quality.py``, ``streamline.py``): a clean
 environment (CPU DeepSpeed, no hub traffic, no distributed variables leaking in from a parent launcher),
 a finished stage skipped by its manifest, the wall time returned, and a failure stopping the benchmark
-with the end of the verb's output.
+with the end of the verb's output. ``status_kib`` serves the memory benchmarks (``kd_memory.py``,
+``elastic_memory.py``).
 """
 
 from __future__ import annotations
@@ -42,3 +44,12 @@ def run_verb(verb: str, config: Path, out_dir: Path, *overrides: str, log: Path 
         sys.exit(f"healer {verb} {' '.join(overrides)} failed ({done.returncode})"
                  + (f"; see {log}" if log else "") + f":\n{tail}")
     return time.perf_counter() - t0
+
+
+def status_kib(key: str) -> int:
+    """A counter of this process's ``/proc/self/status`` in KiB (``VmHWM``, ``RssAnon``, ...)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")

@@ -25,15 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _runner import status_kib
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _anon_kib() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("RssAnon not in /proc/self/status (Linux only)")
 
 
 class _AnonPeak:
@@ -45,11 +39,11 @@ class _AnonPeak:
     def __enter__(self):
         import threading
 
-        self.peak, self._stop = _anon_kib(), threading.Event()
+        self.peak, self._stop = status_kib("RssAnon"), threading.Event()
 
         def poll():
             while not self._stop.wait(0.001):
-                self.peak = max(self.peak, _anon_kib())
+                self.peak = max(self.peak, status_kib("RssAnon"))
 
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
@@ -58,7 +52,7 @@ class _AnonPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _anon_kib())
+        self.peak = max(self.peak, status_kib("RssAnon"))
 
 
 def _engine(args, stage: int, world: int):
@@ -94,10 +88,10 @@ def load(args) -> None:
 
     engine = _engine(args, args.stage, 1)
     path = next(p for p in Path(args.dir).iterdir() if p.is_dir() and p.name.startswith("step"))
-    before = _anon_kib()
+    before = status_kib("RssAnon")
     with _AnonPeak() as peak:
         state = load_checkpoint(engine, path, settings={})
-    print(json.dumps({"rise_kib": peak.peak - before, "kept_kib": _anon_kib() - before,
+    print(json.dumps({"rise_kib": peak.peak - before, "kept_kib": status_kib("RssAnon") - before,
                       "elastic": state.get("elastic")}))
 
 

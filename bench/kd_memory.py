@@ -25,18 +25,12 @@ import subprocess
 import sys
 import time
 
+from _runner import status_kib
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 128256  # Llama 3
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
 
 
 def _models(args):
@@ -88,13 +82,13 @@ def child(args) -> dict:
     student.zero_grad(set_to_none=True)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current RSS: the peak below is this step's
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     torch.save(probe, args.probe_out)
     return {"variant": args.variant, "peak_rise_mib": (peak - before) / 1024, "step_s": statistics.median(times),
             "loss": loss, "threads": torch.get_num_threads()}
