@@ -149,9 +149,6 @@ def consolidate(path: str | Path, order: list[str]) -> Whole:
         paddings = shards[0].get("param_alignment_paddings")
         for kind, parts in flats.items():
             builders[kind] = _zero12_slices(parts, models[0].param_shapes, paddings, world)
-            for alias, target in models[0].shared_params:  # tied weights, as zero_to_fp32 recovers them
-                if target in builders[kind]:
-                    builders[kind][alias] = builders[kind][target]
     else:
         flats["fp32"] = [list(s["fp32_flat_groups"]) for s in shards]  # per rank, one flat tensor per sub-group
         inner = [s["optimizer_state_dict"]["state"] for s in shards]
@@ -162,14 +159,15 @@ def consolidate(path: str | Path, order: list[str]) -> Whole:
             with _quiet():  # DeepSpeed's GatheredTensor: joins one parameter's fragments when asked
                 lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, parts, models, True)
             builders[kind] = {name: tensor.contiguous for name, tensor in lazy.items()}
+    shapes = {name: tuple(shape) for group in models[0].param_shapes for name, shape in group.items()}
+    for alias, target in models[0].shared_params:  # tied weights, as zero_to_fp32 recovers them
+        for table in (shapes, *builders.values()):
+            if target in table:
+                table.setdefault(alias, table[target])
     missing = [n for n in order if n not in builders["fp32"]]
     if missing:
         raise HealerError(f"checkpoint {path} has no weights for {missing[:3]} (of {len(missing)}); it was written "
                           "for another model. Resume from a checkpoint of this run or start over (--resume none)")
-    shapes = {name: tuple(shape) for group in models[0].param_shapes for name, shape in group.items()}
-    for alias, target in models[0].shared_params:
-        if target in shapes:
-            shapes[alias] = shapes[target]
     return Whole({n: {k: builders[k][n] for k in builders} for n in order}, {n: shapes[n] for n in order}, step)
 
 
