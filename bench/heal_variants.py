@@ -210,6 +210,16 @@ def main() -> None:
     v.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on every linear layer of the blocks instead of the weights")
     args = p.parse_args()
+    heal_text = None
+    if args.heal_text is not None:  # checked before any model is loaded
+        if args.heal_text.resolve() == WIKITEXT.resolve() and (not args.eval_tokens
+                                                               or args.heal_text_skip < args.eval_tokens):
+            p.error("--heal-text-skip must leave out at least the --eval-tokens the evaluation scores (and "
+                    "--eval-tokens 0 scores the whole WikiText file)")
+        try:
+            heal_text = args.heal_text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            p.error(f"--heal-text {args.heal_text}: not a readable UTF-8 text file ({err})")
     if args.fade and (args.fold_steps or args.linear_fold is not None or args.lora_rank or args.interpolate
                       or args.train_blocks or args.ema or args.hidden_all):
         p.error("--fade heals the dense model and removes the blocks during the heal; it does not combine with "
@@ -244,11 +254,7 @@ def main() -> None:
                       shuffle_blocks=not args.no_shuffle_blocks)
     stream = iter(build_loader(data, tok, micro_batch_size=args.batch))
     if args.heal_text is not None:
-        text_ids = tokenize(tok, args.heal_text.read_text(encoding="utf-8"), None)[args.heal_text_skip:]
-        if args.heal_text.resolve() == WIKITEXT.resolve() and (not args.eval_tokens
-                                                               or args.heal_text_skip < args.eval_tokens):
-            p.error("--heal-text-skip must leave out at least the --eval-tokens the evaluation scores (and "
-                    "--eval-tokens 0 scores the whole WikiText file)")
+        text_ids = tokenize(tok, heal_text, None)[args.heal_text_skip:]
         rows = list(text_ids[: len(text_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len))
         if len(rows) < args.steps * args.batch:
             p.error(f"--heal-text has {len(rows)} sequences of {args.seq_len} tokens after the skip; "
