@@ -15,6 +15,7 @@ finished prune or heal directory (its manifest) is reused, so one variant costs 
     python bench/heal_quality.py --label kd-a0-t1 --kd-alpha 0 --kd-temperature 1
     python bench/heal_quality.py --criterion angular --ratio 0.4 --label angular-40
     python bench/heal_quality.py --width-ratio 0.2 --label width-maw-20
+    python bench/heal_quality.py --criterion angular --num-blocks 7 --replace-steps 16 --steps 64 --label streamline
     python bench/heal_quality.py --table      # the Markdown table of every row in <out>/results.jsonl
 
 Without heal flags the heal uses healer's ``cpt:`` defaults (only the batch and token budget are set), which is
@@ -62,6 +63,11 @@ def prune_section(args) -> dict:
         section = {"method": "depth", "criterion": args.criterion, "ratio": args.ratio,
                    "calibration": {"path": str(CALIBRATION), "num_samples": args.calibration_samples,
                                    "seq_len": args.calibration_len}}
+        if args.num_blocks is not None:
+            section.pop("ratio")
+            section["num_blocks"] = args.num_blocks
+        if args.replace_steps is not None:
+            section["replace"] = {"kind": "layer", "init": "closest"}
         if args.keep_first is not None:
             section["keep_first"] = args.keep_first
         if args.keep_last is not None:
@@ -90,14 +96,26 @@ def cpt_section(args) -> dict:
     return cpt
 
 
+def replace_section(args) -> dict:
+    """The recipe's ``replace:`` section (LLM-Streamline's MSE training of the block left in the span), on the same
+    batch shape as the heal; its tokens count toward the variant's budget."""
+    return {"micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
+            "max_steps": args.replace_steps, "zero_stage": 2, "save_every": 10_000, "eval_every": 10_000,
+            "seed": args.seed, "precision": "fp32", "lr": args.replace_lr}
+
+
 def recipe(args, out: Path, prune_dir: Path, heal_dir: Path) -> dict:
+    replace = ({"replace": {**replace_section(args), "input": str(prune_dir), "output": str(heal_dir / "replace")}}
+               if args.replace_steps else {})
+    heal_input = heal_dir / "replace" / "hf" if args.replace_steps else prune_dir  # 0: heal the untrained seed
     return {
         "name": "bench-heal-quality", "run_dir": str(out), "seed": args.seed,
         "model": {"source": args.model, "dtype": "float32"},
         "prune": {**prune_section(args), "output": str(prune_dir)},
         "data": {"sources": [{"path": str(TRAIN), "name": "slimpajama"}], "seq_len": args.seq_len,
                  "seed": args.seed, **({"shuffle_blocks": False} if args.no_shuffle_blocks else {})},
-        "cpt": {**cpt_section(args), "input": str(prune_dir), "output": str(heal_dir)},
+        **replace,
+        "cpt": {**cpt_section(args), "input": str(heal_input), "output": str(heal_dir)},
     }
 
 
@@ -199,6 +217,7 @@ def main() -> None:
                    "comma-separated (default: the issue's 12,13,14,17,25,26)")
     g.add_argument("--criterion", help="depth: choose blocks by this criterion instead of --blocks")
     g.add_argument("--ratio", type=float, default=0.2, help="depth: fraction of blocks, with --criterion")
+    g.add_argument("--num-blocks", type=int, help="depth: number of blocks, with --criterion, instead of --ratio")
     g.add_argument("--keep-first", type=int)
     g.add_argument("--keep-last", type=int)
     g.add_argument("--calibration-samples", type=int, default=10, help="prune.calibration.num_samples (its default)")
@@ -207,6 +226,11 @@ def main() -> None:
     g.add_argument("--width-criterion", default="maw")
     g.add_argument("--merge", action="store_true", help="fold each run of removed blocks into the block before it "
                    "(LaCo) instead of dropping it; gap recovered is then measured from the merged model")
+    g.add_argument("--replace-steps", type=int,
+                   help="LLM-Streamline: one contiguous span (needs --criterion) is cut and one of its blocks stays in "
+                   "its place, trained by `healer replace` for this many steps (MSE to the dense span's output; 0: "
+                   "left untrained) before the heal; these steps' tokens count toward the reported budget")
+    g.add_argument("--replace-lr", type=float, default=5e-4, help="replace.lr, with --replace-steps")
     g = p.add_argument_group("heal (unset = healer's cpt defaults)")
     g.add_argument("--no-heal", action="store_true", help="prune and score only (compare criteria)")
     g.add_argument("--steps", type=int, default=80)
@@ -230,6 +254,11 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=32768,
                    help="score the first N tokens of WikiText-2 validation (0 = all of it)")
     args = p.parse_args()
+    if (args.replace_steps is not None or args.num_blocks) and (args.criterion is None or args.width_ratio is not None):
+        p.error("--replace-steps and --num-blocks are for a depth cut chosen by --criterion (e.g. angular), "
+                "without --width-ratio")
+    if args.replace_steps is not None and args.merge:
+        p.error("--replace-steps and --merge both say what stands in for the removed blocks; give one")
     out = Path(args.out).resolve()
     results = out / "results.jsonl"
     if args.table:
@@ -242,7 +271,9 @@ def main() -> None:
     prune = prune_section(args)
     cpt = cpt_section(args)
     prune_key = _key(prune)
-    label = args.label or f"v-{_key([prune, cpt] + (['in order'] if args.no_shuffle_blocks else []))}"
+    variant = [prune, cpt] + (['in order'] if args.no_shuffle_blocks else [])
+    variant += [replace_section(args)] if args.replace_steps is not None else []
+    label = args.label or f"v-{_key(variant)}"
     prune_dir, heal_dir = out / f"prune-{prune_key}", out / f"heal-{label}"
     if (heal_dir / "recipe.yaml").is_file() and {k: v for k, v in yaml.safe_load(
             (heal_dir / "recipe.yaml").read_text())["cpt"].items() if k not in ("input", "output")} != cpt:
@@ -263,7 +294,13 @@ def main() -> None:
             fh.write(json.dumps({"prune": prune, "removed": report.get("removed"), "dense": dense["ppl"],
                                  "pruned": pruned["ppl"], "eval_tokens": pruned["tokens_scored"]}) + "\n")
         return
-    merged_ppl = None
+    merged_ppl = replaced_ppl = None
+    if args.replace_steps:  # train the span's stand-in block first (healer replace), then heal that checkpoint
+        run_verb("replace", config, heal_dir / "replace", log=log)
+        replaced = heal_dir / "replace" / "hf"
+        replaced_ppl = ppl.get(f"replace:{_key([prune, replace_section(args)])}", str(replaced))["ppl"]
+        print(f"replacement block trained for {args.replace_steps} steps: perplexity {replaced_ppl:.2f} "
+              f"(its untrained seed: {pruned['ppl']:.2f})")
     if args.merge:  # heal the merged checkpoint instead of the plain cut
         merged_dir = out / f"merged-{prune_key}"
         merge_cuts(prune_dir, args.model, merged_dir)
@@ -278,10 +315,13 @@ def main() -> None:
     gap = pruned["ppl"] - dense["ppl"]
     row = {
         "label": label, "prune": prune, "cpt": cpt, "removed": report.get("removed"), "merge": args.merge,
-        "merged_ppl": merged_ppl,
-        "prune_desc": describe(prune, skip=("calibration",)) + (", LaCo merge" if args.merge else ""),
+        "merged_ppl": merged_ppl, "replace": replace_section(args) if args.replace_steps is not None else None,
+        "replaced_ppl": replaced_ppl,
+        "prune_desc": describe(prune, skip=("calibration", "replace")) + (", LaCo merge" if args.merge else "")
+        + (f", LLM-Streamline block trained {args.replace_steps} steps" if args.replace_steps is not None else ""),
         "heal_desc": effective_heal(cpt) + (", stream in order" if args.no_shuffle_blocks else ""),
-        "tokens": args.steps * args.global_batch * args.seq_len, "eval_tokens": healed["tokens_scored"],
+        "tokens": (args.steps + (args.replace_steps or 0)) * args.global_batch * args.seq_len,
+        "eval_tokens": healed["tokens_scored"],
         "dense": dense["ppl"], "pruned": pruned["ppl"], "healed": healed["ppl"],
         "recovered": (pruned["ppl"] - healed["ppl"]) / gap if gap > 0 else float("nan"),
         "wall_s": {"prune": wall_prune, "heal": wall_heal, "eval": round(time.perf_counter() - t0, 1)},
