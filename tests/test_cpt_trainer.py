@@ -19,7 +19,7 @@ from helpers import SAMPLE_TEXT, logged_steps, save_tiny
 from healer.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
 from healer.train.engine import build_ds_config
-from healer.train.schedule import due, make_lr_lambda
+from healer.train.schedule import due, make_lr_lambda, warmup_note
 from healer.train.signals import PREEMPTED_EXIT_CODE
 
 
@@ -36,6 +36,17 @@ def test_wsd_schedule_is_flat_until_the_last_fraction():
     f = make_lr_lambda("wsd", max_steps=100, warmup_steps=5, min_lr_ratio=0.0, decay_fraction=0.2)
     assert all(f(s) == 1.0 for s in range(5, 80))
     assert f(90) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_a_warmup_as_long_as_the_run_is_named_in_one_line():
+    # the LR would rise for the whole run and never reach the peak before the last step
+    note = warmup_note("cpt", max_steps=10, warmup_steps=10)
+    assert note.startswith("cpt.warmup_steps (10) is not below the run's length (10 steps)") and "\n" not in note
+    f = make_lr_lambda("wsd", max_steps=10, warmup_steps=10)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # what the note says
+    assert warmup_note("sft", max_steps=3, warmup_steps=25).startswith("sft.warmup_steps (25)")
+    assert warmup_note("cpt", max_steps=11, warmup_steps=10) is None
+    assert warmup_note("cpt", max_steps=1, warmup_steps=0) is None
 
 
 def test_linear_schedule_and_due():
@@ -218,7 +229,8 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
                                               "global_batch_size": 2, "zero_stage": 0}}))
     assert main(["cpt", str(recipe)]) == 0
     weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
-    capsys.readouterr()
+    # one step against the default 10 warmup steps: said, not left for the user to find in the LR curve
+    assert "healer cpt: cpt.warmup_steps (10) is not below the run's length (1 steps)" in capsys.readouterr().err
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01"]) == 2
     from healer.train.config import CPTConfig
 

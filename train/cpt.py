@@ -304,7 +304,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     from healer.train.export import export_hf
     from healer.train.metrics import MetricsLogger, peak_flops, training_flops_per_token
     from healer.train.objectives import Distill, NextTokenCE
-    from healer.train.schedule import make_lr_lambda
+    from healer.train.schedule import make_lr_lambda, warmup_note
 
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
@@ -481,6 +481,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                                              global_batch=ds_config["train_batch_size"])
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    if note := warmup_note("cpt", max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps):
+        logger.write(f"healer cpt: {note}")
     outcome = train(engine, objective, train_batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,

@@ -275,7 +275,7 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
     from healer.train.objectives import HiddenMSE
-    from healer.train.schedule import make_lr_lambda
+    from healer.train.schedule import make_lr_lambda, warmup_note
 
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
@@ -348,6 +348,8 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     objective = HiddenMSE(teacher, student_layer=place.student_layer, teacher_layer=place.teacher_layer)
     lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    if note := warmup_note("replace", max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps):
+        logger.write(f"healer replace: {note}")
     outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,

@@ -49,6 +49,20 @@ def make_lr_lambda(schedule: str, *, max_steps: int, warmup_steps: int = 0, min_
     return lr_lambda
 
 
+def warmup_note(section: str, *, max_steps: int, warmup_steps: int) -> str | None:
+    """A one-line notice when the warmup is as long as the run, else None.
+
+    The warmup is then cut to the run's length: the LR rises the whole time, reaches ``<section>.lr`` only at the
+    last step and never decays, which nothing else in the log shows (a 10-step width heal with the default 10
+    warmup steps recovered 75.7% of the pruning gap at lr 3e-4, 79.7% at 5e-4; README, "Healing defaults").
+    """
+    if warmup_steps == 0 or warmup_steps < max_steps:
+        return None
+    return (f"{section}.warmup_steps ({warmup_steps}) is not below the run's length ({max_steps} steps): the "
+            f"learning rate rises for the whole run, reaches {section}.lr only at the last step and never decays; set "
+            f"{section}.warmup_steps below {max_steps} (or raise {section}.lr) for a run this short")
+
+
 def due(step: int, every: int | None, last: int | None = None) -> bool:
     """Whether something done every ``every`` steps (and at the ``last`` step) is due after ``step`` steps."""
     return (last is not None and step == last) or (bool(every) and step > 0 and step % every == 0)
