@@ -104,10 +104,10 @@ def replace_section(args) -> dict:
             "seed": args.seed, "precision": "fp32", "lr": args.replace_lr}
 
 
-def recipe(args, out: Path, prune_dir: Path, heal_dir: Path) -> dict:
+def recipe(args, out: Path, prune_dir: Path, heal_dir: Path, heal_input: Path) -> dict:
+    """The whole recipe of one variant; ``heal_input`` is what ``healer cpt`` heals."""
     replace = ({"replace": {**replace_section(args), "input": str(prune_dir), "output": str(heal_dir / "replace")}}
                if args.replace_steps else {})
-    heal_input = heal_dir / "replace" / "hf" if args.replace_steps else prune_dir  # 0: heal the untrained seed
     return {
         "name": "bench-heal-quality", "run_dir": str(out), "seed": args.seed,
         "model": {"source": args.model, "dtype": "float32"},
@@ -275,12 +275,19 @@ def main() -> None:
     variant += [replace_section(args)] if args.replace_steps is not None else []
     label = args.label or f"v-{_key(variant)}"
     prune_dir, heal_dir = out / f"prune-{prune_key}", out / f"heal-{label}"
-    if (heal_dir / "recipe.yaml").is_file() and {k: v for k, v in yaml.safe_load(
-            (heal_dir / "recipe.yaml").read_text())["cpt"].items() if k not in ("input", "output")} != cpt:
-        sys.exit(f"{heal_dir} was healed with other settings; pick another --label or delete it")
-    heal_dir.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        heal_input = out / f"merged-{prune_key}"
+    elif args.replace_steps:
+        heal_input = heal_dir / "replace" / "hf"
+    else:  # a plain cut, or (--replace-steps 0) the span's block left in place untrained
+        heal_input = prune_dir
     config = heal_dir / "recipe.yaml"
-    config.write_text(yaml.safe_dump(recipe(args, out, prune_dir, heal_dir), sort_keys=False))
+    wanted = recipe(args, out, prune_dir, heal_dir, heal_input)
+    # a finished stage is reused, so a label must not be reused for another cut, replacement or heal
+    if config.is_file() and yaml.safe_load(config.read_text()) != wanted:
+        sys.exit(f"{heal_dir} was pruned or healed with other settings; pick another --label or delete it")
+    heal_dir.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
     log = heal_dir / "log.txt"
     wall_prune = run_verb("prune", config, prune_dir, log=log)
     ppl = Perplexities(out, args.eval_tokens)
@@ -302,13 +309,9 @@ def main() -> None:
         print(f"replacement block trained for {args.replace_steps} steps: perplexity {replaced_ppl:.2f} "
               f"(its untrained seed: {pruned['ppl']:.2f})")
     if args.merge:  # heal the merged checkpoint instead of the plain cut
-        merged_dir = out / f"merged-{prune_key}"
-        merge_cuts(prune_dir, args.model, merged_dir)
-        merged_ppl = ppl.get(f"merged:{prune_key}", str(merged_dir))["ppl"]
+        merge_cuts(prune_dir, args.model, heal_input)
+        merged_ppl = ppl.get(f"merged:{prune_key}", str(heal_input))["ppl"]
         print(f"merged across the cuts: perplexity {merged_ppl:.2f} before healing (plain cut: {pruned['ppl']:.2f})")
-        cfg = yaml.safe_load(config.read_text())
-        cfg["cpt"]["input"] = str(merged_dir)
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     wall_heal = run_verb("cpt", config, heal_dir, log=log)
     t0 = time.perf_counter()
     healed = ppl.measure(str(heal_dir / "hf"))
