@@ -230,7 +230,7 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
     assert main(["cpt", str(recipe)]) == 0
     weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
     # one step against the default 10 warmup steps: said, not left for the user to find in the LR curve
-    assert "healer cpt: cpt.warmup_steps (10) is not below the run's length (1 steps)" in capsys.readouterr().err
+    assert "healer cpt: cpt.warmup_steps (10) is not below the run's length (1 step)" in capsys.readouterr().err
     assert main(["cpt", str(recipe), "--cpt.lr", "0.01"]) == 2
     from healer.train.config import CPTConfig
 

@@ -58,7 +58,8 @@ def warmup_note(section: str, *, max_steps: int, warmup_steps: int) -> str | Non
     """
     if warmup_steps == 0 or warmup_steps < max_steps:
         return None
-    return (f"{section}.warmup_steps ({warmup_steps}) is not below the run's length ({max_steps} steps): the "
+    steps = f"{max_steps} step" + ("s" if max_steps != 1 else "")
+    return (f"{section}.warmup_steps ({warmup_steps}) is not below the run's length ({steps}): the "
             f"learning rate rises for the whole run, reaches {section}.lr only at the last step and never decays; set "
             f"{section}.warmup_steps below {max_steps} (or raise {section}.lr) for a run this short")
 
