@@ -304,7 +304,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     from healer.train.export import export_hf
     from healer.train.metrics import MetricsLogger, peak_flops, training_flops_per_token
     from healer.train.objectives import Distill, NextTokenCE
-    from healer.train.schedule import make_lr_lambda, warmup_note
+    from healer.train.schedule import stage_lr
 
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
@@ -479,11 +479,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         train_batches = CachedTeacherBatches(batches, cache, first_step=progress.step,
                                              accumulation=ds_config["gradient_accumulation_steps"],
                                              global_batch=ds_config["train_batch_size"])
-    lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-    if note := warmup_note("cpt", max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps):
-        logger.write(f"healer cpt: {note}")
-    outcome = train(engine, objective, train_batches, lr_at=lambda s: cfg.lr * lr_mult(s),
+    lr_at = stage_lr(cfg, cfg.max_steps, section="cpt", say=logger.write)
+    outcome = train(engine, objective, train_batches, lr_at=lr_at,
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
                     step_scalars=step_scalars, evaluate=evaluate_fn, constraints=constraints, stop_when=stop_when,

@@ -275,7 +275,7 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
     from healer.train.objectives import HiddenMSE
-    from healer.train.schedule import make_lr_lambda, warmup_note
+    from healer.train.schedule import stage_lr
 
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
@@ -346,11 +346,8 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
     logger.write("healer replace: " + batch_summary(ds_config, world, data_cfg.seq_len)
                  + f" | held-out fit on {len(held)} {held_split} micro-batches per rank")
     objective = HiddenMSE(teacher, student_layer=place.student_layer, teacher_layer=place.teacher_layer)
-    lr_mult = make_lr_lambda(cfg.schedule, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-    if note := warmup_note("replace", max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps):
-        logger.write(f"healer replace: {note}")
-    outcome = train(engine, objective, batches, lr_at=lambda s: cfg.lr * lr_mult(s),
+    lr_at = stage_lr(cfg, cfg.max_steps, section="replace", say=logger.write)
+    outcome = train(engine, objective, batches, lr_at=lr_at,
                     cadence=Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.eval_every),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
                     evaluate=lambda eng: held_out_fit(eng, teacher, held, place, with_cut=False), frozen_base=True)

@@ -64,6 +64,16 @@ def warmup_note(section: str, *, max_steps: int, warmup_steps: int) -> str | Non
             f"{section}.warmup_steps below {max_steps} (or raise {section}.lr) for a run this short")
 
 
+def stage_lr(cfg, max_steps: int, *, section: str, say: Callable[[str], None]) -> Callable[[int], float]:
+    """Step -> learning rate of a training section (its ``lr``, ``schedule``, ``warmup_steps``, ``min_lr_ratio``,
+    ``decay_fraction``) over a run of ``max_steps``; ``say`` gets :func:`warmup_note`'s line when there is one."""
+    multiplier = make_lr_lambda(cfg.schedule, max_steps=max_steps, warmup_steps=cfg.warmup_steps,
+                                min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    if note := warmup_note(section, max_steps=max_steps, warmup_steps=cfg.warmup_steps):
+        say(f"healer {section}: {note}")
+    return lambda step: cfg.lr * multiplier(step)
+
+
 def due(step: int, every: int | None, last: int | None = None) -> bool:
     """Whether something done every ``every`` steps (and at the ``last`` step) is due after ``step`` steps."""
     return (last is not None and step == last) or (bool(every) and step > 0 and step % every == 0)

@@ -180,7 +180,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger
     from healer.train.objectives import ReplyCE
-    from healer.train.schedule import make_lr_lambda, warmup_note
+    from healer.train.schedule import stage_lr
 
     opts = opts or Options()
     stage_dir = Path(stage_dir)
@@ -231,11 +231,8 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     if progress.step == 0:
         logger.text("sft/config", "```\n" + cfg.model_dump_json(indent=2) + "\n```")
 
-    lr_mult = make_lr_lambda(cfg.schedule, max_steps=steps, warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-    if note := warmup_note("sft", max_steps=steps, warmup_steps=cfg.warmup_steps):
-        logger.write(f"healer sft: {note}")
-    outcome = train(engine, ReplyCE(), batches, lr_at=lambda s: cfg.lr * lr_mult(s),
+    lr_at = stage_lr(cfg, steps, section="sft", say=logger.write)
+    outcome = train(engine, ReplyCE(), batches, lr_at=lr_at,
                     cadence=Cadence(steps, cfg.log_every, cfg.save_every, cfg.keep_last),
                     progress=progress, stage_dir=stage_dir, settings=settings, logger=logger,
                     stop_after=opts.steps, frozen_base=True,
