@@ -136,6 +136,12 @@ def fade_scale(step: int, fade_steps: int) -> float:
     return max(0.0, 1.0 - (step + 1) / fade_steps)
 
 
+def drawn_batches(rows: list[torch.Tensor], steps: int, batch: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` batches of ``batch`` sequences drawn from ``rows`` in a seeded random order, without repeats."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return [torch.stack([rows[i] for i in order[k * batch:(k + 1) * batch]]) for k in range(steps)]
+
+
 def teacher_samples(teacher, batches: list[torch.Tensor], prompt: int, seed: int) -> list[torch.Tensor]:
     """Each sequence replaced by the teacher's own continuation of its first ``prompt`` tokens, sampled at
     temperature 1 to the same length (self-data distillation: the student is healed on text the teacher finds
@@ -259,16 +265,12 @@ def main() -> None:
         if len(rows) < args.steps * args.batch:
             p.error(f"--heal-text has {len(rows)} sequences of {args.seq_len} tokens after the skip; "
                     f"{args.steps * args.batch} are needed")
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))
-        batches = [torch.stack([rows[i] for i in order[k * args.batch:(k + 1) * args.batch]])
-                   for k in range(args.steps)]
+        batches = drawn_batches(rows, args.steps, args.batch, seed=args.seed)
     elif args.shuffle_window:
         rows: list[torch.Tensor] = []
         while len(rows) < args.shuffle_window:
             rows.extend(next(stream)["input_ids"])
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[: args.steps * args.batch]
-        batches = [torch.stack([rows[i] for i in order[k * args.batch:(k + 1) * args.batch]])
-                   for k in range(args.steps)]
+        batches = drawn_batches(rows, args.steps, args.batch, seed=0)  # 0 whatever --seed, as its README rows
     else:
         batches = [next(stream)["input_ids"] for _ in range(args.steps)]
     if args.teacher_samples:
