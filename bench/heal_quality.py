@@ -271,8 +271,8 @@ def main() -> None:
     prune = prune_section(args)
     cpt = cpt_section(args)
     prune_key = _key(prune)
-    variant = [prune, cpt] + (['in order'] if args.no_shuffle_blocks else [])
-    variant += [replace_section(args)] if args.replace_steps is not None else []
+    replace = replace_section(args) if args.replace_steps is not None else None
+    variant = [prune, cpt] + (['in order'] if args.no_shuffle_blocks else []) + ([replace] if replace else [])
     label = args.label or f"v-{_key(variant)}"
     prune_dir, heal_dir = out / f"prune-{prune_key}", out / f"heal-{label}"
     if args.merge:
@@ -305,7 +305,7 @@ def main() -> None:
     if args.replace_steps:  # train the span's stand-in block first (healer replace), then heal that checkpoint
         run_verb("replace", config, heal_dir / "replace", log=log)
         replaced = heal_dir / "replace" / "hf"
-        replaced_ppl = ppl.get(f"replace:{_key([prune, replace_section(args)])}", str(replaced))["ppl"]
+        replaced_ppl = ppl.get(f"replace:{_key([prune, replace])}", str(replaced))["ppl"]
         print(f"replacement block trained for {args.replace_steps} steps: perplexity {replaced_ppl:.2f} "
               f"(its untrained seed: {pruned['ppl']:.2f})")
     if args.merge:  # heal the merged checkpoint instead of the plain cut
@@ -318,10 +318,10 @@ def main() -> None:
     gap = pruned["ppl"] - dense["ppl"]
     row = {
         "label": label, "prune": prune, "cpt": cpt, "removed": report.get("removed"), "merge": args.merge,
-        "merged_ppl": merged_ppl, "replace": replace_section(args) if args.replace_steps is not None else None,
+        "merged_ppl": merged_ppl, "replace": replace,
         "replaced_ppl": replaced_ppl,
         "prune_desc": describe(prune, skip=("calibration", "replace")) + (", LaCo merge" if args.merge else "")
-        + (f", LLM-Streamline block trained {args.replace_steps} steps" if args.replace_steps is not None else ""),
+        + (f", LLM-Streamline block trained {args.replace_steps} steps" if replace else ""),
         "heal_desc": effective_heal(cpt) + (", stream in order" if args.no_shuffle_blocks else ""),
         "tokens": (args.steps + (args.replace_steps or 0)) * args.global_batch * args.seq_len,
         "eval_tokens": healed["tokens_scored"],
