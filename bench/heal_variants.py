@@ -1,4 +1,4 @@
-"""Healing variants healer's ``cpt`` has no key for, screened in a plain-torch loop (issue 16).
+"""Healing variants healer's ``cpt`` has no key for, screened in a plain-torch loop.
 
 ``bench/heal_quality.py`` measures what ``healer cpt`` recovers; a variant it cannot express (freezing the
 embeddings, training only the blocks around the cuts, folding a removed run into the block before it,

@@ -1,4 +1,4 @@
-"""Hostile-input matrix (issue 10): run the real CLI on bad input, faults and concurrency; count verdicts.
+"""Hostile-input matrix: run the real CLI on bad input, faults and concurrency; count verdicts.
 
 Each probe builds what it needs in a temporary directory (a tiny random model, a corpus, a recipe), runs
 ``python -m healer ...`` in a subprocess with a timeout and classifies the outcome:

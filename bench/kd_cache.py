@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=6)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--zero-stage", type=int, default=0)
-    parser.add_argument("--ranks", type=int, default=1, help="cpt ranks (2 with --zero-stage 3: issue 15's target)")
+    parser.add_argument("--ranks", type=int, default=1, help="cpt ranks (2 with --zero-stage 3: a sharded teacher)")
     args = parser.parse_args()
 
     import yaml

@@ -57,7 +57,7 @@ PARITY_TEXT = (
 # the largest reference logit: f16 keeps 11 significant bits (relative rounding 2**-11 per weight) and bf16 8,
 # and those per-weight errors average out over a dot product, so a correct file lands well inside these bounds
 # (measured: see the README), while a wrong layout or metadata moves logits by the order of the logits
-# themselves. q8_0 changes logits visibly, so it is judged on next-token agreement, as the issue asks.
+# themselves. q8_0 changes logits visibly, so it is judged on next-token agreement.
 RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1}
 TOP1_AGREEMENT = 0.99
 # A position where the reference itself rates the file's pick within this many logits of its own top token (a

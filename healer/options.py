@@ -1,4 +1,4 @@
-"""A verb's own flags, from the ``Options`` dataclass in the module that implements it (contract 1).
+"""A verb's own flags, from the ``Options`` dataclass in the module that implements it.
 
 Field ``resume_from`` is the flag ``--resume-from``; a ``bool`` field is a switch; an ``int``/``float``/
 ``str`` field (or ``X | None``) takes a value of that type. ``metadata`` says ``help`` (required),
@@ -43,7 +43,7 @@ class _Flag:
 
 
 def option_flags(options: type) -> dict[str, _Flag]:
-    """``--flag`` -> field for every non-positional field of an ``Options`` dataclass (contract 1)."""
+    """``--flag`` -> field for every non-positional field of an ``Options`` dataclass."""
     hints = typing.get_type_hints(options)
     flags: dict[str, _Flag] = {}
     for f in dataclasses.fields(options):

@@ -27,7 +27,7 @@ from healer.stages import STAGES
 
 @dataclass
 class Options:
-    """``healer launch``'s own flags (contract 1); the recipe is the CLI's positional recipe argument."""
+    """``healer launch``'s own flags; the recipe is the CLI's positional recipe argument."""
 
     stage: str | None = field(default=None, metadata={"help": "the stage every rank runs", "positional": True,
                                                        "choices": STAGES})

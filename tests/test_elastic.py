@@ -116,7 +116,7 @@ def test_one_epoch_without_resume_reads_each_document_once(tok, corpus):
 
 
 def test_two_ranks_to_one_to_two_read_each_document_once(tok, corpus):
-    """The issue's check: 2 ranks -> checkpoint -> 1 rank -> checkpoint -> 2 ranks, to the end of the epoch."""
+    """The check: 2 ranks -> checkpoint -> 1 rank -> checkpoint -> 2 ranks, to the end of the epoch."""
     seen, states = _elastic_run(tok, corpus, [(2, 0, 150), (1, 0, 333), (2, 0, None)])
     _assert_each_once(seen, corpus)
     documents = sum(sum(s["streams"][0]["docs"]) for s in states)

@@ -1,4 +1,4 @@
-"""The healing defaults of ``cpt:`` (issue 16, chosen by bench/heal_quality.py) reach the trainer: KD from the
+"""The healing defaults of ``cpt:`` (chosen by bench/heal_quality.py) reach the trainer: KD from the
 unpruned model.source, at the prune's cut points, without the user writing a ``cpt.kd`` section."""
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_hidden_mse_inner_layers_and_padding():
 # --- hidden-state distillation at a depth prune's cut points ----------------------------------------------
 
 def test_cut_points_pair_the_block_before_each_cut_with_the_end_of_the_removed_span():
-    # The cut of SmolLM2: runs 12-14, 17, 25-26 of 30 blocks. Before run 12-14 the student has 12 blocks
+    # The -20% cut of SmolLM2: runs 12-14, 17, 25-26 of 30 blocks. Before run 12-14 the student has 12 blocks
     # (state 12), the teacher's span ends after block 14 (state 15); before 17 the student has 14 blocks; ...
     assert cut_points([12, 13, 14, 17, 25, 26], 30) == [(12, 15), (14, 18), (21, 27)]
     assert cut_points([26, 25, 12], 30) == [(12, 13), (24, 27)]  # order and runs found from the indices

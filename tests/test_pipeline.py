@@ -119,7 +119,7 @@ def test_changed_recipe_is_refused_naming_the_change_and_force_rebuilds(tmp_path
     # Settings that do not change the result do not invalidate anything.
     assert main(["run", str(recipe), "--launch.nproc_per_node", "2"]) == 0
 
-    # The case: a new prune setting over the old run would release the old weights under it.
+    # The case: a new prune setting over the old run would release the old weights under it.
     assert main(["run", str(recipe), "--prune.blocks", "[2]"]) == 2
     err = capsys.readouterr().err
     assert "prune.blocks: [1] -> [2]" in err and "release" in err and "--force" in err and "run_dir" in err

@@ -74,7 +74,7 @@ def test_pruned_llama32_mlp20_recipe_matches_the_release(tmp_path, capsys):
 
 
 def test_smollm2_rounds_recipe_compares_like_with_like(tmp_path):
-    """Issue 13's CPU measurement: 2 x 20% and one-shot 40% remove the same 12 of 30 blocks with the same
+    """The CPU measurement: 2 x 20% and one-shot 40% remove the same 12 of 30 blocks with the same
     criterion and train the same number of tokens."""
     from healer.prune.depth import blocks_to_remove
     from healer.rounds import blocks_per_round, heal_steps

@@ -30,7 +30,7 @@ SOURCE_STATS_EVERY = 10  # steps between gathering every rank's per-source token
 
 @dataclass
 class Options:
-    """``healer cpt`` flags (contract 1)."""
+    """``healer cpt`` flags."""
 
     action: str = field(default="train", metadata={
         "help": "train, or export: write the HF export of the newest checkpoint and stop",

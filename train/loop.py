@@ -1,7 +1,7 @@
 """The one training loop every training stage runs (cpt, sft, and whatever heals next).
 
 A stage builds the engine, the batches and the objective, then calls :func:`resume` and :func:`train`.
-What varies between stages is the objective (contract 2: ``tokens(batch)`` and ``(loss_sum, parts)``); the
+What varies between stages is the objective (``tokens(batch)`` and ``(loss_sum, parts)``); the
 loop owns accumulation with token-weighted normalisation, the LR schedule, logging, eval and checkpoint
 cadence, preemption and resume, the same way for every stage:
 
@@ -159,7 +159,7 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
     """Collective: run optimizer steps from ``progress.step`` to ``cadence.max_steps`` (or ``stop_after`` more).
 
     Args:
-        objective: ``tokens(batch)`` and ``objective(engine, batch) -> (loss_sum, parts)`` (contract 2).
+        objective: ``tokens(batch)`` and ``objective(engine, batch) -> (loss_sum, parts)``.
         lr_at: the LR of optimizer step ``s`` (0-based), from the recipe this run was started with.
         settings: recorded in every checkpoint, compared on resume.
         evaluate: ``evaluate(engine) -> scalars`` (collective), when ``cadence.eval_every`` is due and at the end.

@@ -137,7 +137,7 @@ def build_prompts(texts: list[str], n: int, seed: int = 0, passage_chars: int = 
 def generation_dtype() -> torch.dtype:
     """bfloat16 where the hardware computes it natively (GPU, AVX512-BF16 or AMX CPUs), else float32.
 
-    Decoding is bound by reading the weights, and bf16 halves the bytes; on the shared 2-core dev box it
+    Decoding is bound by reading the weights, and bf16 halves the bytes; on a 2-core CPU it
     measured between 1x and 3x faster than float32 (bench/self_distill_speed.py; noisy), never slower.
     The replies only need to be good text, not bit-exact.
     """

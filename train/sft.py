@@ -33,7 +33,7 @@ from healer.train.lora import ADAPTER, attach, load_base, merge_adapter, save_ad
 
 @dataclass
 class Options:
-    """``healer sft`` flags (contract 1)."""
+    """``healer sft`` flags."""
 
     resume: str = field(default="auto", metadata={
         "help": "auto: newest complete checkpoint; none: start over (old checkpoints moved aside); or a checkpoint "
