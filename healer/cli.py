@@ -16,6 +16,7 @@ import os
 import sys
 
 from healer.errors import HealerError, RecipeError
+from healer.lock import is_main_process
 from healer.options import LAUNCHER_FLAGS, option_flags, parse_command_line
 from healer.stages import VERBS, Verb
 
@@ -74,11 +75,6 @@ def _row(left: str, right: str) -> str:
 
 
 # -- running a verb -----------------------------------------------------------------------------------
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed job, or a single process (the launchers set RANK)."""
-    return os.environ.get("RANK", "0") == "0"
-
 
 def invoke(verb: Verb, recipe, opts) -> int:
     """Call ``verb`` with ``recipe`` and ``opts``; a stage holds its directory's lock and records its inputs."""

@@ -136,3 +136,8 @@ def _read(fd: int) -> dict:
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
         return {"pid": "?", "host": "?"}
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed job, or a single process (the launchers set RANK): the one that locks."""
+    return os.environ.get("RANK", "0") == "0"

@@ -196,7 +196,7 @@ def _run_step(step: Step, recipe: Recipe, resolved: Path, force: bool) -> int:
             write_rank_recipe(step.recipe, resolved)
         args = ["--resume", "none"] if force and step.stage in TRAINING_STAGES else []
         return run_stage(step.stage, str(resolved), args, step.recipe.launch)
-    from healer.cli import is_main_process
+    from healer.lock import is_main_process
     from healer.manifest import expect_inputs
 
     verb = VERBS[step.stage]

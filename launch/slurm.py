@@ -20,19 +20,11 @@ from pathlib import Path
 from healer.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.supervise import PREEMPTED_EXIT_CODE
+from healer.train.rendezvous import master_port_for_job  # noqa: F401  (launch.node and the scripts)
 
 
 class SlurmError(HealerError):
     pass
-
-
-def master_port_for_job(job_id: int | str) -> int:
-    """The rendezvous port of SLURM job ``job_id``: the same on every node of the job, different between jobs.
-
-    Ports 20000-31999 stay below Linux's ephemeral range (32768 and up), so no outgoing connection holds
-    the port already, and 12000 consecutive job ids never share one on a node.
-    """
-    return 20000 + int(job_id) % 12000
 
 
 def _directive_path(path: Path, what: str) -> str:

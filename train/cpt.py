@@ -524,13 +524,3 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         "tokens_per_source": {k[len("data/tokens/"):]: int(v) for k, v in last.items() if k.startswith("data/tokens/")},
     }
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m healer.train.cpt --config r.yaml ...``: the verb without the CLI dispatcher."""
-    from healer.cli import main as cli_main
-
-    return cli_main(["cpt", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from healer.errors import HealerError
+from healer.train.rendezvous import master_port_for_job
 
 
 def _presets() -> dict[str, Any]:
@@ -81,8 +82,6 @@ def _fill_rank_env() -> None:
                                   "`scontrol show hostnames $SLURM_JOB_NODELIST` failed; export MASTER_ADDR")
             os.environ["MASTER_ADDR"] = host
         if "MASTER_PORT" not in os.environ:
-            from healer.launch.slurm import master_port_for_job
-
             os.environ["MASTER_PORT"] = str(master_port_for_job(int(os.environ.get("SLURM_JOB_ID", "0"))))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         return
