@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from healer.launch.slurm import first_node, master_port_for_job, slurm_node_addr
+from healer.launch.slurm import first_node, slurm_node_addr
 from healer.launch.supervise import supervise
 from healer.launch.torchrun import NodeSpec, rank_env, torchrun_command
+from healer.train.rendezvous import master_port_for_job
 
 
 def node_spec_from_slurm(env: dict[str, str], nproc_per_node: int, master_addr: str | None,

@@ -20,7 +20,6 @@ from pathlib import Path
 from healer.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.supervise import PREEMPTED_EXIT_CODE
-from healer.train.rendezvous import master_port_for_job  # noqa: F401  (launch.node and the scripts)
 
 
 class SlurmError(HealerError):

@@ -21,6 +21,7 @@ from healer.launch.config import LaunchConfig, SlurmConfig
 from healer.launch.run import write_rank_recipe
 from healer.launch.supervise import PREEMPTED_EXIT_CODE
 from healer.recipe import RecipeError, load_recipe
+from healer.train.rendezvous import master_port_for_job
 
 HOSTILE = ["gpu\nrm -rf ~", "$(touch PWNED)", "`touch PWNED`", "gpu;touch PWNED", "gpu\n", "gpu && touch PWNED"]
 TOKEN = "hf_" + "Zq7Lk2Vw9Xp4Rt6Ym1Nb3Cd5Fg8Hj0Ks2"
@@ -160,11 +161,11 @@ def test_directory_an_sbatch_line_cannot_carry_is_refused(tmp_path):
 def test_one_master_port_per_job_below_the_ephemeral_range():
     from healer.launch.node import node_spec_from_slurm
 
-    ports = {slurm.master_port_for_job(job) for job in range(100_000, 112_000)}
+    ports = {master_port_for_job(job) for job in range(100_000, 112_000)}
     assert len(ports) == 12_000 and min(ports) >= 20_000 and max(ports) < 32_768
     env = {"SLURM_JOB_ID": "123456", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n1"}
     node = node_spec_from_slurm(env, 8, "10.0.0.1", None, None, "cpt")
-    assert node.master_port == slurm.master_port_for_job("123456")
+    assert node.master_port == master_port_for_job("123456")
 
 
 # ---- secrets: what healer launch writes and prints --------------------------------------------------

@@ -36,8 +36,9 @@ def test_no_file_narrates_its_history():
 
 
 def test_the_pattern_catches_what_it_is_for():
-    for line in ("as the issue asks", "(issue 16)", "ISSUE_BLOCKS = [1]", "on an earlier, busier machine",
-                 "the shared 2-core dev box", "flags (contract 1)"):
+    # Made-up lines of each kind the pattern refuses, and lines it must let through.
+    for line in ("x (issue 99)", "ISSUE_ROWS = [1]", "as the issue says", "earlier machine",
+                 "the dev box", "(contract 9)"):
         assert HISTORY.search(line), line
     for line in ("start_new_session=True", "an issue tracker", "issues a warning"):
         assert not HISTORY.search(line), line
