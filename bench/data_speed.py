@@ -115,7 +115,7 @@ def main() -> None:
     if not args.corpus.exists():
         raise SystemExit(f"no corpus at {args.corpus}; pass --corpus DIR of .jsonl.zst shards")
 
-    from healer.modeling import load_tokenizer, resolve_source
+    from healer.model.modeling import load_tokenizer, resolve_source
 
     tokenizer = load_tokenizer(resolve_source("smollm2"))
     files = sorted(glob.glob(str(args.corpus / "**" / "*.jsonl.zst"), recursive=True))

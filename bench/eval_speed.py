@@ -21,7 +21,7 @@ import torch
 
 from healer.eval import perplexity, read_text
 from healer.eval.ppl import tokenize
-from healer.modeling import load_model, load_tokenizer, resolve_source
+from healer.model.modeling import load_model, load_tokenizer, resolve_source
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "wikitext-2" / "wiki.valid.tokens"
 

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 
 from healer.cli import main  # noqa: E402
-from healer.forecast import forecast, read_curve  # noqa: E402
+from healer.run.forecast import forecast, read_curve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "slimpajama-sample"
 

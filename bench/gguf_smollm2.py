@@ -2,7 +2,7 @@
 
 The model is loaded as healer loads it (the packaged GGUF de-quantised to float weights), saved as a Hugging
 Face directory the way a release saves it, then exported to each GGUF type and checked against that directory
-with :func:`healer.gguf_export.export_and_check` (transformers' GGUF loader, and llama.cpp when
+with :func:`healer.release.gguf_export.export_and_check` (transformers' GGUF loader, and llama.cpp when
 ``llama-cpp-python`` is installed). Prints per file: size, time, max |dlogit|, top-1 agreement per loader.
 
     python bench/gguf_smollm2.py [--types f16 q8_0] [--positions 256] [--dtype bfloat16] [--out DIR]
@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from healer.gguf_export import export_and_check
-from healer.modeling import load_model, load_tokenizer, resolve_source, save_and_verify, torch_dtype
+from healer.model.modeling import load_model, load_tokenizer, resolve_source, save_and_verify, torch_dtype
+from healer.release.gguf_export import export_and_check
 
 
 def main() -> None:

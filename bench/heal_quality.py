@@ -126,8 +126,8 @@ def merge_cuts(prune_dir: Path, model: str, out_dir: Path) -> None:
 
     import torch
 
-    from healer.adapter import ModelAdapter
-    from healer.modeling import load_model, load_tokenizer, resolve_source, save_and_verify
+    from healer.model.adapter import ModelAdapter
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source, save_and_verify
     from healer.prune.depth import merge_across_cuts
 
     if (out_dir / "prune_report.json").is_file():
@@ -166,7 +166,7 @@ class Perplexities:
         import torch
 
         from healer.eval.ppl import perplexity, tokenize
-        from healer.modeling import load_model, load_tokenizer, resolve_source
+        from healer.model.modeling import load_model, load_tokenizer, resolve_source
 
         location = resolve_source(source)
         tok = load_tokenizer(location)

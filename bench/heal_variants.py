@@ -235,7 +235,7 @@ def main() -> None:
         p.error("--ema scores the trained weights themselves; with --lora-rank they are adapters merged at the end")
 
     from healer.eval.ppl import perplexity, tokenize
-    from healer.modeling import load_model, load_tokenizer, resolve_source
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source
     from healer.train.data.config import DataConfig
     from healer.train.data.loader import build_loader
     from healer.train.schedule import make_lr_lambda
@@ -357,7 +357,7 @@ def main() -> None:
     if args.lora_rank:
         student = student.merge_and_unload()
     if fading:  # score the pruned architecture itself: the faded blocks removed by healer prune's own surgery
-        from healer.adapter import ModelAdapter
+        from healer.model.adapter import ModelAdapter
 
         ModelAdapter(student).remove_blocks(removed)
     healed = ppl(student)

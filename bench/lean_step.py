@@ -56,7 +56,7 @@ def _batches(data_cfg, tokenizer, micro: int, n: int) -> list[torch.Tensor]:
 
 
 def _load(model_dir: Path):
-    from healer.modeling import load_model, resolve_source
+    from healer.model.modeling import load_model, resolve_source
 
     model = load_model(resolve_source(str(model_dir)), torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
@@ -113,7 +113,7 @@ def bare_deepspeed(args, model_dir: Path, cfg, data_cfg, tokenizer) -> list[floa
 
 def healer_cpt(args, model_dir: Path, cfg, data_cfg, tokenizer) -> list[float]:
     """(h): the real trainer; step times are the gaps between consecutive logged steps."""
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.cpt import Options, heal
 
     stage = Path(tempfile.mkdtemp(prefix="healer-lean-"))

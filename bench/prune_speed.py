@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from healer.calibration import calibration_tokens, load_calibration
-from healer.modeling import load_model, load_tokenizer, resolve_source
+from healer.model.calibration import calibration_tokens, load_calibration
+from healer.model.modeling import load_model, load_tokenizer, resolve_source
 from healer.prune import depth
 from healer.prune.blockwise import BlockStack
 

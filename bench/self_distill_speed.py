@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from healer.modeling import load_model, load_tokenizer, resolve_source
+from healer.model.modeling import load_model, load_tokenizer, resolve_source
 from healer.train.self_distill import answer, build_prompts, generation_dtype, pydoc_texts
 
 

@@ -55,7 +55,7 @@ def unmerged_perplexity(path: Path, run: Path) -> tuple[float, float]:
     from peft import PeftModel
 
     from healer.eval.ppl import perplexity, read_text, tokenize
-    from healer.modeling import load_model, load_tokenizer, resolve_source
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source
     from healer.recipe import load_recipe
 
     cfg = load_recipe(path, []).eval

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from healer.calibration import load_calibration
 from healer.eval.ppl import perplexity, read_text
-from healer.modeling import load_model, load_tokenizer, resolve_source
+from healer.model.calibration import load_calibration
+from healer.model.modeling import load_model, load_tokenizer, resolve_source
 from healer.prune.sparse import sparsify, verify_sparsity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

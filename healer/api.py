@@ -8,13 +8,13 @@
     scores.metrics["perplexity"]           # eval.json, as a dict
 
 (They live in ``healer.api`` rather than on ``healer`` itself because ``healer.prune`` and
-``healer.release`` already name the pruning package and the release module.)
+``healer.release.stage`` already name the pruning package and the release module.)
 
 Every function takes a recipe -- a YAML path, the name of a shipped recipe (``demo``), a dict, or a
 :class:`healer.recipe.Recipe` -- plus overrides as ``{"section.key": value}`` (what ``--section.key value``
 is on the command line), and runs the verb through :func:`healer.cli.invoke`, the function ``healer VERB``
 calls: the same stage lock, the same recorded inputs, the same manifest. A stage that fails raises
-:class:`healer.errors.HealerError`; one that finishes returns a :class:`StageResult` read back from its
+:class:`healer.core.errors.HealerError`; one that finishes returns a :class:`StageResult` read back from its
 manifest. Training stages run in this process on one rank (as ``healer cpt`` does); for many ranks use
 :func:`run`, which starts them through the recipe's ``launch:`` section as ``healer run`` does.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.recipe import Recipe, load_recipe
 
 RecipeLike = str | Path | dict | Recipe
@@ -91,7 +91,7 @@ def run_stage(stage: str, recipe: RecipeLike, overrides: dict[str, Any] | list[s
     ``options`` are the verb's own flags (``resume="none"`` for ``healer cpt --resume none``).
     """
     from healer.cli import invoke
-    from healer.manifest import finished_manifest
+    from healer.core.manifest import finished_manifest
     from healer.stages import VERBS
 
     verb = VERBS.get(stage)
@@ -156,7 +156,7 @@ def run(recipe: RecipeLike, overrides: dict[str, Any] | list[str] | None = None,
     dense / pruned / healed table).
     """
     from healer.cli import invoke
-    from healer.pipeline import SUMMARY
+    from healer.run.pipeline import SUMMARY
     from healer.stages import VERBS
 
     resolved = as_recipe(recipe, overrides)

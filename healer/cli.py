@@ -15,8 +15,8 @@ import dataclasses
 import os
 import sys
 
-from healer.errors import HealerError, RecipeError
-from healer.lock import is_main_process
+from healer.core.errors import HealerError, RecipeError
+from healer.core.lock import is_main_process
 from healer.options import LAUNCHER_FLAGS, option_flags, parse_command_line
 from healer.stages import VERBS, Verb
 
@@ -81,9 +81,9 @@ def invoke(verb: Verb, recipe, opts) -> int:
     func, _ = verb.load()
     if not verb.stage or recipe is None:
         return int(func(recipe, opts) or 0)
-    from healer.lock import DirectoryLock
-    from healer.manifest import expect_inputs
-    from healer.stage_inputs import stage_inputs
+    from healer.core.lock import DirectoryLock
+    from healer.core.manifest import expect_inputs
+    from healer.run.stage_inputs import stage_inputs
 
     expect_inputs(verb.name, stage_inputs(recipe, verb.name))
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.stages import Verb
 
 # Set by the DeepSpeed launcher on every rank's command line; the engine reads LOCAL_RANK from the

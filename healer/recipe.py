@@ -16,12 +16,12 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from healer.config_base import Section
-from healer.errors import RecipeError
+from healer.core.config_base import Section
+from healer.core.errors import RecipeError
 from healer.eval.config import EvalConfig
 from healer.launch.config import LaunchConfig
 from healer.prune.config import PruneConfig
-from healer.release_config import ReleaseConfig
+from healer.release.config import ReleaseConfig
 from healer.stages import MODEL_STAGES, STAGES, VERBS
 from healer.train.config import CPTConfig, SFTConfig
 from healer.train.data.config import DataConfig
@@ -93,7 +93,7 @@ class Recipe(Section):
         """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``; with ``prune.rounds``,
         prune's is the last round's prune directory (its report describes the final cut)."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.rounds import round_dir
+            from healer.run.rounds import round_dir
 
             return round_dir(self.run_dir, len(self.prune.rounds)) / "prune"
         section = getattr(self, stage, None)
@@ -121,7 +121,7 @@ class Recipe(Section):
         """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory; with
         ``prune.rounds`` the last round's model)."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.rounds import round_model_dir
+            from healer.run.rounds import round_model_dir
 
             return round_model_dir(self, len(self.prune.rounds))
         sub = VERBS[stage].model_subdir
@@ -132,7 +132,7 @@ class Recipe(Section):
         """(label, directory) of every step whose manifest a later stage is built on: the stage's own, or
         with ``prune.rounds`` each round's prune and heal."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.rounds import round_step_dirs
+            from healer.run.rounds import round_step_dirs
 
             return round_step_dirs(self)
         return [(stage, self.stage_dir(stage))]

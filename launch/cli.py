@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.run import launch_dir, run_stage, write_rank_recipe
 from healer.recipe import Recipe

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from healer.config_base import Section
+from healer.core.config_base import Section
 
 # What sbatch accepts for these options: names (comma lists for several partitions), SLURM's time
 # formats, memory as <int>[KMGT], and feature expressions for --constraint.

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
+from healer.core.redact import REDACTED, redact_text, redact_tree, write_text
 from healer.launch import slurm
 from healer.launch.config import LaunchConfig
 from healer.launch.hostfile import check_slots, check_ssh, parse_hostfile
 from healer.launch.supervise import supervise
 from healer.launch.torchrun import NodeSpec, free_port, rank_env, torchrun_command
 from healer.recipe import Recipe, load_recipe, resolve_recipe_path
-from healer.redact import REDACTED, redact_text, redact_tree, write_text
 
 DEFAULT_PORT = 29500
 # What the DeepSpeed launcher can put in its remote pdsh command as it is (it does not quote).

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.launch.config import LaunchConfig
 from healer.launch.supervise import PREEMPTED_EXIT_CODE
 

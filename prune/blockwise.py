@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from healer.adapter import Architecture, architecture_for, get_module
-from healer.errors import HealerError
-from healer.modeling import ModelLocation, load_config, safetensors_files
+from healer.core.errors import HealerError
+from healer.model.adapter import Architecture, architecture_for, get_module
+from healer.model.modeling import ModelLocation, load_config, safetensors_files
 
 
 def _output_tensor(out) -> torch.Tensor:

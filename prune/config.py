@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from healer.config_base import Section
-from healer.errors import HealerError
+from healer.core.config_base import Section
+from healer.core.errors import HealerError
 from healer.prune.criteria import (
     CRITERIA,
     METHODS,

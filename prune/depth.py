@@ -14,7 +14,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from healer.adapter import ModelAdapter
+from healer.model.adapter import ModelAdapter
 from healer.prune.blockwise import BlockStack
 
 # Calibration batches are processed in chunks of this many sequences to bound activation memory.

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from healer.adapter import ARCHITECTURES, Architecture, architecture_for, get_module
-from healer.errors import HealerError, VerificationError
+from healer.core.errors import HealerError, VerificationError
+from healer.model.adapter import ARCHITECTURES, Architecture, architecture_for, get_module
 from healer.prune.blockwise import BlockStack
 from healer.prune.sparse_scores import Pattern, check_shape, magnitude_mask, parse_pattern, wanda_mask
 from healer.prune.sparsegpt import Hessian, sparsegpt_prune
@@ -422,7 +422,7 @@ def save_sparse(model: nn.Module, tokenizer, out_dir: str | Path, pattern: str =
     ``pattern``/``ratio``/``layers`` as given to :func:`sparsify`. Returns ``{"reload_max_logit_diff", "sparsity"}``
     where ``sparsity`` is :func:`verify_sparsity` of the files written; raises if the pattern did not survive.
     """
-    from healer.modeling import save_and_verify
+    from healer.model.modeling import save_and_verify
 
     in_memory = verify_sparsity(model, pattern, ratio, layers=layers)["sparsity"]["zeros"]
     diff = save_and_verify(model, tokenizer, out_dir, atol=atol)
@@ -451,7 +451,7 @@ def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tok
                  started: float | None = None) -> dict:
     """``prune.method: sparse`` end to end: prune, write a plain HF directory, check it, write prune_report.json.
 
-    ``location``: a :class:`healer.modeling.ModelLocation`. A local directory with safetensors is pruned from its
+    ``location``: a :class:`healer.model.modeling.ModelLocation`. A local directory with safetensors is pruned from its
     shards one block at a time and rewritten shard by shard (the check re-reads the written files the way
     ``from_pretrained`` does -- through the index -- without loading the whole model); anything else (GGUF, hub
     id, .bin weights) is loaded into memory, pruned, saved, reloaded with ``from_pretrained`` and compared by
@@ -461,8 +461,8 @@ def prune_sparse(location, out_dir: str | Path, tokens: torch.Tensor | None, tok
     ``extra``: more report fields (the stage's seed, versions ...); ``started``: when the caller's work began
     (``time.time()``), so ``elapsed_s`` covers reading the calibration text too.
     """
-    from healer.manifest import write_json_atomic
-    from healer.modeling import load_model
+    from healer.core.manifest import write_json_atomic
+    from healer.model.modeling import load_model
 
     out = Path(out_dir)
     readable = location.is_local_dir and (Path(location.path) / "config.json").is_file() and (

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.prune.sparse_scores import Pattern, layer_mask
 
 

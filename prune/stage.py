@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from healer.adapter import ModelAdapter, architecture_for
-from healer.calibration import load_calibration
-from healer.errors import HealerError
-from healer.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
-from healer.modeling import (
+from healer.core.errors import HealerError
+from healer.core.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
+from healer.model.adapter import ModelAdapter, architecture_for
+from healer.model.calibration import load_calibration
+from healer.model.modeling import (
     check_output_dir,
     check_seq_len,
     check_weights,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from healer.adapter import attention_projections, mlp_projections
+from healer.model.adapter import attention_projections, mlp_projections
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 

@@ -9,7 +9,7 @@ from helpers import SAMPLE_TEXT, save_tiny
 
 from healer.api import as_recipe, evaluate, heal, prune
 from healer.cli import main
-from healer.errors import HealerError, RecipeError
+from healer.core.errors import HealerError, RecipeError
 
 
 def test_prune_then_evaluate_through_the_api(tmp_path):

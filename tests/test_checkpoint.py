@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.checkpoint import (
     COMPLETE,
     LATEST,

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from healer import pipeline, stages
 from healer import recipe as recipe_module
+from healer import stages
 from healer.cli import main
-from healer.errors import HealerError, RecipeError
+from healer.core.errors import HealerError, RecipeError
 from healer.options import option_flags, parse_command_line
 from healer.recipe import Recipe, load_recipe
+from healer.run import pipeline
 from healer.stages import VERBS, Verb
 
 

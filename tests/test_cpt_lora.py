@@ -15,8 +15,8 @@ import yaml
 from test_sparse_heal import _corpus, _run, _sparse, _zeros
 from transformers import AutoModelForCausalLM
 
-from healer.errors import HealerError
-from healer.modeling import resolve_source
+from healer.core.errors import HealerError
+from healer.model.modeling import resolve_source
 from healer.train.masks import sparsity_to_keep
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -180,9 +180,9 @@ def test_the_wanda_recipes_heal_with_the_papers_lora_on_c4(recipe, tmp_path):
 
 
 def test_the_model_card_says_a_lora_heal_is_a_merged_adapter(tmp_path):
-    from healer.manifest import write_stage_manifest
+    from healer.core.manifest import write_stage_manifest
     from healer.recipe import load_recipe
-    from healer.release import training_stages
+    from healer.release.stage import training_stages
 
     recipe = load_recipe(None, {"model.source": "x", "run_dir": str(tmp_path), "cpt": {"lora": {"rank": 8}}})
     write_stage_manifest(recipe.stage_dir("cpt"), "cpt", {"lora": {"rank": 8}, "kd": None, "steps": 3})

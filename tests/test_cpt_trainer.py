@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers import SAMPLE_TEXT, logged_steps, save_tiny
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
 from healer.train.engine import build_ds_config
 from healer.train.schedule import due, make_lr_lambda, warmup_note
@@ -154,7 +154,7 @@ def test_sigterm_saves_exits_with_the_preemption_code_and_resumes(tmp_path):
 
 def _heal(tmp_path: Path, model: Path, corpus: Path, *, resume: str = "auto", force: bool = False, seq_len: int = 32,
           **cpt):
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.config import CPTConfig
     from healer.train.cpt import Options, heal
     from healer.train.data.config import DataConfig, SourceConfig

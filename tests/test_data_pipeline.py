@@ -16,7 +16,7 @@ import pytest
 import torch
 import zstandard
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.data import DataConfig, build_loader
 
 N_DOCS = 120

@@ -170,7 +170,7 @@ def test_a_recipe_with_a_bad_dynamic_section_says_which_key(tmp_path):
 
 
 def _heal(tmp_path: Path, model: Path, teacher: Path, cfg: DataConfig, max_steps: int):
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.config import CPTConfig
     from healer.train.cpt import Options, heal
 

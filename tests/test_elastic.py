@@ -166,7 +166,7 @@ def test_the_worker_count_is_no_resume_setting(corpus):
 
 
 def test_a_layout_change_without_all_ranks_states_is_refused(tok, corpus):
-    from healer.errors import HealerError
+    from healer.core.errors import HealerError
 
     _, states = _elastic_run(tok, corpus, [(2, 0, 2)])
     loader = build_loader(_config(corpus, 0), tok, rank=0, world_size=1, micro_batch_size=1)
@@ -240,7 +240,7 @@ def test_another_zero_stage_resumes_with_the_same_weights_and_adam_state(tmp_pat
 
 
 def test_a_checkpoint_of_another_model_is_one_clear_line(tmp_path):
-    from healer.errors import HealerError
+    from healer.core.errors import HealerError
     from healer.train.checkpoint import load_checkpoint, save_checkpoint
 
     old = _engine(2, seed=0)

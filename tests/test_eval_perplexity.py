@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords
 from healer.eval import perplexity, read_text
 from healer.eval.config import EvalConfig
 from healer.eval.ppl import tokenize
 from healer.eval.suite import evaluate
-from healer.textio import BadRecords
 
 
 class ToyTokenizer:
@@ -126,7 +126,7 @@ def test_invalid_json_file_is_one_line_naming_it(tmp_path):
 def test_a_long_text_is_tokenized_in_pieces_to_the_same_ids():
     from helpers import tiny_tokenizer
 
-    import healer.textio as textio
+    import healer.core.textio as textio
 
     tok = tiny_tokenizer()
     text = ("The quick brown fox jumps over the lazy dog.\n  def add(a, b):\n    return a + b  " * 400)
@@ -140,7 +140,7 @@ def test_a_long_text_is_tokenized_in_pieces_to_the_same_ids():
 
 @pytest.fixture
 def model_dir(model, tmp_path):
-    from healer.modeling import save_and_verify
+    from healer.model.modeling import save_and_verify
 
     model_dir = tmp_path / "model"
     save_and_verify(model, None, model_dir)

@@ -8,7 +8,7 @@ import pytest
 from helpers import SAMPLE_TEXT, save_tiny
 
 from healer.cli import main
-from healer.manifest import read_stage_manifest
+from healer.core.manifest import read_stage_manifest
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import tiny_model, tiny_tokenizer
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.eval.harness import run_tasks
 from healer.eval.tasks import data_source, prepare_tasks
 
@@ -179,7 +179,7 @@ def test_real_arc_easy_and_piqa_with_smollm2_score_as_computed_by_hand(tmp_path,
     Few examples (CPU time), but each is scored both ways, so a wrong prompt, gold index or
     tokenizer boundary (BOS, the space before the answer) shows as a mismatch.
     """
-    from healer.modeling import load_model, load_tokenizer, resolve_source
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source
 
     location = resolve_source("smollm2")
     model, tok = load_model(location), load_tokenizer(location)
@@ -239,7 +239,7 @@ def test_recorded_lm_eval_command_parses_and_gives_healers_numbers(tmp_path):
 
 def test_the_model_card_prints_the_lm_eval_command(tmp_path):
     from healer.eval.harness import lm_eval_command
-    from healer.model_card import eval_section
+    from healer.release.model_card import eval_section
 
     argv = lm_eval_command("/runs/x/cpt/hf", ["arc_easy"], tmp_path / "tasks", batch_size=4, limit=100)
     command = shlex.join(argv)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from healer.cli import main
-from healer.errors import HealerError
-from healer.forecast import PowerLaw, fit_power_law, forecast
+from healer.core.errors import HealerError
+from healer.run.forecast import PowerLaw, fit_power_law, forecast
 
 TRUE = PowerLaw(l_inf=2.0, a=60.0, alpha=0.35, rmse=0.0)
 

@@ -13,10 +13,10 @@ import torch
 import yaml
 from helpers import FAMILIES, save_tiny, tiny_model, tiny_tokenizer
 
-import healer.gguf_export as gguf_export
+import healer.release.gguf_export as gguf_export
 from healer.cli import main
-from healer.errors import HealerError
-from healer.manifest import read_stage_manifest
+from healer.core.errors import HealerError
+from healer.core.manifest import read_stage_manifest
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
 

@@ -7,7 +7,7 @@ import json
 
 from helpers import save_tiny
 
-from healer.modeling import resolve_source
+from healer.model.modeling import resolve_source
 from healer.recipe import load_recipe
 from healer.train import cpt
 from healer.train.config import CPTConfig

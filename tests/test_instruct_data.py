@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import tiny_tokenizer
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.instruct import (
     IGNORE_INDEX,
     alpaca_prompt,

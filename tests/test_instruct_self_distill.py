@@ -8,7 +8,7 @@ import pytest
 from helpers import save_tiny
 
 from healer.cli import main as cli_main
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.instruct import load_records
 from healer.train.self_distill import build_prompts, pydoc_texts, read_texts, tidy_reply
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch_cpt_recipe import STEPS, cpt_recipe, losses, reference_run, weights  # noqa: E402
 from slurm_cluster import missing_binaries, start_cluster  # noqa: E402
 
-from healer.errors import HealerError  # noqa: E402
+from healer.core.errors import HealerError  # noqa: E402
 from healer.launch import slurm  # noqa: E402
 from healer.launch.config import LaunchConfig, SlurmConfig  # noqa: E402
 from healer.launch.run import run_entry, run_stage  # noqa: E402

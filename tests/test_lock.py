@@ -13,15 +13,15 @@ import pytest
 from helpers import save_tiny
 
 from healer.cli import main
-from healer.errors import HealerError
-from healer.lock import DirectoryLock, lock_path
+from healer.core.errors import HealerError
+from healer.core.lock import DirectoryLock, lock_path
 
 
 def _hold(directory) -> subprocess.Popen:
     """Another process that holds ``directory``'s lock until killed."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from healer.lock import DirectoryLock
+        from healer.core.lock import DirectoryLock
         with DirectoryLock({str(directory)!r}, "healer prune"):
             print("held", flush=True)
             time.sleep(120)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.distill_cache import teacher_topk_rows
 from healer.train.kd import TopK, chunked_head_loss
 from healer.train.logit_cache import CachedTeacherBatches, LogitCache, cache_key, decode_block, encode_block
@@ -122,7 +122,7 @@ def test_distill_cache_builds_a_cache_the_cpt_stage_trains_on_without_the_teache
 
 def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
     from healer.cli import main
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.data.config import DataConfig, SourceConfig
 
     model, corpus, recipe = _setup(tmp_path)

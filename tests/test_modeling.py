@@ -11,8 +11,8 @@ import pytest
 from helpers import save_tiny, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-from healer.errors import HealerError
-from healer.modeling import (
+from healer.core.errors import HealerError
+from healer.model.modeling import (
     check_output_dir,
     check_seq_len,
     check_weights,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train import kd
 from healer.train.kd import chunked_head_loss, cut_points, cut_points_of, distill_loss, relative_mse
 from healer.train.objectives import OBJECTIVES, Distill, HiddenMSE, NextTokenCE, ReplyCE, make_objective

@@ -11,9 +11,9 @@ from helpers import SAMPLE_TEXT, save_tiny
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
-from healer.manifest import expect_inputs, write_stage_manifest
+from healer.core.manifest import expect_inputs, write_stage_manifest
 from healer.recipe import load_recipe
-from healer.stage_inputs import stage_inputs
+from healer.run.stage_inputs import stage_inputs
 
 
 def _write_inputs(tmp_path):
@@ -159,7 +159,7 @@ def test_run_dir_in_use_is_refused(tmp_path, capsys):
 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from healer.lock import DirectoryLock
+        from healer.core.lock import DirectoryLock
         with DirectoryLock({str(tmp_path / 'run')!r}, "healer run"):
             print("held", flush=True)
             time.sleep(120)
@@ -197,7 +197,7 @@ def test_force_reruns_every_training_stage_from_scratch(tmp_path, monkeypatch, c
         return 0
 
     monkeypatch.setattr("healer.launch.run.run_stage", fake_run_stage)
-    monkeypatch.setattr("healer.pipeline.write_summary", lambda *a, **k: {"rows": []})
+    monkeypatch.setattr("healer.run.pipeline.write_summary", lambda *a, **k: {"rows": []})
     assert main(["run", str(recipe)]) == 0
     assert calls == [("cpt", []), ("sft", [])]
     assert main(["run", str(recipe)]) == 0
@@ -223,9 +223,9 @@ def test_force_reruns_every_training_stage_from_scratch(tmp_path, monkeypatch, c
 
 def test_a_manifest_shows_secret_inputs_redacted_and_still_compares_the_real_ones(tmp_path):
     """The release's manifest.json is published: a token pasted into the recipe must not be in it."""
-    from healer.errors import HealerError
-    from healer.manifest import read_stage_manifest
-    from healer.pipeline import plan
+    from healer.core.errors import HealerError
+    from healer.core.manifest import read_stage_manifest
+    from healer.run.pipeline import plan
 
     token = "hf_AbCdEfGhIjKlMnOpQrStUv0123456789"
     recipe = load_recipe(None, {"model": {"source": "m"}, "run_dir": str(tmp_path / "run"),
@@ -246,7 +246,7 @@ def test_a_manifest_shows_secret_inputs_redacted_and_still_compares_the_real_one
 @pytest.mark.parametrize("damage", [b"\xff\xfe\x00 not text", b'{"stage": "rel', b'"release"'])
 def test_a_damaged_stage_manifest_means_the_stage_runs_again(tmp_path, damage):
     """A manifest that is not a readable JSON object is not a finished stage: the plan runs it, no traceback."""
-    from healer.pipeline import plan
+    from healer.run.pipeline import plan
 
     recipe = load_recipe(None, {"model": {"source": "m"}, "run_dir": str(tmp_path / "run"), "release": {}})
     expect_inputs("release", stage_inputs(recipe, "release"))

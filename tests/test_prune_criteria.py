@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from healer.adapter import ModelAdapter
+from healer.model.adapter import ModelAdapter
 from healer.prune import depth, width
 from healer.prune.blockwise import BlockStack
 from healer.prune.criteria import CRITERIA

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from healer.errors import HealerError
-from healer.modeling import smollm2_gguf_path
+from healer.core.errors import HealerError
+from healer.model.modeling import smollm2_gguf_path
 
 
 @pytest.mark.slow

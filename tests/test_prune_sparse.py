@@ -9,7 +9,7 @@ import torch
 from helpers import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.prune.blockwise import BlockStack
 from healer.prune.sparse import ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify, verify_sparsity
 from healer.prune.sparse_scores import magnitude_mask, parse_pattern, wanda_mask
@@ -208,7 +208,7 @@ def test_disk_stack_without_a_writer_and_wanda_without_data_are_refused(tmp_path
 
 
 def test_projection_roles_come_from_the_adapter():
-    from healer.adapter import ARCHITECTURES
+    from healer.model.adapter import ARCHITECTURES
 
     assert tuple(projection_paths(ARCHITECTURES["qwen3"])) == PROJECTIONS
     assert projection_paths(ARCHITECTURES["llama"])["down_proj"] == "mlp.down_proj"
@@ -241,8 +241,8 @@ def test_paper_recipes_validate_and_plan_on_llama2_7b(recipe, pattern, ratio, tm
 
     from transformers import LlamaConfig
 
-    from healer.pipeline import Options, plan, stages_of
     from healer.recipe import load_recipe
+    from healer.run.pipeline import Options, plan, stages_of
 
     path = Path(__file__).parents[1] / "configs" / recipe
     loaded = load_recipe(path, [f"run_dir={tmp_path}"])
@@ -277,7 +277,7 @@ def test_prune_sparse_writes_a_checked_directory_and_report_from_disk_and_from_m
 
     from helpers import tiny_tokenizer
 
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.prune.sparse import prune_sparse
 
     source = save_tiny(tmp_path, "qwen3", layers=2)

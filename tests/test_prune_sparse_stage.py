@@ -12,12 +12,12 @@ from helpers import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
-from healer.errors import HealerError
-from healer.manifest import read_stage_manifest
+from healer.core.errors import HealerError
+from healer.core.manifest import read_stage_manifest
 from healer.prune.sparse import verify_sparsity
 from healer.prune.stage import Options, prune, run_prune_stage
 from healer.recipe import RecipeError, load_recipe
-from healer.release import build_release
+from healer.release.stage import build_release
 
 
 def sparse_recipe(src, tmp_path, calibration_file, **sparsity):

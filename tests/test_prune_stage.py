@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.prune.config import PruneConfig
 from healer.prune.criteria import CRITERIA
 from healer.prune.stage import prune, teachers

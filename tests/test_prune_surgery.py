@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import FAMILIES, tiny_model
 
-from healer.adapter import ModelAdapter, architecture_for
-from healer.errors import UnsupportedArchitecture
-from healer.modeling import save_and_verify
+from healer.core.errors import UnsupportedArchitecture
+from healer.model.adapter import ModelAdapter, architecture_for
+from healer.model.modeling import save_and_verify
 
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 

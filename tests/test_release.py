@@ -11,8 +11,8 @@ import yaml
 from helpers import save_tiny
 
 from healer.cli import main
-from healer.errors import HealerError
-from healer.manifest import read_stage_manifest, write_stage_manifest
+from healer.core.errors import HealerError
+from healer.core.manifest import read_stage_manifest, write_stage_manifest
 
 
 def write_events(log_dir, steps: int = 12, with_val: bool = True) -> None:
@@ -128,7 +128,7 @@ def test_release_directory_loads_and_its_card_tells_the_story(run):
     assert manifest["outputs"]["precision"]["dtype"] == "bfloat16"
 
     # the stages' TensorBoard scalars ship under runs/ for the Hub's metrics tab, text notes and host names not
-    from healer.plots import read_scalars
+    from healer.core.plots import read_scalars
 
     runs = manifest["outputs"]["runs"]
     assert set(runs) == {"cpt", "sft"} and all(f in files for f in runs["cpt"] + runs["sft"])
@@ -210,7 +210,7 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_release(tmp_path, capsys
 
 
 def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
-    from healer.plots import read_scalars
+    from healer.core.plots import read_scalars
 
     write_events(tmp_path / "tb", steps=4)
     from torch.utils.tensorboard import SummaryWriter
@@ -227,8 +227,8 @@ def test_curves_come_from_every_event_file_of_a_resumed_run(tmp_path):
 
 
 def test_card_for_width_pruning_without_a_dense_baseline():
-    from healer.model_card import render
     from healer.prune.width import kernel_warnings, width_divisibility
+    from healer.release.model_card import render
 
     report = {"method": "width", "criterion": "maw", "target": "mlp", "ratio": 0.2, "intermediate_size": [1536, 1232],
               "removed_per_block": [[1, 2]] * 2, "params_before": 1000, "params_after": 800,
@@ -248,7 +248,7 @@ def test_card_for_width_pruning_without_a_dense_baseline():
 
 def test_push_uploads_the_verified_release_and_nothing_when_the_release_fails(run, monkeypatch, capsys):
     from healer.recipe import load_recipe
-    from healer.release import Options, run_release_stage
+    from healer.release.stage import Options, run_release_stage
 
     recipe_path, run_dir, merged = run
     tree = yaml.safe_load(recipe_path.read_text())
@@ -277,7 +277,7 @@ def test_push_uploads_the_verified_release_and_nothing_when_the_release_fails(ru
 
     # a release that was changed after it was written is not pushed, and no longer counts as finished
     (out / "README.md").write_text("edited by hand")
-    from healer.release import push
+    from healer.release.stage import push
 
     with pytest.raises(HealerError, match=r"changed after it was written \(README.md\)"):
         push(load_recipe(recipe_path).release, out, upload=fake_upload)
@@ -293,7 +293,7 @@ def test_push_uploads_the_verified_release_and_nothing_when_the_release_fails(ru
 def test_push_without_a_token_or_offline_is_one_clear_line(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from healer.hub_push import hub_upload
+    from healer.release.hub_push import hub_upload
 
     kwargs = dict(folder=tmp_path, repo_id="someorg/x", private=False, revision=None, commit_message="m")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -306,7 +306,7 @@ def test_push_without_a_token_or_offline_is_one_clear_line(tmp_path, monkeypatch
 
 
 def test_push_names_a_hub_repo(tmp_path):
-    from healer.release_config import ReleaseConfig
+    from healer.release.config import ReleaseConfig
 
     for bad in ("https://huggingface.co/org/name", "org/name\n", "name", "org/name/extra"):
         with pytest.raises(ValueError, match="is not a Hub repo id; give org/name"):
@@ -320,7 +320,7 @@ def test_push_names_a_hub_repo(tmp_path):
 def test_float16_overflow_is_refused_and_a_cast_is_measured():
     from helpers import tiny_model
 
-    from healer.release import cast_for_release
+    from healer.release.stage import cast_for_release
 
     model = tiny_model("llama")
     facts = cast_for_release(model, "bfloat16")
@@ -334,7 +334,7 @@ def test_float16_overflow_is_refused_and_a_cast_is_measured():
 
 
 def test_card_says_the_base_came_from_a_dequantised_gguf():
-    from healer.model_card import render
+    from healer.release.model_card import render
 
     card = render({"name": "g", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_source": "smollm2",
                    "license": "apache-2.0", "tags": [], "params_before": None, "params_after": 10, "prune_report": None,

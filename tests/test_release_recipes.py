@@ -9,8 +9,8 @@ import pytest
 from transformers import LlamaConfig
 
 from healer.cli import main
-from healer.pipeline import plan, stages_of
 from healer.recipe import load_recipe
+from healer.run.pipeline import plan, stages_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # file -> (blocks removed of LLaMA-7B's 32, healing stages)
@@ -77,7 +77,7 @@ def test_smollm2_rounds_recipe_compares_like_with_like(tmp_path):
     """The CPU measurement: 2 x 20% and one-shot 40% remove the same 12 of 30 blocks with the same
     criterion and train the same number of tokens."""
     from healer.prune.depth import blocks_to_remove
-    from healer.rounds import blocks_per_round, heal_steps
+    from healer.run.rounds import blocks_per_round, heal_steps
 
     path = CONFIGS / "smollm2-40-rounds.yaml"
     rounds = load_recipe(path, [f"run_dir={tmp_path / 'rounds'}"])

@@ -12,11 +12,11 @@ from helpers import SAMPLE_TEXT, save_tiny
 from transformers import AutoConfig
 
 from healer.cli import main
-from healer.errors import HealerError, RecipeError
-from healer.manifest import expect_inputs, write_stage_manifest
+from healer.core.errors import HealerError, RecipeError
+from healer.core.manifest import expect_inputs, write_stage_manifest
 from healer.recipe import load_recipe
-from healer.rounds import blocks_per_round, combined_report, heal_steps, width_ratios
-from healer.stage_inputs import stage_inputs
+from healer.run.rounds import blocks_per_round, combined_report, heal_steps, width_ratios
+from healer.run.stage_inputs import stage_inputs
 
 
 def test_round_arithmetic_matches_one_shot():

@@ -14,8 +14,8 @@ import yaml
 from helpers import free_port, save_tiny
 
 from healer.cli import main as cli_main
-from healer.errors import HealerError
-from healer.manifest import read_stage_manifest
+from healer.core.errors import HealerError
+from healer.core.manifest import read_stage_manifest
 from healer.train.config import SFTConfig
 from healer.train.sft import Options, train_lora
 

@@ -16,8 +16,8 @@ import yaml
 from helpers import SAMPLE_TEXT, free_port, save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from healer.errors import HealerError
-from healer.modeling import resolve_source
+from healer.core.errors import HealerError
+from healer.model.modeling import resolve_source
 from healer.prune.sparse import prune_sparse, verify_sparsity
 from healer.train.masks import pack_bits, sparsity_to_keep, unpack_bits
 

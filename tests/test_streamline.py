@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.prune.config import PruneConfig
 from healer.prune.replace import lowest_sum_span
 from healer.prune.stage import prune

@@ -14,10 +14,10 @@ import time
 import pytest
 from helpers import SAMPLE_TEXT, logged_steps, save_tiny
 
-import healer.sweep as sweep_mod
+import healer.run.sweep as sweep_mod
 from healer.cli import main
-from healer.errors import HealerError
-from healer.sweep import parse_over
+from healer.core.errors import HealerError
+from healer.run.sweep import parse_over
 
 
 def test_over_is_parsed_and_bad_ones_refused():
@@ -26,7 +26,7 @@ def test_over_is_parsed_and_bad_ones_refused():
     for bad in ("prune.ratio", "prune.ratio=", "=0.2", "prune.ratio=0.2,0.2"):
         with pytest.raises(HealerError, match="--over"):
             parse_over(bad)
-    from healer.sweep import point_dir
+    from healer.run.sweep import point_dir
 
     assert point_dir("run", "model.source", "org/name").name == "model.source=org_name"  # one folder, not nested
 

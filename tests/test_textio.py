@@ -10,9 +10,9 @@ import pytest
 import zstandard
 from helpers import tiny_tokenizer
 
-from healer.calibration import calibration_tokens, load_calibration
-from healer.errors import HealerError
-from healer.textio import BadRecords, file_kind, read_texts, split_points, tokenizer_encoder
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords, file_kind, read_texts, split_points, tokenizer_encoder
+from healer.model.calibration import calibration_tokens, load_calibration
 
 DOCS = ["first document, one line", "second: with 'quotes' and ünïcode", "third"]
 

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from healer.errors import RecipeError
+from healer.core.errors import RecipeError
 from healer.recipe import load_recipe
 from healer.train.metrics import MetricsLogger
 
@@ -117,7 +117,7 @@ def test_a_cpt_run_reports_its_steps_to_the_trackers_its_recipe_names(tmp_path, 
 
     from helpers import SAMPLE_TEXT, save_tiny
 
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
     from healer.train.config import CPTConfig
     from healer.train.cpt import Options, heal
     from healer.train.data.config import DataConfig, SourceConfig

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 COMPLETE = "complete.json"
 CONSTRAINTS = "constraints"  # constraints_rank{r}.safetensors: e.g. the sparsity mask share of rank r

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from healer.config_base import Section
+from healer.core.config_base import Section
 from healer.train.trackers import ReportTo
 
 Schedule = Literal["cosine", "wsd", "linear", "constant"]

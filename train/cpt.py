@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.config import CPTConfig
 from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
 from healer.train.signals import PREEMPTED_EXIT_CODE
@@ -58,9 +58,9 @@ def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
 
 def run_cpt(recipe, opts: Options) -> int:
     """The ``healer cpt`` verb: every rank runs it. Returns the exit code."""
-    from healer.manifest import write_stage_manifest
-    from healer.modeling import check_seq_len, load_config, resolve_source
-    from healer.stage_inputs import refuse_finished_with_other_inputs
+    from healer.core.manifest import write_stage_manifest
+    from healer.model.modeling import check_seq_len, load_config, resolve_source
+    from healer.run.stage_inputs import refuse_finished_with_other_inputs
 
     cfg = recipe.cpt or CPTConfig(seed=recipe.seed)
     if recipe.data is None or not recipe.data.sources:
@@ -131,7 +131,7 @@ def _constraints(engine, keep_sparsity: dict | None, lora: bool) -> list:
     """
     if keep_sparsity is None or lora:
         return []
-    from healer.adapter import architecture_for
+    from healer.model.adapter import architecture_for
     from healer.train.masks import SparsityMask, projection_pattern
 
     module = engine.module
@@ -214,7 +214,7 @@ def attn_implementation(requested: str, device: torch.device, precision: str) ->
 
 
 def _load_student(location, attn: str, cfg: CPTConfig, ds_config: dict):
-    from healer.modeling import load_model
+    from healer.model.modeling import load_model
 
     hf_ds = None
     if ds_config["zero_optimization"].get("stage") == 3:
@@ -232,7 +232,7 @@ def _load_student(location, attn: str, cfg: CPTConfig, ds_config: dict):
 
 
 def _teacher(teacher_location, attn: str, ds_config: dict, device, vocab: int):
-    from healer.modeling import load_model
+    from healer.model.modeling import load_model
     from healer.train.engine import init_frozen_engine
 
     teacher = load_model(teacher_location, torch.float32, attn_implementation=attn)
@@ -264,7 +264,7 @@ def _open_cache(cfg: CPTConfig, data_cfg, teacher_location, tokenizer, world: in
 def _export_lora(engine, *, stage_dir: Path, hf_dir: Path, location, tokenizer, dtype: str, keep_sparsity,
                  rank: int, say) -> Path:
     """Collective: save the engine's adapter to ``<stage_dir>/adapter``; rank 0 merges it into ``hf_dir``."""
-    from healer.modeling import torch_dtype
+    from healer.model.modeling import torch_dtype
     from healer.train.lora import ADAPTER, merge_adapter, save_adapter
 
     adapter_dir = stage_dir / ADAPTER
@@ -291,7 +291,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
-    from healer.modeling import load_tokenizer
+    from healer.model.modeling import load_tokenizer
     from healer.train.data import build_loader
     from healer.train.engine import (
         batch_summary,
@@ -457,7 +457,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
 
     stop_when = None
     if cfg.stop_at_recovery is not None:
-        from healer.forecast import recovery_baseline, recovery_reached
+        from healer.run.forecast import recovery_baseline, recovery_reached
 
         if evaluate_fn is None:
             raise HealerError("cpt.stop_at_recovery measures recovery on validation loss; give data.validation")

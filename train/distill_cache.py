@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.logit_cache import (
     DTYPES,
     FORMAT,
@@ -69,8 +69,8 @@ def stage_tokens(cfg, data) -> int:
 
 def run_distill_cache(recipe, opts: Options) -> int:
     """The verb: build (or finish, or extend) the cache. Returns the exit code."""
-    from healer.lock import DirectoryLock
-    from healer.modeling import check_seq_len, load_config, load_tokenizer, resolve_source
+    from healer.core.lock import DirectoryLock
+    from healer.model.modeling import check_seq_len, load_config, load_tokenizer, resolve_source
     from healer.train.config import CPTConfig
 
     cfg = recipe.cpt or CPTConfig(seed=recipe.seed)
@@ -169,7 +169,7 @@ def _previous(out: Path, key: dict) -> tuple[list[str], set[bytes], int, int]:
     meta = _json_object(out / KEY_FILE) or _json_object(out / BUILD_FILE)
     names = sorted(p.name[: -len(".index.npy")] for p in out.glob("shard-*.index.npy"))
     if meta is None:
-        others = [p.name for p in out.iterdir() if p.name not in (".healer.lock",) and not p.name.startswith(".")]
+        others = [p.name for p in out.iterdir() if p.name not in (".healer.core.lock",) and not p.name.startswith(".")]
         if others:
             raise HealerError(f"{out} is not empty and is not a logit cache ({', '.join(others[:3])} "
                               "...); choose an empty or new directory")
@@ -219,7 +219,7 @@ class _ShardWriter:
 
 
 def _teacher(location, precision: str, attn: str):
-    from healer.modeling import load_model
+    from healer.model.modeling import load_model
     from healer.train.cpt import attn_implementation
     from healer.train.engine import resolve_precision
 
@@ -257,7 +257,7 @@ def build(out: Path, key: dict, *, location, tokenizer, data_cfg, streams: int, 
     """
     from tqdm.auto import tqdm
 
-    from healer.manifest import write_json_atomic
+    from healer.core.manifest import write_json_atomic
     from healer.train.data import build_loader
     from healer.train.kd import DEFAULT_CHUNK_SIZE, TopK
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.rendezvous import master_port_for_job
 
 

@@ -47,7 +47,7 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path, *, verify
     """
     from transformers import AutoModelForCausalLM
 
-    from healer.modeling import save_and_verify
+    from healer.model.modeling import save_and_verify
 
     state = gather_state_dict(module)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from healer.errors import HealerError
-from healer.textio import BadRecords, iter_file_records
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords, iter_file_records
 
 IGNORE_INDEX = -100
 
@@ -41,7 +41,7 @@ ROLES = ("system", "user", "assistant")
 # ---------------------------------------------------------------- loading
 
 def load_records(path: str | Path, max_samples: int | None = None, seed: int = 0) -> list[dict]:
-    """Read Alpaca or chat records from a file :mod:`healer.textio` reads (a ``.json`` list, ``.jsonl``,
+    """Read Alpaca or chat records from a file :mod:`healer.core.textio` reads (a ``.json`` list, ``.jsonl``,
     ``.parquet``, compressed or not) and check their shape.
 
     ``max_samples`` keeps a seeded random subset (the same one for the same seed), so a short run sees

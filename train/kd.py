@@ -131,7 +131,7 @@ def cut_points_of_input(recipe, source: str) -> list[tuple[int, int]]:
     prune stage's report when ``source`` descends from it; none when there is no depth prune."""
     from pathlib import Path
 
-    from healer.manifest import read_json_report
+    from healer.core.manifest import read_json_report
 
     report = read_json_report(Path(source) / "prune_report.json")
     if report is None and recipe.prune is not None and source != recipe.model.source:

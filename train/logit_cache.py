@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.kd import TopK
 
 FORMAT = 1
@@ -94,7 +94,7 @@ def weights_signature(path: Path) -> str:
 
 
 def teacher_fingerprint(location) -> dict[str, str]:
-    """What the teacher is (a :class:`healer.modeling.ModelLocation`): its config in full and a sample of every
+    """What the teacher is (a :class:`healer.model.modeling.ModelLocation`): its config in full and a sample of every
     weight file (:func:`weights_signature`), so a copied checkpoint matches and a retrained one does not.
     A hub id is taken by name and revision (its files are not here to read)."""
     path = Path(location.path)

@@ -287,7 +287,7 @@ def _save(engine, batches: Batches, stage_dir: Path, at: Progress, cadence: Cade
 def finished(stage_dir: Path, steps: int) -> bool:
     """Whether the stage already wrote its manifest for a run of ``steps`` steps (so ``--resume auto`` has
     nothing to do; a larger ``max_steps`` resumes the last checkpoint and trains on)."""
-    from healer.manifest import finished_manifest
+    from healer.core.manifest import finished_manifest
 
     manifest = finished_manifest(stage_dir)
     outputs = manifest.get("outputs", {}) if manifest is not None else {}
@@ -296,7 +296,7 @@ def finished(stage_dir: Path, steps: int) -> bool:
 
 
 def _mark_preempted(stage_dir: Path, step: int) -> None:
-    from healer.manifest import write_json_atomic
+    from healer.core.manifest import write_json_atomic
 
     # torchrun reports any non-zero worker exit as its own failure code; this file tells a requeue
     # script that the stop was a clean preemption, not a crash.

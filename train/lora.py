@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.config import LoRAFields
 from healer.train.export import swap_in
 
@@ -61,8 +61,8 @@ def attach(model: nn.Module, cfg: LoRAFields, key: str):
 
 
 def load_base(location, dtype: torch.dtype):
-    """The base model (a ``healer.modeling.ModelLocation``) in ``dtype``, as the merge reloads it."""
-    from healer.modeling import load_model
+    """The base model (a ``healer.model.modeling.ModelLocation``) in ``dtype``, as the merge reloads it."""
+    from healer.model.modeling import load_model
 
     return load_model(location, dtype=dtype)
 
@@ -103,7 +103,7 @@ def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtyp
     """
     from peft import PeftModel
 
-    from healer.modeling import probe_batch, save_and_verify
+    from healer.model.modeling import probe_batch, save_and_verify
 
     base = load_base(location, dtype)
     masks = None

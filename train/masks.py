@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 MASK_PREFIX = "sparsity_mask."
 WHOLE = "whole:"  # key prefix of a ZeRO-3 persistent parameter's whole mask, beside its partition's
@@ -174,7 +174,7 @@ def sparsity_to_keep(recipe, source: str) -> dict | None:
     Read from ``source/prune_report.json`` when the input is a sparse prune's directory, else from the recipe's
     ``prune:`` section when the input descends from it (a cpt export feeding sft); None for a dense input.
     """
-    from healer.manifest import read_json_report
+    from healer.core.manifest import read_json_report
 
     report = read_json_report(Path(source) / "prune_report.json")
     upstream = recipe is not None and recipe.prune is not None and source != recipe.model.source
@@ -195,7 +195,7 @@ def check_kept(model_dir: str | Path, keep: dict, what: str) -> dict:
     ``keep``: :func:`sparsity_to_keep`'s dict. ``what`` names the directory in the error. Returns the
     ``verify_sparsity`` summary without the per-layer table, for the stage manifest.
     """
-    from healer.errors import VerificationError
+    from healer.core.errors import VerificationError
     from healer.prune.sparse import verify_sparsity
 
     found = verify_sparsity(model_dir, keep["pattern"], keep["ratio"], layers=keep["layers"])["sparsity"]
@@ -224,7 +224,7 @@ def mask_merged(merged: nn.Module, masks: dict[str, torch.Tensor]) -> int:
 
 def masks_of(model: nn.Module, keep: dict) -> dict[str, torch.Tensor]:
     """``weight != 0`` for every pruned projection of a plain (unwrapped, unpartitioned) model, by name."""
-    from healer.adapter import architecture_for
+    from healer.model.adapter import architecture_for
 
     pattern = projection_pattern(keep["layers"], architecture_for(model.config))
     return {name: p.detach() != 0 for name, p in model.named_parameters() if pattern.search(name)}

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.kd import DEFAULT_CHUNK_SIZE, TopK, chunked_head_loss, relative_mse
 
 Batch = dict[str, torch.Tensor]

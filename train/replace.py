@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.config import TrainingFields
 
 REPORT = "prune_report.json"
@@ -98,7 +98,7 @@ def read_placement(model_dir: str | Path) -> Placement:
 
 def truncate(model: torch.nn.Module, keep: int) -> None:
     """Keep the first ``keep`` blocks of ``model`` (in place); the rest never influence the loss."""
-    from healer.adapter import ModelAdapter
+    from healer.model.adapter import ModelAdapter
 
     adapter = ModelAdapter(model)
     if keep < adapter.num_blocks:
@@ -107,7 +107,7 @@ def truncate(model: torch.nn.Module, keep: int) -> None:
 
 def train_only(model: torch.nn.Module, position: int) -> int:
     """Freeze everything but block ``position``; returns its parameter count."""
-    from healer.adapter import ModelAdapter
+    from healer.model.adapter import ModelAdapter
 
     model.requires_grad_(False)
     block = ModelAdapter(model).blocks[position]
@@ -177,8 +177,8 @@ def splice_export(engine, location, position: int, tokenizer, hf_dir: Path) -> N
     The directory appears whole or not at all (written beside it, then renamed), and is reloaded with plain
     transformers to check its logits.
     """
-    from healer.adapter import architecture_for
-    from healer.modeling import load_model, save_and_verify
+    from healer.model.adapter import architecture_for
+    from healer.model.modeling import load_model, save_and_verify
     from healer.train.export import gather_state_dict, swap_in
 
     state = gather_state_dict(engine.module)
@@ -216,8 +216,8 @@ def mse_curve(metrics_jsonl: Path) -> list[list[float]]:
 
 def run_replace(recipe, opts: Options) -> int:
     """The ``healer replace`` verb: every rank runs it. Returns the exit code."""
-    from healer.manifest import write_stage_manifest
-    from healer.modeling import resolve_source
+    from healer.core.manifest import write_stage_manifest
+    from healer.model.modeling import resolve_source
     from healer.train.signals import PREEMPTED_EXIT_CODE
 
     cfg = recipe.replace or ReplaceTrainConfig(seed=recipe.seed)
@@ -225,7 +225,7 @@ def run_replace(recipe, opts: Options) -> int:
         raise HealerError("replace needs a `data:` section with at least one source (data.sources: [{path: ...}]): "
                           "the replacement learns the span's map on that text")
     if opts.resume == "auto":
-        from healer.stage_inputs import refuse_finished_with_other_inputs
+        from healer.run.stage_inputs import refuse_finished_with_other_inputs
 
         refuse_finished_with_other_inputs(recipe, "replace", trains_on=("replace.max_steps",))
     source = recipe.stage_input("replace")
@@ -245,7 +245,7 @@ def run_replace(recipe, opts: Options) -> int:
 
 
 def _load(location, attn: str, keep: int):
-    from healer.modeling import load_model
+    from healer.model.modeling import load_model
 
     model = load_model(location, torch.float32, attn_implementation=attn)
     model.config.use_cache = False
@@ -259,8 +259,8 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
 
     Returns the outputs the stage manifest records, or None when the run was preempted.
     """
-    from healer.manifest import write_json_atomic
-    from healer.modeling import load_tokenizer
+    from healer.core.manifest import write_json_atomic
+    from healer.model.modeling import load_tokenizer
     from healer.train.cpt import CorpusBatches, attn_implementation
     from healer.train.data import build_loader
     from healer.train.engine import (

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from healer import textio
-from healer.errors import HealerError
-from healer.manifest import write_json_atomic
-from healer.textio import BadRecords
+from healer.core import textio
+from healer.core.errors import HealerError
+from healer.core.manifest import write_json_atomic
+from healer.core.textio import BadRecords
 
 # (instruction, whether the passage goes in as the Alpaca `input`). {title} is the passage's heading.
 TEMPLATES = (
@@ -63,7 +63,7 @@ def pydoc_texts() -> list[str]:
 
 def read_texts(corpus: str | Path, text_field: str = "text", limit: int = 20000) -> list[str]:
     """Up to ``limit`` texts of a corpus: a file, a directory (searched recursively) or a glob, read by
-    :mod:`healer.textio` (``.jsonl``/``.json``/``.parquet`` records, ``.txt`` one document per line).
+    :mod:`healer.core.textio` (``.jsonl``/``.json``/``.parquet`` records, ``.txt`` one document per line).
 
     A bad record costs one prompt, not the run: it is skipped, counted and reported in one line.
     """
@@ -221,7 +221,7 @@ def build_self_distilled_instructions(teacher_source: str, corpus_dir_or_texts: 
         temperature: 0 decodes greedily (the default, deterministic); above 0 samples with top-p 0.95.
         dtype: the teacher's weights while generating; ``auto`` picks :func:`generation_dtype`.
     """
-    from healer.modeling import load_model, load_tokenizer, resolve_source, torch_dtype
+    from healer.model.modeling import load_model, load_tokenizer, resolve_source, torch_dtype
 
     t0 = time.perf_counter()
     if corpus_dir_or_texts is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.config import SFTConfig
 from healer.train.instruct import Example, collate, load_records, tokenize_records
 from healer.train.lora import ADAPTER, attach, load_base, merge_adapter, save_adapter
@@ -46,8 +46,8 @@ class Options:
 
 def run_sft(recipe, opts: Options) -> int:
     """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it."""
-    from healer.manifest import write_stage_manifest
-    from healer.stage_inputs import refuse_finished_with_other_inputs
+    from healer.core.manifest import write_stage_manifest
+    from healer.run.stage_inputs import refuse_finished_with_other_inputs
     from healer.train.engine import init_distributed
     from healer.train.signals import PREEMPTED_EXIT_CODE
 
@@ -175,7 +175,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     Returns the manifest outputs; ``"preempted"`` after a preemption signal; None when ``opts.steps`` paused
     the run before its end (a checkpoint is on disk).
     """
-    from healer.modeling import check_seq_len, load_config, load_tokenizer, resolve_source, torch_dtype
+    from healer.model.modeling import check_seq_len, load_config, load_tokenizer, resolve_source, torch_dtype
     from healer.train.engine import build_ds_config, init_distributed, init_engine, make_optimizer, resolve_precision
     from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
     from healer.train.metrics import MetricsLogger

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 
@@ -186,7 +186,7 @@ def open_trackers(report_to: list[str], log_dir: Path, *, run_name: str, initial
         initial_step: where a resumed run starts (TensorBoard drops the killed run's later events).
         config: the stage's settings, recorded as the run's config/params (secrets redacted).
     """
-    from healer.redact import redact_tree
+    from healer.core.redact import redact_tree
 
     config = redact_tree(dict(config)) if config else None
     stage_dir = Path(log_dir).parent

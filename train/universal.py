@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

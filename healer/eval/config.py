@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from healer.config_base import Section
+from healer.core.config_base import Section
 
 
 class EvalConfig(Section):

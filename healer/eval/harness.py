@@ -95,7 +95,7 @@ def reproduction(location, tasks: dict[str, str], out_dir: str | Path, *, dtype:
                  limit: int | None, add_bos_token: bool | None, device: str, seed: int) -> dict:
     """eval.json's ``lm_eval`` entry: the lm-eval version and the command line that re-runs the task numbers.
 
-    ``location`` is the :class:`healer.modeling.ModelLocation` the evaluated weights were loaded from.
+    ``location`` is the :class:`healer.model.modeling.ModelLocation` the evaluated weights were loaded from.
     """
     import lm_eval
 

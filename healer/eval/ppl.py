@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from healer.errors import HealerError
-from healer.textio import BadRecords, encode_in_pieces, read_texts, tokenizer_encoder
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords, encode_in_pieces, read_texts, tokenizer_encoder
 
 
 def read_text(path: str | Path, max_chars: int | None = None, bad: BadRecords | None = None) -> str:
     """The text a perplexity is measured on: the documents of ``path`` joined with a blank line.
 
-    Documents are what :mod:`healer.textio` reads (``.jsonl``/``.json``/``.parquet`` records' ``text``,
+    Documents are what :mod:`healer.core.textio` reads (``.jsonl``/``.json``/``.parquet`` records' ``text``,
     one per line of a ``.txt``; ``.zst``/``.gz`` decompressed), joined the way a web corpus reads as one
     stream. ``max_chars`` stops reading once that much text is in hand, so a cap on tokens does not mean
     decompressing a whole corpus shard. Bad records go to ``bad`` (default: skipped and counted, and
@@ -56,7 +56,7 @@ def resolve_bos(tokenizer, policy: str) -> int | None:
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of ``text`` with no special tokens (BOS is the window's business, not the text's).
 
-    The text is tokenized in pieces cut where the tokens do not change (:func:`healer.textio.split_points`),
+    The text is tokenized in pieces cut where the tokens do not change (:func:`healer.core.textio.split_points`),
     so a large evaluation file needs memory for its ids, not GBs of tokenizer working memory.
     """
     if max_tokens is not None:

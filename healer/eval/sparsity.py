@@ -6,7 +6,7 @@ have them: this is the number ``healer eval`` and ``healer release`` put beside 
 
 from __future__ import annotations
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 
 def measure_sparsity(model, pattern: str | None = None, ratio: float | None = None) -> dict | None:
@@ -16,7 +16,7 @@ def measure_sparsity(model, pattern: str | None = None, ratio: float | None = No
     checked when given; None only counts. Returns None for a family the architecture adapter does not know
     (evaluation still runs on it).
     """
-    from healer.modeling import count_parameters
+    from healer.model.modeling import count_parameters
     from healer.prune.sparse import verify_sparsity
 
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from healer.core.manifest import write_json_atomic, write_stage_manifest
 from healer.eval.config import EvalConfig
 from healer.eval.sparsity import sparsity_target
 from healer.eval.suite import EVAL_FILE, compare, evaluate, read_eval, settings
-from healer.manifest import write_json_atomic, write_stage_manifest
 
 
 def dense_eval(recipe, cfg: EvalConfig, out_dir: Path) -> dict:

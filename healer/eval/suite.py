@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
+from healer.core.manifest import write_json_atomic
+from healer.core.textio import BadRecords
 from healer.eval.config import EvalConfig
 from healer.eval.ppl import perplexity, read_text, resolve_bos, tokenize
 from healer.eval.sparsity import measure_sparsity
-from healer.manifest import write_json_atomic
-from healer.modeling import (
+from healer.model.modeling import (
     ModelLocation,
     count_parameters,
     load_model,
@@ -22,10 +23,9 @@ from healer.modeling import (
     resolve_source,
     torch_dtype,
 )
-from healer.textio import BadRecords
 
 EVAL_FILE = "eval.json"
-# 2: files read by healer.textio (a .txt line is a document; documents joined with a blank line)
+# 2: files read by healer.core.textio (a .txt line is a document; documents joined with a blank line)
 TEXT_READER = 2
 # 2: tasks run through lm-eval's own task YAMLs (1 was healer's re-typed prompts; same prompts, other metrics)
 TASK_RUNNER = 2

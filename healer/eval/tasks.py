@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from healer.errors import HealerError
-from healer.textio import BadRecords, iter_file_records
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords, iter_file_records
 
 
 def _boolq_label(row: dict) -> dict:
@@ -87,7 +87,7 @@ def lm_eval_yaml(spec: TaskSpec) -> Path:
 
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``) or ``.parquet`` file (read by
-    :mod:`healer.textio`); a broken row is refused naming the file and line: a task's score must not
+    :mod:`healer.core.textio`); a broken row is refused naming the file and line: a task's score must not
     quietly be over fewer examples."""
     path = Path(path)
     if not path.is_file():

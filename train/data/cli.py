@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 USAGE = ("usage: healer data stats --config recipe.yaml [--batches N] [--split train|validation]\n"
          "       healer data build-corpus --output DIR [--max-docs N]   (or: healer data build-corpus demo)")
@@ -50,7 +50,7 @@ def stats(recipe, *, batches: int, split: str) -> int:
     """Read ``batches`` micro-batches as rank 0 of 1 and print what came out of the stream."""
     from tqdm import tqdm
 
-    from healer.modeling import load_tokenizer, resolve_source
+    from healer.model.modeling import load_tokenizer, resolve_source
     from healer.train.data import build_loader
     from healer.train.data.loader import plan_entries
 

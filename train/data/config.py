@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from healer.config_base import Section
+from healer.core.config_base import Section
 
 
 class SourceConfig(Section):

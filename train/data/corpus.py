@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 # Imports that open windows or browsers, print, or take long for no text worth having.
 SKIP_MODULES = frozenset({

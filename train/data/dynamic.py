@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.train.data.config import DataConfig, DynamicMixConfig
 from healer.train.data.stream import Entry
 
@@ -182,7 +182,7 @@ def plot_weights(mixer: DomainMixer, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from healer.plots import save_figure
+    from healer.core.plots import save_figure
 
     steps = [0] + [h["step"] for h in mixer.history]
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from healer.errors import HealerError
-from healer.textio import MAX_EXAMPLES, BadRecords
+from healer.core.errors import HealerError
+from healer.core.textio import MAX_EXAMPLES, BadRecords
 from healer.train.data.config import DataConfig, SourceConfig
 from healer.train.data.shards import fingerprint, resolve_files
 from healer.train.data.stream import Entry, PackedStream, StreamSettings

@@ -9,7 +9,7 @@ first works through a *queue*: pieces of files left unread by the old layout's w
 byte offset and line on, every ``stride``-th line. When the queue is done its epoch ends, and the next
 epoch is the new layout's ordinary share.
 
-Records are cut out of files by :mod:`healer.textio` (which says what each suffix means); bad ones are
+Records are cut out of files by :mod:`healer.core.textio` (which says what each suffix means); bad ones are
 skipped and counted by kind (``skip``) or stop the run with the file and line (``strict``). Each bad
 record is counted once: when one stream is split into domains, each domain has its own reader over the
 same files and only the first one counts, only in its first epoch; when workers share a file line by
@@ -24,8 +24,8 @@ import json
 import random
 from typing import NamedTuple
 
-from healer.errors import HealerError
-from healer.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
+from healer.core.errors import HealerError
+from healer.core.textio import BadRecords, CorruptShard, decode_record, dotted, open_records, record_text
 
 
 class Piece(NamedTuple):

@@ -22,7 +22,7 @@ the same deal and keeps its own streams.
 
 from __future__ import annotations
 
-from healer.textio import MAX_EXAMPLES
+from healer.core.textio import MAX_EXAMPLES
 from healer.train.data.reader import Piece
 from healer.train.data.stream import Entry, PackedStream, StreamSettings
 

@@ -1,6 +1,6 @@
 """Finding the shard files a source names (files, directories, globs, fsspec URLs), in one order on every rank.
 
-Reading them is :mod:`healer.textio`'s business; what each suffix means is written there.
+Reading them is :mod:`healer.core.textio`'s business; what each suffix means is written there.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from healer.errors import HealerError
-from healer.textio import SUFFIXES, SUPPORTED  # the reader decides what a file is
+from healer.core.errors import HealerError
+from healer.core.textio import SUFFIXES, SUPPORTED  # the reader decides what a file is
 
 
 def is_remote(path: str) -> bool:

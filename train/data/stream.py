@@ -7,7 +7,7 @@ that reaches the end of it continues in the next batch, so a document's remainde
 next block and nothing is padded.
 
 A long document is tokenized in pieces of at most ``PIECE_CHARS`` characters, cut where the tokens do
-not change (:func:`healer.textio.split_points`), and its pieces may spread over several batches: memory
+not change (:func:`healer.core.textio.split_points`), and its pieces may spread over several batches: memory
 does not grow with a document's length beyond its text (tokenizing 10 MB of text in one call takes GBs).
 
 With ``shuffle_blocks`` (the training default) the whole blocks of a batch are handed out in a seeded
@@ -34,8 +34,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from healer.errors import HealerError
-from healer.textio import PIECE_CHARS, BadRecords, split_points, tokenizer_encoder
+from healer.core.errors import HealerError
+from healer.core.textio import PIECE_CHARS, BadRecords, split_points, tokenizer_encoder
 from healer.train.data.reader import DocReader
 
 _M64 = (1 << 64) - 1

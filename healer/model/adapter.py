@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from healer.errors import UnsupportedArchitecture
+from healer.core.errors import UnsupportedArchitecture
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ def architecture_for(config) -> Architecture:
     if arch is None:
         raise UnsupportedArchitecture(
             f"model family {model_type!r} is not supported by healer's architecture adapter "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))}); add an entry to ARCHITECTURES in healer/adapter.py "
-            "if its blocks follow the Llama layout"
+            f"(supported: {', '.join(sorted(ARCHITECTURES))}); add an entry to ARCHITECTURES in "
+            "healer/model/adapter.py if its blocks follow the Llama layout"
         )
     return arch
 

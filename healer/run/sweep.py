@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
-from healer.manifest import read_json_if_present, read_json_report, write_json_atomic
+from healer.core.errors import HealerError
+from healer.core.manifest import read_json_if_present, read_json_report, write_json_atomic
 
 THROUGHPUT_TOKENS = 256  # one sequence of this many token ids, the same for every model
 
@@ -109,7 +109,7 @@ def throughput(source: str, gguf_file: str | None, repeats: int) -> float:
     """Tokens/s of one forward pass over the same ``THROUGHPUT_TOKENS`` ids (seed 0), median of ``repeats``."""
     import torch
 
-    from healer.modeling import load_model, resolve_source
+    from healer.model.modeling import load_model, resolve_source
 
     model = load_model(resolve_source(source, gguf_file), torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, THROUGHPUT_TOKENS), generator=torch.Generator().manual_seed(0))
@@ -145,8 +145,8 @@ def run_sweep(recipe, opts: Options) -> int:
 def sweep(recipe, opts: Options) -> dict:
     """Run every point of ``opts.over`` and write the frontier; returns what sweep.json holds."""
     from healer.eval.suite import EVAL_FILE
-    from healer.pipeline import Options as RunOptions
-    from healer.pipeline import run_pipeline, write_summary
+    from healer.run.pipeline import Options as RunOptions
+    from healer.run.pipeline import run_pipeline, write_summary
 
     key, values = parse_over(opts.over)
     if opts.jobs < 1:
@@ -235,9 +235,9 @@ def _run_point_logged(tree: dict, log: str, env: dict[str, str]) -> int:
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    from healer.pipeline import Options as RunOptions
-    from healer.pipeline import run_pipeline
     from healer.recipe import Recipe
+    from healer.run.pipeline import Options as RunOptions
+    from healer.run.pipeline import run_pipeline
 
     try:
         return run_pipeline(Recipe.model_validate(tree), RunOptions())

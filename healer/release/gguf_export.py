@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 # transformers model_type -> llama.cpp architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -295,7 +295,7 @@ def export_gguf(hf_dir: str | Path, out: str | Path, kind: str, name: str) -> di
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from healer.modeling import safetensors_files
+    from healer.model.modeling import safetensors_files
 
     hf_dir, out = Path(hf_dir), Path(out)
     if kind not in TYPES:
@@ -526,7 +526,7 @@ def export_and_check(hf_dir: str | Path, out_dir: str | Path, name: str, kinds: 
     Returns one record per file (type, size, sha256, parity per loader). Raises HealerError naming the file and
     the numbers when any check fails: a release never ships a GGUF it could not prove.
     """
-    from healer.release import sha256
+    from healer.release.stage import sha256
 
     records = []
     for kind in kinds:

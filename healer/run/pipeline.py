@@ -1,7 +1,7 @@
 """``healer run recipe.yaml``: prune -> cpt -> sft -> eval -> release, resumable, never silently stale.
 
 Each stage writes its directory and, last, a completion manifest that records what the stage was built
-from (``healer.stage_inputs``). Running again skips a finished stage only while those inputs still
+from (``healer.run.stage_inputs``). Running again skips a finished stage only while those inputs still
 match the recipe and the stages before it; when they do not, the run is refused before anything is
 written, naming what changed. An interrupted stage resumes (the trainers pick up their newest
 checkpoint). Training stages start through the launcher (local processes, a hostfile or SLURM, as
@@ -15,19 +15,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from healer.errors import HealerError
-from healer.lock import DirectoryLock
-from healer.manifest import (
+from healer.core.errors import HealerError
+from healer.core.lock import DirectoryLock
+from healer.core.manifest import (
     MANIFEST,
     finished_manifest,
     read_stage_manifest,
     supersede_stage_manifest,
     write_json_atomic,
 )
+from healer.core.redact import redact_tree
 from healer.recipe import Recipe
-from healer.redact import redact_tree
-from healer.rounds import Step, round_step_dirs, step_inputs, steps_of
-from healer.stage_inputs import canonical_hash, describe_changes
+from healer.run.rounds import Step, round_step_dirs, step_inputs, steps_of
+from healer.run.stage_inputs import canonical_hash, describe_changes
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
 
 SUMMARY = "summary.json"
@@ -196,8 +196,8 @@ def _run_step(step: Step, recipe: Recipe, resolved: Path, force: bool) -> int:
             write_rank_recipe(step.recipe, resolved)
         args = ["--resume", "none"] if force and step.stage in TRAINING_STAGES else []
         return run_stage(step.stage, str(resolved), args, step.recipe.launch)
-    from healer.lock import is_main_process
-    from healer.manifest import expect_inputs
+    from healer.core.lock import is_main_process
+    from healer.core.manifest import expect_inputs
 
     verb = VERBS[step.stage]
     func, options = verb.load()
@@ -319,7 +319,7 @@ def _measure(recipe: Recipe, source: str, text_file: str | None, context: int | 
     import torch
 
     from healer.eval.ppl import perplexity, read_text, tokenize
-    from healer.modeling import (
+    from healer.model.modeling import (
         count_parameters,
         load_model,
         load_tokenizer,

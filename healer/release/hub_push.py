@@ -12,15 +12,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from healer.errors import HealerError
-from healer.manifest import read_stage_manifest
+from healer.core.errors import HealerError
+from healer.core.manifest import read_stage_manifest
 
 Upload = Callable[..., str]
 
 
 def verify_release(folder: Path) -> list[str]:
     """The files of the release ``folder`` (relative paths); raises when they do not match its manifest."""
-    from healer.release import file_hashes
+    from healer.release.stage import file_hashes
 
     manifest = read_stage_manifest(folder)
     if not manifest or manifest.get("stage") != "release":

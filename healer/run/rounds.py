@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _original_blocks(recipe) -> int:
 def _block_count(source: str, gguf_file: str | None, revision: str | None) -> int:
     """Blocks of the model at ``source``; a GGUF's from its header (transformers would de-quantize every
     tensor to build the config). Cached: ``healer run`` plans the rounds more than once."""
-    from healer.modeling import load_config, resolve_source
+    from healer.model.modeling import load_config, resolve_source
 
     location = resolve_source(source, gguf_file, revision)
     if location.gguf_file:
@@ -190,8 +190,8 @@ def steps_of(recipe, stages: tuple[str, ...]) -> list[Step]:
 def step_inputs(step: Step) -> dict[str, Any]:
     """What ``step``'s result depends on: its stage's inputs under its recipe, and for a round's prune the
     manifest of the step before it (so a re-run round makes every later round stale)."""
-    from healer.manifest import read_stage_manifest
-    from healer.stage_inputs import canonical_hash, stage_inputs
+    from healer.core.manifest import read_stage_manifest
+    from healer.run.stage_inputs import canonical_hash, stage_inputs
 
     out = stage_inputs(step.recipe, step.stage)
     if step.after is not None:

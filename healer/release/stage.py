@@ -10,7 +10,7 @@ It reads, when present, ``<prune>/prune_report.json``, the ``cpt``/``sft``
 TensorBoard logs and manifests, and ``<eval>/eval.json``; a missing one is said so
 in the card. The directory is built under ``<output>.partial`` and moved into place
 at the end, so an interrupted release never leaves a half-written one behind.
-Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`healer.redact`.
+Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`healer.core.redact`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from healer.errors import HealerError
-from healer.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
-from healer.release_config import ReleaseConfig
+from healer.core.errors import HealerError
+from healer.core.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
+from healer.release.config import ReleaseConfig
 from healer.stages import TRAINING_STAGES
 
 # model.source shortcuts whose hub id is known (the GGUF file does not carry it).
@@ -68,7 +68,7 @@ def base_identity(source: str, gguf_file: str | None) -> dict:
     The licence and language come from the base's own metadata: a GGUF's ``general.license`` /
     ``general.languages``, or the README front matter of a local model directory.
     """
-    from healer.modeling import resolve_source
+    from healer.model.modeling import resolve_source
 
     facts: dict = {"hub_id": KNOWN_BASES.get(source), "license": None, "language": None, "gguf": None}
     try:
@@ -133,8 +133,8 @@ def training_stages(recipe) -> list[dict]:
 
 def round_reports(recipe) -> dict:
     """``prune.rounds``: every round's prune report, combined into one against the original model
-    (:func:`healer.rounds.combined_report`); a round without its report is an error naming it."""
-    from healer.rounds import combined_report, round_dir
+    (:func:`healer.run.rounds.combined_report`); a round without its report is an error naming it."""
+    from healer.run.rounds import combined_report, round_dir
 
     reports = []
     for k in range(1, len(recipe.prune.rounds) + 1):
@@ -181,7 +181,7 @@ def probe_tokens(tokenizer, vocab_size: int):
     """``PROBE_TEXT`` as a [1, n] batch of ``tokenizer``'s ids; random tokens when it cannot be encoded."""
     import torch
 
-    from healer.modeling import probe_batch
+    from healer.model.modeling import probe_batch
 
     try:
         ids = tokenizer(PROBE_TEXT).input_ids if tokenizer is not None else []
@@ -201,7 +201,7 @@ def cast_for_release(model, dtype: str, probe=None) -> dict:
     """
     import torch
 
-    from healer.modeling import probe_batch, torch_dtype
+    from healer.model.modeling import probe_batch, torch_dtype
 
     target, loaded = torch_dtype(dtype), next(model.parameters()).dtype
     facts = {"dtype": dtype, "cast_from": str(loaded).removeprefix("torch."), "max_abs_logit_diff": 0.0,
@@ -228,7 +228,7 @@ def cast_for_release(model, dtype: str, probe=None) -> dict:
 
 def publish_stage_runs(recipe, folder: Path) -> dict[str, list[str]]:
     """Each training stage's TensorBoard scalars under ``folder/runs/<stage>/`` -> the files, relative."""
-    from healer.release_runs import publish_runs
+    from healer.release.runs import publish_runs
 
     runs = {}
     for stage in TRAINING_STAGES:
@@ -240,7 +240,7 @@ def publish_stage_runs(recipe, folder: Path) -> dict[str, list[str]]:
 
 def hub_metadata(recipe, base: dict, info: dict):
     """The card's ``ModelCardData``: base model and relation, Hub datasets the recipe read, eval results."""
-    from healer.hub_metadata import card_data, hub_datasets, recipe_data_paths
+    from healer.release.hub_metadata import card_data, hub_datasets, recipe_data_paths
 
     return card_data(name=info["name"], base_model=info["base_model"], license=info["license"],
                      language=(recipe.release.language if recipe.release else None) or base["language"],
@@ -270,15 +270,16 @@ def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
     """
     if not kinds:
         return []
-    from healer.gguf_export import export_and_check
+    from healer.release.gguf_export import export_and_check
 
     return export_and_check(folder, folder / "gguf", name, kinds)
 
 
 def build_release(recipe, out: Path) -> dict:
     """Write the release directory ``out``; returns the manifest outputs."""
-    from healer.model_card import render
-    from healer.modeling import (
+    from healer.core.plots import plot_curves, read_scalars
+    from healer.core.redact import public_yaml, redact_text, secret_values
+    from healer.model.modeling import (
         count_parameters,
         load_model,
         load_tokenizer,
@@ -286,8 +287,7 @@ def build_release(recipe, out: Path) -> dict:
         save_and_verify,
         torch_dtype,
     )
-    from healer.plots import plot_curves, read_scalars
-    from healer.redact import public_yaml, redact_text, secret_values
+    from healer.release.model_card import render
 
     cfg = recipe.release or ReleaseConfig()
     source = recipe.stage_input("release")
@@ -404,8 +404,8 @@ def run_release_stage(recipe, opts: Options, upload=None) -> int:
 def push(cfg: ReleaseConfig, out: Path, upload=None) -> str:
     """Upload the finished release ``out`` to ``cfg.push``. On failure the release stops counting as finished,
     so the next ``healer run`` builds and pushes it again instead of skipping it."""
-    from healer.hub_push import push_release
-    from healer.manifest import supersede_stage_manifest
+    from healer.core.manifest import supersede_stage_manifest
+    from healer.release.hub_push import push_release
 
     try:
         url = push_release(out, cfg.push, private=cfg.private, revision=cfg.revision,

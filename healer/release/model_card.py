@@ -1,6 +1,6 @@
 """The model card (``README.md``) of a release: Hugging Face front matter, then what was done, measured and how.
 
-:func:`render` takes plain data (gathered by ``healer.release``) and returns Markdown.
+:func:`render` takes plain data (gathered by ``healer.release.stage``) and returns Markdown.
 Every section says so when its input is missing instead of leaving a hole.
 """
 
@@ -24,7 +24,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def front_matter(data) -> str:
-    """The YAML header of the card from a ``huggingface_hub.ModelCardData`` (see :mod:`healer.hub_metadata`)."""
+    """The YAML header of the card from a ``huggingface_hub.ModelCardData`` (see :mod:`healer.release.hub_metadata`)."""
     return "---\n" + data.to_yaml() + "\n---\n"
 
 
@@ -317,7 +317,7 @@ def stages_section(summary: dict | None) -> str:
 
 
 def gguf_section(files: list[dict], repo_id: str | None) -> str:
-    """How to run the GGUF files with llama.cpp, and what their parity check measured (``healer.gguf_export``)."""
+    """How to run the GGUF files with llama.cpp, and what their parity check measured (``gguf_export``)."""
     rows, native = [], False
     for f in files:
         for p in f.get("parity") or []:
@@ -349,10 +349,10 @@ def gguf_section(files: list[dict], repo_id: str | None) -> str:
 
 def render(info: dict) -> str:
     """The whole card. ``info`` keys: name, base_model, base_source, license, tags, params_before, params_after,
-    prune_report, sparsity (``healer.release.released_sparsity``), training, curves, curves_missing, eval,
+    prune_report, sparsity (``healer.release.stage.released_sparsity``), training, curves, curves_missing, eval,
     summary, recipe_yaml, source; optional: card_data (``ModelCardData``; built from the keys above when
-    absent), precision (``healer.release.cast_for_release``), base_gguf, runs, gguf
-    (``healer.gguf_export.export_and_check``'s records)."""
+    absent), precision (``healer.release.stage.cast_for_release``), base_gguf, runs, gguf
+    (``healer.release.gguf_export.export_and_check``'s records)."""
     name = info["name"]
     base = info.get("base_model") or info.get("base_source") or "an unnamed base model"
     report = info.get("prune_report")
@@ -360,7 +360,7 @@ def render(info: dict) -> str:
     intro = f"`{name}` is " + (f"[{base}](https://huggingface.co/{base}) " if info.get("base_model") else f"{base} ")
     data = info.get("card_data")
     if data is None:
-        from healer.hub_metadata import card_data
+        from healer.release.hub_metadata import card_data
 
         data = card_data(name=name, base_model=info.get("base_model"), license=info.get("license"), language=None,
                          datasets=[], tags=info.get("tags") or [], eval_result=info.get("eval"))

@@ -2,7 +2,7 @@
 
 What the Hub shows from it: the model tree (``base_model`` + ``base_model_relation``), the dataset links
 (``datasets``), the licence and language filters, and the evaluation widget (``model-index``, from
-``eval.json``). :func:`card_data` takes plain values gathered by ``healer.release``.
+``eval.json``). :func:`card_data` takes plain values gathered by ``healer.release.stage``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 
 def lock_path(directory: str | Path) -> Path:

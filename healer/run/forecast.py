@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 RECOVERY_FILE = "recovery.json"  # written by the cpt stage: the pruned and dense validation losses at step 0
 
@@ -146,7 +146,7 @@ def recovery_baseline(stage_dir: Path, *, fresh: bool, pruned_loss: Callable[[],
         return json.loads(path.read_text())
     baseline = {"pruned_val_loss": pruned_loss(), "dense_val_loss": dense_loss()}
     if write:
-        from healer.manifest import write_json_atomic
+        from healer.core.manifest import write_json_atomic
 
         write_json_atomic(path, baseline)
     return baseline

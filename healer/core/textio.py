@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healer.errors import HealerError
+from healer.core.errors import HealerError
 
 MAX_EXAMPLES = 10
 COMPRESSIONS = (".zst", ".gz")

@@ -1,4 +1,4 @@
-"""Calibration text: N samples of L tokens, drawn reproducibly from any file :mod:`healer.textio` reads."""
+"""Calibration text: N samples of L tokens, drawn reproducibly from any file :mod:`healer.core.textio` reads."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from healer.errors import CalibrationError, HealerError
-from healer.textio import BadRecords, encode_in_pieces, read_texts, tokenizer_encoder
+from healer.core.errors import CalibrationError, HealerError
+from healer.core.textio import BadRecords, encode_in_pieces, read_texts, tokenizer_encoder
 
 
 def read_documents(path: str | Path, text_field: str = "text", max_documents: int = 20000,
                    bad_records: str = "skip") -> list[str]:
-    """Up to ``max_documents`` non-empty documents of ``path``, read by :mod:`healer.textio` (``.jsonl``,
+    """Up to ``max_documents`` non-empty documents of ``path``, read by :mod:`healer.core.textio` (``.jsonl``,
     ``.json``, ``.parquet`` records' ``text_field``, or ``.txt`` with one document per line; ``.zst``/``.gz``).
 
     Bad records are skipped, counted and reported in one line (``bad_records="strict"``: refused at the
@@ -34,7 +34,7 @@ def calibration_tokens(docs: list[str], tokenizer, num_samples: int, seq_len: in
                        source: str = "calibration text") -> torch.Tensor:
     """A ``[num_samples, seq_len]`` LongTensor: documents shuffled with ``seed``, joined with EOS, cut in windows.
 
-    Long documents are tokenized in pieces (:func:`healer.textio.encode_in_pieces`) and only until enough
+    Long documents are tokenized in pieces (:func:`healer.core.textio.encode_in_pieces`) and only until enough
     tokens are in hand, so one huge document costs no more memory than its text.
     """
     order = list(range(len(docs)))

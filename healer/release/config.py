@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from healer.config_base import Section
+from healer.core.config_base import Section
 
 # A Hub repository id as the Hub accepts it: one namespace, one name, no path, no URL.
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
