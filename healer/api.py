@@ -12,7 +12,7 @@
 
 Every function takes a recipe -- a YAML path, the name of a shipped recipe (``demo``), a dict, or a
 :class:`healer.recipe.Recipe` -- plus overrides as ``{"section.key": value}`` (what ``--section.key value``
-is on the command line), and runs the verb through :func:`healer.cli.invoke`, the function ``healer VERB``
+is on the command line), and runs the verb through :func:`healer.run.invoke.invoke`, the function ``healer VERB``
 calls: the same stage lock, the same recorded inputs, the same manifest. A stage that fails raises
 :class:`healer.core.errors.HealerError`; one that finishes returns a :class:`StageResult` read back from its
 manifest. Training stages run in this process on one rank (as ``healer cpt`` does); for many ranks use
@@ -90,8 +90,8 @@ def run_stage(stage: str, recipe: RecipeLike, overrides: dict[str, Any] | list[s
 
     ``options`` are the verb's own flags (``resume="none"`` for ``healer cpt --resume none``).
     """
-    from healer.cli import invoke
     from healer.core.manifest import finished_manifest
+    from healer.run.invoke import invoke
     from healer.stages import VERBS
 
     verb = VERBS.get(stage)
@@ -155,7 +155,7 @@ def run(recipe: RecipeLike, overrides: dict[str, Any] | list[str] | None = None,
     ``only``: comma-separated stages; ``force``: run finished stages again. Returns ``summary.json`` (the
     dense / pruned / healed table).
     """
-    from healer.cli import invoke
+    from healer.run.invoke import invoke
     from healer.run.pipeline import SUMMARY
     from healer.stages import VERBS
 

@@ -16,8 +16,8 @@ import os
 import sys
 
 from healer.core.errors import HealerError, RecipeError
-from healer.core.lock import is_main_process
 from healer.options import LAUNCHER_FLAGS, option_flags, parse_command_line
+from healer.run.invoke import invoke
 from healer.stages import VERBS, Verb
 
 USAGE = """usage: healer VERB [recipe.yaml | --config recipe.yaml] [flags] [--KEY VALUE ...]
@@ -76,25 +76,6 @@ def _row(left: str, right: str) -> str:
 
 # -- running a verb -----------------------------------------------------------------------------------
 
-def invoke(verb: Verb, recipe, opts) -> int:
-    """Call ``verb`` with ``recipe`` and ``opts``; a stage holds its directory's lock and records its inputs."""
-    func, _ = verb.load()
-    if not verb.stage or recipe is None:
-        return int(func(recipe, opts) or 0)
-    from healer.core.lock import DirectoryLock
-    from healer.core.manifest import expect_inputs
-    from healer.run.stage_inputs import stage_inputs
-
-    expect_inputs(verb.name, stage_inputs(recipe, verb.name))
-    try:
-        if not is_main_process():
-            return int(func(recipe, opts) or 0)
-        with DirectoryLock(recipe.stage_dir(verb.name), f"healer {verb.name}"):
-            return int(func(recipe, opts) or 0)
-    finally:
-        expect_inputs(verb.name, None)
-
-
 def _page(text: str) -> int:
     """Print help; a reader that stops early (`| head`) is not an error worth a traceback."""
     try:
@@ -135,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except HealerError as err:
         print(f"healer {name}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `healer schema | head`: the reader stopped early, nothing failed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:  # Ctrl-C: a stop the user asked for, not a crash to show a traceback for
         print(f"healer {name}: interrupted; run the same command again to continue (finished stages are kept, "
               "training resumes from its last checkpoint)", file=sys.stderr)

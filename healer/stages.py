@@ -21,13 +21,16 @@ from typing import Any
 @dataclass(frozen=True)
 class Verb:
     name: str
-    target: str = field(repr=False)  # "module:function"; the function takes (recipe, opts) -> exit code | None
+    # "module:function" taking (recipe, opts) -> exit code | None; a stage's takes (recipe, opts, inputs=...)
+    target: str = field(repr=False)
     help: str = ""
     stage: bool = False  # writes <stage dir>/manifest.json; part of `healer run` in declaration order
     distributed: bool = False  # `healer run` starts it on the ranks of `launch:`
     trains: bool = False  # resumable from checkpoints; `healer run --force` passes `--resume none`
     model_subdir: str | None = None  # where in its stage dir a stage leaves a HF model for the next ("" = the dir)
     reads: tuple[str, ...] = ()  # top-level recipe keys (besides its own section) a stage's result depends on
+    # training stages: the keys that give a finished run more steps to train (the rest of a change is refused)
+    trains_on: tuple[str, ...] = ()
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # short flag -> recipe key
     needs_recipe: bool = True
 
@@ -64,6 +67,7 @@ _DECLARED = (
          "LLM-Streamline: train the block prune put in place of the removed span to map the span's input to its "
          "output (MSE against the dense model)",
          stage=True, distributed=True, trains=True, model_subdir="hf", reads=("model", "data", "seed"),
+         trains_on=("replace.max_steps",),
          flags={**_MODEL, **_io("replace"), "--zero-stage": "replace.zero_stage", "--max-steps": "replace.max_steps",
                 "--lr": "replace.lr"}),
     Verb("data", "healer.train.data.cli:main",
@@ -73,6 +77,7 @@ _DECLARED = (
     Verb("cpt", "healer.train.cpt:run_cpt",
          "continued pretraining under DeepSpeed ZeRO (optional KD from the unpruned model)",
          stage=True, distributed=True, trains=True, model_subdir="hf", reads=("model", "data", "seed"),
+         trains_on=("cpt.max_steps",),
          flags={**_MODEL, **_io("cpt"), "--zero-stage": "cpt.zero_stage", "--max-steps": "cpt.max_steps",
                 "--lr": "cpt.lr", "--micro-batch-size": "cpt.micro_batch_size",
                 "--global-batch-size": "cpt.global_batch_size", "--save-every": "cpt.save_every"}),
@@ -87,6 +92,7 @@ _DECLARED = (
     Verb("sft", "healer.train.sft:run_sft",
          "LoRA instruction tuning (PEFT) under DeepSpeed -> adapter/ + merged/ HF model",
          stage=True, distributed=True, trains=True, model_subdir="merged", reads=("model", "data", "seed"),
+         trains_on=("sft.max_steps", "sft.epochs"),
          flags={**_MODEL, **_io("sft"), "--data": "sft.data", "--lr": "sft.lr", "--rank": "sft.rank",
                 "--epochs": "sft.epochs", "--max-steps": "sft.max_steps", "--zero-stage": "sft.zero_stage",
                 "--max-samples": "sft.max_samples", "--prompt-format": "sft.prompt_format"}),

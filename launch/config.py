@@ -123,10 +123,12 @@ class SlurmConfig(Section):
 
 
 class LaunchConfig(Section):
-    backend: Literal["local", "hostfile", "slurm"] = "local"
+    backend: Literal["local", "hostfile", "slurm"] = Field(
+        "local", description="local: torchrun here; hostfile: every host of launch.hostfile; slurm: an sbatch job")
     nproc_per_node: int | None = Field(None, gt=0, description="ranks per node (GPUs, or CPU processes with gloo); "
                                                               "default 1, or the hostfile's slots")
-    nodes: int = Field(1, gt=0)
+    nodes: int = Field(1, gt=0, description="nodes the stage runs on: the SLURM job's, or torchrun --nnodes "
+                                            "(with --node-rank)")
     node_rank: int | None = Field(None, ge=0, description="hostfile without ssh: this machine's line in the hostfile")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile: one `host slots=N` line per node")
     ssh: bool = Field(True, description="hostfile: start the other nodes over ssh (pdsh); false: run "

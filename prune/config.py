@@ -20,8 +20,7 @@ from healer.prune.criteria import (
     describe_choices,
     get_criterion,
 )
-from healer.prune.replace import is_span
-from healer.prune.sparse_scores import parse_pattern
+from healer.prune.pattern import parse_pattern
 
 # The roles healer.prune.sparse.projection_paths resolves through the architecture adapter.
 PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,14 +36,21 @@ def _end_defaults(side: int) -> str:
     return "; ".join(f"{v} for {', '.join(names)}" for v, names in by_value.items()) + "; else 0"
 
 
+
+def is_span(blocks: list[int]) -> bool:
+    """Whether ``blocks`` are consecutive indices (in any order, no repeats)."""
+    b = sorted(set(blocks))
+    return len(b) == len(blocks) and b == list(range(b[0], b[0] + len(b)))
+
+
 class CalibrationConfig(Section):
     """Text the data-driven criteria score on: N samples of L tokens, drawn with a seed."""
 
     path: str | None = Field(None, description="jsonl with a text field, or a plain-text file")
-    text_field: str = "text"
-    num_samples: int = Field(10, gt=0)
-    seq_len: int = Field(128, gt=1)
-    seed: int = 0
+    text_field: str = Field("text", description="key of the text in each jsonl record")
+    num_samples: int = Field(10, gt=0, description="calibration samples drawn")
+    seq_len: int = Field(128, gt=1, description="tokens per sample")
+    seed: int = Field(0, description="which samples are drawn")
     max_documents: int = Field(20000, gt=0, description="documents read from the file before shuffling")
 
 

@@ -25,62 +25,102 @@ criterion does not ``need_data`` and no calibration file was given.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from healer.prune import depth, sparse, width
-from healer.prune.sparsegpt import Hessian
+
+def _resolve(ref: str) -> Any:
+    """The object a ``"module:name"`` reference names, imported now."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """One criterion: its scoring function and what the rest of healer needs to know about it."""
+    """One criterion: its scoring function and what the rest of healer needs to know about it.
 
-    score: Callable
+    ``score``, ``select`` and ``statistics`` may be given as ``"module:name"`` references, imported when
+    first read: the table itself needs no torch, so validating a recipe against it loads none.
+    """
+
+    score: Callable | str
     description: str  # one line: what it scores (README table, `healer schema`, the report)
     needs_data: bool  # scores on calibration text
     reads_shards: bool  # looks at one block at a time, so it can score a model larger than memory
     target: str = "blocks"  # what surgery removes: blocks (depth), mlp neurons or attention KV groups (width)
     keep_ends: tuple[int, int] = (0, 0)  # default prune.keep_first / keep_last (Shortened LLaMA's "+")
-    select: Callable[[dict[int, float], int], list[int]] = depth.choose_lowest  # depth: scores -> blocks
+    select: Callable[[dict[int, float], int], list[int]] | str = "healer.prune.depth:choose_lowest"  # depth
     scores_are: str | None = None  # what one score value means, when the method's default does not say it
-    statistics: type | None = None  # sparse: what hooks collect per linear layer from the calibration tokens
+    statistics: type | str | None = None  # sparse: what hooks collect per linear layer from the calibration tokens
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        return _resolve(value) if name in _REFERENCES and isinstance(value, str) else value
+
+
+_REFERENCES = frozenset({"score", "select", "statistics"})
 
 
 CRITERIA: dict[str, dict[str, Criterion]] = {
     "depth": {
-        "ppl": Criterion(depth.ppl_scores, "calibration perplexity with that one block removed; the prefix before "
-                         "the block is computed once", needs_data=True, reads_shards=False, keep_ends=(4, 2)),
-        "taylor": Criterion(depth.taylor_scores, "Σ|w · ∂L/∂w| over the block's weights (Shortened LLaMA "
-                            "Taylor+)", needs_data=True, reads_shards=False, keep_ends=(4, 2)),
-        "magnitude": Criterion(depth.magnitude_scores, "L2 norm of the block's weights", needs_data=False,
-                               reads_shards=True),
-        "block_influence": Criterion(depth.block_influence_scores, "mean 1 − cos(block input, block output) "
-                                     "(ShortGPT)", needs_data=True, reads_shards=True),
-        "angular": Criterion(depth.angular_scores, "the contiguous span of n blocks with the smallest input/output "
-                             "angular distance (Gromov et al.)", needs_data=True, reads_shards=True,
-                             select=depth.lowest_span, scores_are="angular distance across the span of the removed "
-                             "number of blocks starting at each index; lower = removed first"),
+        "ppl": Criterion(
+            "healer.prune.depth:ppl_scores",
+            "calibration perplexity with that one block removed; the prefix before "
+            "the block is computed once", needs_data=True, reads_shards=False, keep_ends=(4, 2)),
+        "taylor": Criterion(
+            "healer.prune.depth:taylor_scores",
+            "Σ|w · ∂L/∂w| over the block's weights (Shortened LLaMA "
+            "Taylor+)", needs_data=True, reads_shards=False, keep_ends=(4, 2)),
+        "magnitude": Criterion(
+            "healer.prune.depth:magnitude_scores",
+            "L2 norm of the block's weights", needs_data=False,
+            reads_shards=True),
+        "block_influence": Criterion(
+            "healer.prune.depth:block_influence_scores",
+            "mean 1 − cos(block input, block output) "
+            "(ShortGPT)", needs_data=True, reads_shards=True),
+        "angular": Criterion(
+            "healer.prune.depth:angular_scores",
+            "the contiguous span of n blocks with the smallest input/output "
+            "angular distance (Gromov et al.)", needs_data=True, reads_shards=True,
+            select="healer.prune.depth:lowest_span", scores_are="angular distance across the span of the removed "
+            "number of blocks starting at each index; lower = removed first"),
     },
     "width": {
-        "maw": Criterion(width.maw_scores, "max(w) + |min(w)| of each neuron's gate and up rows",
-                         needs_data=False, reads_shards=True, target="mlp"),
-        "l2": Criterion(width.l2_scores, "L2 norm of the neuron's gate row, up row and down column",
-                        needs_data=False, reads_shards=True, target="mlp"),
-        "activation": Criterion(width.activation_scores, "mean |act(gate·x) · up·x| on calibration data "
-                                "(Minitron)", needs_data=True, reads_shards=True, target="mlp"),
-        "head_norm": Criterion(width.head_output_scores, "norm of each query head's contribution to the residual "
-                               "stream, summed per KV group", needs_data=True, reads_shards=True, target="attention"),
+        "maw": Criterion(
+            "healer.prune.width:maw_scores",
+            "max(w) + |min(w)| of each neuron's gate and up rows",
+            needs_data=False, reads_shards=True, target="mlp"),
+        "l2": Criterion(
+            "healer.prune.width:l2_scores",
+            "L2 norm of the neuron's gate row, up row and down column",
+            needs_data=False, reads_shards=True, target="mlp"),
+        "activation": Criterion(
+            "healer.prune.width:activation_scores",
+            "mean |act(gate·x) · up·x| on calibration data "
+            "(Minitron)", needs_data=True, reads_shards=True, target="mlp"),
+        "head_norm": Criterion(
+            "healer.prune.width:head_output_scores",
+            "norm of each query head's contribution to the residual "
+            "stream, summed per KV group", needs_data=True, reads_shards=True, target="attention"),
     },
     "sparse": {
-        "wanda": Criterion(sparse.prune_wanda, "|W|·‖X‖ compared within each output row, no weight update "
-                           "(Sun et al.)", needs_data=True, reads_shards=True, target="weights",
-                           statistics=sparse.ColumnNorms),
-        "sparsegpt": Criterion(sparse.prune_sparsegpt, "OBS saliency with the damped Hessian XᵀX, the remaining "
-                               "weights updated to compensate (Frantar & Alistarh)", needs_data=True,
-                               reads_shards=True, target="weights", statistics=Hessian),
-        "magnitude": Criterion(sparse.prune_magnitude, "|W| compared over the whole layer, no data, no update",
-                               needs_data=False, reads_shards=True, target="weights"),
+        "wanda": Criterion(
+            "healer.prune.sparse:prune_wanda",
+            "|W|·‖X‖ compared within each output row, no weight update "
+            "(Sun et al.)", needs_data=True, reads_shards=True, target="weights",
+            statistics="healer.prune.sparse:ColumnNorms"),
+        "sparsegpt": Criterion(
+            "healer.prune.sparse:prune_sparsegpt",
+            "OBS saliency with the damped Hessian XᵀX, the remaining "
+            "weights updated to compensate (Frantar & Alistarh)", needs_data=True,
+            reads_shards=True, target="weights", statistics="healer.prune.sparsegpt:Hessian"),
+        "magnitude": Criterion(
+            "healer.prune.sparse:prune_magnitude",
+            "|W| compared over the whole layer, no data, no update",
+            needs_data=False, reads_shards=True, target="weights"),
     },
 }
 

@@ -21,15 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from healer.prune.blockwise import BlockStack
+from healer.prune.config import is_span
 from healer.prune.depth import _chunks
 
 INITS = ("closest", "first", "last")
-
-
-def is_span(blocks: list[int]) -> bool:
-    """Whether ``blocks`` are consecutive indices (in any order, no repeats)."""
-    b = sorted(set(blocks))
-    return len(b) == len(blocks) and b == list(range(b[0], b[0] + len(b)))
 
 
 def lowest_sum_span(scores: dict[int, float], count: int) -> list[int]:

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from healer.core.errors import HealerError, VerificationError
 from healer.model.adapter import ARCHITECTURES, Architecture, architecture_for, get_module
 from healer.prune.blockwise import BlockStack
-from healer.prune.sparse_scores import Pattern, check_shape, magnitude_mask, parse_pattern, wanda_mask
+from healer.prune.criteria import get_criterion
+from healer.prune.pattern import Pattern, parse_pattern
+from healer.prune.sparse_scores import check_shape, magnitude_mask, wanda_mask
 from healer.prune.sparsegpt import Hessian, sparsegpt_prune
 
 # Calibration sequences pushed through a block at once: bounds activation memory, not the result.
@@ -139,8 +141,6 @@ def sparsify(stack_or_model: BlockStack | nn.Module, tokens: torch.Tensor | None
     block ``i``'s pruned weights, keyed like the checkpoint, while the block is resident; it is required when
     the blocks are read from disk (pass a :class:`ShardWriter`), since the pruned block is dropped after it.
     """
-    from healer.prune.criteria import get_criterion  # the registry imports this module
-
     started = time.time()
     try:
         crit = get_criterion("sparse", criterion)

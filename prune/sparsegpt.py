@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from healer.core.errors import HealerError
-from healer.prune.sparse_scores import Pattern, layer_mask
+from healer.prune.pattern import Pattern
+from healer.prune.sparse_scores import layer_mask
 
 
 class Hessian:

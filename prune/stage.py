@@ -289,8 +289,9 @@ class Options:
     """``healer prune`` has no flags of its own: everything it does is a recipe key (``--prune.KEY``)."""
 
 
-def run_prune_stage(recipe, opts: Options) -> int:
-    """The ``healer prune`` verb: prune ``recipe.stage_input("prune")`` into the prune stage directory."""
+def run_prune_stage(recipe, opts: Options, inputs: dict | None = None) -> int:
+    """The ``healer prune`` verb: prune ``recipe.stage_input("prune")`` into the prune stage directory.
+    ``inputs``: what its manifest records it was built from."""
     if recipe.prune is None:
         raise HealerError("the recipe has no prune: section (give --method/--ratio or a recipe with prune:)")
     if recipe.prune.rounds:
@@ -306,7 +307,7 @@ def run_prune_stage(recipe, opts: Options) -> int:
         outputs["sparsity"] = {"pattern": report["pattern"], "ratio": report["ratio"], "overall": s["overall"],
                                "zeros": s["zeros"], "pattern_holds": s["pattern_holds"],
                                "layers": report["layers_pruned"]}
-    write_stage_manifest(out, "prune", outputs)
+    write_stage_manifest(out, "prune", inputs, outputs)
     _print_summary(report, out)
     return 0
 

@@ -185,6 +185,6 @@ def test_the_model_card_says_a_lora_heal_is_a_merged_adapter(tmp_path):
     from healer.release.stage import training_stages
 
     recipe = load_recipe(None, {"model.source": "x", "run_dir": str(tmp_path), "cpt": {"lora": {"rank": 8}}})
-    write_stage_manifest(recipe.stage_dir("cpt"), "cpt", {"lora": {"rank": 8}, "kd": None, "steps": 3})
+    write_stage_manifest(recipe.stage_dir("cpt"), "cpt", None, {"lora": {"rank": 8}, "kd": None, "steps": 3})
     (cpt,) = training_stages(recipe)
     assert cpt["how"] == "continued pretraining of a LoRA adapter (rank 8), merged into the weights"

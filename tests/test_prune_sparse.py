@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from healer.core.errors import HealerError
 from healer.prune.blockwise import BlockStack
+from healer.prune.pattern import parse_pattern
 from healer.prune.sparse import ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify, verify_sparsity
-from healer.prune.sparse_scores import magnitude_mask, parse_pattern, wanda_mask
+from healer.prune.sparse_scores import magnitude_mask, wanda_mask
 from healer.prune.sparsegpt import Hessian, sparsegpt_prune
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

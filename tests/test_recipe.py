@@ -71,3 +71,38 @@ def test_a_command_line_string_is_kept_as_typed(typed):
     assert load_recipe("demo", [f"prune.output={typed}"]).prune.output == typed
     assert load_recipe("demo", ["prune.output='quoted'"]).prune.output == "quoted"
     assert load_recipe("demo", ["prune.ratio=null", "prune.blocks=[1, 2]"]).prune.blocks == [1, 2]
+
+
+def test_loading_and_checking_recipes_imports_no_torch():
+    """`healer VERB --help`, `healer schema` and a refused recipe answer in a blink: no torch, transformers or
+    DeepSpeed is imported to read, validate or hash any shipped recipe, or any pruning method's section."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from pathlib import Path
+import healer.configs
+from healer.recipe import load_recipe
+from healer.run.stage_inputs import stage_inputs
+from healer.schema import schema_lines
+from healer.recipe import Recipe
+shipped = sorted(Path(healer.configs.__file__).parent.glob("*.yaml"))
+assert len(shipped) > 5, shipped
+for path in shipped:
+    recipe = load_recipe(str(path))
+    for stage in ("prune", "cpt", "sft", "eval", "release"):
+        if getattr(recipe, stage) is not None:
+            stage_inputs(recipe, stage)
+for override in ({"prune.method": "width", "prune.criterion": "activation", "prune.target": "mlp"},
+                 {"prune.method": "sparse", "prune.criterion": "sparsegpt", "prune.ratio": None,
+                  "prune.sparsity.pattern": "2:4"},
+                 {"prune.ratio": None, "prune.blocks": [3, 4], "prune.replace.kind": "layer", "replace.max_steps": 2}):
+    load_recipe("demo", override)
+schema_lines(Recipe)
+heavy = sorted(m for m in ("torch", "transformers", "deepspeed", "peft", "numpy", "safetensors") if m in sys.modules)
+print(",".join(heavy))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"loading recipes imported {out.stdout.strip()}"

@@ -43,11 +43,11 @@ def run(tmp_path):
         "params_before": 123456, "params_after": 100000, "calibration_ppl_before": 12.5,
         "calibration_ppl_after": 19.0, "seed": 0, "source": str(dense),
         "config_changes": {"num_hidden_layers": [4, 3]}}))
-    write_stage_manifest(run_dir / "prune", "prune", {"params_before": 123456, "params_after": 100000})
+    write_stage_manifest(run_dir / "prune", "prune", None, {"params_before": 123456, "params_after": 100000})
     write_events(run_dir / "cpt" / "tensorboard")
-    write_stage_manifest(run_dir / "cpt", "cpt", {"tokens_trained": 65536, "steps": 12, "final_loss": 0.41})
+    write_stage_manifest(run_dir / "cpt", "cpt", None, {"tokens_trained": 65536, "steps": 12, "final_loss": 0.41})
     write_events(run_dir / "sft" / "tensorboard", steps=6, with_val=False)
-    write_stage_manifest(run_dir / "sft", "sft", {"tokens_trained": 4096, "steps": 6, "final_loss": 0.9,
+    write_stage_manifest(run_dir / "sft", "sft", None, {"tokens_trained": 4096, "steps": 6, "final_loss": 0.9,
                                                  "lora": {"rank": 4}})
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "eval.json").write_text(json.dumps({

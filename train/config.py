@@ -159,10 +159,10 @@ class SelfDistillConfig(Section):
                           "else the Python docs every install carries (pydoc_data)")
     output: str | None = Field(
         None, description="Alpaca JSON written here; defaults to <sft stage dir>/self_distill.json")
-    num_examples: int = Field(128, gt=0)
-    max_new_tokens: int = Field(96, gt=0)
+    num_examples: int = Field(128, gt=0, description="instructions to write and answer")
+    max_new_tokens: int = Field(96, gt=0, description="longest answer, in tokens")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts the teacher answers at once")
     passage_chars: int = Field(500, gt=50, description="length of the corpus passage quoted in a prompt")
     dtype: str = Field("auto", description="teacher weights while generating: auto = bfloat16 on a GPU or a CPU "
                                            "with native bf16 (less memory traffic when decoding), else float32")
@@ -192,3 +192,20 @@ class SFTConfig(TrainingFields, LoRAFields):
     micro_batch_size: int = Field(4, gt=0, description="examples per rank per forward pass")
     global_batch_size: int = Field(64, gt=0, description="examples per optimizer step over all ranks")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (the adapter is small: 0 is fine)")
+
+
+class ReplaceTrainConfig(TrainingFields):
+    """How the replacement block is trained (LLM-Streamline's MSE stage); only that block is trainable."""
+
+    input: str | None = Field(None, description="pruned checkpoint with prune_report.json whose `replacement` says "
+                                                "where the block is; defaults to the prune stage's output")
+    output: str | None = Field(None, description="stage directory; defaults to <run_dir>/replace")
+    teacher: str | None = Field(None, description="the dense model whose span is imitated; defaults to model.source")
+    max_steps: int = Field(100, gt=0, description="optimizer steps; tokens = max_steps * global_batch * seq_len")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0: fit the span, do not "
+                                                       "shrink the block)")
+    eval_every: int = Field(25, gt=0, description="steps between held-out MSE / cosine passes")
+    eval_batches: int = Field(4, gt=0, description="held-out micro-batches per rank per pass (data.validation, "
+                                                   "else the first training batches)")
+    attn_implementation: str = Field("auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when "
+                                                         "flash-attn is installed, else sdpa")

@@ -56,11 +56,11 @@ def settings_of(cfg: CPTConfig, data_cfg) -> dict[str, Any]:
             "cpt.train_embeddings": cfg.train_embeddings}
 
 
-def run_cpt(recipe, opts: Options) -> int:
-    """The ``healer cpt`` verb: every rank runs it. Returns the exit code."""
+def run_cpt(recipe, opts: Options, inputs: dict | None = None) -> int:
+    """The ``healer cpt`` verb: every rank runs it. ``inputs``: what its manifest records it was built from.
+    Returns the exit code."""
     from healer.core.manifest import write_stage_manifest
     from healer.model.modeling import check_seq_len, load_config, resolve_source
-    from healer.run.stage_inputs import refuse_finished_with_other_inputs
 
     cfg = recipe.cpt or CPTConfig(seed=recipe.seed)
     if recipe.data is None or not recipe.data.sources:
@@ -81,8 +81,6 @@ def run_cpt(recipe, opts: Options) -> int:
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
                                           recipe.model.revision if same_t else None)
     stage_dir = recipe.stage_dir("cpt")
-    if opts.action == "train" and opts.resume == "auto":
-        refuse_finished_with_other_inputs(recipe, "cpt", trains_on=("cpt.max_steps",))
     from healer.train.kd import cut_points_of_input
     from healer.train.masks import sparsity_to_keep
 
@@ -93,7 +91,7 @@ def run_cpt(recipe, opts: Options) -> int:
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and opts.action == "train" and not outputs.get("unchanged"):
-        write_stage_manifest(stage_dir, "cpt", outputs)
+        write_stage_manifest(stage_dir, "cpt", inputs, outputs)
     return 0
 
 
@@ -457,7 +455,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
 
     stop_when = None
     if cfg.stop_at_recovery is not None:
-        from healer.run.forecast import recovery_baseline, recovery_reached
+        from healer.train.recovery import recovery_baseline, recovery_reached
 
         if evaluate_fn is None:
             raise HealerError("cpt.stop_at_recovery measures recovery on validation loss; give data.validation")

@@ -24,30 +24,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 
 from healer.core.errors import HealerError
-from healer.train.config import TrainingFields
+from healer.train.config import ReplaceTrainConfig
 
 REPORT = "prune_report.json"
 BEFORE = "replace_before.json"  # the held-out fit of the untrained block, kept across resumes
-
-
-class ReplaceTrainConfig(TrainingFields):
-    """How the replacement block is trained (LLM-Streamline's MSE stage); only that block is trainable."""
-
-    input: str | None = Field(None, description="pruned checkpoint with prune_report.json whose `replacement` says "
-                                                "where the block is; defaults to the prune stage's output")
-    output: str | None = Field(None, description="stage directory; defaults to <run_dir>/replace")
-    teacher: str | None = Field(None, description="the dense model whose span is imitated; defaults to model.source")
-    max_steps: int = Field(100, gt=0, description="optimizer steps; tokens = max_steps * global_batch * seq_len")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0: fit the span, do not "
-                                                       "shrink the block)")
-    eval_every: int = Field(25, gt=0, description="steps between held-out MSE / cosine passes")
-    eval_batches: int = Field(4, gt=0, description="held-out micro-batches per rank per pass (data.validation, "
-                                                   "else the first training batches)")
-    attn_implementation: str = Field("auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when "
-                                                         "flash-attn is installed, else sdpa")
 
 
 @dataclass
@@ -214,8 +196,9 @@ def mse_curve(metrics_jsonl: Path) -> list[list[float]]:
     return [[s, curve[s]] for s in sorted(curve)]
 
 
-def run_replace(recipe, opts: Options) -> int:
-    """The ``healer replace`` verb: every rank runs it. Returns the exit code."""
+def run_replace(recipe, opts: Options, inputs: dict | None = None) -> int:
+    """The ``healer replace`` verb: every rank runs it. ``inputs``: what its manifest records it was built from.
+    Returns the exit code."""
     from healer.core.manifest import write_stage_manifest
     from healer.model.modeling import resolve_source
     from healer.train.signals import PREEMPTED_EXIT_CODE
@@ -224,10 +207,6 @@ def run_replace(recipe, opts: Options) -> int:
     if recipe.data is None or not recipe.data.sources:
         raise HealerError("replace needs a `data:` section with at least one source (data.sources: [{path: ...}]): "
                           "the replacement learns the span's map on that text")
-    if opts.resume == "auto":
-        from healer.run.stage_inputs import refuse_finished_with_other_inputs
-
-        refuse_finished_with_other_inputs(recipe, "replace", trains_on=("replace.max_steps",))
     source = recipe.stage_input("replace")
     place = read_placement(source)  # before any model is loaded
     teacher = cfg.teacher or recipe.model.source
@@ -240,7 +219,7 @@ def run_replace(recipe, opts: Options) -> int:
     if outputs is None:
         return PREEMPTED_EXIT_CODE
     if dist.get_rank() == 0 and not outputs.get("unchanged"):
-        write_stage_manifest(recipe.stage_dir("replace"), "replace", outputs)
+        write_stage_manifest(recipe.stage_dir("replace"), "replace", inputs, outputs)
     return 0
 
 

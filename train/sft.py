@@ -44,10 +44,10 @@ class Options:
         "help": "run at most this many optimizer steps in this call, then checkpoint and stop"})
 
 
-def run_sft(recipe, opts: Options) -> int:
-    """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it."""
+def run_sft(recipe, opts: Options, inputs: dict | None = None) -> int:
+    """The ``healer sft`` verb: tune ``recipe.stage_input("sft")`` with LoRA on ``sft.data``. Every rank runs it.
+    ``inputs``: what its manifest records it was built from."""
     from healer.core.manifest import write_stage_manifest
-    from healer.run.stage_inputs import refuse_finished_with_other_inputs
     from healer.train.engine import init_distributed
     from healer.train.signals import PREEMPTED_EXIT_CODE
 
@@ -55,8 +55,6 @@ def run_sft(recipe, opts: Options) -> int:
         raise HealerError(f"healer sft: --steps takes a positive number, got {opts.steps}")
     cfg = recipe.sft or SFTConfig(seed=recipe.seed)
     stage_dir = recipe.stage_dir("sft")
-    if opts.resume == "auto":
-        refuse_finished_with_other_inputs(recipe, "sft", trains_on=("sft.max_steps", "sft.epochs"))
     info = init_distributed()
     data_path = instruction_data(recipe, cfg, stage_dir, is_main=info.is_main)
     from healer.train.masks import sparsity_to_keep
@@ -67,7 +65,7 @@ def run_sft(recipe, opts: Options) -> int:
     if outputs == "preempted":
         return PREEMPTED_EXIT_CODE
     if outputs is not None and info.is_main and not outputs.get("unchanged"):
-        write_stage_manifest(stage_dir, "sft", outputs)
+        write_stage_manifest(stage_dir, "sft", inputs, outputs)
     return 0
 
 

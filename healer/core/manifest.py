@@ -2,7 +2,8 @@
 
 A stage that finished writes ``<stage_dir>/manifest.json`` last, atomically, so its
 presence alone means "done". The manifest also records the stage's effective inputs
-(``healer.run.stage_inputs``): ``healer run`` skips a finished stage only while they still match.
+(:func:`healer.run.stage_inputs.stage_inputs`, handed to the stage by :func:`healer.run.invoke.invoke`):
+``healer run`` skips a finished stage only while they still match.
 """
 
 from __future__ import annotations
@@ -19,21 +20,6 @@ from typing import Any
 from healer.core.errors import HealerError
 
 MANIFEST = "manifest.json"
-
-# stage name -> effective inputs of that stage as this process runs it. The CLI records them when it
-# starts a stage verb (every stage goes through it), so the stage bodies need not carry the recipe to
-# the point where they write their manifest. Keyed by stage, not directory: release writes its manifest
-# in a temporary directory that it renames into place.
-_RUNNING_INPUTS: dict[str, dict[str, Any]] = {}
-
-
-def expect_inputs(stage: str, inputs: dict[str, Any] | None) -> None:
-    """Record what ``stage`` (run by this process) is built from; its manifest will carry it."""
-    if inputs is None:
-        _RUNNING_INPUTS.pop(stage, None)
-    else:
-        _RUNNING_INPUTS[stage] = inputs
-
 
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -68,13 +54,18 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_stage_manifest(stage_dir: str | Path, stage: str, outputs: dict[str, Any] | None = None) -> Path:
-    """Mark ``stage_dir`` as a finished ``stage``; ``outputs`` names what it produced (paths, numbers)."""
+def write_stage_manifest(stage_dir: str | Path, stage: str, inputs: dict[str, Any] | None,
+                         outputs: dict[str, Any] | None = None) -> Path:
+    """Mark ``stage_dir`` as a finished ``stage``.
+
+    ``inputs``: what the result is built from (:func:`healer.run.stage_inputs.stage_inputs`), which ``healer
+    run`` compares to decide whether the stage is still current; None when the stage was called directly,
+    not as a verb (the next ``healer run`` then builds it again). ``outputs``: what it produced (paths, numbers).
+    """
+    from healer.core.hashing import canonical_hash
     from healer.core.redact import redact_tree
-    from healer.run.stage_inputs import canonical_hash
 
     path = Path(stage_dir) / MANIFEST
-    inputs = _RUNNING_INPUTS.get(stage)
     write_json_atomic(path, {
         "stage": stage,
         # Unique per finish: stages after this one record its manifest's hash, so a re-run of this stage

@@ -11,7 +11,7 @@ from healer.core.config_base import Section
 
 class EvalConfig(Section):
     input: str | None = Field(None, description="checkpoint to evaluate; defaults to the last stage's output")
-    output: str | None = None
+    output: str | None = Field(None, description="stage directory; defaults to <run_dir>/eval")
     perplexity_files: list[str] = Field(
         default_factory=list, description=".jsonl/.json/.parquet (field `text`) or .txt (a document a line) files, "
                                           ".zst/.gz allowed; documents are joined with a blank line"
@@ -33,7 +33,7 @@ class EvalConfig(Section):
         "arc_easy: data/arc_easy/validation.jsonl; run through lm-eval's own task YAML for that name",
     )
     limit: int | None = Field(None, gt=0, description="examples per task (the first N; lm_eval --limit)")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="windows (perplexity) or requests (tasks) per forward pass")
     compare_to: str | None = Field(
         None, description="eval.json of the dense model, or 'dense' to evaluate model.source with the same settings"
     )

@@ -33,8 +33,9 @@ class Options:
     """``healer eval`` has no flags of its own: everything it does is a recipe key (``--eval.KEY``)."""
 
 
-def run_eval_stage(recipe, opts: Options) -> int:
-    """The ``healer eval`` verb: evaluate ``recipe.stage_input("eval")`` (and the dense model) -> eval.json."""
+def run_eval_stage(recipe, opts: Options, inputs: dict | None = None) -> int:
+    """The ``healer eval`` verb: evaluate ``recipe.stage_input("eval")`` (and the dense model) -> eval.json.
+    ``inputs``: what its manifest records it was built from."""
     cfg = recipe.eval or EvalConfig()
     out_dir = recipe.stage_dir("eval")
     source = recipe.stage_input("eval")
@@ -55,7 +56,7 @@ def run_eval_stage(recipe, opts: Options) -> int:
         result["deltas"] = compare(result, dense)
     write_json_atomic(out_dir / EVAL_FILE, result)
     print(format_table(result))
-    write_stage_manifest(out_dir, "eval", {
+    write_stage_manifest(out_dir, "eval", inputs, {
         "eval_json": str(out_dir / EVAL_FILE),
         "source": source,
         "parameters": result["parameters"],

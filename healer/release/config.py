@@ -25,7 +25,8 @@ class ReleaseConfig(Section):
         "bfloat16", description="dtype of the released weights: bfloat16 (half the download of float32, the range "
         "of float32), float16 (checked for overflow) or float32")
     license: str | None = Field(None, description="defaults to the base model's licence when known")
-    tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"])
+    tags: list[str] = Field(default_factory=lambda: ["pruned", "healer"], description="tags in the model card's "
+                                                                                        "front matter")
     language: list[str] | None = Field(None, description="ISO 639-1 codes for the card; defaults to the base model's")
     push: str | None = Field(None, description="Hub repo (org/name) to upload the finished release to with "
                              "HfApi.upload_folder; the token comes from HF_TOKEN or `hf auth login`, never the recipe")

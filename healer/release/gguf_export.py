@@ -526,7 +526,7 @@ def export_and_check(hf_dir: str | Path, out_dir: str | Path, name: str, kinds: 
     Returns one record per file (type, size, sha256, parity per loader). Raises HealerError naming the file and
     the numbers when any check fails: a release never ships a GGUF it could not prove.
     """
-    from healer.release.stage import sha256
+    from healer.core.hashing import sha256
 
     records = []
     for kind in kinds:

@@ -20,7 +20,7 @@ Upload = Callable[..., str]
 
 def verify_release(folder: Path) -> list[str]:
     """The files of the release ``folder`` (relative paths); raises when they do not match its manifest."""
-    from healer.release.stage import file_hashes
+    from healer.core.hashing import file_hashes
 
     manifest = read_stage_manifest(folder)
     if not manifest or manifest.get("stage") != "release":

@@ -15,13 +15,13 @@ Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`heale
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from healer.core.errors import HealerError
+from healer.core.hashing import file_hashes
 from healer.core.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
 from healer.release.config import ReleaseConfig
 from healer.stages import TRAINING_STAGES
@@ -29,20 +29,6 @@ from healer.stages import TRAINING_STAGES
 # model.source shortcuts whose hub id is known (the GGUF file does not carry it).
 KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_hashes(folder: Path) -> dict[str, dict]:
-    """Every file under ``folder`` (relative POSIX path) -> sha256 and size, except the manifest itself."""
-    return {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
 def _front_matter(readme: Path) -> dict:
@@ -133,12 +119,13 @@ def training_stages(recipe) -> list[dict]:
 
 def round_reports(recipe) -> dict:
     """``prune.rounds``: every round's prune report, combined into one against the original model
-    (:func:`healer.run.rounds.combined_report`); a round without its report is an error naming it."""
-    from healer.run.rounds import combined_report, round_dir
+    (:func:`healer.prune.report.combined_report`); a round without its report is an error naming it."""
+    from healer.prune.report import combined_report
 
     reports = []
-    for k in range(1, len(recipe.prune.rounds) + 1):
-        path = round_dir(recipe.run_dir, k) / "prune" / "prune_report.json"
+    round_prune_dirs = [directory for label, directory in recipe.step_dirs("prune") if label.endswith("/prune")]
+    for k, directory in enumerate(round_prune_dirs, start=1):
+        path = directory / "prune_report.json"
         report = read_json_report(path)
         if report is None:
             raise HealerError(f"release: {path} is missing; the card describes every round of prune.rounds. Run "
@@ -275,8 +262,8 @@ def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
     return export_and_check(folder, folder / "gguf", name, kinds)
 
 
-def build_release(recipe, out: Path) -> dict:
-    """Write the release directory ``out``; returns the manifest outputs."""
+def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
+    """Write the release directory ``out``, its manifest recording ``inputs``; returns the manifest outputs."""
     from healer.core.plots import plot_curves, read_scalars
     from healer.core.redact import public_yaml, redact_text, secret_values
     from healer.model.modeling import (
@@ -374,7 +361,7 @@ def build_release(recipe, out: Path) -> dict:
         "gguf": gguf_files,
         "files": file_hashes(partial),
     }
-    write_stage_manifest(partial, "release", outputs)
+    write_stage_manifest(partial, "release", inputs, outputs)
     _replace_dir(partial, out)
     return outputs
 
@@ -384,11 +371,12 @@ class Options:
     """``healer release`` has no flags of its own: everything it does is a recipe key (``--release.KEY``)."""
 
 
-def run_release_stage(recipe, opts: Options, upload=None) -> int:
+def run_release_stage(recipe, opts: Options, inputs: dict | None = None, upload=None) -> int:
     """The ``healer release`` verb: package the final checkpoint and every report into the release dir, then
-    upload it when ``release.push`` names a Hub repo. ``upload`` stands in for the Hub upload (tests)."""
+    upload it when ``release.push`` names a Hub repo. ``inputs``: what its manifest records it was built
+    from; ``upload`` stands in for the Hub upload (tests)."""
     out = recipe.stage_dir("release")
-    outputs = build_release(recipe, out)
+    outputs = build_release(recipe, out, inputs)
     print(f"healer release: {len(outputs['files'])} files, {outputs['parameters_after']:,} parameters"
           + (f" (base {outputs['parameters_before']:,})" if outputs["parameters_before"] else "")
           + f", {outputs['precision']['dtype']}\nwrote {out} (model card: {out / 'README.md'})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from healer.core.errors import HealerError
+from healer.core.hashing import canonical_hash
 from healer.core.lock import DirectoryLock
 from healer.core.manifest import (
     MANIFEST,
@@ -25,9 +26,10 @@ from healer.core.manifest import (
     write_json_atomic,
 )
 from healer.core.redact import redact_tree
-from healer.recipe import Recipe
-from healer.run.rounds import Step, round_step_dirs, step_inputs, steps_of
-from healer.run.stage_inputs import canonical_hash, describe_changes
+from healer.recipe import Recipe, round_step_dirs
+from healer.run.invoke import invoke
+from healer.run.rounds import Step, step_inputs, steps_of
+from healer.run.stage_inputs import describe_changes
 from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
 
 SUMMARY = "summary.json"
@@ -196,20 +198,10 @@ def _run_step(step: Step, recipe: Recipe, resolved: Path, force: bool) -> int:
             write_rank_recipe(step.recipe, resolved)
         args = ["--resume", "none"] if force and step.stage in TRAINING_STAGES else []
         return run_stage(step.stage, str(resolved), args, step.recipe.launch)
-    from healer.core.lock import is_main_process
-    from healer.core.manifest import expect_inputs
-
     verb = VERBS[step.stage]
-    func, options = verb.load()
-    # As healer.cli.invoke, with the step's inputs (a round's prune also records the round it prunes).
-    expect_inputs(step.stage, step_inputs(step))
-    try:
-        if not is_main_process():
-            return int(func(step.recipe, options()) or 0)
-        with DirectoryLock(step.recipe.stage_dir(step.stage), f"healer {step.stage}"):
-            return int(func(step.recipe, options()) or 0)
-    finally:
-        expect_inputs(step.stage, None)
+    _, options = verb.load()
+    # The step's own inputs: a round's prune also records the round it prunes.
+    return invoke(verb, step.recipe, options(), inputs=step_inputs(step))
 
 
 def _check_finished(step: Step) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from healer.core.errors import HealerError
+from healer.recipe import round_dir, round_heals, round_model_dir
 
 
 @dataclass(frozen=True)
@@ -33,30 +34,6 @@ class Step:
     group: str  # the recipe section it belongs to (a round's steps belong to prune)
     after: Path | None = None  # a round's prune: the step directory of the round before, whose result it prunes
     detail: str = ""
-
-
-def round_dir(run_dir: str | Path, k: int) -> Path:
-    return Path(run_dir) / f"round{k}"
-
-
-def round_heals(recipe, k: int) -> bool:
-    return recipe.prune.rounds[k - 1].heal_tokens > 0
-
-
-def round_model_dir(recipe, k: int) -> Path:
-    """The model round ``k`` (1-based) leaves: its healed export, or its pruned model when it does not heal."""
-    base = round_dir(recipe.run_dir, k)
-    return base / "cpt" / "hf" if round_heals(recipe, k) else base / "prune"
-
-
-def round_step_dirs(recipe) -> list[tuple[str, Path]]:
-    """(label, directory) of every round step, in order: what later stages are built on."""
-    out = []
-    for k in range(1, len(recipe.prune.rounds) + 1):
-        out.append((f"round{k}/prune", round_dir(recipe.run_dir, k) / "prune"))
-        if round_heals(recipe, k):
-            out.append((f"round{k}/cpt", round_dir(recipe.run_dir, k) / "cpt"))
-    return out
 
 
 def heal_steps(tokens: int, global_batch_size: int, seq_len: int) -> int:
@@ -190,8 +167,9 @@ def steps_of(recipe, stages: tuple[str, ...]) -> list[Step]:
 def step_inputs(step: Step) -> dict[str, Any]:
     """What ``step``'s result depends on: its stage's inputs under its recipe, and for a round's prune the
     manifest of the step before it (so a re-run round makes every later round stale)."""
+    from healer.core.hashing import canonical_hash
     from healer.core.manifest import read_stage_manifest
-    from healer.run.stage_inputs import canonical_hash, stage_inputs
+    from healer.run.stage_inputs import stage_inputs
 
     out = stage_inputs(step.recipe, step.stage)
     if step.after is not None:
@@ -201,47 +179,3 @@ def step_inputs(step: Step) -> dict[str, Any]:
     return out
 
 
-def combined_report(reports: list[dict]) -> dict:
-    """One prune report for the whole cut of ``prune.rounds``, from each round's ``prune_report.json`` in order.
-
-    Each round's report describes its own input: round 2's ``removed`` are indices of the model round 1 left,
-    and its ``params_before`` is that model's count. The release describes the cut against the ORIGINAL model,
-    so this maps blocks back to their original indices and takes the counts before from round 1. The last
-    round's report gives the rest (method, criterion, calibration); its scores, which rank round-K blocks, and
-    each round's perplexities move to ``rounds``: one entry per round, as measured on that round's input.
-    """
-    first, last = reports[0], reports[-1]
-    out = {key: value for key, value in last.items()
-           if key not in ("scores", "calibration_ppl_before", "calibration_ppl_after")}
-    out["params_before"] = first.get("params_before")
-    out["param_reduction"] = (1 - out["params_after"] / out["params_before"]
-                              if out.get("params_before") and out.get("params_after") else None)
-    if isinstance(first.get("config_changes"), dict) and isinstance(last.get("config_changes"), dict):
-        # (old, new) pairs: old as round 1 found it, new as the last round left it
-        out["config_changes"] = {k: [first["config_changes"].get(k, new)[0], new[1]]
-                                 for k, new in last["config_changes"].items()}
-    for key in ("intermediate_size", "attention_heads"):  # width: (before, after) of the whole cut
-        if first.get(key) and last.get(key):
-            out[key] = [first[key][0], last[key][1]]
-    rounds, original = [], None
-    for k, report in enumerate(reports, start=1):
-        entry = {"round": k, "params_before": report.get("params_before"), "params_after": report.get("params_after"),
-                 "calibration_ppl_before": report.get("calibration_ppl_before"),
-                 "calibration_ppl_after": report.get("calibration_ppl_after")}
-        if "removed" in report:
-            if original is None:
-                original = list(range(len(report["removed"]) + len(report.get("kept", []))))
-            entry["removed"] = list(report["removed"])
-            entry["removed_original"] = [original[i] for i in report["removed"]]
-            original = [b for i, b in enumerate(original) if i not in set(report["removed"])]
-        rounds.append(entry)
-    if original is not None:
-        out["removed"] = sorted(b for r in rounds for b in r["removed_original"])
-        out["kept"] = original
-        out["ratio"] = len(out["removed"]) / (len(out["removed"]) + len(original))
-    elif all(isinstance(r.get("ratio"), (int, float)) for r in reports):  # width: each of its own input's width
-        out["ratio"] = 1 - math.prod(1 - r["ratio"] for r in reports)
-    else:
-        out["ratio"] = None
-    out["rounds"] = rounds
-    return out

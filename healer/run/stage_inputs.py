@@ -8,11 +8,11 @@ healer version. They are kept flat (``prune.ratio: 0.34``) so a mismatch can be 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from healer.core.errors import HealerError
+from healer.core.hashing import canonical_hash
 from healer.stages import STAGES, VERBS
 
 # Keys that change how a run is watched or saved, not what it computes: checkpoint and log cadence
@@ -31,11 +31,6 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
             _flatten(f"{prefix}.{key}", sub, out)
     elif prefix.rsplit(".", 1)[-1] not in NOT_RESULT_KEYS:
         out[prefix] = value
-
-
-def canonical_hash(data: Any) -> str:
-    """sha256 of ``data`` as canonical JSON (sorted keys), the same on every machine."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def healer_version() -> str:

@@ -5,13 +5,18 @@ trainer uses; ``build_demo_corpus`` writes the offline demo's corpus from the Py
 """
 
 from healer.train.data.config import DataConfig, SourceConfig
-from healer.train.data.loader import StreamLoader, build_loader
 
 __all__ = ["DataConfig", "SourceConfig", "StreamLoader", "build_loader", "build_demo_corpus"]
 
 
 def __getattr__(name):
-    if name == "build_demo_corpus":  # imported lazily: it is not needed to train
+    # The loader (torch) and the corpus builder are imported when used: a recipe's `data:` section is
+    # validated from the config alone.
+    if name in ("StreamLoader", "build_loader"):
+        from healer.train.data import loader
+
+        return getattr(loader, name)
+    if name == "build_demo_corpus":
         from healer.train.data.corpus import build_demo_corpus
 
         return build_demo_corpus

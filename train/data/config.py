@@ -62,7 +62,7 @@ class DataConfig(Section):
 
     sources: list[SourceConfig] = Field(default_factory=list)
     validation: list[SourceConfig] = Field(default_factory=list, description="held-out stream for validation loss")
-    seq_len: int = Field(2048, gt=1)
+    seq_len: int = Field(2048, gt=1, description="tokens per packed training block (at most the model's context)")
     on_exhausted: Literal["repeat", "stop", "drain"] = Field(
         "repeat", description="when a source runs out: repeat it (new epoch), stop the stream, or drain "
                               "(go on with the others until all are out: one pass)")
@@ -82,7 +82,7 @@ class DataConfig(Section):
         16, ge=0, description="from its 2nd epoch on, keep a source's (domain's) documents in memory when a "
                               "worker's share is at most this many MB of text: upsampled small domains are "
                               "then not re-read from the shards; 0 = off")
-    seed: int = 0
+    seed: int = Field(0, description="shard order, mixture draws and block shuffling")
     dynamic: DynamicMixConfig | None = Field(
         None, description="move the domain weights of data.sources toward the domains whose validation loss "
                           "lags the reference most (needs every source split by `domains` and data.validation "
