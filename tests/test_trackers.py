@@ -135,3 +135,19 @@ def test_a_cpt_run_reports_its_steps_to_the_trackers_its_recipe_names(tmp_path, 
     assert losses == {row["step"]: pytest.approx(row["train/loss"]) for row in jsonl if "train/loss" in row}
     assert sorted(losses) == [1, 2] and run.init["name"] == "cpt" and run.init["config"]["max_steps"] == 2
     assert run.finished
+
+
+def test_a_log_without_a_terminal_shows_progress_from_the_first_step(capsys):
+    """In a batch job's log (no terminal, so no bar) the first step is reported at once with its pace and
+    ETA, then every print_every steps, and the last step always; a resumed run counts from where it began."""
+    logger = MetricsLogger(None, 25, initial_step=3, print_every=10, print_seconds=3600)
+    for step in range(4, 26):
+        logger.log(step, {"train/loss": 2.0, "train/lr": 1e-4})
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[2] for line in lines] == ["4/25", "10/25", "20/25", "25/25"]
+    assert "loss=2" in lines[0] and "s/step, ETA" in lines[0]
+
+    slow = MetricsLogger(None, 5, print_every=10, print_seconds=0)  # a line per step once steps are slow
+    for step in range(1, 6):
+        slow.log(step, {"train/loss": 1.0})
+    assert len(capsys.readouterr().err.splitlines()) == 5

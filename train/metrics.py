@@ -73,9 +73,11 @@ class MetricsLogger:
         desc: the bar's label (the stage name).
         bar_keys: scalar names shown on the bar, mapped to short labels.
         progress_bar: False turns the bar off (e.g. benchmarks); None shows it
-            only when stderr is a terminal, and otherwise prints a line every
-            ``print_every`` steps so a batch job's log still shows progress.
+            only when stderr is a terminal, and otherwise prints a progress line (step, scalars, seconds per
+            step, ETA) after the first step, then every ``print_every`` steps or ``print_seconds`` seconds,
+            whichever comes first, and at the last step, so a batch job's log shows progress from the start.
         print_every: steps between plain-text progress lines when there is no bar.
+        print_seconds: the longest wait between two plain-text progress lines.
         jsonl_path: also append every step's scalars as one JSON line (``{"step": n, ...}``) for scripts and
             plots (``time`` is the wall clock when the step was logged, ``cpu_time`` this process's CPU seconds so
             far: on a shared machine the gaps in CPU time measure a step's cost better than wall time); on a
@@ -87,13 +89,17 @@ class MetricsLogger:
 
     def __init__(self, log_dir: str | Path | None, total_steps: int, *, rank: int = 0, initial_step: int = 0,
                  desc: str = "train", bar_keys: Mapping[str, str] | None = None, progress_bar: bool | None = None,
-                 print_every: int = 10, jsonl_path: str | Path | None = None,
+                 print_every: int = 10, print_seconds: float = 30.0, jsonl_path: str | Path | None = None,
                  report_to: Sequence[str] = ("tensorboard",), run_config: Mapping[str, Any] | None = None):
         self.rank = rank
         self.enabled = rank == 0
         self.total_steps = total_steps
         self.bar_keys = dict(DEFAULT_BAR_KEYS if bar_keys is None else bar_keys)
         self.print_every = max(1, print_every)
+        self.print_seconds = print_seconds
+        self._initial_step = initial_step
+        self._started = time.monotonic()
+        self._printed_at: float | None = None
         self.desc = desc
         self.last: dict[str, float] = {}
         self._trackers: list[Tracker] = []
@@ -129,9 +135,25 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(max(0, step - self._bar.n))
-        elif self._text_progress and (step % self.print_every == 0 or step == self.total_steps):
-            body = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            print(f"[{self.desc}] step {step}/{self.total_steps} {body}", file=sys.stderr, flush=True)
+        elif self._text_progress:
+            now = time.monotonic()
+            if (self._printed_at is None or step % self.print_every == 0 or step >= self.total_steps
+                    or now - self._printed_at >= self.print_seconds):
+                self._printed_at = now
+                body = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+                print(f"[{self.desc}] step {step}/{self.total_steps} {body}{self._pace(step, now)}", file=sys.stderr,
+                      flush=True)
+
+    def _pace(self, step: int, now: float) -> str:
+        """`` | 11.2 s/step, ETA 2m 26s`` from this run's steps so far (a resume counts from where it started)."""
+        done = step - self._initial_step
+        if done <= 0:
+            return ""
+        per_step = (now - self._started) / done
+        left = max(0, self.total_steps - step) * per_step
+        eta = f"{int(left // 3600)}h {int(left % 3600 // 60):02d}m" if left >= 3600 else \
+            f"{int(left // 60)}m {int(left % 60):02d}s" if left >= 60 else f"{left:.0f}s"
+        return f" | {per_step:.3g} s/step, ETA {eta}"
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         """Write a text note (the run's settings, a decoded sample) to every tracker."""
