@@ -87,3 +87,64 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(args: list[str], *, ranks: int = 2, timeout: int = 300, fault: str | None = None,
+             cwd: str | Path | None = None):
+    """Run ``args`` (a script, or ``-m module ...``) on ``ranks`` local processes under torchrun.
+
+    Each rank gets one thread (two torch processes on two cores otherwise oversubscribe them), the CPU
+    DeepSpeed accelerator and its own free loopback port; ``HEALER_FAULT`` is ``fault`` or unset. The run is
+    killed after ``timeout`` seconds. Returns the finished process, output captured.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("HEALER_FAULT", None)
+    if fault:
+        env["HEALER_FAULT"] = fault
+    cmd = ["timeout", str(timeout), sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+
+
+def healer_on_ranks(verb: str, recipe: str | Path, *flags: str, **kwargs):
+    """``healer VERB --config RECIPE FLAGS`` on local ranks (:func:`torchrun`'s keywords)."""
+    return torchrun(["-m", "healer", verb, "--config", str(recipe), *flags], **kwargs)
+
+
+# -- tiny recipes for the pipeline tests ----------------------------------------------------------------
+
+def write_corpus(directory: Path, shards: int = 1, docs: int = 20, meta: dict | None = None) -> Path:
+    """A corpus of ``shards`` jsonl files with ``docs`` numbered documents each (SAMPLE_TEXT after a header)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        with open(directory / f"part_{shard}.jsonl", "w") as fh:
+            for i in range(docs):
+                record = {"text": f"Shard {shard} document {i}. " + SAMPLE_TEXT}
+                fh.write(json.dumps({**record, "meta": meta} if meta else record) + "\n")
+    return directory
+
+
+def depth_prune_section(calibration_file: Path, **keys) -> str:
+    """A recipe's ``prune:`` section: depth by block influence on 4 calibration samples of 32 tokens, plus
+    ``keys`` (values written as YAML flow, e.g. ``ratio=0.25``, ``rounds="[{ratio: 0.25}]"``)."""
+    lines = ["prune:", "  method: depth", "  criterion: block_influence"]
+    lines += [f"  {key}: {value}" for key, value in keys.items()]
+    lines.append(f"  calibration: {{path: {calibration_file}, num_samples: 4, seq_len: 32}}")
+    return "\n".join(lines) + "\n"
+
+
+def tiny_recipe(tmp_path: Path, *sections: str, layers: int = 4) -> tuple[Path, Path]:
+    """Write ``tmp_path/recipe.yaml``: run ``tiny`` in ``tmp_path/run`` on a tiny llama of ``layers`` blocks
+    (hidden 64, MLP 128), then ``sections`` (YAML text, dedented). Returns (recipe, model directory)."""
+    import textwrap
+
+    src = save_tiny(tmp_path, "llama", layers=layers, hidden=64, intermediate=128)
+    text = f"name: tiny\nrun_dir: {tmp_path / 'run'}\nmodel: {{source: {src}}}\n"
+    text += "".join(textwrap.dedent(section).strip("\n") + "\n" for section in sections)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    return recipe, src

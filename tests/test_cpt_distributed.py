@@ -8,14 +8,12 @@ export bit-identical weights. On CPU in fp32 the kernels are deterministic, so w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, free_port, save_tiny
+from helpers import SAMPLE_TEXT, healer_on_ranks, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -59,14 +57,7 @@ def _recipe(ws, out: Path, zero_stage: int, kd: bool) -> Path:
 
 
 def _run(ws, recipe: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("HEALER_FAULT", None)
-    if fault:
-        env["HEALER_FAULT"] = fault
-    cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", "cpt",
-           "--config", str(recipe)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
+    return healer_on_ranks("cpt", recipe, timeout=240, fault=fault, cwd=ws["root"])
 
 
 def _losses(stage: Path) -> dict[int, dict]:

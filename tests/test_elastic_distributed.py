@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, free_port, save_tiny
+from helpers import SAMPLE_TEXT, healer_on_ranks, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,12 +40,7 @@ def workspace(tmp_path_factory):
 
 
 def _run(ws, verb: str, recipe: Path, ranks: int, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("HEALER_FAULT", None)
-    cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", verb,
-           "--config", str(recipe), *flags]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
+    done = healer_on_ranks(verb, recipe, *flags, ranks=ranks, cwd=ws["root"])
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -5,13 +5,10 @@ equal plain-PyTorch references (the unchunked ``distill_loss`` / the HF loss) to
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,10 +19,7 @@ WORKER = Path(__file__).with_name("kd_distributed_worker.py")
 
 def test_objectives_under_zero2_and_zero3_match_references(tmp_path):
     out = tmp_path / "diffs.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = ["timeout", "540", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
-    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=WORKER.parent)
+    done = torchrun([str(WORKER), str(out)], timeout=540, cwd=WORKER.parent)
     assert done.returncode == 0, done.stderr[-4000:]
     diffs = json.loads(out.read_text())
     assert set(diffs) == {"z3_kd_top7", "z3_kd_tied", "z3_ce", "z3_hidden_mse", "z2_kd_top7"}

@@ -7,7 +7,7 @@ import json
 import textwrap
 
 import pytest
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, depth_prune_section, tiny_recipe, write_corpus
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
@@ -17,13 +17,7 @@ from healer.run.stage_inputs import stage_inputs
 
 
 def _write_inputs(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for shard in range(2):
-        with open(corpus / f"part_{shard}.jsonl", "w") as fh:
-            for i in range(30):
-                fh.write(json.dumps({"text": f"Shard {shard} document {i}. " + SAMPLE_TEXT,
-                                     "meta": {"redpajama_set_name": "Tiny"}}) + "\n")
+    corpus = write_corpus(tmp_path / "corpus", shards=2, docs=30, meta={"redpajama_set_name": "Tiny"})
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(SAMPLE_TEXT * 20)
     instruct = tmp_path / "instruct.json"
@@ -35,18 +29,8 @@ def _write_inputs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_run_goes_from_base_model_to_release_and_skips_finished_stages(tmp_path, calibration_file, capsys):
-    src = save_tiny(tmp_path, "llama", layers=4, hidden=64, intermediate=128)
     corpus, heldout, instruct = _write_inputs(tmp_path)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: tiny
-        run_dir: {tmp_path / 'run'}
-        model: {{source: {src}}}
-        prune:
-          method: depth
-          criterion: block_influence
-          num_blocks: 1
-          calibration: {{path: {calibration_file}, num_samples: 4, seq_len: 32}}
+    recipe, src = tiny_recipe(tmp_path, depth_prune_section(calibration_file, num_blocks=1), f"""
         data:
           sources: [{{path: {corpus}}}]
           seq_len: 32
@@ -70,7 +54,7 @@ def test_run_goes_from_base_model_to_release_and_skips_finished_stages(tmp_path,
           context_lengths: [32]
           compare_to: dense
         release: {{model_name: tiny-healed}}
-    """))
+    """)
     assert main(["run", str(recipe)]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
@@ -97,15 +81,8 @@ def test_run_goes_from_base_model_to_release_and_skips_finished_stages(tmp_path,
 
 
 def _prune_release_recipe(tmp_path, blocks="[1]"):
-    src = save_tiny(tmp_path, "llama", layers=4, hidden=64, intermediate=128)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: tiny
-        run_dir: {tmp_path / 'run'}
-        model: {{source: {src}}}
-        prune: {{method: depth, blocks: {blocks}}}
-        release: {{model_name: tiny-pruned}}
-    """))
+    recipe, _ = tiny_recipe(tmp_path, f"prune: {{method: depth, blocks: {blocks}}}",
+                            "release: {model_name: tiny-pruned}")
     return recipe
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 
 import pytest
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import depth_prune_section, tiny_recipe, write_corpus
 from transformers import AutoConfig
 
 from healer.cli import main
@@ -82,31 +81,16 @@ def _yaml(text):
 
 
 def _rounds_recipe(tmp_path, calibration_file, heal=("2k", "0")):
-    src = save_tiny(tmp_path, "llama", layers=8, hidden=64, intermediate=128)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    with open(corpus / "part.jsonl", "w") as fh:
-        for i in range(20):
-            fh.write(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT}) + "\n")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: tiny
-        run_dir: {tmp_path / 'run'}
-        model: {{source: {src}}}
-        prune:
-          method: depth
-          criterion: block_influence
-          keep_first: 0
-          keep_last: 0
-          calibration: {{path: {calibration_file}, num_samples: 4, seq_len: 32}}
-          rounds: [{{ratio: 0.25, heal_tokens: {heal[0]}}}, {{ratio: 0.25, heal_tokens: {heal[1]}}}]
-        data:
-          sources: [{{path: {corpus}}}]
-          seq_len: 32
-        cpt: {{micro_batch_size: 2, global_batch_size: 4, max_steps: 3, kd: {{alpha: 0.5}}}}
-        release: {{model_name: tiny-rounds}}
-    """))
-    return recipe, src
+    corpus = write_corpus(tmp_path / "corpus")
+    rounds = f"[{{ratio: 0.25, heal_tokens: {heal[0]}}}, {{ratio: 0.25, heal_tokens: {heal[1]}}}]"
+    return tiny_recipe(tmp_path, depth_prune_section(calibration_file, keep_first=0, keep_last=0, rounds=rounds),
+                       f"""
+                       data:
+                         sources: [{{path: {corpus}}}]
+                         seq_len: 32
+                       cpt: {{micro_batch_size: 2, global_batch_size: 4, max_steps: 3, kd: {{alpha: 0.5}}}}
+                       release: {{model_name: tiny-rounds}}
+                       """, layers=8)
 
 
 def _fake_cpt(calls, kill=None):

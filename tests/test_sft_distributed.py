@@ -8,14 +8,12 @@ exactly the losses of a run never interrupted and writes a bit-identical adapter
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port, save_tiny
+from helpers import healer_on_ranks, save_tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -44,14 +42,7 @@ def _recipe(ws, out: Path, zero_stage: int) -> Path:
 
 
 def _run(ws, recipe: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("HEALER_FAULT", None)
-    if fault:
-        env["HEALER_FAULT"] = fault
-    cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "healer", "sft",
-           "--config", str(recipe)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ws["root"])
+    return healer_on_ranks("sft", recipe, fault=fault, cwd=ws["root"])
 
 
 def _metrics(stage: Path) -> dict[int, dict]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import SAMPLE_TEXT, healer_on_ranks, save_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -112,20 +112,9 @@ def test_longer_run_resumes_and_keeps_the_first_runs_before_measurement(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [3])
 def test_two_ranks_under_zero_train_the_block_alone(tmp_path, calibration_file, zero_stage):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     model, recipe = _recipe(tmp_path, calibration_file, zero_stage=zero_stage, max_steps=8, global_batch_size=4)
     assert main(["prune", "--config", str(recipe)]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = ["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "healer", "replace", "--config", str(recipe)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = healer_on_ranks("replace", recipe)
     assert done.returncode == 0, done.stderr[-3000:]
     stage = tmp_path / "run" / "replace"
     trained = json.loads((stage / "prune_report.json").read_text())["replacement"]

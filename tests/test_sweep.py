@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import SAMPLE_TEXT, logged_steps, save_tiny
+from helpers import SAMPLE_TEXT, depth_prune_section, logged_steps, tiny_recipe
 
 import healer.run.sweep as sweep_mod
 from healer.cli import main
@@ -32,23 +32,11 @@ def test_over_is_parsed_and_bad_ones_refused():
 
 
 def _recipe(tmp_path, calibration_file, extra=""):
-    src = save_tiny(tmp_path, "llama", layers=4, hidden=64, intermediate=128)
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(SAMPLE_TEXT * 10)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: tiny
-        run_dir: {tmp_path / 'run'}
-        model: {{source: {src}}}
-        prune:
-          method: depth
-          criterion: block_influence
-          ratio: 0.25
-          keep_first: 0
-          keep_last: 0
-          calibration: {{path: {calibration_file}, num_samples: 4, seq_len: 32}}
-        eval: {{perplexity_files: [{heldout}], context_lengths: [32], output: "${{run_dir}}/eval"}}
-    """) + extra)
+    prune = depth_prune_section(calibration_file, ratio=0.25, keep_first=0, keep_last=0)
+    evaluate = f'eval: {{perplexity_files: [{heldout}], context_lengths: [32], output: "${{run_dir}}/eval"}}'
+    recipe, _ = tiny_recipe(tmp_path, prune, evaluate, extra)
     return recipe
 
 
