@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -24,7 +25,21 @@ def _section_type(annotation) -> type | None:
 
 
 def _type_name(annotation) -> str:
-    if not typing.get_args(annotation) and isinstance(annotation, type):
+    """``annotation`` as a reader writes it: ``tuple[float, float]``, ``int | None``, ``Literal['a', 'b']``;
+    ``Annotated`` bounds are left out (the description and the error say them)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]" if args else name
+    if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "").replace("NoneType", "None")
 

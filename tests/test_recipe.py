@@ -21,10 +21,25 @@ def test_embedded_demo_recipe_is_valid_and_follows_run_dir():
     ("cpt.zero_stage=5", "cpt.zero_stage"),
     ("prune.ratio=1.5", "prune.ratio must be between 0 and 1"),
     ("sft.rank=0", "sft.rank"),
+    ("cpt.lr=inf", "cpt.lr"),
+    ("cpt.lr=nan", "cpt.lr"),
+    ("cpt.betas=[nan,0.95]", r"cpt.betas.0"),
+    ("cpt.betas=[0.9,1.0]", r"cpt.betas.1"),
+    ("sft.epochs=inf", "sft.epochs"),
+    ("cpt.kd.temperature=nan", "cpt.kd.temperature"),
+    ("prune.ratio=nan", "prune.ratio"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, named):
     with pytest.raises(RecipeError, match=named):
         load_recipe("demo", [override])
+
+
+def test_an_infinite_source_weight_is_refused_naming_the_source(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {source: smollm2}\ndata:\n  sources:\n    - {path: a, weight: 1.0}\n"
+                    "    - {path: b, weight: .inf}\n")
+    with pytest.raises(RecipeError, match=r"data.sources.1.weight: Input should be a finite number"):
+        load_recipe(path)
 
 
 def test_missing_model_is_named(tmp_path):

@@ -7,7 +7,7 @@ shared default by redeclaring the field, which keeps its own defaults next to it
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,13 +16,14 @@ from healer.train.trackers import ReportTo
 
 Schedule = Literal["cosine", "wsd", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW's moment decay: 1 or more never forgets, and diverges
 
 
 class OptimizerFields(Section):
     """AdamW and its learning-rate schedule."""
 
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW beta1, beta2")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on biases and norms)")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 turns clipping off")
     schedule: Schedule = Field("cosine", description="cosine, wsd (warmup-stable-decay), linear or constant after "
@@ -187,7 +188,7 @@ class SFTConfig(TrainingFields, LoRAFields):
     schedule: Schedule = Field("linear", description="cosine, wsd, linear or constant after the warmup")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the LR at the end of the decay, as a fraction of lr")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW beta1, beta2")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     micro_batch_size: int = Field(4, gt=0, description="examples per rank per forward pass")
     global_batch_size: int = Field(64, gt=0, description="examples per optimizer step over all ranks")
