@@ -10,9 +10,9 @@ would need product code before it could be measured. This loop re-implements the
 compared with, on one process and without DeepSpeed: the same token stream (healer's loader, ``data.seed``
 0), pure logit KD (alpha 0, T 1) from the dense model, AdamW 0.9/0.95 with weight decay 0.1 on matrices,
 clipping at 1.0, linear warmup then cosine to 10% of the lr. With no variant flag it reproduces
-``heal_quality.py``'s row "KD alpha 0 T 1, lr 5e-4, warmup 2, cosine" (20 steps: 28.27 both, before
-``data.shuffle_blocks``; pass ``--no-shuffle-blocks`` to compare with rows measured before it); with
-``--freeze-embeddings --steps 80 --warmup 10`` it reproduces today's ``healer cpt`` defaults (25.05 both).
+``heal_quality.py``'s row "KD alpha 0 T 1, lr 5e-4, warmup 2, cosine" (row A of docs/healing.md, 20 steps:
+28.27 both, with ``--no-shuffle-blocks`` as the rows measured on the stream in order); with
+``--freeze-embeddings --steps 80 --warmup 10`` it reproduces row B (25.05 both).
 
     python bench/heal_quality.py --no-heal --out runs/bench-heal --eval-tokens 8192   # makes the pruned model
     python bench/heal_variants.py --pruned runs/bench-heal/prune-<key> --label freeze --freeze-embeddings
@@ -270,7 +270,7 @@ def main() -> None:
         rows: list[torch.Tensor] = []
         while len(rows) < args.shuffle_window:
             rows.extend(next(stream)["input_ids"])
-        batches = drawn_batches(rows, args.steps, args.batch, seed=0)  # 0 whatever --seed, as its README rows
+        batches = drawn_batches(rows, args.steps, args.batch, seed=0)  # 0 whatever --seed, as in docs/healing.md
     else:
         batches = [next(stream)["input_ids"] for _ in range(args.steps)]
     if args.teacher_samples:

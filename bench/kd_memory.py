@@ -1,9 +1,9 @@
-"""Peak memory and step time of KD with a 128K vocabulary: today's unchunked loss against the chunked one.
+"""Peak memory and step time of KD with a 128K vocabulary: full logits against the chunked head.
 
 A tiny Llama student (2 blocks, hidden 256) and teacher (same shape, other weights) with Llama-3's
 vocabulary (128256), one micro-batch of ``--batch x --seq`` tokens, loss alpha*CE + (1-alpha)*T^2*KL:
 
-  unchunked  the model builds [B, S, V] logits, ``healer.train.kd.distill_loss`` on them (today's cpt path);
+  unchunked  the model builds [B, S, V] logits, ``healer.train.kd.distill_loss`` on them (the reference loss);
   chunked    ``healer.train.objectives.Distill``: final hidden states, then the head chunk by chunk.
 
 Each variant runs in its own subprocess so their peaks do not mix. Peak memory is the rise of the

@@ -2,8 +2,8 @@
 
 Each variant runs in its own process (peak memory is per process), on the same model, batch and tokens:
   (p) a plain loop: model(ids, labels) / backward / clip_grad_norm_ / AdamW.step / zero_grad;
-  (a) the bare DeepSpeed loop at the real ZeRO stage (engine(batch) / backward / step), which is what one
-      rank ran before healer ran ZeRO-1/2 as stage 0 there;
+  (a) the bare DeepSpeed loop at the real ZeRO stage (engine(batch) / backward / step): what one rank
+      would run if healer did not run ZeRO-1/2 as stage 0 there (nothing to shard on one rank);
   (h) `healer cpt`'s training function, real data pipeline, metrics and all.
 Step time is the median over the timed steps (checkpoint/eval steps never happen: their cadence is set past
 the end); memory is the process's peak RSS. Prints h/p (targets: time <= 1.1, memory <= 1.3) and h/a.

@@ -103,7 +103,7 @@ class ReplaceConfig(Section):
 
     kind: Literal["none", "layer", "ffn"] = Field(
         "none", description="none: plain cut; layer: one decoder block of the same family replaces the span "
-        "(num_hidden_layers = kept + 1); ffn is refused: a lone MLP is no standard block (see README)")
+        "(num_hidden_layers = kept + 1); ffn is refused: a lone MLP is no standard block (see docs/pruning.md)")
     init: Literal["closest", "first", "last"] = Field(
         "closest", description="which block of the span the replacement starts as: closest (its output nearest "
         "the span's on calibration, needs prune.calibration.path), first or last")
@@ -260,7 +260,7 @@ class PruneConfig(Section):
             return self
         if kind == "ffn":
             raise ValueError("prune.replace.kind: ffn (an MLP without attention) is not a standard decoder block, so "
-                             "the checkpoint would need code only healer has; use kind: layer (see README, "
+                             "the checkpoint would need code only healer has; use kind: layer (see docs/pruning.md, "
                              "LLM-Streamline)")
         if self.method != "depth":
             raise ValueError(f"prune.replace.kind: {kind} replaces removed blocks; it needs prune.method: depth")

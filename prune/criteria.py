@@ -3,8 +3,8 @@
 Adding a criterion is one function (in ``depth.py``, ``width.py`` or ``sparse.py``, with that method's signature)
 plus one entry in :data:`CRITERIA`. Everything that lists criteria reads this dict: recipe
 validation of ``prune.criterion``, its description (``healer schema``, ``healer prune --help``), the
-choices offered on the command line, the stage's dispatch and what the report says, and the README
-table (:func:`criteria_table`; a test keeps the README equal to it).
+choices offered on the command line, the stage's dispatch and what the report says, and the table
+in docs/pruning.md (:func:`criteria_table`; a test keeps the page equal to it).
 
 Signatures, by method:
 
@@ -46,7 +46,7 @@ class Criterion:
     """
 
     score: Callable | str
-    description: str  # one line: what it scores (README table, `healer schema`, the report)
+    description: str  # one line: what it scores (docs/pruning.md, `healer schema`, the report)
     needs_data: bool  # scores on calibration text
     reads_shards: bool  # looks at one block at a time, so it can score a model larger than memory
     target: str = "blocks"  # what surgery removes: blocks (depth), mlp neurons or attention KV groups (width)
@@ -162,7 +162,7 @@ def describe_choices() -> str:
 
 
 def criteria_table() -> str:
-    """The README's criteria table, in Markdown."""
+    """The criteria table of docs/pruning.md, in Markdown."""
     removes = {"blocks": "blocks", "mlp": "MLP neurons", "attention": "KV groups", "weights": "weights (zeroed)"}
     rows = ["| method | criterion | removes | what it scores | data | scored from disk, one block at a time |",
             "| --- | --- | --- | --- | --- | --- |"]

@@ -12,7 +12,7 @@ from healer.recipe import load_recipe
 from healer.train import cpt
 from healer.train.config import CPTConfig
 
-# The winner of bench/heal_quality.py (README, "Healing defaults").
+# The winner of bench/heal_quality.py (docs/healing.md, "Healing defaults: the evidence").
 ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.0, 1.0, 0.0
 LR, WARMUP, SCHEDULE = 3e-4, 10, "wsd"
 

@@ -1,5 +1,5 @@
 """The criterion registry is the single list: every entry works as it says, adding one is one function plus
-one entry, and the README table is the registry's."""
+one entry, and the criteria table in docs/pruning.md is the registry's."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from healer.prune.config import PruneConfig
 from healer.prune.criteria import CRITERIA, Criterion, criteria_table, criterion_names, describe_choices
 from healer.prune.stage import prune
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PRUNING_DOC = Path(__file__).resolve().parents[1] / "docs" / "pruning.md"
 TOKENS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
 ENTRIES = [(method, name) for method, table in CRITERIA.items() for name in table]
 
 
-def test_readme_table_is_the_registry():
-    assert criteria_table() in README.read_text(), "regenerate the README table: print(criteria_table())"
+def test_the_pruning_doc_table_is_the_registry():
+    assert criteria_table() in PRUNING_DOC.read_text(), "regenerate docs/pruning.md's table: print(criteria_table())"
 
 
 @pytest.mark.parametrize("method,name", ENTRIES)

@@ -93,3 +93,42 @@ def test_smollm2_rounds_recipe_compares_like_with_like(tmp_path):
     assert sum(round_steps) + rounds.cpt.max_steps == oneshot.cpt.max_steps
     assert rounds.model_dir("prune") == tmp_path / "rounds" / "round2" / "prune"  # what the final cpt heals
     assert rounds.stage_input("cpt") == str(tmp_path / "rounds" / "round2" / "prune")
+
+
+# file -> (blocks of the dense model, hidden, intermediate, kv width, vocabulary, blocks removed, GPUs)
+OWN_MODEL = {
+    "llama3.1-8b-one-node.yaml": (32, 4096, 14336, 1024, 128256, 8, 8),
+    "llama3.1-70b-slurm.yaml": (80, 8192, 28672, 1024, 128256, 20, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_MODEL))
+def test_the_readme_recipes_plan_and_launch_as_their_comments_say(tmp_path, name, capsys):
+    from healer.prune.depth import blocks_to_remove
+
+    blocks, hidden, mlp, kv, vocab, removed, gpus = OWN_MODEL[name]
+    recipe = load_recipe(CONFIGS / name, [f"run_dir={tmp_path}"])
+    assert blocks_to_remove(blocks, recipe.prune.ratio, recipe.prune.num_blocks) == removed
+    per_block = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
+    dense, pruned = blocks * per_block + 2 * vocab * hidden, (blocks - removed) * per_block + 2 * vocab * hidden
+    text = (CONFIGS / name).read_text()  # its comments state the sizes and the token budget
+    assert f"{dense / 1e9:.1f}B -> {pruned / 1e9:.1f}B parameters" in text
+    cpt = recipe.cpt
+    assert cpt.global_batch_size % (cpt.micro_batch_size * gpus) == 0
+    tokens = cpt.max_steps * cpt.global_batch_size * recipe.data.seq_len
+    assert f"{tokens / 1e9:.1f}B tokens" in text
+    assert stages_of(recipe) == ["prune", "cpt", "sft", "eval", "release"]
+    assert main(["run", str(CONFIGS / name), f"run_dir={tmp_path}", "--dry-run"]) == 0
+    assert "release        run" in capsys.readouterr().out
+    if recipe.launch.backend == "slurm":
+        assert main(["launch", "--dry-run", "cpt", str(CONFIGS / name), f"run_dir={tmp_path}"]) == 0
+        script = capsys.readouterr().out
+        assert f"#SBATCH --nodes={recipe.launch.nodes}" in script and "#SBATCH --gpus-per-node=8" in script
+    assert not (tmp_path / "prune").exists()
+
+
+@pytest.mark.parametrize("name", sorted(OWN_MODEL))
+def test_the_readme_shows_each_recipe_as_it_is_in_configs(name):
+    readme = (CONFIGS.parent / "README.md").read_text()
+    body = (CONFIGS / name).read_text().split("\nname:", 1)[1]
+    assert "name:" + body in readme, f"README.md does not show configs/{name} as it is"

@@ -75,7 +75,7 @@ class TrainingFields(OptimizerFields, BatchFields, CheckpointFields, DeepSpeedFi
 class KDConfig(Section):
     """Distillation from the unpruned teacher: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student) (+ hidden).
 
-    The defaults are what recovered the most of the pruning gap per token in bench/heal_quality.py (README,
+    The defaults are what recovered the most of the pruning gap per token in bench/heal_quality.py (docs/healing.md,
     "Healing defaults"): pure logit KD (alpha 0) at T 1.
     """
 
@@ -123,7 +123,8 @@ class LoRAConfig(LoRAFields):
 
 class CPTConfig(TrainingFields):
     """Continued pretraining under DeepSpeed ZeRO (Shortened LLaMA: AdamW 0.9/0.95, wd 0.1), by default distilling
-    from the unpruned model, lr 3e-4 warmup-stable-decay (measured: README, "Healing defaults")."""
+    from the unpruned model, lr 3e-4 warmup-stable-decay (measured: docs/healing.md).
+    """
 
     input: str | None = Field(None, description="checkpoint to heal; defaults to the prune stage's output")
     output: str | None = Field(None, description="stage directory; defaults to <run_dir>/cpt")
@@ -133,14 +134,14 @@ class CPTConfig(TrainingFields):
         "auto", description="auto: flash_attention_2 on a GPU in bf16/fp16 when flash-attn is installed, else sdpa")
     eval_every: int = Field(50, gt=0, description="steps between validation passes over data.validation")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per pass")
-    lr: float = Field(3e-4, gt=0, description="peak learning rate (README, \"Healing defaults\")")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (docs/healing.md, \"Healing defaults\")")
     schedule: Schedule = Field("wsd", description="wsd (default: warmup, stable at lr, linear decay over the last "
                                                   "decay_fraction of the steps), cosine, linear or constant; a "
                                                   "short heal recovered more without cosine's long decay")
     train_embeddings: bool = Field(
         False, description="also train the token embeddings and output head; false (default) freezes them: "
-                           "pruning leaves them intact, and frozen they healed more of the gap (README, \"Healing "
-                           "defaults\"), with no optimizer state for a large vocabulary")
+                           "pruning leaves them intact, and frozen they healed more of the gap "
+                           "(docs/healing.md), with no optimizer state for a large vocabulary")
     kd: KDConfig | None = Field(default_factory=KDConfig, description="distil from a teacher (default: the unpruned "
                                 "model.source); null = plain next-token CE")
     stop_at_recovery: float | None = Field(

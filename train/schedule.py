@@ -54,7 +54,7 @@ def warmup_note(section: str, *, max_steps: int, warmup_steps: int) -> str | Non
 
     The warmup is then cut to the run's length: the LR rises the whole time, reaches ``<section>.lr`` only at the
     last step and never decays, which nothing else in the log shows (a 10-step width heal with the default 10
-    warmup steps recovered 75.7% of the pruning gap at lr 3e-4, 79.7% at 5e-4; README, "Healing defaults").
+    warmup steps recovered 75.7% of the pruning gap at lr 3e-4, 79.7% at 5e-4; docs/healing.md, "Schedule").
     """
     if warmup_steps == 0 or warmup_steps < max_steps:
         return None

@@ -56,7 +56,7 @@ PARITY_TEXT = (
 # Criteria, per type. Float types are compared to the safetensors model on max |logit difference| relative to
 # the largest reference logit: f16 keeps 11 significant bits (relative rounding 2**-11 per weight) and bf16 8,
 # and those per-weight errors average out over a dot product, so a correct file lands well inside these bounds
-# (measured: see the README), while a wrong layout or metadata moves logits by the order of the logits
+# (measured: docs/release.md), while a wrong layout or metadata moves logits by the order of the logits
 # themselves. q8_0 changes logits visibly, so it is judged on next-token agreement.
 RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1}
 TOP1_AGREEMENT = 0.99
