@@ -265,3 +265,40 @@ def test_frozen_embeddings_stay_the_inputs_and_a_resume_cannot_unfreeze_them(tmp
 
     with pytest.raises(HealerError, match=r"cpt\.train_embeddings: False -> True"):
         _heal(tmp_path, model, corpus, max_steps=4, lr=1e-2, train_embeddings=True)
+
+
+@pytest.mark.parametrize("poison", ["lr", "weights"])
+def test_a_non_finite_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, poison):
+    """An lr that blows the weights up, or NaN already in the input model: the first step whose loss or gradient
+    norm is not a number stops the stage in one line naming that step; nothing after it is saved or exported."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from healer.cli import main
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    if poison == "weights":
+        weights = load_file(model / "model.safetensors")
+        weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+        save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
+                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
+                                      "cpt": {"input": str(model), "max_steps": 6, "micro_batch_size": 2,
+                                              "global_batch_size": 2, "zero_stage": 0, "kd": None,
+                                              "lr": 1e30 if poison == "lr" else 1e-4, "warmup_steps": 0,
+                                              "save_every": 1}}))
+    assert main(["cpt", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"step (\d+): the (training loss|gradient norm) is (nan|inf|-inf); training stopped without "
+                      r"saving, (the last good checkpoint \(step (\d+)\)|no checkpoint had been written yet)", err)
+    assert found, err
+    bad = int(found[1])
+    saved = sorted(int(p.name[4:]) for p in (tmp_path / "run" / "cpt" / "checkpoints").glob("step[0-9]*"))
+    assert saved == list(range(1, bad)) if poison == "lr" else saved == []
+    assert bad == 1 if poison == "weights" else bad > 1
+    assert "Traceback" not in err and "lower lr or lengthen warmup_steps" in err
+    assert not (tmp_path / "run" / "cpt" / "manifest.json").exists() and not (tmp_path / "run" / "cpt" / "hf").exists()

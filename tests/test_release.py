@@ -344,3 +344,18 @@ def test_card_says_the_base_came_from_a_dequantised_gguf():
                    "base_gguf": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "type": "Q4_1"}})
     assert "dequantised from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1)" in card
     assert "The weights are stored in **bfloat16**." in card
+
+
+def test_a_model_with_nan_weights_is_refused_naming_the_tensor_in_any_dtype(run, capsys):
+    from safetensors.torch import load_file, save_file
+
+    recipe, run_dir, merged = run
+    weights = load_file(merged / "model.safetensors")
+    weights["model.layers.2.self_attn.o_proj.weight"][1, :3] = float("nan")
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    for dtype in ("bfloat16", "float32"):
+        assert main(["release", str(recipe), f"release.dtype={dtype}"]) == 2
+        err = capsys.readouterr().err
+        assert "holds 3 NaN/inf weights in 1 tensors (first: model.layers.2.self_attn.o_proj.weight)" in err
+        assert "use bfloat16" not in err
+    assert not (run_dir / "release").exists()

@@ -15,6 +15,7 @@ cadence, preemption and resume, the same way for every stage:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from healer.core.errors import HealerError
 from healer.train.checkpoint import _fault, load_checkpoint, move_aside, resolve_resume, save_checkpoint
 from healer.train.engine import set_lr
 from healer.train.metrics import MetricsLogger, peak_memory_gib
@@ -224,17 +226,26 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
             tokens_seen += int(counts[1].item())
             supervised += int(counts[0].item())
             _fault("kill_at_step", step)
-            stats = torch.cat([sums.double(), torch.tensor([float(watcher.requested)], dtype=torch.float64,
-                                                           device=device)])
+            if not zero0:
+                grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            # fp16 loss scaling skips an overflowing step by design; anywhere else an inf/NaN norm is a broken step
+            bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and not engine.fp16_enabled()
+            stats = torch.cat([sums.double(), torch.tensor([float(watcher.requested), float(bad_norm)],
+                                                           dtype=torch.float64, device=device)])
             if world > 1:
-                dist.all_reduce(stats)  # one collective: the window's sums, and whether any rank was told to stop
-            preempted = stats[-1].item() > 0
+                dist.all_reduce(stats)  # one collective: the window's sums, a stop request, a non-finite norm
+            if not math.isfinite(stats[0].item()) or stats[-1].item() > 0:
+                # Every rank sees the same reduced values, so all of them stop here together.
+                raise HealerError(_non_finite_message(step, stats[0].item() / max(counts[0].item(), 1.0),
+                                                      grad_norm, lr, saved_at, stage_dir))
+            preempted = stats[-2].item() > 0
             dt = time.perf_counter() - t0
             times.append(dt)
             total = max(counts[0].item(), 1.0)
             scalars: dict[str, Any] = {
                 "train/loss": stats[0].item() / total, "train/lr": lr,
-                "train/grad_norm": grad_norm if zero0 else engine.get_global_grad_norm(),
+                "train/grad_norm": grad_norm,
                 "perf/tokens_per_s": counts[1].item() / dt, "perf/step_time_s": dt, "data/tokens_seen": tokens_seen,
                 "mem/peak_gib": peak_memory_gib(device),
                 **{f"train/{n}": stats[1 + i].item() / total for i, n in enumerate(names)}}
@@ -274,6 +285,17 @@ def train(engine, objective, batches: Batches, *, lr_at: Callable[[int], float],
         (stage_dir / PREEMPTED).unlink(missing_ok=True)
     return Outcome(status, Progress(step, tokens_seen, supervised, progress.resumed_from, progress.changed), last,
                    times)
+
+
+def _non_finite_message(step: int, loss: float, grad_norm: float | None, lr: float, saved_at: int | None,
+                        stage_dir: Path) -> str:
+    """One line for the first step whose loss or gradient norm is not a number: what, where it stopped, why."""
+    what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    kept = (f"the last good checkpoint (step {saved_at}) is kept in {stage_dir / CHECKPOINTS}"
+            if saved_at is not None else "no checkpoint had been written yet")
+    return (f"step {step}: {what}; training stopped without saving, {kept}. Likely causes: a learning rate too "
+            f"high for this model (lr {lr:g} at this step: lower lr or lengthen warmup_steps), fp16 overflow "
+            "(precision: bf16), or NaN/inf already in the input model's weights")
 
 
 def _save(engine, batches: Batches, stage_dir: Path, at: Progress, cadence: Cadence, settings: dict[str, Any],

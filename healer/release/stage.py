@@ -179,6 +179,19 @@ def probe_tokens(tokenizer, vocab_size: int):
     return torch.tensor([ids[:128]])
 
 
+def refuse_non_finite_weights(model, source: str) -> None:
+    """A model holding NaN or inf weights is broken, whatever dtype it is released in: say which tensor."""
+    import torch
+
+    bad = {name: int((~torch.isfinite(p)).sum()) for name, p in model.named_parameters()
+           if p.is_floating_point() and not torch.isfinite(p).all()}
+    if bad:
+        first = next(iter(bad))
+        raise HealerError(f"release: {source} holds {sum(bad.values()):,} NaN/inf weights in {len(bad)} tensors "
+                          f"(first: {first}); it is not releasable in any dtype. Heal it again from a good "
+                          "checkpoint (training stops at the first non-finite loss) or release another model")
+
+
 def cast_for_release(model, dtype: str, probe=None) -> dict:
     """Cast ``model`` in place to the release ``dtype`` and measure what that costs on ``probe`` (token ids;
     default random tokens).
@@ -288,6 +301,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     print(f"healer release: packaging {source}")
     location = resolve_source(source, gguf)
     model = load_model(location, torch_dtype(recipe.model.dtype))
+    refuse_non_finite_weights(model, source)
     tokenizer = load_tokenizer(location)
     precision = cast_for_release(model, cfg.dtype, probe_tokens(tokenizer, model.config.vocab_size))
     save_and_verify(model, tokenizer, partial)  # safetensors + config + tokenizer, proven to reload as saved
