@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from healer.core.config_base import Section
 from healer.core.errors import RecipeError
+from healer.core.yamlio import YAMLRefused, load_yaml
 from healer.eval.config import EvalConfig
 from healer.launch.config import LaunchConfig
 from healer.prune.config import PruneConfig
@@ -167,7 +168,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise RecipeError(f"override {text!r} has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except YAMLRefused as err:
+        raise RecipeError(f"override {key}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from err
     if isinstance(value, str) and not raw.lstrip().startswith(("'", '"')):
@@ -233,25 +236,6 @@ def load_recipe(path: str | Path | dict | None = None, overrides: list[str] | di
         raise RecipeError(format_validation_error(err, origin)) from None
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice: YAML would keep the last one and drop the first silently."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise _DuplicateKey(f"{key!s} is given twice (lines {seen[key]} and {line}); "
-                                    "merge them into one, YAML would keep only the last")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def _read_yaml(file: Path) -> Any:
     """The YAML in ``file``; a binary, non-UTF-8 or unreadable file is one line naming it."""
     try:
@@ -264,8 +248,8 @@ def _read_yaml(file: Path) -> Any:
     if "\x00" in text:
         raise RecipeError(f"{file}: not a text recipe (it contains NUL bytes); a recipe is a YAML file")
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except _DuplicateKey as err:
+        return load_yaml(text)
+    except YAMLRefused as err:
         raise RecipeError(f"{file}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)

@@ -121,3 +121,18 @@ print(",".join(heavy))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"loading recipes imported {out.stdout.strip()}"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of nine aliases are 9**9 values from 400 bytes: refused before anything expands them."""
+    lines = ["model: {source: smollm2}", "a: &a [" + ", ".join(["x"] * 9) + "]"]
+    for level, prev in zip("bcdefghi", "abcdefgh"):
+        lines.append(f"{level}: &{level} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecipeError, match=r"bomb.yaml: its aliases .* expand it to more than 100,000 values"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"override prune.blocks: its aliases"):
+        load_recipe("demo", ["prune.blocks=" + "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                             "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                             "e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}"])

@@ -39,9 +39,11 @@ def _front_matter(readme: Path) -> dict:
         return {}
     import yaml
 
+    from healer.core.yamlio import YAMLRefused, load_yaml
+
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1])
-    except yaml.YAMLError:
+        meta = load_yaml(text.split("---", 2)[1])
+    except (yaml.YAMLError, YAMLRefused):  # a base model's card we cannot read says nothing, as none would
         return {}
     return meta if isinstance(meta, dict) else {}
 
