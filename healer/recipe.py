@@ -202,6 +202,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             msg = "unknown key (check the spelling; `healer schema` lists every key)"
         elif problem["type"] == "missing":
             msg = "required key is missing"
+        elif problem["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # the validator's own sentence
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

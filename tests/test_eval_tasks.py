@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny_model, tiny_tokenizer
+from helpers import save_tiny, tiny_model, tiny_tokenizer
 
 from healer.core.errors import HealerError
 from healer.eval.harness import run_tasks
@@ -261,3 +262,41 @@ def test_the_model_card_prints_the_lm_eval_command(tmp_path):
     assert "/runs/x" not in released
     # A card of another checkpoint than the one evaluated keeps the evaluated path: that is what was measured.
     assert command in eval_section(result, "/runs/x/sft/hf", "org/tiny-pruned")
+
+
+@pytest.mark.parametrize("task,row,says", [
+    ("arc_easy", {"question": "q", "choices": ["a", "b"], "answerKey": "A"}, "choices is not {text: [...], label"),
+    ("arc_easy", {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"},
+     "answerKey 'C' is not one of the labels"),
+    ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 2}, "label 2 is not an answer index 0..1"),
+    ("hellaswag", {"ctx_a": "a", "ctx_b": "b", "activity_label": "x", "endings": "one", "label": 0},
+     "endings is not a list of strings"),
+    ("winogrande", {"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}, "sentence has no _ blank"),
+    ("boolq", {"question": "q", "passage": "p", "label": "yes"}, "label 'yes' is not an answer index"),
+])
+def test_a_record_lm_eval_would_crash_on_is_named_with_its_line(tmp_path, task, row, says):
+    good = {"arc_easy": ARC[0], "piqa": {"goal": "g", "sol1": "a", "sol2": "b", "label": 1},
+            "hellaswag": {"ctx_a": "a", "ctx_b": "b", "activity_label": "x", "endings": ["e", "f"], "label": 1},
+            "winogrande": {"sentence": "the _ sat", "option1": "a", "option2": "b", "answer": "2"},
+            "boolq": {"question": "q", "passage": "p", "label": 0}}[task]
+    path = write_jsonl(tmp_path / f"{task}.jsonl", [good, good, row])
+    with pytest.raises(HealerError, match=rf"eval.tasks.{task}: .*{task}.jsonl record 3: " + re.escape(says)):
+        data_source(task, path, tmp_path)
+    data_source(task, write_jsonl(tmp_path / "good.jsonl", [good]), tmp_path)  # a good file passes
+
+
+def test_tasks_are_checked_before_the_perplexity_pass(tmp_path, capsys):
+    from healer.cli import main
+
+    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    bad = write_jsonl(tmp_path / "arc.jsonl", [ARC[0], {"question": "q", "choices": [], "answerKey": "A"}])
+    text = tmp_path / "wiki.txt"
+    text.write_text("some words " * 200)
+    common = ["eval", "--model", str(model), f"run_dir={tmp_path / 'run'}", f"eval.perplexity_files=[{text}]",
+              "eval.context_lengths=[16]"]
+    assert main([*common, f"eval.tasks={{arcc_easy: {bad}}}"]) == 2
+    assert "eval.tasks: unknown task 'arcc_easy'; known: arc_easy" in capsys.readouterr().err
+    assert main([*common, f"eval.tasks={{arc_easy: {bad}}}"]) == 2
+    err = capsys.readouterr().err
+    assert "arc.jsonl record 2: choices is not" in err and "ppl@16" not in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "eval" / "eval.json").exists()

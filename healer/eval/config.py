@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from healer.core.config_base import Section
 
@@ -37,3 +37,17 @@ class EvalConfig(Section):
     compare_to: str | None = Field(
         None, description="eval.json of the dense model, or 'dense' to evaluate model.source with the same settings"
     )
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: dict[str, str]) -> dict[str, str]:
+        # An unknown name is refused when the recipe is read, not after the perplexity pass.
+        from healer.core.errors import HealerError
+        from healer.eval.tasks import task_spec
+
+        for name in tasks:
+            try:
+                task_spec(name)
+            except HealerError as err:
+                raise ValueError(str(err).removeprefix("eval.tasks: ")) from None
+        return tasks

@@ -38,26 +38,66 @@ def _winogrande_answer(row: dict) -> dict:
     return {**row, "answer": str(row["answer"])} if not isinstance(row.get("answer"), str) else row
 
 
+def _choices_problem(row: dict) -> str | None:
+    # ARC / OpenBookQA: {"text": [...], "label": [...]} and an answerKey among the labels
+    choices = row["choices"]
+    if not (isinstance(choices, dict) and isinstance(choices.get("text"), list)
+            and isinstance(choices.get("label"), list) and len(choices["text"]) == len(choices["label"]) > 0):
+        return "choices is not {text: [...], label: [...]} with as many labels as texts"
+    if row["answerKey"] not in choices["label"]:
+        return f"answerKey {row['answerKey']!r} is not one of the labels {choices['label']}"
+    return None
+
+
+def _label_problem(count: int) -> Callable[[dict], str | None]:
+    def problem(row: dict) -> str | None:
+        label = row["label"]
+        if isinstance(label, str) and label.isdigit():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < count:
+            return f"label {row['label']!r} is not an answer index 0..{count - 1}"
+        return None
+    return problem
+
+
+def _hellaswag_problem(row: dict) -> str | None:
+    endings = row["endings"]
+    if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
+        return "endings is not a list of strings"
+    return _label_problem(len(endings))(row)
+
+
+def _winogrande_problem(row: dict) -> str | None:
+    if not isinstance(row["sentence"], str) or "_" not in row["sentence"]:
+        return "sentence has no _ blank for the options"
+    return None if str(row["answer"]) in ("1", "2") else f"answer {row['answer']!r} is not 1 or 2"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     yaml: str  # lm-eval's YAML for the task, relative to lm_eval/tasks
     fields: tuple[str, ...]  # what a row must have for that YAML (checked first, so a bad file is named)
     fix: Callable[[dict], dict] | None = None  # a variant schema's row -> the row lm-eval's YAML reads
+    problem: Callable[[dict], str | None] | None = None  # what is wrong with a (fixed) row's values, or None
 
 
 TASKS: dict[str, TaskSpec] = {
-    "arc_easy": TaskSpec("arc/arc_easy.yaml", ("question", "choices", "answerKey")),
-    "arc_challenge": TaskSpec("arc/arc_challenge.yaml", ("question", "choices", "answerKey")),
-    "piqa": TaskSpec("piqa/piqa.yaml", ("goal", "sol1", "sol2", "label")),
-    "boolq": TaskSpec("super_glue/boolq/default.yaml", ("question", "passage", "label"), _boolq_label),
-    "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", ("ctx_a", "ctx_b", "activity_label", "endings", "label")),
+    "arc_easy": TaskSpec("arc/arc_easy.yaml", ("question", "choices", "answerKey"), problem=_choices_problem),
+    "arc_challenge": TaskSpec("arc/arc_challenge.yaml", ("question", "choices", "answerKey"),
+                              problem=_choices_problem),
+    "piqa": TaskSpec("piqa/piqa.yaml", ("goal", "sol1", "sol2", "label"), problem=_label_problem(2)),
+    "boolq": TaskSpec("super_glue/boolq/default.yaml", ("question", "passage", "label"), _boolq_label,
+                      _label_problem(2)),
+    "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", ("ctx_a", "ctx_b", "activity_label", "endings", "label"),
+                          problem=_hellaswag_problem),
     "winogrande": TaskSpec("winogrande/default.yaml", ("sentence", "option1", "option2", "answer"),
-                           _winogrande_answer),
-    "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", ("question_stem", "choices", "answerKey")),
+                           _winogrande_answer, _winogrande_problem),
+    "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", ("question_stem", "choices", "answerKey"),
+                           problem=_choices_problem),
     "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", ("text",)),
     "lambada_standard": TaskSpec("lambada/lambada_standard.yaml", ("text",)),
 }
-TASKS["lambada"] = TASKS["lambada_openai"]  # what healer called it before; lm-eval's `lambada` is a group
+TASKS["lambada"] = TASKS["lambada_openai"]  # lm-eval's own `lambada` is a group of both; here it means openai
 
 # The split name healer gives the local file in every generated YAML.
 SPLIT = "eval"
@@ -131,6 +171,9 @@ def data_source(name: str, path: str | Path, folder: Path) -> tuple[str, Path]:
         if missing:
             raise HealerError(f"eval.tasks.{name}: {path} record {i + 1} lacks {', '.join(missing)}; "
                               f"lm-eval's {spec.yaml} reads {', '.join(spec.fields)}")
+        wrong = spec.problem(fixed) if spec.problem else None
+        if wrong:
+            raise HealerError(f"eval.tasks.{name}: {path} record {i + 1}: {wrong}")
         if fixed is not row:
             rows[i], changed = fixed, True
     if not changed and path.name.endswith(".parquet"):
