@@ -231,7 +231,11 @@ def load_recipe(path: str | Path | dict | None = None, overrides: list[str] | di
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         set_dotted(tree, key, value)
-    tree = _expand_run_dir(tree, str(tree.get("run_dir") or Recipe.model_fields["run_dir"].default))
+    run_dir = str(tree.get("run_dir") or Recipe.model_fields["run_dir"].default)
+    if "${" in run_dir:  # it is what ${run_dir} means: it cannot be made of it (or of any other reference)
+        raise RecipeError(f"run_dir: {run_dir!r} holds a ${{...}} reference; run_dir is what ${{run_dir}} expands "
+                          "to, so write it out (e.g. runs/x)")
+    tree = _expand_run_dir(tree, run_dir)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.log_dir, args.stage)
     print(f"healer launch: node {node.node_rank}/{node.nnodes} on {os.uname().nodename}, "
           f"{node.nproc_per_node} ranks, master {node.master_addr}:{node.master_port}", flush=True)
-    return supervise(torchrun_command(node, entry), rank_env())
+    report = args.log_dir / f"node{node.node_rank}" / "torchrun-error.txt" if args.log_dir else None
+    return supervise(torchrun_command(node, entry), rank_env(), report=report)
 
 
 if __name__ == "__main__":

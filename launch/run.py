@@ -102,7 +102,7 @@ def run_entry(entry: list[str], cfg: LaunchConfig, logs: Path, stage: str = "job
     print(f"healer launch: {stage}: node {node.node_rank} of {node.nnodes}, {node.nproc_per_node} ranks here, "
           f"master {node.master_addr}:{node.master_port}; per-rank logs in {logs}/logs/node{node.node_rank}",
           file=sys.stderr, flush=True)
-    rc = supervise(cmd, rank_env(cfg.env))
+    rc = supervise(cmd, rank_env(cfg.env), report=logs / "logs" / f"node{node.node_rank}" / "torchrun-error.txt")
     if rc != 0:
         print(f"healer launch: {stage} exited with code {rc}; per-rank logs in {logs}/logs/node{node.node_rank}",
               file=sys.stderr, flush=True)

@@ -226,3 +226,15 @@ def test_a_damaged_stage_manifest_means_the_stage_runs_again(tmp_path, damage):
     assert plan(recipe, ["release"], None, force=False) == [("release", False)]
     (recipe.stage_dir("release") / "manifest.json").write_bytes(damage)
     assert plan(recipe, ["release"], None, force=False) == [("release", True)]
+
+
+def test_only_a_later_stage_on_a_fresh_run_dir_names_the_missing_stage_before_any_rank(tmp_path, capsys):
+    from healer.cli import main
+
+    for only, says in [("cpt", "cpt starts from {run}/prune, which prune has not written"),
+                       ("sft,eval", "sft starts from {run}/cpt/hf, which cpt has not written"),
+                       ("release", "run it too (--only sft,release)")]:
+        assert main(["run", "demo", f"run_dir={tmp_path}", "--only", only]) == 2
+        err = capsys.readouterr().err
+        assert says.format(run=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "launch").exists() and not (tmp_path / "recipe.yaml").exists()

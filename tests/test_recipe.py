@@ -136,3 +136,9 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
         load_recipe("demo", ["prune.blocks=" + "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
                              "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
                              "e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}"])
+
+
+@pytest.mark.parametrize("run_dir", ["${run_dir}/x", "/data/${USER}/run"])
+def test_a_run_dir_made_of_a_reference_is_refused(run_dir):
+    with pytest.raises(RecipeError, match=r"run_dir: .* holds a \$\{...\} reference"):
+        load_recipe("demo", [f"run_dir={run_dir}"])

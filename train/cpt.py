@@ -67,7 +67,8 @@ def run_cpt(recipe, opts: Options, inputs: dict | None = None) -> int:
         raise HealerError("cpt needs a `data:` section with at least one source (data.sources: [{path: ...}])")
     source = recipe.stage_input("cpt")
     same = source == recipe.model.source
-    location = resolve_source(source, recipe.model.gguf_file if same else None, recipe.model.revision if same else None)
+    location = resolve_source(source, recipe.model.gguf_file if same else None, recipe.model.revision if same else None,
+                              key="model.source" if same else "cpt.input")
     # Positions past the model's maximum were never trained: refuse before any rank builds an engine.
     check_seq_len(recipe.data.seq_len, load_config(location), "data.seq_len")
     teacher_location = None
@@ -79,7 +80,8 @@ def run_cpt(recipe, opts: Options, inputs: dict | None = None) -> int:
         teacher = (cfg.kd.teacher if cfg.kd is not None else None) or recipe.model.source
         same_t = teacher == recipe.model.source
         teacher_location = resolve_source(teacher, recipe.model.gguf_file if same_t else None,
-                                          recipe.model.revision if same_t else None)
+                                          recipe.model.revision if same_t else None,
+                                          key="model.source" if same_t else "cpt.kd.teacher")
     stage_dir = recipe.stage_dir("cpt")
     from healer.train.kd import cut_points_of_input
     from healer.train.masks import sparsity_to_keep

@@ -103,7 +103,8 @@ def run_distill_cache(recipe, opts: Options) -> int:
     teacher_source = cfg.kd.teacher or recipe.model.source
     same = teacher_source == recipe.model.source
     location = resolve_source(teacher_source, recipe.model.gguf_file if same else None,
-                              recipe.model.revision if same else None)
+                              recipe.model.revision if same else None,
+                              key="model.source" if same else "cpt.kd.teacher")
     config = load_config(location)
     check_seq_len(seq_len, config, "data.seq_len")
     if k > config.vocab_size:

@@ -212,9 +212,11 @@ def run_replace(recipe, opts: Options, inputs: dict | None = None) -> int:
     teacher = cfg.teacher or recipe.model.source
     same = teacher == recipe.model.source
     teacher_location = resolve_source(teacher, recipe.model.gguf_file if same else None,
-                                      recipe.model.revision if same else None)
-    outputs = train_replacement(cfg, recipe.data, location=resolve_source(source), teacher_location=teacher_location,
-                                place=place, stage_dir=recipe.stage_dir("replace"),
+                                      recipe.model.revision if same else None,
+                                      key="model.source" if same else "replace.teacher")
+    location = resolve_source(source, key="replace.input")
+    outputs = train_replacement(cfg, recipe.data, location=location, teacher_location=teacher_location, place=place,
+                                stage_dir=recipe.stage_dir("replace"),
                                 hf_dir=recipe.model_dir("replace"), opts=opts)
     if outputs is None:
         return PREEMPTED_EXIT_CODE

@@ -187,7 +187,7 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     rank, world = info.rank, info.world_size
     seed = cfg.seed if cfg.seed is not None else 0
 
-    location = resolve_source(model_source)
+    location = resolve_source(model_source, key="sft.input")
     # as for cpt's data.seq_len: positions past the model's maximum were never trained
     check_seq_len(cfg.max_seq_len, load_config(location), "sft.max_seq_len")
     tokenizer = load_tokenizer(location)

@@ -49,6 +49,7 @@ def run_eval_stage(recipe, opts: Options, inputs: dict | None = None) -> int:
         prepare_tasks(cfg.tasks, out_dir)
     print(f"healer eval: evaluating {source}")
     result = evaluate(source, cfg, out_dir, gguf_file=gguf, dtype=recipe.model.dtype, seed=recipe.seed,
+                      key="model.source" if source == recipe.model.source else "eval.input",
                       sparsity_pattern=sparsity_target(recipe) if source != recipe.model.source else (None, None))
     result["source"] = source
     if cfg.compare_to:

@@ -123,8 +123,9 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, out_dir: str | Path, seed
 
 def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file: str | None = None,
              dtype: str = "float32", seed: int = 0,
-             sparsity_pattern: tuple[str | None, float | None] = (None, None)) -> dict:
+             sparsity_pattern: tuple[str | None, float | None] = (None, None), key: str = "model.source") -> dict:
     """Evaluate ``model_source`` (HF dir, .gguf, 'smollm2', hub id) and write ``out_dir/eval.json``.
+    ``key``: the recipe key ``model_source`` came from, which an error names.
 
     Args:
         cfg: which text files and context lengths for perplexity, which zero-shot tasks.
@@ -152,7 +153,7 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
         if "://" not in file and not Path(file).is_file():
             raise HealerError(f"eval.perplexity_files: {file} does not exist")
     perplexity_labels(cfg.perplexity_files)
-    location = resolve_source(model_source, gguf_file)
+    location = resolve_source(model_source, gguf_file, key=key)
     torch.manual_seed(seed)
     model = load_model(location, torch_dtype(dtype))
     tokenizer = load_tokenizer(location)

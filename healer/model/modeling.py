@@ -57,10 +57,12 @@ class ModelLocation:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
-def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> ModelLocation:
-    """Turn a recipe's ``model.source`` into a :class:`ModelLocation`.
+def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None,
+                   key: str = "model.source") -> ModelLocation:
+    """Turn a recipe's ``model.source`` (or a stage's ``input``, a teacher) into a :class:`ModelLocation`.
 
     Accepts ``smollm2``, a path to a ``.gguf`` file, a directory (optionally with ``gguf_file``) or a hub id.
+    ``key``: the recipe key ``source`` came from, which an error names.
     """
     if source == "smollm2":
         path = smollm2_gguf_path()
@@ -68,20 +70,20 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
     local = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not local.is_file():
-            raise HealerError(f"model.source: GGUF file {source} does not exist")
+            raise HealerError(f"{key}: GGUF file {source} does not exist")
         return ModelLocation(str(local.parent), local.name)
     if local.exists():
         if not local.is_dir():
-            raise HealerError(f"model.source: {source} is a file but not a .gguf; give a model directory or a .gguf")
+            raise HealerError(f"{key}: {source} is a file but not a .gguf; give a model directory or a .gguf")
         if gguf_file is None and not (local / "config.json").is_file():
             ggufs = sorted(p.name for p in local.glob("*.gguf"))
             if len(ggufs) == 1:
                 return ModelLocation(str(local), ggufs[0])
-            raise HealerError(f"model.source: {source} has no config.json"
+            raise HealerError(f"{key}: {source} has no config.json"
                               + (f"; pick a GGUF with model.gguf_file ({', '.join(ggufs)})" if ggufs else ""))
         return ModelLocation(str(local), gguf_file)
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise HealerError(f"model.source: {source} is neither an existing path nor a hub id like org/name")
+        raise HealerError(f"{key}: {source} is neither an existing path nor a hub id like org/name")
     return ModelLocation(source, gguf_file, revision)  # hub id: transformers downloads it
 
 

@@ -301,7 +301,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     partial.mkdir(parents=True)
 
     print(f"healer release: packaging {source}")
-    location = resolve_source(source, gguf)
+    location = resolve_source(source, gguf, key="model.source" if gguf else "release.input")
     model = load_model(location, torch_dtype(recipe.model.dtype))
     refuse_non_finite_weights(model, source)
     tokenizer = load_tokenizer(location)

@@ -30,7 +30,7 @@ from healer.recipe import Recipe, round_step_dirs
 from healer.run.invoke import invoke
 from healer.run.rounds import Step, step_inputs, steps_of
 from healer.run.stage_inputs import describe_changes
-from healer.stages import DISTRIBUTED_STAGES, STAGES, TRAINING_STAGES, VERBS
+from healer.stages import DISTRIBUTED_STAGES, MODEL_STAGES, STAGES, TRAINING_STAGES, VERBS
 
 SUMMARY = "summary.json"
 
@@ -79,14 +79,20 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
     stale: list[str] = []  # the refusal's lines
     stale_steps: list[str] = []
     out = []
+    producers = {str(s.recipe.model_dir(s.stage)): s for s in steps if s.stage in MODEL_STAGES}
+    available: set[str] = set()  # steps whose model exists when a later step starts: finished or run first
     for step in steps[:last + 1]:
         selected = only is None or step.group in only
         directory = step.recipe.stage_dir(step.stage)
         manifest = finished_manifest(directory)
         if selected and (force or manifest is None):
+            _check_input_is_made(step, producers, available, only)
             reruns.append(step.label)
+            available.add(step.label)
             out.append((step.label, True))
             continue
+        if manifest is not None:
+            available.add(step.label)
         if manifest is None:
             continue
         if reruns or stale_steps:
@@ -109,6 +115,20 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
             + f"\nto rebuild them, run again with --force --only {','.join(groups)} (or --force for every "
             "stage); to keep them, use a new run_dir (--run-dir DIR)")
     return out
+
+
+def _check_input_is_made(step, producers: dict, available: set[str], only: set[str] | None) -> None:
+    """A step that would start from a stage's model that is neither finished nor run first is refused here,
+    naming both, before any rank starts and fails on a missing directory."""
+    source = step.recipe.stage_input(step.stage) if step.stage != "prune" else None
+    producer = producers.get(source)
+    if producer is None or producer.label in available or producer is step:
+        return
+    wanted = {producer.group, *(only or {step.group})}
+    groups = ",".join(stage for stage in STAGES if stage in wanted)
+    raise HealerError(f"{step.label} starts from {source}, which {producer.label} has not written (no finished "
+                      f"{producer.label} in {producer.recipe.stage_dir(producer.stage)}); run it too (--only "
+                      f"{groups}) or point {step.stage}.input at a model")
 
 
 def run_pipeline(recipe: Recipe, opts: Options) -> int:
@@ -179,7 +199,11 @@ def _run(recipe: Recipe, steps: list[tuple[str, bool]], resolved: Path, force: b
         code = _run_step(step, recipe, resolved, force)
         timings[label] = round(time.time() - t0, 1)
         if code != 0:
-            print(f"[{label}] stopped with exit code {code}; run `healer run` again to resume it")
+            if code == 2:  # a refusal: the error above says what to change; resuming would refuse again
+                print(f"[{label}] refused (exit code 2): change what the error above names, then run `healer run` "
+                      "again")
+            else:
+                print(f"[{label}] stopped with exit code {code}; run `healer run` again to resume it")
             return code
         _check_finished(step)
         print(f"[{label}] done in {timings[label]:.0f} s", flush=True)
