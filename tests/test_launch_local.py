@@ -163,3 +163,18 @@ def test_slurm_dry_run_prints_a_valid_sbatch_script(tmp_path, recipe, capsys):
         assert line in script, line
     assert "mlx5" not in script  # launch.env reaches the job through sbatch's environment, not the file
     assert (tmp_path / "run" / "launch" / "cpt" / "cpt.sbatch").read_text().strip() == script.strip()
+
+
+@pytest.mark.distributed
+def test_a_rank_that_refuses_shows_its_one_line_and_its_exit_code_not_torchruns_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": "smollm2"}, "run_dir": str(tmp_path / "run"),
+                                      "data": {"sources": [{"path": str(tmp_path)}]},
+                                      "cpt": {"input": str(tmp_path / "no-such-model")}}))
+    rc, out = _finish(_healer("launch", "--nproc", "1", "cpt", str(recipe)), timeout=180)
+    assert rc == 2, out  # the rank's own code, not torchrun's 1
+    assert f"cpt.input: {tmp_path / 'no-such-model'} is neither an existing path" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    report = tmp_path / "run" / "launch" / "cpt" / "logs" / "node0" / "torchrun-error.txt"
+    assert f"torchrun's failure report: {report}" in out
+    assert "ChildFailedError" in report.read_text()  # kept whole, for whoever wants it
