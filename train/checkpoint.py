@@ -18,10 +18,9 @@ save of the same step replaces it, so a crash during a save leaves the previous 
 ``latest`` pointer as they were. A checkpoint whose files no longer have the sizes ``complete.json``
 recorded (a truncated copy, a disk that lost data) is skipped for the previous complete one, with a message.
 
-Trust boundary: healer's own trainer state is JSON and safetensors, which cannot run code. DeepSpeed's
-``load_checkpoint`` reads its ``*_model_states.pt`` / ``*_optim_states.pt`` files with
-``torch.load(weights_only=False)`` (deepspeed 0.19, ``TorchCheckpointEngine.load``), i.e. it unpickles
-them: resume only from checkpoint directories you or someone you trust wrote.
+Nothing in a checkpoint runs code: healer's own trainer state is JSON and safetensors, and DeepSpeed's
+``*_model_states.pt`` / ``*_optim_states.pt`` are read with ``weights_only=True`` and an allowlist of
+DeepSpeed's state classes (:mod:`healer.train.safe_load`), on the same-layout and the elastic path alike.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from healer.core.errors import HealerError
+from healer.train.safe_load import weights_only_loads
 
 COMPLETE = "complete.json"
 CONSTRAINTS = "constraints"  # constraints_rank{r}.safetensors: e.g. the sparsity mask share of rank r
@@ -391,7 +391,8 @@ def _load_elastic(engine, path: Path, saved_ranks: int, saved_stage: int | None)
     from healer.train.universal import consolidate, load_whole, trainable_order
 
     try:  # the shards are read tensor by tensor as load_whole sets them, so both can meet a bad file
-        load_whole(engine, consolidate(path, trainable_order(engine.module)))
+        with weights_only_loads():
+            load_whole(engine, consolidate(path, trainable_order(engine.module)))
     except HealerError:
         raise
     except Exception as err:  # whatever the unpickler or a shard of another layout raises
@@ -402,8 +403,11 @@ def _load_elastic(engine, path: Path, saved_ranks: int, saved_stage: int | None)
 
 def _load_same_layout(engine, path: Path, frozen_base: bool) -> None:
     try:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False, load_module_strict=not frozen_base)
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False, load_module_strict=not frozen_base)
+    except HealerError:
+        raise
     except Exception as err:  # DeepSpeed raises whatever its unpickler or shape checks raise
         raise HealerError(f"DeepSpeed could not load checkpoint {path} ({type(err).__name__}: {err}); resume from "
                           "an older one (--resume DIR) or start over (--resume none)") from None

@@ -16,7 +16,7 @@ the checkpoint to disk and only loads into ZeRO-1/2/3 engines; healer runs one r
   tensor is built when it is set and dropped after, so the peak is the engine plus about one parameter.
 
 fp32 runs continue bit for bit up to the order in which gradients are summed (ranks vs accumulation).
-Trust boundary: like DeepSpeed's loader this unpickles ``*_states.pt`` (``weights_only=False``).
+Every ``*_states.pt`` is read with ``weights_only=True`` and DeepSpeed's allowlist (:mod:`healer.train.safe_load`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def _quiet():
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    from healer.train.safe_load import load_states
+
+    return load_states(path, map_location="cpu", mmap=True)
 
 
 def _step(state: dict) -> int:
