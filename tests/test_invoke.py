@@ -66,3 +66,34 @@ def test_healer_run_hands_a_step_its_own_inputs(tmp_path):
     own = {**stage_inputs(recipe, "cpt"), "round": "round2"}
     assert invoke(FAKE_CPT, recipe, Options(), inputs=own) == 0
     assert CALLS[-1]["inputs"] == own
+
+
+@pytest.mark.parametrize("verb,other", [("sft", "cpt"), ("eval", "release"), ("prune", "sft")])
+def test_a_stage_refuses_a_directory_another_stage_finished_in(tmp_path, capsys, verb, other):
+    from healer.cli import main
+
+    theirs = tmp_path / "run" / other
+    write_stage_manifest(theirs, other, None, {"steps": 3})
+    before = (theirs / "manifest.json").read_bytes()
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "model": {"source": "smollm2"},
+                                  "sft": {"data": str(tmp_path / "a.json")}, "prune": {"ratio": 0.2}}))
+    assert main([verb, str(recipe), f"{verb}.output={theirs}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{verb}.output: {theirs} holds the {other} stage's result (its manifest.json says stage: {other})" in err
+    assert (theirs / "manifest.json").read_bytes() == before  # not superseded, not rewritten
+
+
+def test_a_stage_that_fails_after_it_starts_leaves_no_finished_manifest(tmp_path, capsys):
+    """The old manifest is retired before the stage writes anything: a failure (or a kill) part-way leaves
+    "not finished", never new files under the old "finished"."""
+    from healer.cli import main
+    from healer.core.manifest import finished_manifest, read_stage_manifest
+
+    eval_dir = tmp_path / "run" / "eval"
+    write_stage_manifest(eval_dir, "eval", None, {"perplexity": {}})
+    missing = tmp_path / "gone.txt"
+    assert main(["eval", "--model", "smollm2", f"run_dir={tmp_path / 'run'}",
+                 f"eval.perplexity_files=[{missing}]"]) == 2
+    assert f"eval.perplexity_files: {missing} does not exist" in capsys.readouterr().err
+    assert finished_manifest(eval_dir) is None and read_stage_manifest(eval_dir)["stage"] == "eval"

@@ -359,3 +359,17 @@ def test_a_model_with_nan_weights_is_refused_naming_the_tensor_in_any_dtype(run,
         assert "holds 3 NaN/inf weights in 1 tensors (first: model.layers.2.self_attn.o_proj.weight)" in err
         assert "use bfloat16" not in err
     assert not (run_dir / "release").exists()
+
+
+def test_a_directory_named_like_a_build_dir_is_not_healers_to_delete(run):
+    recipe, run_dir, merged = run
+    mine = run_dir / "release.partial"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my work")
+    stale = run_dir / ".release.partial-abc"  # an interrupted release's own build dir, marked as healer's
+    stale.mkdir()
+    (stale / ".healer-partial").write_text("")
+    assert main(["release", str(recipe)]) == 0
+    assert (mine / "notes.txt").read_text() == "my work" and not stale.exists()
+    assert not list(run_dir.glob(".release.*")) and not (run_dir / "release" / ".healer-partial").exists()
+    assert ".healer-partial" not in json.loads((run_dir / "release" / "manifest.json").read_text())["outputs"]["files"]

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from healer.core.errors import HealerError
+from healer.core.manifest import supersede_stage_manifest
 from healer.train.config import CPTConfig
 from healer.train.loop import Cadence, check_resume, finished, resume, seed_everything, train
 from healer.train.signals import PREEMPTED_EXIT_CODE
@@ -315,6 +316,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                   "trains again, a larger cpt.max_steps trains on", file=sys.stderr)
         return {"unchanged": True}
     check_resume(opts.resume, stage_dir)
+    if rank == 0:  # work to do: the old "finished" must not outlive a run that stops half-way
+        supersede_stage_manifest(stage_dir)
     seed = cfg.seed if cfg.seed is not None else 0
     precision = resolve_precision(cfg.precision, device)
     ds_config = build_ds_config(

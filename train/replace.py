@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from healer.core.errors import HealerError
+from healer.core.manifest import supersede_stage_manifest
 from healer.train.config import ReplaceTrainConfig
 
 REPORT = "prune_report.json"
@@ -267,6 +268,8 @@ def train_replacement(cfg: ReplaceTrainConfig, data_cfg, *, location, teacher_lo
                   "trains again, a larger replace.max_steps trains on", file=sys.stderr)
         return {"unchanged": True}
     check_resume(opts.resume, stage_dir)
+    if rank == 0:  # work to do: the old "finished" must not outlive a run that stops half-way
+        supersede_stage_manifest(stage_dir)
     seed = cfg.seed if cfg.seed is not None else 0
     precision = resolve_precision(cfg.precision, device)
     ds_config = build_ds_config(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from healer.core.errors import HealerError
+from healer.core.manifest import supersede_stage_manifest
 from healer.train.config import SFTConfig
 from healer.train.instruct import Example, collate, load_records, tokenize_records
 from healer.train.lora import ADAPTER, attach, load_base, merge_adapter, save_adapter
@@ -198,6 +199,8 @@ def train_lora(model_source: str, data_path: str | Path, cfg: SFTConfig, stage_d
     if opts.resume == "auto" and finished(stage_dir, steps):
         say(f"healer sft: {stage_dir} is finished ({steps} steps, manifest.json); --resume none trains again")
         return {"unchanged": True}
+    if rank == 0:  # work to do: the old "finished" must not outlive a run that stops half-way (a merge cut short)
+        supersede_stage_manifest(stage_dir)
 
     precision = resolve_precision(cfg.precision, info.device)
     ds_config = build_ds_config(zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,

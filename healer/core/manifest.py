@@ -132,6 +132,17 @@ def supersede_stage_manifest(stage_dir: str | Path) -> None:
                                  "superseded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
+def claim_stage_dir(stage_dir: str | Path, stage: str) -> None:
+    """Refuse to run ``stage`` in a directory another stage's manifest marks as its own (a cpt directory given
+    as sft.output, a release as eval.output): its files would be mixed or overwritten, and its manifest taken
+    for this stage's."""
+    manifest = read_stage_manifest(stage_dir)
+    other = manifest.get("stage") if manifest is not None else None
+    if other and other != stage:
+        raise HealerError(f"{stage}.output: {stage_dir} holds the {other} stage's result (its manifest.json says "
+                          f"stage: {other}); give {stage} a directory of its own")
+
+
 def finished_manifest(stage_dir: str | Path) -> dict | None:
     """The manifest of a finished stage in ``stage_dir``; None while it never finished or runs again."""
     manifest = read_stage_manifest(stage_dir)

@@ -8,13 +8,14 @@ versions and the git commit sit beside it, as in every stage manifest).
 
 It reads, when present, ``<prune>/prune_report.json``, the ``cpt``/``sft``
 TensorBoard logs and manifests, and ``<eval>/eval.json``; a missing one is said so
-in the card. The directory is built under ``<output>.partial`` and moved into place
+in the card. The directory is built in a fresh ``.<output>.partial-*`` beside it and moved into place
 at the end, so an interrupted release never leaves a half-written one behind.
 Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`healer.core.redact`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -258,11 +259,36 @@ def _check_output(out: Path) -> None:
                           "release.output or remove it")
 
 
+# Inside a directory release builds: only a directory holding it is healer's to delete.
+PARTIAL_MARK = ".healer-partial"
+
+
+def _new_partial_dir(out: Path) -> Path:
+    """A fresh, uniquely named directory beside ``out`` to build the release in. Left-overs of interrupted
+    releases of ``out`` are removed; nothing without healer's mark is touched (``out.partial`` may be yours)."""
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        if (stale / PARTIAL_MARK).is_file():
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (partial / PARTIAL_MARK).write_text("healer release builds here; deleted when it finishes or restarts\n")
+    return partial
+
+
 def _replace_dir(partial: Path, out: Path) -> None:
+    """Swap the finished ``partial`` in for ``out``: a crash on the way leaves the old release or none,
+    never a mix."""
     _check_output(out)
+    (partial / PARTIAL_MARK).unlink()
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.rename(old)
     partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
@@ -295,10 +321,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     source = recipe.stage_input("release")
     gguf = recipe.model.gguf_file if source == recipe.model.source else None
     _check_output(out)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = _new_partial_dir(out)
 
     print(f"healer release: packaging {source}")
     location = resolve_source(source, gguf, key="model.source" if gguf else "release.input")
@@ -375,7 +398,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
         "precision": precision, "base_gguf": base["gguf"], "runs": runs,
         "push": {"repo_id": cfg.push, "private": cfg.private, "revision": cfg.revision} if cfg.push else None,
         "gguf": gguf_files,
-        "files": file_hashes(partial),
+        "files": {name: digest for name, digest in file_hashes(partial).items() if name != PARTIAL_MARK},
     }
     write_stage_manifest(partial, "release", inputs, outputs)
     _replace_dir(partial, out)
