@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from healer.core.config_base import Section
 from healer.core.errors import RecipeError
@@ -75,7 +75,8 @@ def round_step_dirs(recipe) -> list[tuple[str, Path]]:
 
 
 class Recipe(Section):
-    name: str = Field("healer", description="the run's name, in logs and the default release model name")
+    name: str = Field("healer", description="the run's name, in logs and the default release model name: letters, digits and "
+                                  ". _ - + (it names files and titles the model card)")
     run_dir: str = Field("runs/healer", description="every stage writes <run_dir>/<stage> unless told otherwise")
     seed: int = Field(0, description="default seed of every stage (calibration draw, data order, init)")
     model: ModelConfig
@@ -88,6 +89,16 @@ class Recipe(Section):
     eval: EvalConfig | None = None
     release: ReleaseConfig | None = None
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        from healer.release.config import MODEL_NAME
+
+        if not MODEL_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a plain name: letters, digits and . _ - + only, at most 96 (it names "
+                             "files and titles the model card)")
+        return value
 
     @model_validator(mode="after")
     def _seed_reaches_every_stage(self) -> "Recipe":

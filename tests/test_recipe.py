@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from healer.recipe import RecipeError, dump_recipe, load_recipe
@@ -142,3 +144,14 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 def test_a_run_dir_made_of_a_reference_is_refused(run_dir):
     with pytest.raises(RecipeError, match=r"run_dir: .* holds a \$\{...\} reference"):
         load_recipe("demo", [f"run_dir={run_dir}"])
+
+
+@pytest.mark.parametrize("override,named", [
+    ('release.model_name="evil\\nlicense: mit"', "release.model_name: 'evil"),
+    ('release.repo_id=org/x"); import os #', "release.repo_id: 'org/x\"); import os #' is not a Hub repo id"),
+    ("release.base_model=https://example.com/m", "release.base_model"),
+    ("name=a name with spaces", "name: 'a name with spaces' is not a plain name"),
+])
+def test_what_the_model_card_prints_is_refused_unless_plain(override, named):
+    with pytest.raises(RecipeError, match=re.escape(named)):
+        load_recipe("demo", [override])

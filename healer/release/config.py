@@ -11,6 +11,8 @@ from healer.core.config_base import Section
 
 # A Hub repository id as the Hub accepts it: one namespace, one name, no path, no URL.
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+# A model name as the Hub spells a repository name; it also names the GGUF files and titles the card.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.+-]{0,95}")
 
 
 class ReleaseConfig(Section):
@@ -50,11 +52,20 @@ class ReleaseConfig(Section):
                              "'_', '.' and '/' (e.g. v1 or pruned-20pct)")
         return value
 
-    @field_validator("push")
+    @field_validator("push", "repo_id", "base_model")
     @classmethod
     def _repo_id(cls, value: str | None) -> str | None:
+        # Each goes into the card (front matter, the usage snippet's quotes): a quote or newline would rewrite it.
         if value is not None and not REPO_ID.fullmatch(value):
-            raise ValueError(f"release.push {value!r} is not a Hub repo id; give org/name (e.g. myorg/my-model)")
+            raise ValueError(f"{value!r} is not a Hub repo id; give org/name (e.g. myorg/my-model)")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a model name: letters, digits and . _ - + only, at most 96 "
+                             "(e.g. SmolLM2-113M-healed)")
         return value
 
     @field_validator("gguf")
