@@ -75,8 +75,8 @@ def round_step_dirs(recipe) -> list[tuple[str, Path]]:
 
 
 class Recipe(Section):
-    name: str = Field("healer", description="the run's name, in logs and the default release model name: letters, digits and "
-                                  ". _ - + (it names files and titles the model card)")
+    name: str = Field("healer", description="the run's name, in logs and the default release model name: "
+                                            "letters, digits and . _ - + (it names files and titles the model card)")
     run_dir: str = Field("runs/healer", description="every stage writes <run_dir>/<stage> unless told otherwise")
     seed: int = Field(0, description="default seed of every stage (calibration draw, data order, init)")
     model: ModelConfig
