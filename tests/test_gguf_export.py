@@ -202,3 +202,25 @@ def test_release_gguf_key_is_checked(tmp_path, value, message, capsys):
     recipe = release_recipe(tmp_path, tmp_path / "none", gguf=yaml.safe_load(value))
     assert main(["release", recipe]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_quantised_file_that_reorders_near_tied_tokens_passes_on_perplexity():
+    """A correct q8_0 of a small model may flip many argmaxes between two tokens the model barely separates;
+    what quantisation may cost is quality, so the prompt's perplexity decides (the old top-1 rule refused this)."""
+    torch.manual_seed(0)
+    positions, vocab = 256, 50
+    ids = torch.randint(10, vocab, (positions,)).tolist()
+    reference = torch.randn(positions, vocab)
+    reference[:, 0], reference[:, 1] = 8.0, 7.3  # two near-equal favourites, 0.7 logit apart (not a near-tie)
+    got = reference.clone()
+    flipped = torch.arange(positions) % 8 == 0  # an eighth of the positions: 87.5% agreement
+    got[flipped, 0], got[flipped, 1] = 7.3, 8.0
+    result = gguf_export._compare(reference, got, "q8_0", ids)
+    assert result["top1_agreement_with_ties"] == 0.875 and abs(result["ppl_ratio"] - 1) < 1e-6
+    assert result["passed"]
+    wrecked = gguf_export._compare(reference, reference[torch.randperm(positions)], "q8_0", ids)
+    assert not wrecked["passed"] and wrecked["ppl_ratio"] > gguf_export.QUANTISED_PPL_RATIO
+    better = reference.clone()
+    better[torch.arange(positions - 1), torch.tensor(ids[1:])] += 3.0  # a file that "knows the answers" is wrong too
+    assert not gguf_export._compare(reference, better, "q8_0", ids)["passed"]
+
