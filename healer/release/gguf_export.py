@@ -60,8 +60,8 @@ PARITY_TEXT = (
 # themselves. A quantised type (q8_0), and llama.cpp whatever the type (it rounds activations to the weights'
 # type), change logits visibly: they are judged on what quantisation is allowed to cost, the perplexity of the
 # prompt's next tokens (within a factor QUANTISED_PPL_RATIO of the checkpoint's, either way), with a floor on
-# next-token agreement (near-ties agreeing) that a wrong layout falls far below (it flips a third of the positions) while a correct
-# q8_0 of a small model, whose many near-tied logits it reorders, stays above.
+# next-token agreement (near-ties agreeing) that a wrong layout falls far below (it flips a third of the
+# positions) while a correct q8_0 of a small model, whose many near-tied logits it reorders, stays above.
 RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1}
 QUANTISED_PPL_RATIO = 1.02
 TOP1_FLOOR = 0.8
