@@ -116,6 +116,14 @@ def refusal(res: Result, *, names: tuple[str, ...] = (), ok: Callable[[], bool] 
     return "silently-wrong", f"exit 0 where a refusal was due: {line[:160]}"
 
 
+def refusals(cls: str, rows: list[tuple]) -> None:
+    """Register probes that only expect a refusal: one ``(name, run, names)`` row each, ``run(d)`` the command
+    on the probe's directory, ``names`` what its one-line error must mention (or ``names(d)``)."""
+    for name, run, names in rows:
+        PROBES.append(Probe(cls, name, lambda d, run=run, names=names:
+                            refusal(run(d), names=names(d) if callable(names) else names)))
+
+
 def success(res: Result, ok: Callable[[], bool]) -> tuple[str, str]:
     """A probe that expects the run to succeed with a verified result (a clear refusal also counts as one)."""
     return refusal(res, ok=ok)
@@ -228,39 +236,15 @@ def p_non_utf8_recipe(d):
     return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
 
 
-@probe("recipe")
-def p_unknown_top_key(d):
-    return refusal(cli("prune", FX.recipe(d, "promne: {ratio: 0.5}\n")), names=("promne",))
-
-
-@probe("recipe")
-def p_unknown_nested_key(d):
-    return refusal(cli("prune", FX.recipe(d, "prune: {ratoi: 0.5}\n")), names=("ratoi",))
-
-
-@probe("recipe")
-def p_wrong_type(d):
-    return refusal(cli("prune", FX.recipe(d, "prune: {ratio: lots}\n")), names=("prune.ratio",))
-
-
-@probe("recipe")
-def p_wrong_type_override(d):
-    return refusal(cli("cpt", FX.recipe(d), "--cpt.max_steps", "ten"), names=("cpt.max_steps",))
-
-
-@probe("recipe")
-def p_unknown_override(d):
-    return refusal(cli("prune", FX.recipe(d), "--prune.nope", "1"), names=("prune.nope",))
-
-
-@probe("recipe")
-def p_recipe_is_directory(d):
-    return refusal(cli("prune", d), names=(str(d),))
-
-
-@probe("recipe")
-def p_recipe_missing(d):
-    return refusal(cli("prune", d / "nope.yaml"), names=("nope.yaml",))
+refusals('recipe', [
+    ('unknown_top_key', lambda d: cli("prune", FX.recipe(d, "promne: {ratio: 0.5}\n")), ("promne",)),
+    ('unknown_nested_key', lambda d: cli("prune", FX.recipe(d, "prune: {ratoi: 0.5}\n")), ("ratoi",)),
+    ('wrong_type', lambda d: cli("prune", FX.recipe(d, "prune: {ratio: lots}\n")), ("prune.ratio",)),
+    ('wrong_type_override', lambda d: cli("cpt", FX.recipe(d), "--cpt.max_steps", "ten"), ("cpt.max_steps",)),
+    ('unknown_override', lambda d: cli("prune", FX.recipe(d), "--prune.nope", "1"), ("prune.nope",)),
+    ('recipe_is_directory', lambda d: cli("prune", d), lambda d: (str(d),)),
+    ('recipe_missing', lambda d: cli("prune", d / "nope.yaml"), ("nope.yaml",)),
+])
 
 
 @probe("recipe")
@@ -310,30 +294,16 @@ def p_newline_in_run_dir_override(d):
     return refusal(res, names=("output",), ok=lambda: layers(d / "out\nx") == 3)
 
 
-@probe("recipe")
-def p_undefined_interpolation(d):
-    return refusal(cli("prune", FX.recipe(d, "prune: {output: '${nowhere}/p'}\n")), names=("nowhere",))
-
-
-@probe("recipe")
-def p_bad_dtype(d):
-    return refusal(prune(d, "--num-blocks", "1", "--dtype", "float8"), names=("dtype",))
-
-
-@probe("recipe")
-def p_global_batch_not_divisible(d):
-    return refusal(cli("cpt", FX.recipe(d, "cpt: {micro_batch_size: 3, global_batch_size: 4}\n")),
-                   names=("global_batch_size",))
-
-
-@probe("recipe")
-def p_unknown_verb(d):
-    return refusal(cli("prun", FX.recipe(d)), names=("prun",))
-
-
-@probe("recipe")
-def p_two_recipes(d):
-    return refusal(cli("prune", FX.recipe(d), "--config", FX.recipe(d, name="b.yaml")), names=("recipe",))
+refusals('recipe', [
+    ('undefined_interpolation', lambda d: cli("prune", FX.recipe(d, "prune: {output: '${nowhere}/p'}\n")),
+     ("nowhere",)),
+    ('bad_dtype', lambda d: prune(d, "--num-blocks", "1", "--dtype", "float8"), ("dtype",)),
+    ('global_batch_not_divisible',
+     lambda d: cli("cpt", FX.recipe(d, "cpt: {micro_batch_size: 3, global_batch_size: 4}\n")),
+     ("global_batch_size",)),
+    ('unknown_verb', lambda d: cli("prun", FX.recipe(d)), ("prun",)),
+    ('two_recipes', lambda d: cli("prune", FX.recipe(d), "--config", FX.recipe(d, name="b.yaml")), ("recipe",)),
+])
 
 
 # ------------------------------------------------------------------------------------------------ launch/SLURM
@@ -342,51 +312,22 @@ def slurm(d: Path, *extra: str, recipe_extra: str = "") -> Result:
     return cli("launch", "cpt", FX.recipe(d, recipe_extra), "--slurm", "--dry-run", *extra)
 
 
-@probe("slurm")
-def p_partition_newline(d):
-    return refusal(slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\nrm -rf ~"}}\n'), names=("partition",))
-
-
-@probe("slurm")
-def p_partition_trailing_newline(d):
-    return refusal(slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\n"}}\n'), names=("partition",))
-
-
-@probe("slurm")
-def p_account_semicolon(d):
-    return refusal(slurm(d, "--launch.slurm.account", "a;touch x"), names=("account",))
-
-
-@probe("slurm")
-def p_qos_space(d):
-    return refusal(slurm(d, "--launch.slurm.qos", "high prio"), names=("qos",))
-
-
-@probe("slurm")
-def p_time_garbage(d):
-    return refusal(slurm(d, "--launch.slurm.time", "tomorrow"), names=("time",))
-
-
-@probe("slurm")
-def p_constraint_subshell(d):
-    return refusal(slurm(d, "--launch.slurm.constraint", "$(id)"), names=("constraint",))
-
-
-@probe("slurm")
-def p_mem_garbage(d):
-    return refusal(slurm(d, "--launch.slurm.mem", "lots"), names=("mem",))
-
-
-@probe("slurm")
-def p_extra_sbatch_space(d):
-    return refusal(slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive --x"]}}\n'),
-                   names=("extra_sbatch",))
-
-
-@probe("slurm")
-def p_extra_sbatch_newline(d):
-    return refusal(slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive\\ntouch x"]}}\n'),
-                   names=("extra_sbatch",))
+refusals('slurm', [
+    ('partition_newline', lambda d: slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\nrm -rf ~"}}\n'),
+     ("partition",)),
+    ('partition_trailing_newline', lambda d: slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\n"}}\n'),
+     ("partition",)),
+    ('account_semicolon', lambda d: slurm(d, "--launch.slurm.account", "a;touch x"), ("account",)),
+    ('qos_space', lambda d: slurm(d, "--launch.slurm.qos", "high prio"), ("qos",)),
+    ('time_garbage', lambda d: slurm(d, "--launch.slurm.time", "tomorrow"), ("time",)),
+    ('constraint_subshell', lambda d: slurm(d, "--launch.slurm.constraint", "$(id)"), ("constraint",)),
+    ('mem_garbage', lambda d: slurm(d, "--launch.slurm.mem", "lots"), ("mem",)),
+    ('extra_sbatch_space', lambda d: slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive --x"]}}\n'),
+     ("extra_sbatch",)),
+    ('extra_sbatch_newline',
+     lambda d: slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive\\ntouch x"]}}\n'),
+     ("extra_sbatch",)),
+])
 
 
 @probe("slurm")
@@ -396,14 +337,10 @@ def p_setup_newline(d):
     return refusal(res, names=("setup",), ok=lambda: "#SBATCH --qos=high" not in res.out)
 
 
-@probe("slurm")
-def p_env_key_not_identifier(d):
-    return refusal(slurm(d, recipe_extra='launch: {env: {"A B": "1"}}\n'), names=("launch.env",))
-
-
-@probe("slurm")
-def p_env_key_subshell(d):
-    return refusal(slurm(d, recipe_extra='launch: {env: {"X$(touch pwned)": "1"}}\n'), names=("launch.env",))
+refusals('slurm', [
+    ('env_key_not_identifier', lambda d: slurm(d, recipe_extra='launch: {env: {"A B": "1"}}\n'), ("launch.env",)),
+    ('env_key_subshell', lambda d: slurm(d, recipe_extra='launch: {env: {"X$(touch pwned)": "1"}}\n'), ("launch.env",)),
+])
 
 
 @probe("slurm")
@@ -450,29 +387,17 @@ def p_run_dir_quote(d):
     return refusal(res, ok=ok)
 
 
-@probe("slurm")
-def p_master_port_range(d):
-    return refusal(slurm(d, "--master-port", "99999"), names=("master-port",))
+refusals('slurm', [
+    ('master_port_range', lambda d: slurm(d, "--master-port", "99999"), ("master-port",)),
+    ('gpus_negative', lambda d: slurm(d, "--gpus-per-node", "-2"), ("gpus_per_node",)),
+])
 
 
-@probe("slurm")
-def p_gpus_negative(d):
-    return refusal(slurm(d, "--gpus-per-node", "-2"), names=("gpus_per_node",))
-
-
-@probe("launch")
-def p_nproc_zero(d):
-    return refusal(cli("launch", "cpt", FX.recipe(d), "--nproc", "0", "--dry-run"), names=("nproc",))
-
-
-@probe("launch")
-def p_launch_unknown_stage(d):
-    return refusal(cli("launch", "train", FX.recipe(d), "--dry-run"), names=("train",))
-
-
-@probe("launch")
-def p_launch_stray_argument(d):
-    return refusal(cli("launch", "cpt", FX.recipe(d), "extra", "--dry-run"), names=("extra",))
+refusals('launch', [
+    ('nproc_zero', lambda d: cli("launch", "cpt", FX.recipe(d), "--nproc", "0", "--dry-run"), ("nproc",)),
+    ('launch_unknown_stage', lambda d: cli("launch", "train", FX.recipe(d), "--dry-run"), ("train",)),
+    ('launch_stray_argument', lambda d: cli("launch", "cpt", FX.recipe(d), "extra", "--dry-run"), ("extra",)),
+])
 
 
 # ---------------------------------------------------------------------------------------------------- hostfile
@@ -483,24 +408,12 @@ def hostfile(d: Path, content: bytes | str, *extra: str) -> Result:
     return cli("launch", "cpt", FX.recipe(d), "--hostfile", path, "--dry-run", *extra)
 
 
-@probe("hostfile")
-def p_host_dash(d):
-    return refusal(hostfile(d, "-oProxyCommand=touch_pwned slots=1\n"), names=("hosts",))
-
-
-@probe("hostfile")
-def p_hostfile_binary(d):
-    return refusal(hostfile(d, bytes(range(256))), names=("hosts",))
-
-
-@probe("hostfile")
-def p_hostfile_non_utf8(d):
-    return refusal(hostfile(d, "n\u00f6de1 slots=1\n".encode("latin-1")), names=("hosts",))
-
-
-@probe("hostfile")
-def p_hostfile_bad_slots(d):
-    return refusal(hostfile(d, "node1 slots=two\n"), names=("hosts",))
+refusals('hostfile', [
+    ('host_dash', lambda d: hostfile(d, "-oProxyCommand=touch_pwned slots=1\n"), ("hosts",)),
+    ('hostfile_binary', lambda d: hostfile(d, bytes(range(256))), ("hosts",)),
+    ('hostfile_non_utf8', lambda d: hostfile(d, "n\u00f6de1 slots=1\n".encode("latin-1")), ("hosts",)),
+    ('hostfile_bad_slots', lambda d: hostfile(d, "node1 slots=two\n"), ("hosts",)),
+])
 
 
 @probe("hostfile")
@@ -508,19 +421,12 @@ def p_hostfile_empty(d):
     return refusal(hostfile(d, "# nothing\n"), names=("hosts",))
 
 
-@probe("hostfile")
-def p_hostfile_missing(d):
-    return refusal(cli("launch", "cpt", FX.recipe(d), "--hostfile", d / "nope", "--dry-run"), names=("nope",))
-
-
-@probe("hostfile")
-def p_hostfile_semicolon_host(d):
-    return refusal(hostfile(d, "node1;touch_x slots=1\n"), names=("hosts",))
-
-
-@probe("hostfile")
-def p_hostfile_duplicate_host(d):
-    return refusal(hostfile(d, "node1 slots=1\nnode1 slots=1\n"), names=("node1",))
+refusals('hostfile', [
+    ('hostfile_missing', lambda d: cli("launch", "cpt", FX.recipe(d), "--hostfile", d / "nope", "--dry-run"),
+     ("nope",)),
+    ('hostfile_semicolon_host', lambda d: hostfile(d, "node1;touch_x slots=1\n"), ("hosts",)),
+    ('hostfile_duplicate_host', lambda d: hostfile(d, "node1 slots=1\nnode1 slots=1\n"), ("node1",)),
+])
 
 
 @probe("hostfile")
@@ -550,14 +456,10 @@ def p_output_inside_input(d):
     return refusal(res, ok=lambda: layers(model) == 4 and layers(model / "p") == 3)
 
 
-@probe("prune")
-def p_blocks_empty(d):
-    return refusal(prune(d, "--blocks", "[]", "--output", d / "out"), names=("blocks",))
-
-
-@probe("prune")
-def p_blocks_out_of_range(d):
-    return refusal(prune(d, "--blocks", "[9]", "--output", d / "out"), names=("blocks",))
+refusals('prune', [
+    ('blocks_empty', lambda d: prune(d, "--blocks", "[]", "--output", d / "out"), ("blocks",)),
+    ('blocks_out_of_range', lambda d: prune(d, "--blocks", "[9]", "--output", d / "out"), ("blocks",)),
+])
 
 
 @probe("prune")
@@ -566,29 +468,13 @@ def p_blocks_duplicate(d):
     return refusal(res, names=("blocks",), ok=lambda: layers(d / "out") == 3)
 
 
-@probe("prune")
-def p_blocks_negative(d):
-    return refusal(prune(d, "--blocks", "[-1]", "--output", d / "out"), names=("blocks",))
-
-
-@probe("prune")
-def p_all_blocks(d):
-    return refusal(prune(d, "--num-blocks", "4", "--output", d / "out"), names=("num_blocks",))
-
-
-@probe("prune")
-def p_ratio_above_one(d):
-    return refusal(prune(d, "--ratio", "1.5", "--output", d / "out"), names=("ratio",))
-
-
-@probe("prune")
-def p_ratio_negative(d):
-    return refusal(prune(d, "--ratio", "-0.2", "--output", d / "out"), names=("ratio",))
-
-
-@probe("prune")
-def p_ratio_and_blocks(d):
-    return refusal(prune(d, "--ratio", "0.25", "--num-blocks", "2", "--output", d / "out"), names=("ratio",))
+refusals('prune', [
+    ('blocks_negative', lambda d: prune(d, "--blocks", "[-1]", "--output", d / "out"), ("blocks",)),
+    ('all_blocks', lambda d: prune(d, "--num-blocks", "4", "--output", d / "out"), ("num_blocks",)),
+    ('ratio_above_one', lambda d: prune(d, "--ratio", "1.5", "--output", d / "out"), ("ratio",)),
+    ('ratio_negative', lambda d: prune(d, "--ratio", "-0.2", "--output", d / "out"), ("ratio",)),
+    ('ratio_and_blocks', lambda d: prune(d, "--ratio", "0.25", "--num-blocks", "2", "--output", d / "out"), ("ratio",)),
+])
 
 
 @probe("prune")
@@ -623,15 +509,12 @@ def p_output_is_a_file(d):
     return verdict[0], verdict[1] + ("" if quick else f" (after {res.wall:.0f}s)")
 
 
-@probe("prune")
-def p_unknown_criterion(d):
-    return refusal(prune(d, "--criterion", "vibes", "--num-blocks", "1"), names=("vibes",))
-
-
-@probe("prune")
-def p_calibration_missing(d):
-    return refusal(prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "nope.jsonl"),
-                   names=("nope.jsonl",))
+refusals('prune', [
+    ('unknown_criterion', lambda d: prune(d, "--criterion", "vibes", "--num-blocks", "1"), ("vibes",)),
+    ('calibration_missing',
+     lambda d: prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "nope.jsonl"),
+     ("nope.jsonl",)),
+])
 
 
 @probe("prune")
@@ -649,11 +532,11 @@ def p_calibration_non_utf8_txt(d):
     return refusal(res, names=("c.txt",), ok=lambda: layers(d / "out") == 3)
 
 
-@probe("prune")
-def p_calibration_wrong_field(d):
-    return refusal(prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", FX.calib,
+refusals('prune', [
+    ('calibration_wrong_field', lambda d: prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", FX.calib,
                          "--prune.calibration.text_field", "body", "--seq-len", "32", "--num-samples", "2"),
-                   names=("body",))
+     ("body",)),
+])
 
 
 @probe("prune")
@@ -663,9 +546,9 @@ def p_calibration_empty(d):
                          "--seq-len", "32", "--num-samples", "2"), names=("c.jsonl",))
 
 
-@probe("prune")
-def p_width_ratio_all(d):
-    return refusal(prune(d, "--method", "width", "--criterion", "maw", "--ratio", "1.0"), names=("ratio",))
+refusals('prune', [
+    ('width_ratio_all', lambda d: prune(d, "--method", "width", "--criterion", "maw", "--ratio", "1.0"), ("ratio",)),
+])
 
 
 @probe("prune")
@@ -714,10 +597,11 @@ def p_truncated_safetensors(d):
     return refusal(prune_model(d, broken_model(d, edit)), names=("model.safetensors",))
 
 
-@probe("model")
-def p_garbage_safetensors(d):
-    return refusal(prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 4096))),
-                   names=("model.safetensors",))
+refusals('model', [
+    ('garbage_safetensors',
+     lambda d: prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 4096))),
+     ("model.safetensors",)),
+])
 
 
 @probe("model")
@@ -728,16 +612,14 @@ def p_safetensors_bad_header(d):
     return refusal(prune_model(d, broken_model(d, edit)), names=("model.safetensors",))
 
 
-@probe("model")
-def p_config_invalid_json(d):
-    return refusal(prune_model(d, broken_model(d, lambda m: (m / "config.json").write_text("{not json"))),
-                   names=("config.json",))
-
-
-@probe("model")
-def p_config_binary(d):
-    return refusal(prune_model(d, broken_model(d, lambda m: (m / "config.json").write_bytes(bytes(range(256))))),
-                   names=("config.json",))
+refusals('model', [
+    ('config_invalid_json',
+     lambda d: prune_model(d, broken_model(d, lambda m: (m / "config.json").write_text("{not json"))),
+     ("config.json",)),
+    ('config_binary',
+     lambda d: prune_model(d, broken_model(d, lambda m: (m / "config.json").write_bytes(bytes(range(256))))),
+     ("config.json",)),
+])
 
 
 @probe("model")
@@ -758,9 +640,10 @@ def p_config_layers_mismatch(d):
     return refusal(prune_model(d, broken_model(d, edit)), names=("m",))
 
 
-@probe("model")
-def p_missing_weights(d):
-    return refusal(prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").unlink())), names=("m",))
+refusals('model', [
+    ('missing_weights', lambda d: prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").unlink())),
+     ("m",)),
+])
 
 
 @probe("model")
@@ -781,15 +664,12 @@ def p_model_is_text_file(d):
     return refusal(prune_model(d, d / "model.bin"), names=("model.bin",))
 
 
-@probe("model")
-def p_model_missing_offline(d):
-    return refusal(prune_model(d, d / "no_such_model"), names=("no_such_model",))
-
-
-@probe("model")
-def p_tokenizer_corrupt(d):
-    return refusal(prune_model(d, broken_model(d, lambda m: (m / "tokenizer.json").write_text("{oops"))),
-                   names=("tokenizer",))
+refusals('model', [
+    ('model_missing_offline', lambda d: prune_model(d, d / "no_such_model"), ("no_such_model",)),
+    ('tokenizer_corrupt',
+     lambda d: prune_model(d, broken_model(d, lambda m: (m / "tokenizer.json").write_text("{oops"))),
+     ("tokenizer",)),
+])
 
 
 # -------------------------------------------------------------------------------------------------------- eval
@@ -859,9 +739,9 @@ def p_ppl_binary(d):
     return refusal(evaluate(d, [d / "bin.txt"])[0], names=("bin.txt",))
 
 
-@probe("eval")
-def p_ppl_missing(d):
-    return refusal(evaluate(d, [d / "gone.txt"])[0], names=("gone.txt",))
+refusals('eval', [
+    ('ppl_missing', lambda d: evaluate(d, [d / "gone.txt"])[0], ("gone.txt",)),
+])
 
 
 @probe("eval")
@@ -909,25 +789,14 @@ def data_stats(d: Path, sources_yaml: str, *extra: str, seq_len: int = 32, timeo
     return cli("data", "stats", "--config", path, "--batches", "2", *extra, timeout=timeout)
 
 
-@probe("data")
-def p_negative_source_weight(d):
-    return refusal(data_stats(d, f"[{{path: {FX.corpus}, weight: -1}}]"), names=("weight",))
-
-
-@probe("data")
-def p_negative_domain_weight(d):
-    return refusal(data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: -0.5, Other: 1.5}}}}]"),
-                   names=("domains",))
-
-
-@probe("data")
-def p_domain_weights_sum_zero(d):
-    return refusal(data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: 0, Other: 0}}}}]"), names=("domains",))
-
-
-@probe("data")
-def p_source_weights_sum_zero(d):
-    return refusal(data_stats(d, f"[{{path: {FX.corpus}, weight: 0}}]"), names=("weight",))
+refusals('data', [
+    ('negative_source_weight', lambda d: data_stats(d, f"[{{path: {FX.corpus}, weight: -1}}]"), ("weight",)),
+    ('negative_domain_weight', lambda d: data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: -0.5, Other: 1.5}}}}]"),
+     ("domains",)),
+    ('domain_weights_sum_zero', lambda d: data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: 0, Other: 0}}}}]"),
+     ("domains",)),
+    ('source_weights_sum_zero', lambda d: data_stats(d, f"[{{path: {FX.corpus}, weight: 0}}]"), ("weight",)),
+])
 
 
 @probe("data")
@@ -937,14 +806,10 @@ def p_sft_seq_len_above_max_positions(d):
     return refusal(cli("sft", recipe), names=("max_seq_len",))
 
 
-@probe("data")
-def p_cpt_seq_len_above_max_positions(d):
-    return refusal(cli("cpt", FX.cpt_recipe(d, d / "cpt", seq_len=4096)), names=("seq_len",))
-
-
-@probe("data")
-def p_source_missing(d):
-    return refusal(data_stats(d, f"[{{path: {d / 'nowhere'}}}]"), names=("nowhere",))
+refusals('data', [
+    ('cpt_seq_len_above_max_positions', lambda d: cli("cpt", FX.cpt_recipe(d, d / "cpt", seq_len=4096)), ("seq_len",)),
+    ('source_missing', lambda d: data_stats(d, f"[{{path: {d / 'nowhere'}}}]"), ("nowhere",)),
+])
 
 
 @probe("data")
@@ -1083,9 +948,9 @@ def p_sft_invalid_json(d):
     return refusal(sft(d, d / "s.json"), names=("s.json",))
 
 
-@probe("sft")
-def p_sft_missing(d):
-    return refusal(sft(d, d / "gone.json"), names=("gone.json",))
+refusals('sft', [
+    ('sft_missing', lambda d: sft(d, d / "gone.json"), ("gone.json",)),
+])
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -1419,6 +1284,111 @@ def p_release_loads(d):
         AutoModelForCausalLM.from_pretrained(out)
         return (out / "README.md").is_file()
     return success(res, ok)
+
+
+# ------------------------------------------------------------------------------------ results that must be true
+
+def _bomb(d: Path) -> Path:
+    """Nine levels of nine YAML aliases: 400 bytes that stand for 9**9 values."""
+    lines = ["model: {source: x}", "a: &a [" + ", ".join(["x"] * 9) + "]"]
+    lines += [f"{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip("abcdefgh", "bcdefghi")]
+    (d / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    return d / "bomb.yaml"
+
+
+def _finished(d: Path, stage: str) -> Path:
+    """A directory a finished ``stage`` claims (its manifest), as another stage's output."""
+    from healer.core.manifest import write_stage_manifest
+
+    write_stage_manifest(d / "run" / stage, stage, None, {"steps": 1})
+    return d / "run" / stage
+
+
+def _bad_task_file(d: Path) -> Path:
+    rows = [{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}]
+    (d / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "arc.jsonl"
+
+
+refusals("numbers", [
+    ("lr_inf", lambda d: cli("cpt", FX.recipe(d), "--cpt.lr", "inf"), ("cpt.lr",)),
+    ("lr_nan_in_yaml", lambda d: cli("cpt", FX.recipe(d, "cpt: {lr: .nan}\n")), ("cpt.lr",)),
+    ("betas_nan", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[nan,0.95]"), ("cpt.betas",)),
+    ("beta_one", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[0.9,1.5]"), ("cpt.betas",)),
+    ("kd_temperature_inf", lambda d: cli("cpt", FX.recipe(d), "cpt.kd.temperature=inf"), ("cpt.kd.temperature",)),
+    ("sft_epochs_inf", lambda d: cli("sft", FX.recipe(d), "sft.epochs=inf"), ("sft.epochs",)),
+    ("weight_inf", lambda d: cli("cpt", FX.recipe(d), "data.sources=[{path: x, weight: .inf}]"),
+     ("data.sources.0.weight",)),
+])
+
+refusals("input", [
+    ("yaml_alias_bomb", lambda d: cli("prune", _bomb(d), timeout=30), ("aliases",)),
+    ("yaml_alias_bomb_override", lambda d: cli("prune", FX.recipe(d), "prune.blocks={a: &a [1,1,1,1,1,1,1,1,1,1], "
+                                               "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,"
+                                               "*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,"
+                                               "*d,*d,*d,*d,*d]}", timeout=30), ("aliases",)),
+    ("run_dir_self_reference", lambda d: cli("prune", FX.recipe(d), "--run-dir", "${run_dir}/x"), ("run_dir",)),
+    ("unknown_task_before_perplexity", lambda d: cli("eval", FX.recipe(d), f"eval.tasks={{arcc_easy: {d}/a}}"),
+     ("arcc_easy",)),
+    ("task_record_bad_answer",
+     lambda d: cli("eval", FX.recipe(d), f"eval.perplexity_files=[{FX.heldout}]", "eval.context_lengths=[16]",
+                   f"eval.tasks={{arc_easy: {_bad_task_file(d)}}}"),
+     ("arc.jsonl record 1",)),
+    ("only_cpt_on_a_fresh_run_dir", lambda d: cli("run", FX.recipe(d, "prune: {num_blocks: 1, criterion: magnitude}\n"
+                                                              "cpt: {max_steps: 1}\n"), "--only", "cpt"),
+     ("prune has not written",)),
+    ("model_name_newline", lambda d: cli("release", FX.recipe(d), 'release.model_name="x\nlicense: mit"'),
+     ("release.model_name",)),
+    ("repo_id_quote", lambda d: cli("release", FX.recipe(d), 'release.repo_id=a/b"); import os #'),
+     ("release.repo_id",)),
+])
+
+refusals("ownership", [
+    ("sft_into_a_cpt_dir", lambda d: cli("sft", FX.recipe(d), f"sft.output={_finished(d, 'cpt')}"), ("sft.output",)),
+    ("eval_into_a_release", lambda d: cli("eval", FX.recipe(d), f"eval.output={_finished(d, 'release')}"),
+     ("eval.output",)),
+])
+
+
+@probe("ownership")
+def p_release_keeps_a_users_partial_dir(d):
+    mine = d / "rel.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    res = cli("release", FX.recipe(d), f"release.input={FX.model}", f"release.output={d / 'rel'}")
+    return success(res, ok=lambda: (mine / "notes.txt").read_text() == "mine"
+                   and (d / "rel" / "manifest.json").exists())
+
+
+@probe("numbers")
+def p_lr_that_diverges_stops_at_its_step(d):
+    stage = d / "cpt"
+    res = cli("cpt", "--config", FX.cpt_recipe(d, stage, cpt={"lr": 1e30, "max_steps": 6}), timeout=400)
+    return refusal(res, names=("training loss is nan", "last good checkpoint"),
+                   ok=lambda: False)  # exit 0 would mean it trained on NaN
+
+
+@probe("trust")
+def p_planted_pickle_never_runs(d):
+    stage, corpus = FX.cpt_copy(d)
+    marker = d / "pwned"
+    state = sorted((stage / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))[-1]  # the one resumed
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+    blob = torch.load(state, weights_only=False)
+    blob["planted"] = Payload()
+    torch.save(blob, state)
+    complete = state.parent / "complete.json"
+    record = json.loads(complete.read_text())
+    record["files"][state.name] = state.stat().st_size  # as a planted copy would
+    complete.write_text(json.dumps(record))
+    res = cli("cpt", "--config", FX.cpt_recipe(d, stage, corpus=corpus, cpt={"max_steps": 3}), timeout=400)
+    if marker.exists():
+        return "silently-wrong", "the planted pickle ran"
+    return refusal(res, names=("refused to load",))
 
 
 # -------------------------------------------------------------------------------------------------------- main
