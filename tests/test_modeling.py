@@ -103,6 +103,12 @@ def test_weights_the_config_does_not_describe_are_refused(good, tmp_path):
     with pytest.raises(HealerError, match=r"lack 9 tensor\(s\).*model\.layers\.2\.") as err:
         load_model(resolve_source(str(deeper)))
     one_line(err)
+    shallower = copy_of(good, tmp_path, "shallower")  # config says 1 block, files hold 2: block 1 would be dropped
+    (shallower / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    with pytest.raises(HealerError, match=r"hold 9 tensor\(s\) that config.json does not describe \(first: "
+                                          r"model\.layers\.1\..*num_hidden_layers=1") as err:
+        load_model(resolve_source(str(shallower)))
+    one_line(err)
 
 
 def test_a_tensor_missing_from_the_file_is_refused(good, tmp_path):

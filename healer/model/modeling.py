@@ -206,6 +206,15 @@ def check_weights(location: ModelLocation, config) -> None:
         raise HealerError(
             f"{location.path}: the safetensors lack {len(missing)} tensor(s) that config.json implies (first: "
             f"{missing[0]}); the weights are incomplete or belong to another config: copy the complete model again")
+    # The other way round: transformers drops tensors no parameter claims with a log line, so a config.json
+    # with fewer blocks than the weights would load (and prune, heal, release) a silently truncated model.
+    known = {n for names in names_of.values() for n, _ in names} | {n for n, _ in skeleton.named_buffers()}
+    extra = sorted(n for n in shapes if n not in known and not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise HealerError(
+            f"{location.path}: the safetensors hold {len(extra)} tensor(s) that config.json does not describe "
+            f"(first: {extra[0]}; config.json: num_hidden_layers={getattr(config, 'num_hidden_layers', '?')}); "
+            "the config belongs to other weights: restore the matching config.json")
 
 
 def check_seq_len(seq_len: int, config, key: str) -> None:
