@@ -373,3 +373,15 @@ def test_a_directory_named_like_a_build_dir_is_not_healers_to_delete(run):
     assert (mine / "notes.txt").read_text() == "my work" and not stale.exists()
     assert not list(run_dir.glob(".release.*")) and not (run_dir / "release" / ".healer-partial").exists()
     assert ".healer-partial" not in json.loads((run_dir / "release" / "manifest.json").read_text())["outputs"]["files"]
+
+
+def test_a_release_of_another_model_does_not_publish_the_runs_eval(run, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    recipe, run_dir, merged = run
+    other = save_tiny(tmp_path, name="other", layers=3)
+    assert main(["release", str(recipe), f"release.input={other}"]) == 0
+    assert f"eval.json measured {merged}, not the released {other}" in capsys.readouterr().err
+    hub = ModelCard.load(run_dir / "release" / "README.md").data
+    assert not hub.eval_results  # no model-index numbers measured on other weights
+    assert "30.0" not in (run_dir / "release" / "README.md").read_text()

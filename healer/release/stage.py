@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +292,23 @@ def _replace_dir(partial: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def _same_model(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def measured_on_release(eval_result: dict | None, source: str) -> dict | None:
+    """``eval.json`` when it measured the weights being released; None (said on the terminal) when it measured
+    another model: the card and model-index must not publish another checkpoint's numbers."""
+    if eval_result is None or _same_model(eval_result.get("source"), source):
+        return eval_result
+    print(f"healer release: eval.json measured {eval_result.get('source')}, not the released {source}; its "
+          f"numbers are left out of the card and model-index (run `healer eval` with eval.input={source})",
+          file=sys.stderr, flush=True)
+    return None
+
+
 def release_ggufs(folder: Path, name: str, kinds: list[str]) -> list[dict]:
     """``release.gguf``: write each GGUF type under ``folder/gguf`` and prove it against the weights in ``folder``.
 
@@ -354,7 +372,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     (partial / "recipe.yaml").write_text(recipe_yaml)
     gguf_files = release_ggufs(partial, cfg.model_name or recipe.name, cfg.gguf)
 
-    eval_result = read_json_report(recipe.stage_dir("eval") / "eval.json")
+    eval_result = measured_on_release(read_json_report(recipe.stage_dir("eval") / "eval.json"), source)
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
     curves, curves_missing = [], []
