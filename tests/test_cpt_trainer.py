@@ -66,6 +66,15 @@ def test_batch_arithmetic_is_derived_and_a_bad_global_batch_is_refused():
     # a passed-through DeepSpeed JSON wins over the recipe's knobs
     cfg = build_ds_config(zero_stage=2, micro_batch_size=1, global_batch_size=8, world_size=2, base="zero3")
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 4
+    # what the JSON would set silently against the recipe (and its manifest) is refused, naming both
+    with pytest.raises(HealerError, match=r"cpt.deepspeed_config: its optimizer section\(s\) would not be used"):
+        build_ds_config(zero_stage=2, micro_batch_size=1, global_batch_size=8, world_size=2,
+                        base={"optimizer": {"type": "AdamW", "params": {"lr": 1}}})
+    with pytest.raises(HealerError, match=r"train_batch_size=16 but cpt.global_batch_size=8; set the batch in one"):
+        build_ds_config(zero_stage=2, micro_batch_size=1, global_batch_size=8, world_size=2,
+                        base={"train_batch_size": 16})
+    assert build_ds_config(zero_stage=2, micro_batch_size=1, global_batch_size=8, world_size=2,
+                           base={"train_batch_size": 8})["gradient_accumulation_steps"] == 4  # agreeing is fine
 
 
 def test_one_rank_trains_like_a_plain_adamw_loop():

@@ -166,6 +166,16 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, global_batch_size
     ``precision`` is already resolved (bf16, fp16 or fp32).
     """
     cfg = load_ds_json(base)
+    ignored = [key for key in ("optimizer", "scheduler") if key in cfg]
+    if ignored:  # healer builds AdamW itself and sets the LR every step: these would be dropped without a word
+        raise HealerError(f"{section}.deepspeed_config: its {' and '.join(ignored)} section(s) would not be used "
+                          f"(healer builds AdamW from {section}.lr, betas and weight_decay and sets the LR from "
+                          f"{section}.schedule); remove them and set those keys")
+    for key, value, name in (("train_micro_batch_size_per_gpu", micro_batch_size, "micro_batch_size"),
+                             ("train_batch_size", global_batch_size, "global_batch_size")):
+        if key in cfg and int(cfg[key]) != value:  # the manifest and the resume checks record the recipe's
+            raise HealerError(f"{section}.deepspeed_config: {key}={cfg[key]} but {section}.{name}={value}; set the "
+                              f"batch in one place: {section}.{name}")
     micro = int(cfg.get("train_micro_batch_size_per_gpu", micro_batch_size))
     total = int(cfg.get("train_batch_size", global_batch_size))
     if total % (micro * world_size):
