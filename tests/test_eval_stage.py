@@ -58,6 +58,19 @@ def test_compare_to_an_existing_eval_json(setup, tmp_path):
     assert "warning" not in result["deltas"]
 
 
+def test_a_dense_reference_measured_otherwise_is_said_on_the_terminal(setup, tmp_path, capsys):
+    dense, pruned, text = setup
+    common = [f"--eval.perplexity_files=[{text}]", "--eval.context_lengths=[32]"]
+    assert main(["eval", "--model", str(dense), "--run-dir", str(tmp_path / "dense_run"), *common,
+                 "eval.max_tokens=64"]) == 0
+    dense_json = tmp_path / "dense_run" / "eval" / "eval.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(dense), "--input", str(pruned), "--run-dir", str(tmp_path / "run"),
+                 "--compare-to", str(dense_json), *common]) == 0
+    err = capsys.readouterr().err
+    assert "healer eval: warning: the dense numbers" in err and "(max_tokens)" in err
+
+
 def test_a_missing_dense_file_is_a_clear_error(setup, tmp_path, capsys):
     dense, pruned, text = setup
     code = main(["eval", "--model", str(dense), "--run-dir", str(tmp_path / "run"), f"--eval.perplexity_files=[{text}]",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def run_eval_stage(recipe, opts: Options, inputs: dict | None = None) -> int:
                                                      "tasks")}
         result["compare_to"] = cfg.compare_to
         result["deltas"] = compare(result, dense)
+        if result["deltas"].get("warning"):  # said where the user looks, not only inside eval.json
+            differ = sorted(k for k in set(result.get("settings") or {}) | set(dense.get("settings") or {})
+                            if (result.get("settings") or {}).get(k) != (dense.get("settings") or {}).get(k))
+            print(f"healer eval: warning: the dense numbers ({cfg.compare_to}) were measured with other eval settings "
+                  f"({', '.join(differ) or 'unknown'}); the deltas compare unlike with unlike", file=sys.stderr)
     write_json_atomic(out_dir / EVAL_FILE, result)
     print(format_table(result))
     write_stage_manifest(out_dir, "eval", inputs, {
