@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "HEALER_CACHE" not in os.environ:  # file digests of the tests' throw-away models stay out of ~/.cache
+    import tempfile
+
+    os.environ["HEALER_CACHE"] = tempfile.mkdtemp(prefix="healer-test-cache-")
 
 from helpers import SAMPLE_TEXT, SHARED_DATA, tiny_tokenizer  # noqa: E402  (the environment above must be set first)
 

@@ -172,6 +172,13 @@ def test_a_cache_for_other_inputs_is_refused_naming_what_differs(tmp_path):
     corpus.write_text(corpus.read_text() + json.dumps({"text": "one more"}) + "\n")
     with pytest.raises(HealerError, match="-- data:"):
         cache.check(cache_key(**good), K, 320)
+    # the teacher rewritten in place, same path and size, one tensor's bytes changed: its digest is taken again
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-3 * len(weights) // 7] ^= 0xFF
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(HealerError, match="-- teacher:"):
+        cache.check(cache_key(**{**good, "data_cfg": DataConfig(sources=[SourceConfig(path=str(copied))],
+                                                                seq_len=32)}), K, 320)
 
 
 def test_a_block_the_cache_lacks_names_the_step_and_the_coverage(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 
 import pytest
@@ -96,3 +97,23 @@ def test_non_fast_tokenizers_encode_through_their_call():
             return Out()
 
     assert tokenizer_encoder(Chars())(["ab", "c"]) == [[97, 98], [99]]
+
+
+def test_a_file_digest_is_taken_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import hashlib
+
+    from healer.core import hashing
+
+    monkeypatch.setenv("HEALER_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 4096)
+    reads = []
+    real = hashing.sha256
+    monkeypatch.setattr(hashing, "sha256", lambda p: reads.append(p) or real(p))
+    assert hashing.file_digest(f) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert hashing.file_digest(f) == hashlib.sha256(b"a" * 4096).hexdigest() and len(reads) == 1  # cached
+    before = f.stat()
+    f.write_bytes(b"a" * 2048 + b"b" + b"a" * 2047)  # same size, rewritten in place (a moment later)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns + 10**7))
+    assert hashing.file_digest(f) == hashlib.sha256(b"a" * 2048 + b"b" + b"a" * 2047).hexdigest()
+    assert len(reads) == 2

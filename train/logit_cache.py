@@ -77,25 +77,17 @@ def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-SAMPLES, SAMPLE_BYTES = 1024, 4096  # 4 MiB read per weight file, wherever it is
-
-
 def weights_signature(path: Path) -> str:
-    """Size and a hash of ``SAMPLES`` windows spread evenly over a weight file: a fine-tune that keeps the
-    first and last tensors (a merged LoRA leaves the norms alone) still changes many windows, and a 100 GB
-    checkpoint costs 4 MiB of reading per file rather than a full pass at every cpt start."""
-    size = path.stat().st_size
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as fh:
-        step = max(SAMPLE_BYTES, size // SAMPLES)
-        for offset in range(0, size, step):
-            digest.update(os.pread(fh.fileno(), SAMPLE_BYTES, offset))
-    return f"{size}:{digest.hexdigest()}"
+    """Size and sha256 of a whole weight file (:func:`healer.core.hashing.file_digest`: read once per version of
+    the file, then cached), so editing any tensor of the teacher invalidates a cache built from it."""
+    from healer.core.hashing import file_digest
+
+    return f"{path.stat().st_size}:{file_digest(path)}"
 
 
 def teacher_fingerprint(location) -> dict[str, str]:
-    """What the teacher is (a :class:`healer.model.modeling.ModelLocation`): its config in full and a sample of every
-    weight file (:func:`weights_signature`), so a copied checkpoint matches and a retrained one does not.
+    """What the teacher is (a :class:`healer.model.modeling.ModelLocation`): its config in full and the digest of
+    every weight file (:func:`weights_signature`), so a copied checkpoint matches and a retrained one does not.
     A hub id is taken by name and revision (its files are not here to read)."""
     path = Path(location.path)
     if location.gguf_file:
