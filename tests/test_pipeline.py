@@ -238,3 +238,21 @@ def test_only_a_later_stage_on_a_fresh_run_dir_names_the_missing_stage_before_an
         err = capsys.readouterr().err
         assert says.format(run=tmp_path) in err and "Traceback" not in err
     assert not (tmp_path / "launch").exists() and not (tmp_path / "recipe.yaml").exists()
+
+
+def test_a_gguf_the_family_cannot_have_is_refused_before_any_stage_runs(tmp_path, capsys):
+    from helpers import save_tiny
+
+    from healer.cli import main
+
+    model = save_tiny(tmp_path, "qwen2", layers=2)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"use_sliding_window": True, "sliding_window": 64,
+                                                            "max_window_layers": 0}))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "model": {"source": str(model)},
+                                   "prune": {"num_blocks": 1, "criterion": "magnitude"},
+                                   "release": {"gguf": ["q8_0"]}}))
+    assert main(["run", str(recipe)]) == 2
+    assert "release.gguf: config.use_sliding_window is on" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "prune").exists()

@@ -117,6 +117,17 @@ def plan(recipe: Recipe, stages: list[str], only: set[str] | None, force: bool) 
     return out
 
 
+def _check_gguf_before_training(recipe: Recipe, steps: list[tuple[str, bool]]) -> None:
+    """``release.gguf`` for a family or layout GGUF cannot express is refused before hours of healing, not at
+    the end of the release (pruning keeps the family and one width for every block)."""
+    if recipe.release is None or not recipe.release.gguf or not any(run for _, run in steps):
+        return
+    from healer.model.modeling import load_config, resolve_source
+    from healer.release.gguf_export import check_exportable
+
+    check_exportable(load_config(resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)))
+
+
 def _check_input_is_made(step, producers: dict, available: set[str], only: set[str] | None) -> None:
     """A step that would start from a stage's model that is neither finished nor run first is refused here,
     naming both, before any rank starts and fails on a missing directory."""
@@ -143,6 +154,7 @@ def run_pipeline(recipe: Recipe, opts: Options) -> int:
         return 0
     with DirectoryLock(run_dir, "healer run"):
         steps = plan(recipe, stages, only, opts.force)
+        _check_gguf_before_training(recipe, steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         # Every process of every stage reads this one resolved file: the recipe as it is run now. Written
         # only after the checks above, so a refused run leaves the previous one's record as it was.
