@@ -172,3 +172,11 @@ def test_ctrl_c_stops_every_parallel_point_at_a_checkpoint_and_the_next_sweep_re
     for stage, at in zip(stages, stopped):
         assert json.loads((stage / "manifest.json").read_text())["outputs"]["steps"] == steps
         assert logged_steps(stage)[-1] == steps and f"at step {at}" in (stage.parent / "sweep.log").read_text()
+
+
+def test_a_sweep_over_the_dense_model_is_refused():
+    from healer.core.errors import HealerError
+
+    with pytest.raises(HealerError, match=r"--over model.source changes the dense model"):
+        parse_over("model.source=a/b,c/d")
+    assert parse_over("prune.ratio=0.2,0.3") == ("prune.ratio", [0.2, 0.3])

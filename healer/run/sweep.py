@@ -47,6 +47,10 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
     values = [parse_override(f"{key}={v}") for v in raw_values]
     key = values[0][0]
     values = [v for _, v in values]
+    if key == "model" or key.startswith("model."):
+        # The frontier has one dense reference: points with different dense models would share its row.
+        raise HealerError(f"sweep: --over {key} changes the dense model each point is measured against; the "
+                          "frontier has one dense row. Sweep each model on its own (one `healer sweep` per model)")
     if len(set(map(str, values))) != len(values):
         raise HealerError(f"sweep: --over {text!r} lists a value twice; each value is one run directory")
     return key, values
