@@ -9,12 +9,13 @@ Each probe builds what it needs in a temporary directory (a tiny random model, a
 - ``stack-dump``: a Traceback reached the user
 - ``hang``: the timeout fired
 
-    python bench/hostile_probes.py                 # every probe (CPU-heavy: about 20-30 minutes on 2 cores)
+    python bench/hostile_probes.py                 # every probe (CPU-heavy: about 10-30 minutes on 2 cores)
     python bench/hostile_probes.py -k slurm -k eval  # probes whose class or name contains a word
     python bench/hostile_probes.py --list
 
-A probe that expects a refusal but sees exit 0 checks the result; where exit 0 is also acceptable the probe
-says what it verified. Nothing here downloads anything.
+Most probes are rows of a table: a command that must be refused naming what is wrong, or, where the row has
+a check, may exit 0 with a result the check verifies. Probes of several steps are functions. Nothing here
+downloads anything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +45,7 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_
            OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 for _key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HEALER_FAULT"):
     ENV.pop(_key, None)
+TRACEBACK = "Traceback (most recent call last)"
 
 
 @dataclass
@@ -64,19 +67,33 @@ class Probe:
 PROBES: list[Probe] = []
 
 
-def probe(cls: str):
-    def register(fn):
-        PROBES.append(Probe(cls, fn.__name__.removeprefix("p_"), fn))
-        return fn
-    return register
+def probes(cls: str, *rows) -> None:
+    """Register a class of probes, in order. A row is a function ``p_NAME(d) -> (verdict, detail)``, or
+    ``(name, run, names[, ok])``: ``run(d)`` runs the command in the probe's directory ``d``; ``names`` (a
+    string, a tuple, or a function of ``d`` giving one) is what its refusal must mention; ``ok(d, res)``, where
+    given, verifies the result of an exit 0."""
+    for row in rows:
+        if callable(row):
+            PROBES.append(Probe(cls, row.__name__.removeprefix("p_"), row))
+        else:
+            PROBES.append(Probe(cls, row[0], lambda d, row=row: _row_verdict(d, *row[1:])))
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None) -> Result:
+def _row_verdict(d: Path, run, names, ok=None) -> tuple[str, str]:
+    res = run(d)
+    names = names(d) if callable(names) else names
+    return refusal(res, names=(names,) if isinstance(names, str) else names, ok=ok and (lambda: ok(d, res)))
+
+
+def cli(*args, timeout: float = 240) -> Result:
     """Run ``python -m healer ARGS``; a timeout kills the process group and returns rc None."""
+    return run_cmd([sys.executable, "-m", "healer", *map(str, args)], timeout)
+
+
+def run_cmd(cmd: list[str], timeout: float) -> Result:
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "healer", *map(str, args)], cwd=cwd, env=env or ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
         rc = proc.returncode
@@ -97,7 +114,7 @@ def refusal(res: Result, *, names: tuple[str, ...] = (), ok: Callable[[], bool] 
     given, exit 0 with a result ``ok`` verifies."""
     if res.rc is None:
         return "hang", f"no answer in {res.wall:.0f}s"
-    if "Traceback (most recent call last)" in res.err or "Traceback (most recent call last)" in res.out:
+    if TRACEBACK in res.err or TRACEBACK in res.out:
         tail = res.err.strip().splitlines()[-1:] or [""]
         return "stack-dump", tail[0][:200]
     line = last_line(res.err) or last_line(res.out)
@@ -116,92 +133,76 @@ def refusal(res: Result, *, names: tuple[str, ...] = (), ok: Callable[[], bool] 
     return "silently-wrong", f"exit 0 where a refusal was due: {line[:160]}"
 
 
-def refusals(cls: str, rows: list[tuple]) -> None:
-    """Register probes that only expect a refusal: one ``(name, run, names)`` row each, ``run(d)`` the command
-    on the probe's directory, ``names`` what its one-line error must mention (or ``names(d)``)."""
-    for name, run, names in rows:
-        PROBES.append(Probe(cls, name, lambda d, run=run, names=names:
-                            refusal(run(d), names=names(d) if callable(names) else names)))
+def unless_ran(marker: Path, verdict: tuple[str, str], why: str) -> tuple[str, str]:
+    """Planted code that ran is wrong whatever the exit code says."""
+    return ("silently-wrong", why) if marker.exists() else verdict
 
 
-def success(res: Result, ok: Callable[[], bool]) -> tuple[str, str]:
-    """A probe that expects the run to succeed with a verified result (a clear refusal also counts as one)."""
-    return refusal(res, ok=ok)
+def kept(path: Path, verdict: tuple[str, str]) -> tuple[str, str]:
+    """A user's file the command was pointed at must still hold what the probe wrote there."""
+    return ("silently-wrong", "the file was overwritten") if path.read_text() != "precious" else verdict
+
+
+def put(d: Path, name: str, content: str | bytes | None = None) -> Path:
+    """Write ``content`` (text or bytes) to ``d / name``, or, without content, make that a folder."""
+    path = d / name
+    if content is None:
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def jsonl(records) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 # ----------------------------------------------------------------------------------------------------- fixtures
 
 class Fixtures:
-    """Things built once per session and copied into each probe's directory when needed."""
+    """Things built once per run and copied into each probe's directory when needed."""
 
     def __init__(self, root: Path):
-        self.root = root
         from helpers import SAMPLE_TEXT, save_tiny
-        self.text = SAMPLE_TEXT
+        self.root, self.text, self._cpt_base = root, SAMPLE_TEXT, None
         self.model = save_tiny(root, "llama", layers=4, hidden=32, intermediate=64)
-        self.calib = root / "calib.jsonl"
-        self.calib.write_text("".join(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT * 2}) + "\n"
-                                      for i in range(20)))
+        self.calib = put(root, "calib.jsonl", jsonl({"text": f"Document {i}. " + SAMPLE_TEXT * 2} for i in range(20)))
         self.corpus = root / "corpus"
-        self.corpus.mkdir()
         for shard in range(2):
-            (self.corpus / f"part_{shard}.jsonl").write_text("".join(
-                json.dumps({"text": f"Shard {shard} doc {i}. " + SAMPLE_TEXT,
-                            "meta": {"redpajama_set_name": "Tiny"}}) + "\n"
-                for i in range(30)))
-        self.heldout = root / "heldout.txt"
-        self.heldout.write_text(SAMPLE_TEXT * 20)
-        self.instruct = root / "instruct.json"
-        self.instruct.write_text(json.dumps([{"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"}
-                                             for i in range(8)]))
-        self._cpt_base: Path | None = None
+            put(self.corpus, f"part_{shard}.jsonl", jsonl({"text": f"Shard {shard} doc {i}. " + SAMPLE_TEXT,
+                                                           "meta": {"redpajama_set_name": "Tiny"}} for i in range(30)))
+        self.heldout = put(root, "heldout.txt", SAMPLE_TEXT * 20)
+        self.instruct = put(root, "instruct.json", json.dumps(
+            [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"} for i in range(8)]))
 
-    def recipe(self, d: Path, extra: str = "", name: str = "recipe.yaml", **fields) -> Path:
-        text = textwrap.dedent(f"""\
-            name: probe
-            run_dir: {d / 'run'}
-            model: {{source: {self.model}}}
-            data:
-              sources: [{{path: {self.corpus}}}]
-              seq_len: 32
-            """) + textwrap.dedent(extra)
-        path = d / name
-        path.write_text(text)
-        return path
+    def recipe(self, d: Path, extra: str = "", name: str = "recipe.yaml") -> Path:
+        return put(d, name, f"name: probe\nrun_dir: {d / 'run'}\nmodel: {{source: {self.model}}}\ndata:\n"
+                            f"  sources: [{{path: {self.corpus}}}]\n  seq_len: 32\n" + textwrap.dedent(extra))
 
-    def cpt_recipe(self, d: Path, stage: Path, **over) -> Path:
-        cpt = {"output": str(stage), "zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 2, "max_steps": 2,
-               "save_every": 1, "warmup_steps": 0, "schedule": "constant", "eval_every": 1000, "lr": 1e-4}
-        cpt.update(over.pop("cpt", {}))
+    def cpt_recipe(self, d: Path, stage: Path, cpt: dict | None = None, corpus: Path | None = None,
+                   seq_len: int = 32) -> Path:
         import yaml
-        recipe = {"name": "probe", "run_dir": str(d / "run"), "model": {"source": str(self.model)},
-                  "data": {"sources": [{"path": str(over.pop("corpus", self.corpus))}],
-                           "seq_len": over.pop("seq_len", 32)},
-                  "cpt": cpt}
-        path = d / over.pop("name", "cpt.yaml")
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    def cpt_base(self) -> Path:
-        """A finished 2-step cpt stage (checkpoints at steps 1 and 2) on a private copy of the corpus."""
-        if self._cpt_base is None:
-            d = self.root / "cpt_base"
-            d.mkdir()
-            shutil.copytree(self.corpus, d / "corpus")
-            res = cli("cpt", "--config", self.cpt_recipe(d, d / "cpt", corpus=d / "corpus"), timeout=400)
-            if res.rc != 0:
-                raise RuntimeError("base cpt run failed:\n" + res.err[-3000:])
-            self._cpt_base = d
-        return self._cpt_base
+        settings = {"output": str(stage), "zero_stage": 2, "micro_batch_size": 2, "global_batch_size": 2,
+                    "max_steps": 2, "save_every": 1, "warmup_steps": 0, "schedule": "constant", "eval_every": 1000,
+                    "lr": 1e-4, **(cpt or {})}
+        return put(d, "cpt.yaml", yaml.safe_dump({
+            "name": "probe", "run_dir": str(d / "run"), "model": {"source": str(self.model)},
+            "data": {"sources": [{"path": str(corpus or self.corpus)}], "seq_len": seq_len}, "cpt": settings}))
 
     def cpt_copy(self, d: Path) -> tuple[Path, Path]:
-        """A copy of the base cpt stage in ``d``; returns (stage dir, the base's corpus dir).
-
-        The corpus stays where the checkpoints were written from: its path is one of the recorded settings.
-        """
-        base = self.cpt_base()
-        shutil.copytree(base / "cpt", d / "cpt", symlinks=True)
-        return d / "cpt", base / "corpus"
+        """A copy, in ``d / "cpt"``, of a finished 2-step cpt stage (checkpoints at steps 1 and 2) built once;
+        returns (stage dir, its corpus dir). The corpus stays where the checkpoints were written from: its path
+        is one of the recorded settings."""
+        if self._cpt_base is None:
+            base = put(self.root, "cpt_base")
+            shutil.copytree(self.corpus, base / "corpus")
+            res = cli("cpt", "--config", self.cpt_recipe(base, base / "cpt", corpus=base / "corpus"), timeout=400)
+            if res.rc != 0:
+                raise RuntimeError("base cpt run failed:\n" + res.err[-3000:])
+            self._cpt_base = base
+        shutil.copytree(self._cpt_base / "cpt", d / "cpt", symlinks=True)
+        return d / "cpt", self._cpt_base / "corpus"
 
 
 FX: Fixtures
@@ -212,951 +213,625 @@ def metrics(stage: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def steps(stage: Path) -> list[int]:
+    return [m["step"] for m in metrics(stage)]
+
+
 def layers(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
 
 
-def prune(d: Path, *args: str, timeout: float = 240) -> Result:
+def model_copy(d: Path, edit: Callable[[Path], object] | None = None) -> Path:
+    model = d / "m"
+    shutil.copytree(FX.model, model)
+    if edit:
+        edit(model)
+    return model
+
+
+def prune(d: Path, *args) -> Result:
     # keep_first/keep_last 0: the ppl defaults (4 and 2) leave nothing to remove from a 4-block model
     return cli("prune", "--model", FX.model, "--criterion", "magnitude", "--keep-first", "0", "--keep-last", "0",
-               "--run-dir", d / "run", *args, timeout=timeout)
+               "--run-dir", d / "run", *args)
+
+
+def prune_ppl(d: Path, calibration: Path, *extra) -> Result:
+    return prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", calibration, "--seq-len", "32",
+                 "--num-samples", "2", *extra)
+
+
+def prune_model(d: Path, model: Path) -> Result:
+    return cli("prune", "--model", model, "--criterion", "magnitude", "--num-blocks", "1", "--output", d / "out",
+               "--run-dir", d / "run")
+
+
+def evaluate(d: Path, files: list[Path], output: Path | None = None) -> Result:
+    recipe = FX.recipe(d, f"eval: {{perplexity_files: {json.dumps([str(f) for f in files])}, "
+                          f"context_lengths: [32], max_tokens: 512}}\n")
+    return cli("eval", recipe, "--input", FX.model, "--output", output or d / "ev")
+
+
+def slurm(d: Path, *extra, recipe_extra: str = "") -> Result:
+    return cli("launch", "cpt", FX.recipe(d, recipe_extra), "--slurm", "--dry-run", *extra)
+
+
+def resume(d: Path, stage: Path, corpus: Path, **over) -> Result:
+    return cli("cpt", "--config", FX.cpt_recipe(d, stage, corpus=corpus, **over), timeout=400)
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
 
-@probe("recipe")
-def p_binary_recipe(d):
-    (d / "r.yaml").write_bytes(bytes(range(256)) * 8)
-    return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
+def bad_recipe(content: str | bytes) -> Callable[[Path], Result]:
+    return lambda d: cli("prune", put(d, "r.yaml", content))
 
 
-@probe("recipe")
-def p_non_utf8_recipe(d):
-    (d / "r.yaml").write_bytes("name: caf\u00e9\nmodel: {source: x}\n".encode("latin-1"))
-    return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
-
-
-refusals('recipe', [
-    ('unknown_top_key', lambda d: cli("prune", FX.recipe(d, "promne: {ratio: 0.5}\n")), ("promne",)),
-    ('unknown_nested_key', lambda d: cli("prune", FX.recipe(d, "prune: {ratoi: 0.5}\n")), ("ratoi",)),
-    ('wrong_type', lambda d: cli("prune", FX.recipe(d, "prune: {ratio: lots}\n")), ("prune.ratio",)),
-    ('wrong_type_override', lambda d: cli("cpt", FX.recipe(d), "--cpt.max_steps", "ten"), ("cpt.max_steps",)),
-    ('unknown_override', lambda d: cli("prune", FX.recipe(d), "--prune.nope", "1"), ("prune.nope",)),
-    ('recipe_is_directory', lambda d: cli("prune", d), lambda d: (str(d),)),
-    ('recipe_missing', lambda d: cli("prune", d / "nope.yaml"), ("nope.yaml",)),
-])
-
-
-@probe("recipe")
-def p_recipe_empty(d):
-    (d / "r.yaml").write_text("")
-    return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
-
-
-@probe("recipe")
-def p_recipe_top_level_list(d):
-    (d / "r.yaml").write_text("- a\n- b\n")
-    return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
-
-
-@probe("recipe")
-def p_recipe_yaml_syntax(d):
-    (d / "r.yaml").write_text("model: {source: [x\n")
-    return refusal(cli("prune", d / "r.yaml"), names=("r.yaml",))
-
-
-@probe("recipe")
-def p_recipe_duplicate_section(d):
-    # YAML would keep only the second `prune:`; the user meant both keys.
-    path = FX.recipe(d, "prune: {method: depth, num_blocks: 1, criterion: magnitude}\nprune: {output: %s}\n"
-                     % (d / "out"))
-    res = cli("prune", path)
-    return refusal(res, names=("prune",), ok=lambda: layers(d / "out") == 3)
-
-
-@probe("recipe")
 def p_newline_in_name(d):
     # A newline in the release name must not break the model card's front matter.
-    path = FX.recipe(d, f'release: {{input: {FX.model}, output: {d / "rel"}, model_name: "evil\\nlicense: mit"}}\n')
-    res = cli("release", path)
+    res = cli("release", FX.recipe(d, f'release: {{input: {FX.model}, output: {d / "rel"}, '
+                                      'model_name: "evil\\nlicense: mit"}\n'))
 
     def ok():
         import yaml
-        card = (d / "rel" / "README.md").read_text()
-        front = yaml.safe_load(card.split("---")[1])
-        return front.get("license") != "mit"
+        return yaml.safe_load((d / "rel" / "README.md").read_text().split("---")[1]).get("license") != "mit"
     return refusal(res, names=("model_name",), ok=ok)
 
 
-@probe("recipe")
-def p_newline_in_run_dir_override(d):
-    res = prune(d, "--num-blocks", "1", "--output", str(d / "out\nx"))
-    return refusal(res, names=("output",), ok=lambda: layers(d / "out\nx") == 3)
-
-
-refusals('recipe', [
-    ('undefined_interpolation', lambda d: cli("prune", FX.recipe(d, "prune: {output: '${nowhere}/p'}\n")),
-     ("nowhere",)),
-    ('bad_dtype', lambda d: prune(d, "--num-blocks", "1", "--dtype", "float8"), ("dtype",)),
-    ('global_batch_not_divisible',
-     lambda d: cli("cpt", FX.recipe(d, "cpt: {micro_batch_size: 3, global_batch_size: 4}\n")),
-     ("global_batch_size",)),
-    ('unknown_verb', lambda d: cli("prun", FX.recipe(d)), ("prun",)),
-    ('two_recipes', lambda d: cli("prune", FX.recipe(d), "--config", FX.recipe(d, name="b.yaml")), ("recipe",)),
-])
+probes(
+    "recipe",
+    ("binary_recipe", bad_recipe(bytes(range(256)) * 8), "r.yaml"),
+    ("non_utf8_recipe", bad_recipe("name: caf\u00e9\nmodel: {source: x}\n".encode("latin-1")), "r.yaml"),
+    ("unknown_top_key", lambda d: cli("prune", FX.recipe(d, "promne: {ratio: 0.5}\n")), "promne"),
+    ("unknown_nested_key", lambda d: cli("prune", FX.recipe(d, "prune: {ratoi: 0.5}\n")), "ratoi"),
+    ("wrong_type", lambda d: cli("prune", FX.recipe(d, "prune: {ratio: lots}\n")), "prune.ratio"),
+    ("wrong_type_override", lambda d: cli("cpt", FX.recipe(d), "--cpt.max_steps", "ten"), "cpt.max_steps"),
+    ("unknown_override", lambda d: cli("prune", FX.recipe(d), "--prune.nope", "1"), "prune.nope"),
+    ("recipe_is_directory", lambda d: cli("prune", d), lambda d: str(d)),
+    ("recipe_missing", lambda d: cli("prune", d / "nope.yaml"), "nope.yaml"),
+    ("recipe_empty", bad_recipe(""), "r.yaml"),
+    ("recipe_top_level_list", bad_recipe("- a\n- b\n"), "r.yaml"),
+    ("recipe_yaml_syntax", bad_recipe("model: {source: [x\n"), "r.yaml"),
+    # YAML would keep only the second `prune:`; the user meant both keys.
+    ("recipe_duplicate_section", lambda d: cli("prune", FX.recipe(
+        d, f"prune: {{method: depth, num_blocks: 1, criterion: magnitude}}\nprune: {{output: {d / 'out'}}}\n")),
+     "prune", lambda d, _: layers(d / "out") == 3),
+    p_newline_in_name,
+    ("newline_in_run_dir_override", lambda d: prune(d, "--num-blocks", "1", "--output", str(d / "out\nx")), "output",
+     lambda d, _: layers(d / "out\nx") == 3),
+    ("undefined_interpolation", lambda d: cli("prune", FX.recipe(d, "prune: {output: '${nowhere}/p'}\n")), "nowhere"),
+    ("bad_dtype", lambda d: prune(d, "--num-blocks", "1", "--dtype", "float8"), "dtype"),
+    ("global_batch_not_divisible",
+     lambda d: cli("cpt", FX.recipe(d, "cpt: {micro_batch_size: 3, global_batch_size: 4}\n")), "global_batch_size"),
+    ("unknown_verb", lambda d: cli("prun", FX.recipe(d)), "prun"),
+    ("two_recipes", lambda d: cli("prune", FX.recipe(d), "--config", FX.recipe(d, name="b.yaml")), "recipe"),
+)
 
 
 # ------------------------------------------------------------------------------------------------ launch/SLURM
 
-def slurm(d: Path, *extra: str, recipe_extra: str = "") -> Result:
-    return cli("launch", "cpt", FX.recipe(d, recipe_extra), "--slurm", "--dry-run", *extra)
+def in_recipe(text: str) -> Callable[[Path], Result]:
+    return lambda d: slurm(d, recipe_extra=text)
 
 
-refusals('slurm', [
-    ('partition_newline', lambda d: slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\nrm -rf ~"}}\n'),
-     ("partition",)),
-    ('partition_trailing_newline', lambda d: slurm(d, recipe_extra='launch: {slurm: {partition: "gpu\\n"}}\n'),
-     ("partition",)),
-    ('account_semicolon', lambda d: slurm(d, "--launch.slurm.account", "a;touch x"), ("account",)),
-    ('qos_space', lambda d: slurm(d, "--launch.slurm.qos", "high prio"), ("qos",)),
-    ('time_garbage', lambda d: slurm(d, "--launch.slurm.time", "tomorrow"), ("time",)),
-    ('constraint_subshell', lambda d: slurm(d, "--launch.slurm.constraint", "$(id)"), ("constraint",)),
-    ('mem_garbage', lambda d: slurm(d, "--launch.slurm.mem", "lots"), ("mem",)),
-    ('extra_sbatch_space', lambda d: slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive --x"]}}\n'),
-     ("extra_sbatch",)),
-    ('extra_sbatch_newline',
-     lambda d: slurm(d, recipe_extra='launch: {slurm: {extra_sbatch: ["--exclusive\\ntouch x"]}}\n'),
-     ("extra_sbatch",)),
-])
+def flags(*args: str) -> Callable[[Path], Result]:
+    return lambda d: slurm(d, *args)
 
 
-@probe("slurm")
-def p_setup_newline(d):
+def script_ran_nothing(d: Path, res: Result) -> bool:
+    """Run the rendered sbatch script with srun and scontrol failing (the requeue path); no marker may appear."""
+    stubs = put(d, "stubs")
+    for tool in ("srun", "scontrol"):
+        put(stubs, tool, "#!/bin/sh\nexit 1\n").chmod(0o755)
+    script = put(d, "job.sh", res.out[res.out.index("#!/bin/bash"):])
+    env = dict(ENV, PATH=f"{stubs}:{ENV['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1")
+    subprocess.run(["bash", str(script)], cwd=d, env=env, capture_output=True, timeout=60)
+    return not (d / "pwned").exists()
+
+
+TOKEN = "hf_SECRETSECRETSECRET123456"
+
+probes(
+    "slurm",
+    ("partition_newline", in_recipe('launch: {slurm: {partition: "gpu\\nrm -rf ~"}}\n'), "partition"),
+    ("partition_trailing_newline", in_recipe('launch: {slurm: {partition: "gpu\\n"}}\n'), "partition"),
+    ("account_semicolon", flags("--launch.slurm.account", "a;touch x"), "account"),
+    ("qos_space", flags("--launch.slurm.qos", "high prio"), "qos"),
+    ("time_garbage", flags("--launch.slurm.time", "tomorrow"), "time"),
+    ("constraint_subshell", flags("--launch.slurm.constraint", "$(id)"), "constraint"),
+    ("mem_garbage", flags("--launch.slurm.mem", "lots"), "mem"),
+    ("extra_sbatch_space", in_recipe('launch: {slurm: {extra_sbatch: ["--exclusive --x"]}}\n'), "extra_sbatch"),
+    ("extra_sbatch_newline", in_recipe('launch: {slurm: {extra_sbatch: ["--exclusive\\ntouch x"]}}\n'), "extra_sbatch"),
     # one setup item is one line; a newline inside it is a second line the user did not see as one
-    res = slurm(d, recipe_extra='launch: {slurm: {setup: ["module load cuda\\n#SBATCH --qos=high"]}}\n')
-    return refusal(res, names=("setup",), ok=lambda: "#SBATCH --qos=high" not in res.out)
+    ("setup_newline", in_recipe('launch: {slurm: {setup: ["module load cuda\\n#SBATCH --qos=high"]}}\n'), "setup",
+     lambda d, res: "#SBATCH --qos=high" not in res.out),
+    ("env_key_not_identifier", in_recipe('launch: {env: {"A B": "1"}}\n'), "launch.env"),
+    ("env_key_subshell", in_recipe('launch: {env: {"X$(touch pwned)": "1"}}\n'), "launch.env"),
+    ("env_value_secret_not_in_script", in_recipe(f'launch: {{env: {{HF_TOKEN: "{TOKEN}"}}}}\n'), (),
+     lambda d, res: TOKEN not in res.out + res.err and "HF_TOKEN" in res.out),
+    # a path is pasted into the script: it must stay one inert word there
+    ("run_dir_subshell", lambda d: slurm(d, "--run-dir", d / f"run$(touch {d / 'pwned'})"), (), script_ran_nothing),
+    ("run_dir_quote", lambda d: slurm(d, "--run-dir", f"{d}/r'; touch {d / 'pwned'}; '"), (), script_ran_nothing),
+    ("master_port_range", flags("--master-port", "99999"), "master-port"),
+    ("gpus_negative", flags("--gpus-per-node", "-2"), "gpus_per_node"),
+)
 
-
-refusals('slurm', [
-    ('env_key_not_identifier', lambda d: slurm(d, recipe_extra='launch: {env: {"A B": "1"}}\n'), ("launch.env",)),
-    ('env_key_subshell', lambda d: slurm(d, recipe_extra='launch: {env: {"X$(touch pwned)": "1"}}\n'), ("launch.env",)),
-])
-
-
-@probe("slurm")
-def p_env_value_secret_not_in_script(d):
-    secret = "hf_SECRETSECRETSECRET123456"
-    res = slurm(d, recipe_extra=f'launch: {{env: {{HF_TOKEN: "{secret}"}}}}\n')
-    return success(res, ok=lambda: secret not in res.out + res.err and "HF_TOKEN" in res.out)
-
-
-def _run_script_with_stub_slurm(d: Path, script: str) -> None:
-    """Run a rendered sbatch script with srun failing and scontrol failing (the requeue path)."""
-    bin_dir = d / "stubs"
-    bin_dir.mkdir()
-    for tool, rc in (("srun", 1), ("scontrol", 1)):
-        (bin_dir / tool).write_text(f"#!/bin/sh\nexit {rc}\n")
-        (bin_dir / tool).chmod(0o755)
-    (d / "job.sh").write_text(script)
-    env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1")
-    subprocess.run(["bash", str(d / "job.sh")], cwd=d, env=env, capture_output=True, timeout=60)
-
-
-@probe("slurm")
-def p_run_dir_subshell(d):
-    marker = d / "pwned"
-    run_dir = d / f"run$(touch {marker})"
-    res = cli("launch", "cpt", FX.recipe(d), "--slurm", "--dry-run", "--run-dir", run_dir)
-
-    def ok():
-        script = res.out[res.out.index("#!/bin/bash"):]
-        _run_script_with_stub_slurm(d, script)
-        return not marker.exists()
-    return refusal(res, ok=ok)
-
-
-@probe("slurm")
-def p_run_dir_quote(d):
-    marker = d / "pwned2"
-    res = cli("launch", "cpt", FX.recipe(d), "--slurm", "--dry-run", "--run-dir", f"{d}/r'; touch {marker}; '")
-
-    def ok():
-        script = res.out[res.out.index("#!/bin/bash"):]
-        _run_script_with_stub_slurm(d, script)
-        return not marker.exists()
-    return refusal(res, ok=ok)
-
-
-refusals('slurm', [
-    ('master_port_range', lambda d: slurm(d, "--master-port", "99999"), ("master-port",)),
-    ('gpus_negative', lambda d: slurm(d, "--gpus-per-node", "-2"), ("gpus_per_node",)),
-])
-
-
-refusals('launch', [
-    ('nproc_zero', lambda d: cli("launch", "cpt", FX.recipe(d), "--nproc", "0", "--dry-run"), ("nproc",)),
-    ('launch_unknown_stage', lambda d: cli("launch", "train", FX.recipe(d), "--dry-run"), ("train",)),
-    ('launch_stray_argument', lambda d: cli("launch", "cpt", FX.recipe(d), "extra", "--dry-run"), ("extra",)),
-])
+probes(
+    "launch",
+    ("nproc_zero", lambda d: cli("launch", "cpt", FX.recipe(d), "--nproc", "0", "--dry-run"), "nproc"),
+    ("launch_unknown_stage", lambda d: cli("launch", "train", FX.recipe(d), "--dry-run"), "train"),
+    ("launch_stray_argument", lambda d: cli("launch", "cpt", FX.recipe(d), "extra", "--dry-run"), "extra"),
+)
 
 
 # ---------------------------------------------------------------------------------------------------- hostfile
 
-def hostfile(d: Path, content: bytes | str, *extra: str) -> Result:
-    path = d / "hosts"
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return cli("launch", "cpt", FX.recipe(d), "--hostfile", path, "--dry-run", *extra)
+def hostfile(content: str | bytes) -> Callable[[Path], Result]:
+    return lambda d: cli("launch", "cpt", FX.recipe(d), "--hostfile", put(d, "hosts", content), "--dry-run")
 
 
-refusals('hostfile', [
-    ('host_dash', lambda d: hostfile(d, "-oProxyCommand=touch_pwned slots=1\n"), ("hosts",)),
-    ('hostfile_binary', lambda d: hostfile(d, bytes(range(256))), ("hosts",)),
-    ('hostfile_non_utf8', lambda d: hostfile(d, "n\u00f6de1 slots=1\n".encode("latin-1")), ("hosts",)),
-    ('hostfile_bad_slots', lambda d: hostfile(d, "node1 slots=two\n"), ("hosts",)),
-])
-
-
-@probe("hostfile")
-def p_hostfile_empty(d):
-    return refusal(hostfile(d, "# nothing\n"), names=("hosts",))
-
-
-refusals('hostfile', [
-    ('hostfile_missing', lambda d: cli("launch", "cpt", FX.recipe(d), "--hostfile", d / "nope", "--dry-run"),
-     ("nope",)),
-    ('hostfile_semicolon_host', lambda d: hostfile(d, "node1;touch_x slots=1\n"), ("hosts",)),
-    ('hostfile_duplicate_host', lambda d: hostfile(d, "node1 slots=1\nnode1 slots=1\n"), ("node1",)),
-])
-
-
-@probe("hostfile")
-def p_hostfile_key_checking_default(d):
-    # The default must keep ssh's host key check on; `no` is an opt-in.
-    res = hostfile(d, "node1 slots=1\nnode2 slots=1\n")
-    return success(res, ok=lambda: "StrictHostKeyChecking=no" not in res.out)
+probes(
+    "hostfile",
+    ("host_dash", hostfile("-oProxyCommand=touch_pwned slots=1\n"), "hosts"),
+    ("hostfile_binary", hostfile(bytes(range(256))), "hosts"),
+    ("hostfile_non_utf8", hostfile("n\u00f6de1 slots=1\n".encode("latin-1")), "hosts"),
+    ("hostfile_bad_slots", hostfile("node1 slots=two\n"), "hosts"),
+    ("hostfile_empty", hostfile("# nothing\n"), "hosts"),
+    ("hostfile_missing", lambda d: cli("launch", "cpt", FX.recipe(d), "--hostfile", d / "nope", "--dry-run"), "nope"),
+    ("hostfile_semicolon_host", hostfile("node1;touch_x slots=1\n"), "hosts"),
+    ("hostfile_duplicate_host", hostfile("node1 slots=1\nnode1 slots=1\n"), "node1"),
+    # the default must keep ssh's host key check on; `no` is an opt-in
+    ("hostfile_key_checking_default", hostfile("node1 slots=1\nnode2 slots=1\n"), (),
+     lambda d, res: "StrictHostKeyChecking=no" not in res.out),
+)
 
 
 # ------------------------------------------------------------------------------------------------------- prune
 
-@probe("prune")
-def p_output_equals_input(d):
-    model = d / "m"
-    shutil.copytree(FX.model, model)
-    res = cli("prune", "--model", model, "--criterion", "magnitude", "--num-blocks", "1", "--output", model,
-              "--run-dir", d / "run")
-    return refusal(res, names=(str(model),), ok=lambda: False)
+def pruned(*args) -> Callable[[Path], Result]:
+    return lambda d: prune(d, *args, "--output", d / "out")
 
 
-@probe("prune")
-def p_output_inside_input(d):
-    model = d / "m"
-    shutil.copytree(FX.model, model)
-    res = cli("prune", "--model", model, "--criterion", "magnitude", "--num-blocks", "1", "--output", model / "p",
-              "--run-dir", d / "run")
-    return refusal(res, ok=lambda: layers(model) == 4 and layers(model / "p") == 3)
+def prune_into_copy(d: Path, output: str) -> Result:
+    """Prune a private copy of the model into ``output``, a path inside that copy ("" is the copy itself)."""
+    model = model_copy(d)
+    return cli("prune", "--model", model, "--criterion", "magnitude", "--num-blocks", "1", "--output", model / output,
+               "--run-dir", d / "run")
 
 
-refusals('prune', [
-    ('blocks_empty', lambda d: prune(d, "--blocks", "[]", "--output", d / "out"), ("blocks",)),
-    ('blocks_out_of_range', lambda d: prune(d, "--blocks", "[9]", "--output", d / "out"), ("blocks",)),
-])
-
-
-@probe("prune")
-def p_blocks_duplicate(d):
-    res = prune(d, "--blocks", "[1, 1]", "--output", d / "out")
-    return refusal(res, names=("blocks",), ok=lambda: layers(d / "out") == 3)
-
-
-refusals('prune', [
-    ('blocks_negative', lambda d: prune(d, "--blocks", "[-1]", "--output", d / "out"), ("blocks",)),
-    ('all_blocks', lambda d: prune(d, "--num-blocks", "4", "--output", d / "out"), ("num_blocks",)),
-    ('ratio_above_one', lambda d: prune(d, "--ratio", "1.5", "--output", d / "out"), ("ratio",)),
-    ('ratio_negative', lambda d: prune(d, "--ratio", "-0.2", "--output", d / "out"), ("ratio",)),
-    ('ratio_and_blocks', lambda d: prune(d, "--ratio", "0.25", "--num-blocks", "2", "--output", d / "out"), ("ratio",)),
-])
-
-
-@probe("prune")
-def p_dry_run_flag(d):
-    res = prune(d, "--num-blocks", "1", "--output", d / "out", "--dry-run")
-    return refusal(res, names=("--dry-run",), ok=lambda: not (d / "out").exists())
-
-
-@probe("prune")
-def p_stray_positional(d):
-    res = cli("prune", FX.recipe(d, f"prune: {{criterion: magnitude, num_blocks: 1, output: {d / 'out'}}}\n"),
-              "oops")
-    return refusal(res, names=("oops",))
-
-
-@probe("prune")
-def p_calib_seq_len_above_max_positions(d):
-    res = prune(d, "--criterion", "ppl", "--calibration", FX.calib, "--num-blocks", "1", "--seq-len", "4096",
-                "--num-samples", "2", "--output", d / "out")
-    return refusal(res, names=("seq_len",))
-
-
-@probe("prune")
 def p_output_is_a_file(d):
-    (d / "out").write_text("precious")
-    res = prune(d, "--criterion", "ppl", "--calibration", FX.calib, "--num-samples", "2", "--seq-len", "32",
-                "--num-blocks", "1", "--output", d / "out")
-    quick = res.wall < 60
+    res = prune_ppl(d, FX.calib, "--output", put(d, "out", "precious"))
     verdict = refusal(res, names=("out",))
     if verdict[0] == "clear-error" and (d / "out").read_text() != "precious":
         return "silently-wrong", "refused but the file was changed"
-    return verdict[0], verdict[1] + ("" if quick else f" (after {res.wall:.0f}s)")
+    return verdict[0], verdict[1] + ("" if res.wall < 60 else f" (after {res.wall:.0f}s)")
 
 
-refusals('prune', [
-    ('unknown_criterion', lambda d: prune(d, "--criterion", "vibes", "--num-blocks", "1"), ("vibes",)),
-    ('calibration_missing',
-     lambda d: prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "nope.jsonl"),
-     ("nope.jsonl",)),
-])
-
-
-@probe("prune")
-def p_calibration_binary(d):
-    (d / "c.jsonl").write_bytes(bytes(range(256)) * 40)
-    return refusal(prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "c.jsonl",
-                         "--seq-len", "32", "--num-samples", "2"), names=("c.jsonl",))
-
-
-@probe("prune")
-def p_calibration_non_utf8_txt(d):
-    (d / "c.txt").write_bytes(("caf\u00e9 " * 400 + "\n").encode("latin-1") * 5)
-    res = prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "c.txt", "--seq-len", "32",
-                "--num-samples", "2", "--output", d / "out")
-    return refusal(res, names=("c.txt",), ok=lambda: layers(d / "out") == 3)
-
-
-refusals('prune', [
-    ('calibration_wrong_field', lambda d: prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", FX.calib,
-                         "--prune.calibration.text_field", "body", "--seq-len", "32", "--num-samples", "2"),
-     ("body",)),
-])
-
-
-@probe("prune")
-def p_calibration_empty(d):
-    (d / "c.jsonl").write_text("")
-    return refusal(prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "c.jsonl",
-                         "--seq-len", "32", "--num-samples", "2"), names=("c.jsonl",))
-
-
-refusals('prune', [
-    ('width_ratio_all', lambda d: prune(d, "--method", "width", "--criterion", "maw", "--ratio", "1.0"), ("ratio",)),
-])
-
-
-@probe("prune")
-def p_prune_twice_changed_ratio(d):
+def second_prune(d: Path, *args, ok: Callable[[], bool]) -> tuple[str, str]:
     # a second prune into the same output with another setting: redo it or refuse, never keep the old weights
     first = prune(d, "--num-blocks", "1", "--output", d / "out")
     if first.rc != 0:
         return refusal(first)
-    res = prune(d, "--num-blocks", "2", "--output", d / "out")
-    return refusal(res, names=("out",), ok=lambda: layers(d / "out") == 2)
+    return refusal(prune(d, *args, "--output", d / "out"), names=("out",), ok=ok)
 
 
-@probe("prune")
+def p_prune_twice_changed_ratio(d):
+    return second_prune(d, "--num-blocks", "2", ok=lambda: layers(d / "out") == 2)
+
+
 def p_prune_depth_then_width_same_output(d):
-    first = prune(d, "--num-blocks", "1", "--output", d / "out")
-    if first.rc != 0:
-        return refusal(first)
-    res = prune(d, "--method", "width", "--criterion", "maw", "--ratio", "0.5", "--round-to", "32",
-                "--output", d / "out")
-
     def ok():
         cfg = json.loads((d / "out" / "config.json").read_text())
         return cfg["num_hidden_layers"] == 4 and cfg["intermediate_size"] == 32
-    return refusal(res, names=("out",), ok=ok)
+    return second_prune(d, "--method", "width", "--criterion", "maw", "--ratio", "0.5", "--round-to", "32", ok=ok)
+
+
+probes(
+    "prune",
+    ("output_equals_input", lambda d: prune_into_copy(d, ""), lambda d: str(d / "m"), lambda d, _: False),
+    ("output_inside_input", lambda d: prune_into_copy(d, "p"), (),
+     lambda d, _: layers(d / "m") == 4 and layers(d / "m" / "p") == 3),
+    ("blocks_empty", pruned("--blocks", "[]"), "blocks"),
+    ("blocks_out_of_range", pruned("--blocks", "[9]"), "blocks"),
+    ("blocks_duplicate", pruned("--blocks", "[1, 1]"), "blocks", lambda d, _: layers(d / "out") == 3),
+    ("blocks_negative", pruned("--blocks", "[-1]"), "blocks"),
+    ("all_blocks", pruned("--num-blocks", "4"), "num_blocks"),
+    ("ratio_above_one", pruned("--ratio", "1.5"), "ratio"),
+    ("ratio_negative", pruned("--ratio", "-0.2"), "ratio"),
+    ("ratio_and_blocks", pruned("--ratio", "0.25", "--num-blocks", "2"), "ratio"),
+    ("dry_run_flag", lambda d: prune(d, "--num-blocks", "1", "--output", d / "out", "--dry-run"), "--dry-run",
+     lambda d, _: not (d / "out").exists()),
+    ("stray_positional", lambda d: cli("prune", FX.recipe(
+        d, f"prune: {{criterion: magnitude, num_blocks: 1, output: {d / 'out'}}}\n"), "oops"), "oops"),
+    ("calib_seq_len_above_max_positions", lambda d: prune(d, "--criterion", "ppl", "--calibration", FX.calib,
+                                                          "--num-blocks", "1", "--seq-len", "4096", "--num-samples",
+                                                          "2", "--output", d / "out"), "seq_len"),
+    p_output_is_a_file,
+    ("unknown_criterion", lambda d: prune(d, "--criterion", "vibes", "--num-blocks", "1"), "vibes"),
+    ("calibration_missing",
+     lambda d: prune(d, "--criterion", "ppl", "--num-blocks", "1", "--calibration", d / "nope.jsonl"), "nope.jsonl"),
+    ("calibration_binary", lambda d: prune_ppl(d, put(d, "c.jsonl", bytes(range(256)) * 40)), "c.jsonl"),
+    ("calibration_non_utf8_txt", lambda d: prune_ppl(d, put(d, "c.txt", ("caf\u00e9 " * 400 + "\n").encode(
+        "latin-1") * 5), "--output", d / "out"), "c.txt", lambda d, _: layers(d / "out") == 3),
+    ("calibration_wrong_field", lambda d: prune_ppl(d, FX.calib, "--prune.calibration.text_field", "body"), "body"),
+    ("calibration_empty", lambda d: prune_ppl(d, put(d, "c.jsonl", "")), "c.jsonl"),
+    ("width_ratio_all", lambda d: prune(d, "--method", "width", "--criterion", "maw", "--ratio", "1.0"), "ratio"),
+    p_prune_twice_changed_ratio,
+    p_prune_depth_then_width_same_output,
+)
 
 
 # ------------------------------------------------------------------------------------------------- model files
 
-def broken_model(d: Path, edit: Callable[[Path], None]) -> Path:
-    model = d / "m"
-    shutil.copytree(FX.model, model)
-    edit(model)
-    return model
+def broken(edit: Callable[[Path], object]) -> Callable[[Path], Result]:
+    return lambda d: prune_model(d, model_copy(d, edit))
 
 
-def prune_model(d: Path, model: Path, *extra) -> Result:
-    return cli("prune", "--model", model, "--criterion", "magnitude", "--num-blocks", "1", "--output", d / "out",
-               "--run-dir", d / "run", *extra)
+def config(**keys) -> Callable[[Path], None]:
+    def edit(model: Path) -> None:
+        (model / "config.json").write_text(json.dumps(json.loads((model / "config.json").read_text()) | keys))
+    return edit
 
 
-@probe("model")
-def p_truncated_safetensors(d):
-    def edit(m):
-        p = m / "model.safetensors"
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    return refusal(prune_model(d, broken_model(d, edit)), names=("model.safetensors",))
+def halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-refusals('model', [
-    ('garbage_safetensors',
-     lambda d: prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 4096))),
-     ("model.safetensors",)),
-])
+# a header that claims more bytes than the file holds
+HEADER = b'{"model.embed_tokens.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 99999]}}'
 
-
-@probe("model")
-def p_safetensors_bad_header(d):
-    def edit(m):
-        header = b'{"model.embed_tokens.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 99999]}}'
-        (m / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    return refusal(prune_model(d, broken_model(d, edit)), names=("model.safetensors",))
-
-
-refusals('model', [
-    ('config_invalid_json',
-     lambda d: prune_model(d, broken_model(d, lambda m: (m / "config.json").write_text("{not json"))),
-     ("config.json",)),
-    ('config_binary',
-     lambda d: prune_model(d, broken_model(d, lambda m: (m / "config.json").write_bytes(bytes(range(256))))),
-     ("config.json",)),
-])
-
-
-@probe("model")
-def p_config_unknown_architecture(d):
-    def edit(m):
-        cfg = json.loads((m / "config.json").read_text())
-        cfg["model_type"] = "mamba_xl"
-        (m / "config.json").write_text(json.dumps(cfg))
-    return refusal(prune_model(d, broken_model(d, edit)), names=("mamba_xl",))
-
-
-@probe("model")
-def p_config_layers_mismatch(d):
-    def edit(m):
-        cfg = json.loads((m / "config.json").read_text())
-        cfg["num_hidden_layers"] = 6
-        (m / "config.json").write_text(json.dumps(cfg))
-    return refusal(prune_model(d, broken_model(d, edit)), names=("m",))
-
-
-refusals('model', [
-    ('missing_weights', lambda d: prune_model(d, broken_model(d, lambda m: (m / "model.safetensors").unlink())),
-     ("m",)),
-])
-
-
-@probe("model")
-def p_corrupt_gguf(d):
-    (d / "x.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 10)
-    return refusal(prune_model(d, d / "x.gguf"), names=("x.gguf",))
-
-
-@probe("model")
-def p_truncated_gguf(d):
-    (d / "y.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
-    return refusal(prune_model(d, d / "y.gguf"), names=("y.gguf",))
-
-
-@probe("model")
-def p_model_is_text_file(d):
-    (d / "model.bin").write_text("hello")
-    return refusal(prune_model(d, d / "model.bin"), names=("model.bin",))
-
-
-refusals('model', [
-    ('model_missing_offline', lambda d: prune_model(d, d / "no_such_model"), ("no_such_model",)),
-    ('tokenizer_corrupt',
-     lambda d: prune_model(d, broken_model(d, lambda m: (m / "tokenizer.json").write_text("{oops"))),
-     ("tokenizer",)),
-])
+probes(
+    "model",
+    ("truncated_safetensors", broken(lambda m: halve(m / "model.safetensors")), "model.safetensors"),
+    ("garbage_safetensors", broken(lambda m: put(m, "model.safetensors", b"\xff" * 4096)), "model.safetensors"),
+    ("safetensors_bad_header", broken(lambda m: put(m, "model.safetensors", len(HEADER).to_bytes(8, "little")
+                                                    + HEADER + b"\0" * 4)), "model.safetensors"),
+    ("config_invalid_json", broken(lambda m: put(m, "config.json", "{not json")), "config.json"),
+    ("config_binary", broken(lambda m: put(m, "config.json", bytes(range(256)))), "config.json"),
+    ("config_unknown_architecture", broken(config(model_type="mamba_xl")), "mamba_xl"),
+    ("config_layers_mismatch", broken(config(num_hidden_layers=6)), "m"),
+    ("missing_weights", broken(lambda m: (m / "model.safetensors").unlink()), "m"),
+    ("corrupt_gguf", lambda d: prune_model(d, put(d, "x.gguf", b"GGUF" + bytes(range(256)) * 10)), "x.gguf"),
+    ("truncated_gguf", lambda d: prune_model(d, put(d, "y.gguf", b"GGUF\x03\x00\x00\x00")), "y.gguf"),
+    ("model_is_text_file", lambda d: prune_model(d, put(d, "model.bin", "hello")), "model.bin"),
+    ("model_missing_offline", lambda d: prune_model(d, d / "no_such_model"), "no_such_model"),
+    ("tokenizer_corrupt", broken(lambda m: put(m, "tokenizer.json", "{oops")), "tokenizer"),
+)
 
 
 # -------------------------------------------------------------------------------------------------------- eval
 
-def evaluate(d: Path, files: list[Path], *extra: str, output: Path | None = None) -> tuple[Result, Path]:
-    out = output or d / "ev"
-    recipe = FX.recipe(d, f"eval: {{perplexity_files: {json.dumps([str(f) for f in files])}, "
-                          f"context_lengths: [32], max_tokens: 512}}\n")
-    return cli("eval", recipe, "--input", FX.model, "--output", out, *extra), out
+def ppl_of(name: str, content: str | bytes) -> Callable[[Path], Result]:
+    return lambda d: evaluate(d, [put(d, name, content)])
 
 
-def ppl_entries(out: Path) -> list:
-    report = json.loads((out / "eval.json").read_text())
-    ppl = report.get("perplexity", report)
-    return list(ppl.items()) if isinstance(ppl, dict) else list(ppl)
+def eval_task(task: str, content: str | bytes) -> Callable[[Path], Result]:
+    return lambda d: cli("eval", FX.recipe(d, f"eval: {{tasks: {{{task}: {put(d, 't.jsonl', content)}}}, "
+                                              "context_lengths: [32]}\n"), "--input", FX.model, "--output", d / "ev")
 
 
-@probe("eval")
-def p_ppl_same_basename(d):
-    (d / "a").mkdir()
-    (d / "b").mkdir()
-    (d / "a" / "x.txt").write_text(FX.text * 10)
-    (d / "b" / "x.txt").write_text("completely different words here. " * 200)
-    res, out = evaluate(d, [d / "a" / "x.txt", d / "b" / "x.txt"])
-
-    def ok():
-        text = (out / "eval.json").read_text()
-        return str(d / "a" / "x.txt") in text or (text.count("x.txt") >= 2 and len(ppl_entries(out)) >= 2)
-    return success(res, ok)
+def both_reported(d: Path, _) -> bool:
+    # two files of one name: each needs its own entry, told apart by its path
+    text = (d / "ev" / "eval.json").read_text()
+    report = json.loads(text)
+    return str(d / "a" / "x.txt") in text or (text.count("x.txt") >= 2 and len(report.get("perplexity", report)) >= 2)
 
 
-@probe("eval")
+def ppl_numbers(x) -> list[float]:
+    if isinstance(x, dict):
+        return [n for k, v in x.items()
+                for n in ([v] if k in ("ppl", "perplexity") and isinstance(v, (int, float)) else ppl_numbers(v))]
+    return [n for v in x for n in ppl_numbers(v)] if isinstance(x, list) else []
+
+
 def p_ppl_jsonl_gz(d):
-    lines = "".join(json.dumps({"text": FX.text * 3}) + "\n" for _ in range(5))
-    (d / "p.jsonl").write_text(lines)
-    (d / "g").mkdir()
-    with gzip.open(d / "g" / "p.jsonl.gz", "wt") as fh:
+    lines = jsonl({"text": FX.text * 3} for _ in range(5))
+    with gzip.open(put(d, "g") / "p.jsonl.gz", "wt") as fh:
         fh.write(lines)
-    res, out = evaluate(d, [d / "p.jsonl", d / "g" / "p.jsonl.gz"])
+    res = evaluate(d, [put(d, "p.jsonl", lines), d / "g" / "p.jsonl.gz"])
 
-    def ok():
-        numbers = []
-        def walk(x):
-            if isinstance(x, dict):
-                for k, v in x.items():
-                    if k in ("ppl", "perplexity") and isinstance(v, (int, float)):
-                        numbers.append(v)
-                    else:
-                        walk(v)
-            elif isinstance(x, list):
-                for v in x:
-                    walk(v)
-        walk(json.loads((out / "eval.json").read_text()))
+    def ok():  # the same text, gzipped or not, has the same perplexity
+        numbers = ppl_numbers(json.loads((d / "ev" / "eval.json").read_text()))
         return len(numbers) >= 2 and abs(numbers[0] - numbers[1]) < 1e-3 * numbers[0]
-    return success(res, ok)
+    return refusal(res, ok=ok)
 
 
-@probe("eval")
-def p_ppl_invalid_json(d):
-    (d / "bad.json").write_text('[{"text": "a"}, {"text": ')
-    return refusal(evaluate(d, [d / "bad.json"])[0], names=("bad.json",))
-
-
-@probe("eval")
-def p_ppl_binary(d):
-    (d / "bin.txt").write_bytes(bytes(range(256)) * 50)
-    return refusal(evaluate(d, [d / "bin.txt"])[0], names=("bin.txt",))
-
-
-refusals('eval', [
-    ('ppl_missing', lambda d: evaluate(d, [d / "gone.txt"])[0], ("gone.txt",)),
-])
-
-
-@probe("eval")
-def p_ppl_empty(d):
-    (d / "empty.txt").write_text("")
-    return refusal(evaluate(d, [d / "empty.txt"])[0], names=("empty.txt",))
-
-
-@probe("eval")
 def p_eval_output_is_file(d):
-    (d / "evfile").write_text("precious")
-    res, _ = evaluate(d, [FX.heldout], output=d / "evfile")
-    verdict = refusal(res, names=("evfile",))
-    if (d / "evfile").read_text() != "precious":
-        return "silently-wrong", "the file was overwritten"
-    return verdict
+    res = evaluate(d, [FX.heldout], output=put(d, "evfile", "precious"))
+    return kept(d / "evfile", refusal(res, names=("evfile",)))
 
 
-@probe("eval")
-def p_eval_context_zero(d):
-    recipe = FX.recipe(d, f"eval: {{perplexity_files: [{FX.heldout}], context_lengths: [0]}}\n")
-    return refusal(cli("eval", recipe, "--input", FX.model, "--output", d / "ev"), names=("context_lengths",))
-
-
-@probe("eval")
-def p_eval_unknown_task(d):
-    (d / "t.jsonl").write_text('{"question": "q"}\n')
-    recipe = FX.recipe(d, f"eval: {{tasks: {{arc_hardest: {d / 't.jsonl'}}}, context_lengths: [32]}}\n")
-    return refusal(cli("eval", recipe, "--input", FX.model, "--output", d / "ev"), names=("arc_hardest",))
-
-
-@probe("eval")
-def p_eval_task_file_garbage(d):
-    (d / "t.jsonl").write_bytes(bytes(range(256)) * 10)
-    recipe = FX.recipe(d, f"eval: {{tasks: {{arc_easy: {d / 't.jsonl'}}}, context_lengths: [32]}}\n")
-    return refusal(cli("eval", recipe, "--input", FX.model, "--output", d / "ev"), names=("t.jsonl",))
+probes(
+    "eval",
+    ("ppl_same_basename", lambda d: evaluate(d, [put(d, "a/x.txt", FX.text * 10),
+                                                 put(d, "b/x.txt", "completely different words here. " * 200)]),
+     (), both_reported),
+    p_ppl_jsonl_gz,
+    ("ppl_invalid_json", ppl_of("bad.json", '[{"text": "a"}, {"text": '), "bad.json"),
+    ("ppl_binary", ppl_of("bin.txt", bytes(range(256)) * 50), "bin.txt"),
+    ("ppl_missing", lambda d: evaluate(d, [d / "gone.txt"]), "gone.txt"),
+    ("ppl_empty", ppl_of("empty.txt", ""), "empty.txt"),
+    p_eval_output_is_file,
+    ("eval_context_zero", lambda d: cli("eval", FX.recipe(
+        d, f"eval: {{perplexity_files: [{FX.heldout}], context_lengths: [0]}}\n"), "--input", FX.model,
+        "--output", d / "ev"), "context_lengths"),
+    ("eval_unknown_task", eval_task("arc_hardest", '{"question": "q"}\n'), "arc_hardest"),
+    ("eval_task_file_garbage", eval_task("arc_easy", bytes(range(256)) * 10), "t.jsonl"),
+)
 
 
 # -------------------------------------------------------------------------------------------------------- data
 
-def data_stats(d: Path, sources_yaml: str, *extra: str, seq_len: int = 32, timeout: float = 240) -> Result:
-    path = d / "data.yaml"
-    path.write_text(f"name: p\nrun_dir: {d / 'run'}\nmodel: {{source: {FX.model}}}\n"
-                    f"data:\n  sources: {sources_yaml}\n  seq_len: {seq_len}\n")
-    return cli("data", "stats", "--config", path, "--batches", "2", *extra, timeout=timeout)
+def data_stats(source: Callable[[Path], object], *extra) -> Callable[[Path], Result]:
+    """``healer data stats`` on one source, ``source(d)`` as YAML flow (a path stands for ``{path: ...}``)."""
+    def run(d: Path) -> Result:
+        spec = source(d)
+        if isinstance(spec, Path):
+            spec = f"{{path: {spec}}}"
+        path = put(d, "data.yaml", f"name: p\nrun_dir: {d / 'run'}\nmodel: {{source: {FX.model}}}\ndata:\n"
+                                   f"  sources: [{spec}]\n  seq_len: 32\n")
+        return cli("data", "stats", "--config", path, "--batches", "2", *extra)
+    return run
 
 
-refusals('data', [
-    ('negative_source_weight', lambda d: data_stats(d, f"[{{path: {FX.corpus}, weight: -1}}]"), ("weight",)),
-    ('negative_domain_weight', lambda d: data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: -0.5, Other: 1.5}}}}]"),
-     ("domains",)),
-    ('domain_weights_sum_zero', lambda d: data_stats(d, f"[{{path: {FX.corpus}, domains: {{Tiny: 0, Other: 0}}}}]"),
-     ("domains",)),
-    ('source_weights_sum_zero', lambda d: data_stats(d, f"[{{path: {FX.corpus}, weight: 0}}]"), ("weight",)),
-])
-
-
-@probe("data")
-def p_sft_seq_len_above_max_positions(d):
-    recipe = FX.recipe(d, f"sft: {{data: {FX.instruct}, max_steps: 1, micro_batch_size: 2, global_batch_size: 2, "
-                          f"input: {FX.model}, output: {d / 'sft'}, max_seq_len: 4096}}\n")
-    return refusal(cli("sft", recipe), names=("max_seq_len",))
-
-
-refusals('data', [
-    ('cpt_seq_len_above_max_positions', lambda d: cli("cpt", FX.cpt_recipe(d, d / "cpt", seq_len=4096)), ("seq_len",)),
-    ('source_missing', lambda d: data_stats(d, f"[{{path: {d / 'nowhere'}}}]"), ("nowhere",)),
-])
-
-
-@probe("data")
-def p_source_empty_dir(d):
-    (d / "empty").mkdir()
-    return refusal(data_stats(d, f"[{{path: {d / 'empty'}}}]"), names=("empty",))
-
-
-def _corrupt_shard_corpus(d: Path) -> Path:
+def corrupt_shard_corpus(d: Path) -> Path:
     import zstandard
-    c = d / "c"
-    c.mkdir()
     for shard in range(3):
-        (c / f"good_{shard}.jsonl").write_text("".join(json.dumps({"text": f"{shard} {i} " + FX.text}) + "\n"
-                                                   for i in range(20)))
+        put(d, f"c/good_{shard}.jsonl", jsonl({"text": f"{shard} {i} " + FX.text} for i in range(20)))
     good = zstandard.ZstdCompressor().compress(b'{"text": "hi"}\n' * 50)
-    (c / "bad.jsonl.zst").write_bytes(good[: len(good) // 2] + b"\x00garbage" * 20)
-    return c
+    return put(d, "c/bad.jsonl.zst", good[: len(good) // 2] + b"\x00garbage" * 20).parent
 
 
-@probe("data")
-def p_corrupt_shard_two_workers(d):
-    c = _corrupt_shard_corpus(d)
-    res = data_stats(d, f"[{{path: {c}}}]", "--workers", "2", "--batches", "40")
+STRICT = ("--data.bad_records", "strict")
 
-    def ok():
-        import re
-        text = res.out + res.err
-        # `skipped: corrupt_shard 1`: the one corrupt shard, counted once although two workers read the source
-        counts = [int(n) for n in re.findall(r"corrupt_shard[:=]?\s+(\d+)", text)]
-        return counts == [1]
-    return success(res, ok)
-
-
-@probe("data")
-def p_bad_records_strict(d):
-    c = d / "c"
-    c.mkdir()
-    (c / "a.jsonl").write_text('{"text": "ok"}\n{"text": broken\n' + '{"text": "fine"}\n' * 10)
-    return refusal(data_stats(d, f"[{{path: {c}}}]", "--data.bad_records", "strict"), names=("a.jsonl",))
-
-
-@probe("data")
-def p_jsonl_not_utf8(d):
-    c = d / "c"
-    c.mkdir()
-    (c / "a.jsonl").write_bytes(b'{"text": "caf\xe9"}\n' * 50)
-    res = data_stats(d, f"[{{path: {c}}}]", "--data.bad_records", "strict")
-    return refusal(res, names=("a.jsonl",))
+probes(
+    "data",
+    ("negative_source_weight", data_stats(lambda d: f"{{path: {FX.corpus}, weight: -1}}"), "weight"),
+    ("negative_domain_weight", data_stats(lambda d: f"{{path: {FX.corpus}, domains: {{Tiny: -0.5, Other: 1.5}}}}"),
+     "domains"),
+    ("domain_weights_sum_zero", data_stats(lambda d: f"{{path: {FX.corpus}, domains: {{Tiny: 0, Other: 0}}}}"),
+     "domains"),
+    ("source_weights_sum_zero", data_stats(lambda d: f"{{path: {FX.corpus}, weight: 0}}"), "weight"),
+    ("sft_seq_len_above_max_positions", lambda d: sft(d, FX.instruct, max_seq_len=4096), "max_seq_len"),
+    ("cpt_seq_len_above_max_positions", lambda d: cli("cpt", FX.cpt_recipe(d, d / "cpt", seq_len=4096)), "seq_len"),
+    ("source_missing", data_stats(lambda d: d / "nowhere"), "nowhere"),
+    ("source_empty_dir", data_stats(lambda d: put(d, "empty")), "empty"),
+    # `skipped: corrupt_shard 1`: the one corrupt shard, counted once although two workers read the source
+    ("corrupt_shard_two_workers", data_stats(corrupt_shard_corpus, "--workers", "2", "--batches", "40"), (),
+     lambda d, res: [int(n) for n in re.findall(r"corrupt_shard[:=]?\s+(\d+)", res.out + res.err)] == [1]),
+    ("bad_records_strict", data_stats(lambda d: put(d, "c/a.jsonl", '{"text": "ok"}\n{"text": broken\n'
+                                                    + '{"text": "fine"}\n' * 10).parent, *STRICT), "a.jsonl"),
+    ("jsonl_not_utf8", data_stats(lambda d: put(d, "c/a.jsonl", b'{"text": "caf\xe9"}\n' * 50).parent, *STRICT),
+     "a.jsonl"),
+)
 
 
-_PEAK = "healer-probe-peak-rss-kb="
+# ------------------------------------------------------------------------------------------------------ memory
+
+PEAK = "healer-probe-peak-rss-kb="
 # Runs the CLI as its only child and reports that child's peak RSS (RUSAGE_CHILDREN of a fresh process).
-_WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-         f"print('{_PEAK}%d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-         "sys.exit(rc)")
+WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        f"print('{PEAK}%d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
 
 
-def _rss_cli(args: list[str], timeout: float = 300) -> Result:
-    """The CLI with its peak resident memory measured (the largest of the healer process and its children)."""
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", _WRAP, sys.executable, "-m", "healer", *map(str, args)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        rc = None
-    peak = [int(line[len(_PEAK):]) for line in err.splitlines() if line.startswith(_PEAK)]
-    err = "\n".join(line for line in err.splitlines() if not line.startswith(_PEAK))
-    return Result(rc, out, err, time.time() - start, peak_rss_mb=(peak[0] / 1024 if peak else float("inf")))
+def within_memory(args: list, ok: Callable[[], bool]) -> tuple[str, str]:
+    """The CLI with its peak resident memory measured: the result must be right and the peak under 1.2 GB."""
+    res = run_cmd([sys.executable, "-c", WRAP, sys.executable, "-m", "healer", *map(str, args)], 300)
+    peak = [int(line[len(PEAK):]) for line in res.err.splitlines() if line.startswith(PEAK)]
+    res.err = "\n".join(line for line in res.err.splitlines() if not line.startswith(PEAK))
+    res.peak_rss_mb = peak[0] / 1024 if peak else float("inf")
+    verdict = refusal(res, ok=lambda: res.peak_rss_mb < 1200 and ok())
+    return verdict[0], f"peak RSS {res.peak_rss_mb:.0f} MB; " + verdict[1]
 
 
-@probe("memory")
+def big_record(d: Path, name: str) -> Path:
+    word = "pruning heals blocks "
+    return put(d, name, json.dumps({"text": word * (10_000_000 // len(word))}) + "\n")
+
+
 def p_10mb_record_stream(d):
-    c = d / "c"
-    c.mkdir()
-    word = "pruning heals blocks "
-    (c / "big.jsonl").write_text(json.dumps({"text": word * (10_000_000 // len(word))}) + "\n")
-    path = d / "data.yaml"
-    path.write_text(f"name: p\nmodel: {{source: {FX.model}}}\ndata:\n  sources: [{{path: {c}}}]\n  seq_len: 32\n")
-    res = _rss_cli(["data", "stats", "--config", path, "--batches", "4"])
-    verdict = success(res, ok=lambda: res.peak_rss_mb < 1200)
-    return verdict[0], f"peak RSS {res.peak_rss_mb:.0f} MB; " + verdict[1]
+    config = put(d, "data.yaml", f"name: p\nmodel: {{source: {FX.model}}}\ndata:\n"
+                                 f"  sources: [{{path: {big_record(d, 'c/big.jsonl').parent}}}]\n  seq_len: 32\n")
+    return within_memory(["data", "stats", "--config", config, "--batches", "4"], ok=lambda: True)
 
 
-@probe("memory")
 def p_10mb_record_calibration(d):
-    word = "pruning heals blocks "
-    (d / "big.jsonl").write_text(json.dumps({"text": word * (10_000_000 // len(word))}) + "\n")
-    res = _rss_cli(["prune", "--model", FX.model, "--criterion", "ppl", "--calibration", d / "big.jsonl",
-                    "--num-samples", "2", "--seq-len", "32", "--num-blocks", "1", "--output", d / "out",
-                    "--keep-first", "0", "--keep-last", "0", "--run-dir", d / "run"])
-    verdict = success(res, ok=lambda: res.peak_rss_mb < 1200 and layers(d / "out") == 3)
-    return verdict[0], f"peak RSS {res.peak_rss_mb:.0f} MB; " + verdict[1]
+    return within_memory(["prune", "--model", FX.model, "--criterion", "ppl", "--calibration",
+                          big_record(d, "big.jsonl"), "--num-samples", "2", "--seq-len", "32", "--num-blocks", "1",
+                          "--output", d / "out", "--keep-first", "0", "--keep-last", "0", "--run-dir", d / "run"],
+                         ok=lambda: layers(d / "out") == 3)
+
+
+probes("memory", p_10mb_record_stream, p_10mb_record_calibration)
 
 
 # --------------------------------------------------------------------------------------------------------- sft
 
-def sft(d: Path, data: Path) -> Result:
-    recipe = FX.recipe(d, f"sft: {{data: {data}, max_steps: 1, micro_batch_size: 2, global_batch_size: 2, "
-                          f"input: {FX.model}, output: {d / 'sft'}, max_seq_len: 64}}\n")
-    return cli("sft", recipe)
+def sft(d: Path, data: Path, max_seq_len: int = 64) -> Result:
+    return cli("sft", FX.recipe(d, f"sft: {{data: {data}, max_steps: 1, micro_batch_size: 2, global_batch_size: 2, "
+                                   f"input: {FX.model}, output: {d / 'sft'}, max_seq_len: {max_seq_len}}}\n"))
 
 
-@probe("sft")
-def p_sft_binary(d):
-    (d / "s.json").write_bytes(bytes(range(256)) * 20)
-    return refusal(sft(d, d / "s.json"), names=("s.json",))
+def sft_on(name: str, content: str | bytes) -> Callable[[Path], Result]:
+    return lambda d: sft(d, put(d, name, content))
 
 
-@probe("sft")
-def p_sft_non_utf8(d):
-    (d / "s.jsonl").write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n' * 5)
-    return refusal(sft(d, d / "s.jsonl"), names=("s.jsonl",))
-
-
-@probe("sft")
-def p_sft_missing_fields(d):
-    (d / "s.json").write_text(json.dumps([{"question": "q", "answer": "a"}] * 4))
-    return refusal(sft(d, d / "s.json"), names=("s.json",))
-
-
-@probe("sft")
-def p_sft_empty_list(d):
-    (d / "s.json").write_text("[]")
-    return refusal(sft(d, d / "s.json"), names=("s.json",))
-
-
-@probe("sft")
-def p_sft_invalid_json(d):
-    (d / "s.json").write_text('[{"instruction": "a", "output": ')
-    return refusal(sft(d, d / "s.json"), names=("s.json",))
-
-
-refusals('sft', [
-    ('sft_missing', lambda d: sft(d, d / "gone.json"), ("gone.json",)),
-])
+probes(
+    "sft",
+    ("sft_binary", sft_on("s.json", bytes(range(256)) * 20), "s.json"),
+    ("sft_non_utf8", sft_on("s.jsonl", b'{"instruction": "caf\xe9", "output": "x"}\n' * 5), "s.jsonl"),
+    ("sft_missing_fields", sft_on("s.json", json.dumps([{"question": "q", "answer": "a"}] * 4)), "s.json"),
+    ("sft_empty_list", sft_on("s.json", "[]"), "s.json"),
+    ("sft_invalid_json", sft_on("s.json", '[{"instruction": "a", "output": '), "s.json"),
+    ("sft_missing", lambda d: sft(d, d / "gone.json"), "gone.json"),
+)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-class _Evil:
-    """Unpickling this touches a marker file: proof that a checkpoint file ran code."""
+class Evil:
+    """Unpickling this touches ``marker``: proof that a checkpoint file ran code."""
 
-    marker = ""
+    def __init__(self, marker: Path):
+        self.marker = marker
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 
-def _evil_pickle(marker: Path, size: int | None = None) -> bytes:
-    evil = _Evil()
-    evil.marker = str(marker)
-    payload = pickle.dumps(evil, protocol=2)
+def evil_pickle(marker: Path, size: int = 0) -> bytes:
+    payload = pickle.dumps(Evil(marker), protocol=2)
     # padded to the size complete.json recorded, so a size check alone does not catch it
-    return payload + b"\0" * max(0, (size or 0) - len(payload))
-
-
-def resume(d: Path, stage: Path, corpus: Path, *extra: str, timeout: float = 400, **over) -> Result:
-    return cli("cpt", "--config", FX.cpt_recipe(d, stage, corpus=corpus, **over), *extra, timeout=timeout)
+    return payload + b"\0" * max(0, size - len(payload))
 
 
 LAST = "step00000002"
 
 
-@probe("checkpoint")
-def p_crafted_trainer_state_pt(d):
-    stage, corpus = FX.cpt_copy(d)
-    (stage / "checkpoints" / LAST / "trainer_state_rank0.pt").write_bytes(_evil_pickle(d / "pwned"))
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    return success(res, ok=lambda: not (d / "pwned").exists() and metrics(stage)[-1]["step"] == 3)
+def resumed(edit: Callable[[Path, Path], object] | None = None, **over) -> Callable[[Path], Result]:
+    """Resume a copy of the finished 2-step stage (in ``d / "cpt"``) after ``edit(d, stage)``."""
+    def run(d: Path) -> Result:
+        stage, corpus = FX.cpt_copy(d)
+        if edit:
+            edit(d, stage)
+        return resume(d, stage, corpus, **over)
+    return run
 
 
-@probe("checkpoint")
-def p_crafted_model_states_same_size(d):
-    stage, corpus = FX.cpt_copy(d)
-    for step in ("step00000001", LAST):
-        target = stage / "checkpoints" / step / "mp_rank_00_model_states.pt"
-        target.write_bytes(_evil_pickle(d / "pwned", target.stat().st_size))
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    if (d / "pwned").exists():
-        return "silently-wrong", "DeepSpeed unpickled a crafted *_model_states.pt (documented trust boundary)"
-    return refusal(res, names=("checkpoint",))
-
-
-def _largest_state_file(stage: Path) -> Path:
+def largest_state_file(stage: Path) -> Path:
     """The biggest ``*_states.pt`` of the last checkpoint: the optimizer state (its file name depends on the
     engine: a one-rank ZeRO-1/2 run uses a stage-0 engine, which keeps it in ``mp_rank_00_model_states.pt``)."""
     return max((stage / "checkpoints" / LAST).glob("*_states.pt"), key=lambda f: f.stat().st_size)
 
 
-@probe("checkpoint")
-def p_truncated_with_complete(d):
-    stage, corpus = FX.cpt_copy(d)
-    target = _largest_state_file(stage)
-    target.write_bytes(target.read_bytes()[:100])
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    return success(res, ok=lambda: "step00000001" in res.err and [m["step"] for m in metrics(stage)][-2:] == [2, 3])
+def rewrite(pick: Callable[[Path], Path], new: Callable[[Path], bytes]) -> Callable[[Path, Path], None]:
+    """An edit for :func:`resumed`: the checkpoint file ``pick(stage)`` replaced by ``new(that file)``."""
+    def edit(d: Path, stage: Path) -> None:
+        target = pick(stage)
+        target.write_bytes(new(target))
+    return edit
 
 
-@probe("checkpoint")
-def p_same_size_garbage_with_complete(d):
-    stage, corpus = FX.cpt_copy(d)
-    target = _largest_state_file(stage)
-    target.write_bytes(b"\x13" * target.stat().st_size)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    return refusal(res, names=("step00000002",), ok=lambda: "step00000001" in res.err
-                   and [m["step"] for m in metrics(stage)][-2:] == [2, 3])
+def fell_back(d: Path, res: Result) -> bool:
+    """Resumed from the checkpoint before the broken one and trained on to step 3."""
+    return "step00000001" in res.err and steps(d / "cpt")[-2:] == [2, 3]
 
 
-@probe("checkpoint")
-def p_trainer_state_garbage(d):
-    stage, corpus = FX.cpt_copy(d)
-    target = stage / "checkpoints" / LAST / "trainer_state_rank0.json"
-    target.write_text("x" * target.stat().st_size)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    return refusal(res, names=("step00000002",), ok=lambda: "step00000001" in res.err
-                   and [m["step"] for m in metrics(stage)][-2:] == [2, 3])
-
-
-@probe("checkpoint")
-def p_zero_stage_change(d):
+def resumed_elastic(d: Path, res: Result) -> bool:
     # Another ZeRO stage is an elastic resume (README, "Resume"); on one rank ZeRO-1 and 2 both run as ZeRO-0,
     # so it is a plain resume. Either way it must go on from step 2 and say why.
-    stage, corpus = FX.cpt_copy(d)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3, "zero_stage": 1})
     said = res.err + res.out
-    return refusal(res, names=("zero_stage",), ok=lambda: "resumed from" in said and "step00000002" in said
-                   and ("elastic resume" in said or "one rank shards nothing" in said)
-                   and [m["step"] for m in metrics(stage)][-2:] == [2, 3])
+    return ("resumed from" in said and "step00000002" in said
+            and ("elastic resume" in said or "one rank shards nothing" in said) and steps(d / "cpt")[-2:] == [2, 3])
 
 
-@probe("checkpoint")
-def p_resume_changed_lr(d):
-    stage, corpus = FX.cpt_copy(d)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3, "lr": 0.1})
-    return refusal(res, names=("lr",), ok=lambda: abs(metrics(stage)[-1]["train/lr"] - 0.1) < 1e-9)
+def p_crafted_model_states_same_size(d):
+    def plant(d, stage):
+        for step in ("step00000001", LAST):
+            target = stage / "checkpoints" / step / "mp_rank_00_model_states.pt"
+            target.write_bytes(evil_pickle(d / "pwned", target.stat().st_size))
+    res = resumed(plant, cpt={"max_steps": 3})(d)
+    return unless_ran(d / "pwned", refusal(res, names=("checkpoint",)),
+                      "DeepSpeed unpickled a crafted *_model_states.pt (documented trust boundary)")
 
 
-@probe("checkpoint")
-def p_resume_more_steps(d):
-    stage, corpus = FX.cpt_copy(d)
-    res = resume(d, stage, corpus, cpt={"max_steps": 4})
-
-    def ok():
-        manifest = json.loads((stage / "manifest.json").read_text())
-        return [m["step"] for m in metrics(stage)] == [1, 2, 3, 4] and manifest["outputs"]["steps"] == 4
-    return refusal(res, names=("max_steps",), ok=ok)
-
-
-@probe("checkpoint")
-def p_resume_changed_seq_len(d):
-    stage, corpus = FX.cpt_copy(d)
-    res = resume(d, stage, corpus, cpt={"max_steps": 3}, seq_len=16)
-    return refusal(res, names=("seq_len",), ok=lambda: metrics(stage)[-1]["step"] == 3)
-
-
-@probe("checkpoint")
 def p_resume_changed_data_same_names(d):
     stage, corpus = FX.cpt_copy(d)
     shutil.copytree(corpus, d / "original")
     try:
         for f in corpus.iterdir():
-            f.write_text("".join(json.dumps({"text": f"replaced {i} " + "other words " * 20}) + "\n"
-                                 for i in range(25)))
+            f.write_text(jsonl({"text": f"replaced {i} " + "other words " * 20} for i in range(25)))
         res = resume(d, stage, corpus, cpt={"max_steps": 3})
-    finally:
+    finally:  # the corpus is shared with every other checkpoint probe
         shutil.rmtree(corpus)
         shutil.copytree(d / "original", corpus)
-    def ok():
-        said = any(w in res.err.lower() for w in ("changed", "fingerprint", "different"))
-        return said and metrics(stage)[-1]["step"] == 3
-    return refusal(res, names=("data",), ok=ok)
+    said = any(w in res.err.lower() for w in ("changed", "fingerprint", "different"))
+    return refusal(res, names=("data",), ok=lambda: said and steps(stage)[-1] == 3)
 
 
-@probe("checkpoint")
 def p_resume_dir_not_a_checkpoint(d):
-    (d / "junk").mkdir()
-    (d / "junk" / "x.pt").write_bytes(_evil_pickle(d / "pwned"))
-    res = cli("cpt", "--config", FX.cpt_recipe(d, d / "cpt"), "--resume", d / "junk")
-    verdict = refusal(res, names=("junk",))
-    return ("silently-wrong", "ran code") if (d / "pwned").exists() else verdict
+    junk = put(d, "junk/x.pt", evil_pickle(d / "pwned")).parent
+    res = cli("cpt", "--config", FX.cpt_recipe(d, d / "cpt"), "--resume", junk)
+    return unless_ran(d / "pwned", refusal(res, names=("junk",)), "ran code")
 
 
-@probe("stale")
+probes(
+    "checkpoint",
+    ("crafted_trainer_state_pt", resumed(lambda d, stage: put(stage / "checkpoints" / LAST, "trainer_state_rank0.pt",
+                                                              evil_pickle(d / "pwned")), cpt={"max_steps": 3}),
+     (), lambda d, _: not (d / "pwned").exists() and steps(d / "cpt")[-1] == 3),
+    p_crafted_model_states_same_size,
+    ("truncated_with_complete", resumed(rewrite(largest_state_file, lambda f: f.read_bytes()[:100]),
+                                        cpt={"max_steps": 3}), (), fell_back),
+    ("same_size_garbage_with_complete", resumed(rewrite(largest_state_file, lambda f: b"\x13" * f.stat().st_size),
+                                                cpt={"max_steps": 3}), LAST, fell_back),
+    ("trainer_state_garbage", resumed(rewrite(lambda stage: stage / "checkpoints" / LAST / "trainer_state_rank0.json",
+                                              lambda f: b"x" * f.stat().st_size), cpt={"max_steps": 3}),
+     LAST, fell_back),
+    ("zero_stage_change", resumed(cpt={"max_steps": 3, "zero_stage": 1}), "zero_stage", resumed_elastic),
+    ("resume_changed_lr", resumed(cpt={"max_steps": 3, "lr": 0.1}), "lr",
+     lambda d, _: abs(metrics(d / "cpt")[-1]["train/lr"] - 0.1) < 1e-9),
+    ("resume_more_steps", resumed(cpt={"max_steps": 4}), "max_steps", lambda d, _: steps(d / "cpt") == [1, 2, 3, 4]
+     and json.loads((d / "cpt" / "manifest.json").read_text())["outputs"]["steps"] == 4),
+    ("resume_changed_seq_len", resumed(cpt={"max_steps": 3}, seq_len=16), "seq_len",
+     lambda d, _: steps(d / "cpt")[-1] == 3),
+    p_resume_changed_data_same_names,
+    p_resume_dir_not_a_checkpoint,
+)
+
+
+# ------------------------------------------------------------------------------------------------------- stale
+
 def p_cpt_finished_then_new_input(d):
     stage, corpus = FX.cpt_copy(d)
-    pruned = d / "pruned"
-    first = prune(d, "--num-blocks", "1", "--output", pruned)
+    first = prune(d, "--num-blocks", "1", "--output", d / "pruned")
     if first.rc != 0:
         return refusal(first)
-    res = resume(d, stage, corpus, cpt={"input": str(pruned)})
-
-    def ok():
-        return layers(stage / "hf") == 3 and "skipping" not in res.err
-    return refusal(res, names=("cpt",), ok=ok)
+    res = resume(d, stage, corpus, cpt={"input": str(d / "pruned")})
+    return refusal(res, names=("cpt",), ok=lambda: layers(stage / "hf") == 3 and "skipping" not in res.err)
 
 
-@probe("stale")
-def p_cpt_finished_then_changed_lr(d):
-    stage, corpus = FX.cpt_copy(d)
-    res = resume(d, stage, corpus, cpt={"lr": 0.01})
-    return refusal(res, names=("lr",), ok=lambda: "skipping" not in res.err and metrics(stage)[-1]["train/lr"] == 0.01)
-
-
-@probe("stale")
 def p_eval_finished_then_other_input(d):
-    other = d / "pruned"
-    first = prune(d, "--num-blocks", "1", "--output", other)
-    res1, out = evaluate(d, [FX.heldout])
+    first = prune(d, "--num-blocks", "1", "--output", d / "pruned")
+    res1 = evaluate(d, [FX.heldout])
     if res1.rc != 0 or first.rc != 0:
         return refusal(res1)
-    before = (out / "eval.json").read_text()
+    before = (d / "ev" / "eval.json").read_text()
     recipe = FX.recipe(d, f"eval: {{perplexity_files: [{FX.heldout}], context_lengths: [32], max_tokens: 512}}\n",
                        name="r2.yaml")
-    res = cli("eval", recipe, "--input", other, "--output", out)
-    return refusal(res, names=("eval",), ok=lambda: (out / "eval.json").read_text() != before)
+    res = cli("eval", recipe, "--input", d / "pruned", "--output", d / "ev")
+    return refusal(res, names=("eval",), ok=lambda: (d / "ev" / "eval.json").read_text() != before)
+
+
+probes(
+    "stale",
+    p_cpt_finished_then_new_input,
+    ("cpt_finished_then_changed_lr", resumed(cpt={"lr": 0.01}), "lr",
+     lambda d, res: "skipping" not in res.err and metrics(d / "cpt")[-1]["train/lr"] == 0.01),
+    p_eval_finished_then_other_input,
+)
 
 
 # ------------------------------------------------------------------------------------------------- concurrency
 
-def _spawn(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "healer", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, errors="replace")
-
-
-def _both(a: subprocess.Popen, b: subprocess.Popen, timeout: float) -> list[Result]:
-    out = []
-    for p in (a, b):
+def pair(args_a: list, args_b: list, delay: float, timeout: float, ok: Callable[[], bool]) -> tuple[str, str]:
+    """Two runs started ``delay`` seconds apart on one output: the second may wait or refuse saying the output is
+    in use; the result must be consistent either way."""
+    def spawn(args):
+        return subprocess.Popen([sys.executable, "-m", "healer", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
+    procs = [spawn(args_a)]
+    time.sleep(delay)
+    procs.append(spawn(args_b))
+    results = []
+    for p in procs:
         try:
-            o, e = p.communicate(timeout=timeout)
-            out.append(Result(p.returncode, o, e, 0))
+            out, err = p.communicate(timeout=timeout)
+            results.append(Result(p.returncode, out, err, 0))
         except subprocess.TimeoutExpired:
             p.kill()
-            o, e = p.communicate()
-            out.append(Result(None, o, e, 0))
-    return out
-
-
-def _pair_verdict(results: list[Result], ok: Callable[[], bool]) -> tuple[str, str]:
+            results.append(Result(None, *p.communicate(), 0))
     if any(r.rc is None for r in results):
         return "hang", "a run did not finish"
-    if any("Traceback (most recent call last)" in r.err for r in results):
+    if any(TRACEBACK in r.err for r in results):
         return "stack-dump", next(last_line(r.err) for r in results if "Traceback" in r.err)[:200]
     rcs = sorted(r.rc for r in results)
     try:
@@ -1171,132 +846,96 @@ def _pair_verdict(results: list[Result], ok: Callable[[], bool]) -> tuple[str, s
             return "clear-error", last_line(refused.err)[:200]
         return "silently-wrong", "second failed for another reason: " + last_line(refused.err)[:160]
     if rcs == [0, 0]:
-        return ("correct", "both finished, result consistent") if good else ("silently-wrong", "both exit 0, "
-                                                                             "result inconsistent")
+        return ("correct", "both finished, result consistent") if good else \
+            ("silently-wrong", "both exit 0, result inconsistent")
     return "silently-wrong", "both failed: " + last_line(results[0].err)[:160]
 
 
-@probe("concurrency")
 def p_two_prunes_one_output(d):
-    a = _spawn("prune", "--model", FX.model, "--criterion", "magnitude", "--num-blocks", "1", "--output", d / "out",
-               "--run-dir", d / "r1")
-    time.sleep(1.0)
-    b = _spawn("prune", "--model", FX.model, "--criterion", "magnitude", "--num-blocks", "2", "--output", d / "out",
-               "--run-dir", d / "r2")
-    results = _both(a, b, 300)
-
     def ok():
         report = json.loads((d / "out" / "prune_report.json").read_text())
         removed = report.get("removed_blocks") or report.get("blocks") or report.get("removed") or []
-        n = len(removed) if isinstance(removed, list) else int(removed)
-        return layers(d / "out") == 4 - n
-    return _pair_verdict(results, ok)
+        return layers(d / "out") == 4 - (len(removed) if isinstance(removed, list) else int(removed))
+
+    def args(blocks: str, run_dir: str) -> list:
+        return ["prune", "--model", FX.model, "--criterion", "magnitude", "--num-blocks", blocks, "--output",
+                d / "out", "--run-dir", d / run_dir]
+    return pair(args("1", "r1"), args("2", "r2"), 1.0, 300, ok)
 
 
-@probe("concurrency")
 def p_two_cpt_one_stage(d):
     recipe = FX.cpt_recipe(d, d / "cpt", cpt={"max_steps": 3})
-    a = _spawn("cpt", "--config", recipe)
-    time.sleep(2.0)
-    b = _spawn("cpt", "--config", recipe)
-    results = _both(a, b, 500)
-    return _pair_verdict(results, ok=lambda: [m["step"] for m in metrics(d / "cpt")] == [1, 2, 3])
+    return pair(["cpt", "--config", recipe], ["cpt", "--config", recipe], 2.0, 500,
+                ok=lambda: steps(d / "cpt") == [1, 2, 3])
 
 
-@probe("concurrency")
 def p_two_evals_one_output(d):
     recipe = FX.recipe(d, f"eval: {{perplexity_files: [{FX.heldout}], context_lengths: [32], max_tokens: 512}}\n")
-    a = _spawn("eval", recipe, "--input", FX.model, "--output", d / "ev")
-    time.sleep(0.5)
-    b = _spawn("eval", recipe, "--input", FX.model, "--output", d / "ev")
-    results = _both(a, b, 300)
-    return _pair_verdict(results, ok=lambda: json.loads((d / "ev" / "eval.json").read_text()) is not None)
+    args = ["eval", recipe, "--input", FX.model, "--output", d / "ev"]
+    return pair(args, args, 0.5, 300, ok=lambda: json.loads((d / "ev" / "eval.json").read_text()) is not None)
+
+
+probes("concurrency", p_two_prunes_one_output, p_two_cpt_one_stage, p_two_evals_one_output)
 
 
 # ----------------------------------------------------------------------------------------------------- release
 
-SECRET = "hf_ProbeSecretValue0123456789abcdef"
+SECRET, WANDB = "hf_ProbeSecretValue0123456789abcdef", "wandbsecret0123456789"
 
 
-def _release(d: Path, extra: str = "", *args: str, output: Path | None = None) -> tuple[Result, Path]:
-    out = output or d / "rel"
-    recipe = FX.recipe(d, f"release: {{input: {FX.model}, output: {out}}}\n" + extra)
-    return cli("release", recipe, *args), out
+def release(extra: str = "", *args, output: str = "rel") -> Callable[[Path], Result]:
+    return lambda d: cli("release", FX.recipe(d, f"release: {{input: {FX.model}, output: {d / output}}}\n" + extra),
+                         *args)
 
 
-def _no_secret(out: Path, secret: str) -> bool:
-    for f in out.rglob("*"):
-        if f.is_file() and secret.encode() in f.read_bytes():
-            return False
-    return True
+def no_secret(out: Path, *secrets: str) -> bool:
+    return not any(f.is_file() and s.encode() in f.read_bytes() for f in out.rglob("*") for s in secrets)
 
 
-@probe("release")
-def p_secret_env_in_release(d):
-    res, out = _release(d, f"launch: {{env: {{HF_TOKEN: {SECRET}, WANDB_API_KEY: wandbsecret0123456789}}}}\n")
-    return success(res, ok=lambda: _no_secret(out, SECRET) and _no_secret(out, "wandbsecret0123456789")
-                   and SECRET not in res.out + res.err)
+def loads(d: Path, _) -> bool:
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(d / "rel")
+    return (d / "rel" / "README.md").is_file()
 
 
-@probe("release")
-def p_secret_override_in_release(d):
-    res, out = _release(d, "", "--launch.env", json.dumps({"HF_TOKEN": SECRET}))
-    return success(res, ok=lambda: _no_secret(out, SECRET) and SECRET not in res.out + res.err)
-
-
-@probe("release")
-def p_token_looking_value_in_release(d):
-    # a token pasted where it does not belong (a tag) still must not be published
-    res, out = _release(d, "", "--release.tags", json.dumps([SECRET]))
-    return success(res, ok=lambda: _no_secret(out, SECRET))
-
-
-@probe("release")
-def p_release_output_is_input(d):
-    model = d / "m"
-    shutil.copytree(FX.model, model)
-    recipe = FX.recipe(d, f"release: {{input: {model}, output: {model}}}\n")
-    return refusal(cli("release", recipe), names=(str(model),))
-
-
-@probe("release")
 def p_release_output_is_file(d):
-    (d / "relfile").write_text("precious")
-    res, _ = _release(d, output=d / "relfile")
-    verdict = refusal(res, names=("relfile",))
-    if (d / "relfile").read_text() != "precious":
-        return "silently-wrong", "the file was overwritten"
-    return verdict
+    put(d, "relfile", "precious")
+    return kept(d / "relfile", refusal(release(output="relfile")(d), names=("relfile",)))
 
 
-@probe("release")
-def p_release_input_missing(d):
-    recipe = FX.recipe(d, f"release: {{input: {d / 'gone'}, output: {d / 'rel'}}}\n")
-    return refusal(cli("release", recipe), names=("gone",))
-
-
-@probe("release")
-def p_release_loads(d):
-    res, out = _release(d)
-
-    def ok():
-        from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained(out)
-        return (out / "README.md").is_file()
-    return success(res, ok)
+probes(
+    "release",
+    ("secret_env_in_release", release(f"launch: {{env: {{HF_TOKEN: {SECRET}, WANDB_API_KEY: {WANDB}}}}}\n"), (),
+     lambda d, res: no_secret(d / "rel", SECRET, WANDB) and SECRET not in res.out + res.err),
+    ("secret_override_in_release", release("", "--launch.env", json.dumps({"HF_TOKEN": SECRET})), (),
+     lambda d, res: no_secret(d / "rel", SECRET) and SECRET not in res.out + res.err),
+    # a token pasted where it does not belong (a tag) still must not be published
+    ("token_looking_value_in_release", release("", "--release.tags", json.dumps([SECRET])), (),
+     lambda d, _: no_secret(d / "rel", SECRET)),
+    ("release_output_is_input", lambda d: cli("release", FX.recipe(
+        d, "release: {{input: {m}, output: {m}}}\n".format(m=model_copy(d)))), lambda d: str(d / "m")),
+    p_release_output_is_file,
+    ("release_input_missing", lambda d: cli("release", FX.recipe(
+        d, f"release: {{input: {d / 'gone'}, output: {d / 'rel'}}}\n")), "gone"),
+    ("release_loads", release(), (), loads),
+)
 
 
 # ------------------------------------------------------------------------------------ results that must be true
 
-def _bomb(d: Path) -> Path:
+def alias_bomb(d: Path) -> Path:
     """Nine levels of nine YAML aliases: 400 bytes that stand for 9**9 values."""
     lines = ["model: {source: x}", "a: &a [" + ", ".join(["x"] * 9) + "]"]
     lines += [f"{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip("abcdefgh", "bcdefghi")]
-    (d / "bomb.yaml").write_text("\n".join(lines) + "\n")
-    return d / "bomb.yaml"
+    return put(d, "bomb.yaml", "\n".join(lines) + "\n")
 
 
-def _finished(d: Path, stage: str) -> Path:
+ALIAS_BOMB_OVERRIDE = ("prune.blocks={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                       "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                       "e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}")
+
+
+def finished(d: Path, stage: str) -> Path:
     """A directory a finished ``stage`` claims (its manifest), as another stage's output."""
     from healer.core.manifest import write_stage_manifest
 
@@ -1304,71 +943,17 @@ def _finished(d: Path, stage: str) -> Path:
     return d / "run" / stage
 
 
-def _bad_task_file(d: Path) -> Path:
-    rows = [{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}]
-    (d / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "arc.jsonl"
+def bad_task_file(d: Path) -> Path:
+    return put(d, "arc.jsonl", jsonl([{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                                       "answerKey": "C"}]))
 
 
-refusals("numbers", [
-    ("lr_inf", lambda d: cli("cpt", FX.recipe(d), "--cpt.lr", "inf"), ("cpt.lr",)),
-    ("lr_nan_in_yaml", lambda d: cli("cpt", FX.recipe(d, "cpt: {lr: .nan}\n")), ("cpt.lr",)),
-    ("betas_nan", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[nan,0.95]"), ("cpt.betas",)),
-    ("beta_one", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[0.9,1.5]"), ("cpt.betas",)),
-    ("kd_temperature_inf", lambda d: cli("cpt", FX.recipe(d), "cpt.kd.temperature=inf"), ("cpt.kd.temperature",)),
-    ("sft_epochs_inf", lambda d: cli("sft", FX.recipe(d), "sft.epochs=inf"), ("sft.epochs",)),
-    ("weight_inf", lambda d: cli("cpt", FX.recipe(d), "data.sources=[{path: x, weight: .inf}]"),
-     ("data.sources.0.weight",)),
-])
-
-refusals("input", [
-    ("yaml_alias_bomb", lambda d: cli("prune", _bomb(d), timeout=30), ("aliases",)),
-    ("yaml_alias_bomb_override", lambda d: cli("prune", FX.recipe(d), "prune.blocks={a: &a [1,1,1,1,1,1,1,1,1,1], "
-                                               "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,"
-                                               "*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,"
-                                               "*d,*d,*d,*d,*d]}", timeout=30), ("aliases",)),
-    ("run_dir_self_reference", lambda d: cli("prune", FX.recipe(d), "--run-dir", "${run_dir}/x"), ("run_dir",)),
-    ("unknown_task_before_perplexity", lambda d: cli("eval", FX.recipe(d), f"eval.tasks={{arcc_easy: {d}/a}}"),
-     ("arcc_easy",)),
-    ("task_record_bad_answer",
-     lambda d: cli("eval", FX.recipe(d), f"eval.perplexity_files=[{FX.heldout}]", "eval.context_lengths=[16]",
-                   f"eval.tasks={{arc_easy: {_bad_task_file(d)}}}"),
-     ("arc.jsonl record 1",)),
-    ("only_cpt_on_a_fresh_run_dir", lambda d: cli("run", FX.recipe(d, "prune: {num_blocks: 1, criterion: magnitude}\n"
-                                                              "cpt: {max_steps: 1}\n"), "--only", "cpt"),
-     ("prune has not written",)),
-    ("model_name_newline", lambda d: cli("release", FX.recipe(d), 'release.model_name="x\nlicense: mit"'),
-     ("release.model_name",)),
-    ("repo_id_quote", lambda d: cli("release", FX.recipe(d), 'release.repo_id=a/b"); import os #'),
-     ("release.repo_id",)),
-])
-
-refusals("ownership", [
-    ("sft_into_a_cpt_dir", lambda d: cli("sft", FX.recipe(d), f"sft.output={_finished(d, 'cpt')}"), ("sft.output",)),
-    ("eval_into_a_release", lambda d: cli("eval", FX.recipe(d), f"eval.output={_finished(d, 'release')}"),
-     ("eval.output",)),
-])
-
-
-@probe("ownership")
 def p_release_keeps_a_users_partial_dir(d):
-    mine = d / "rel.partial"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("mine")
+    mine = put(d, "rel.partial/notes.txt", "mine")
     res = cli("release", FX.recipe(d), f"release.input={FX.model}", f"release.output={d / 'rel'}")
-    return success(res, ok=lambda: (mine / "notes.txt").read_text() == "mine"
-                   and (d / "rel" / "manifest.json").exists())
+    return refusal(res, ok=lambda: mine.read_text() == "mine" and (d / "rel" / "manifest.json").exists())
 
 
-@probe("numbers")
-def p_lr_that_diverges_stops_at_its_step(d):
-    stage = d / "cpt"
-    res = cli("cpt", "--config", FX.cpt_recipe(d, stage, cpt={"lr": 1e30, "max_steps": 6}), timeout=400)
-    return refusal(res, names=("training loss is nan", "last good checkpoint"),
-                   ok=lambda: False)  # exit 0 would mean it trained on NaN
-
-
-@probe("trust")
 def p_planted_pickle_never_runs(d):
     stage, corpus = FX.cpt_copy(d)
     marker = d / "pwned"
@@ -1385,10 +970,57 @@ def p_planted_pickle_never_runs(d):
     record = json.loads(complete.read_text())
     record["files"][state.name] = state.stat().st_size  # as a planted copy would
     complete.write_text(json.dumps(record))
-    res = cli("cpt", "--config", FX.cpt_recipe(d, stage, corpus=corpus, cpt={"max_steps": 3}), timeout=400)
-    if marker.exists():
-        return "silently-wrong", "the planted pickle ran"
-    return refusal(res, names=("refused to load",))
+    res = resume(d, stage, corpus, cpt={"max_steps": 3})
+    return unless_ran(marker, refusal(res, names=("refused to load",)), "the planted pickle ran")
+
+
+probes(
+    "numbers",
+    ("lr_inf", lambda d: cli("cpt", FX.recipe(d), "--cpt.lr", "inf"), "cpt.lr"),
+    ("lr_nan_in_yaml", lambda d: cli("cpt", FX.recipe(d, "cpt: {lr: .nan}\n")), "cpt.lr"),
+    ("betas_nan", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[nan,0.95]"), "cpt.betas"),
+    ("beta_one", lambda d: cli("cpt", FX.recipe(d), "cpt.betas=[0.9,1.5]"), "cpt.betas"),
+    ("kd_temperature_inf", lambda d: cli("cpt", FX.recipe(d), "cpt.kd.temperature=inf"), "cpt.kd.temperature"),
+    ("sft_epochs_inf", lambda d: cli("sft", FX.recipe(d), "sft.epochs=inf"), "sft.epochs"),
+    ("weight_inf", lambda d: cli("cpt", FX.recipe(d), "data.sources=[{path: x, weight: .inf}]"),
+     "data.sources.0.weight"),
+)
+
+probes(
+    "input",
+    ("yaml_alias_bomb", lambda d: cli("prune", alias_bomb(d), timeout=30), "aliases"),
+    ("yaml_alias_bomb_override", lambda d: cli("prune", FX.recipe(d), ALIAS_BOMB_OVERRIDE, timeout=30), "aliases"),
+    ("run_dir_self_reference", lambda d: cli("prune", FX.recipe(d), "--run-dir", "${run_dir}/x"), "run_dir"),
+    ("unknown_task_before_perplexity", lambda d: cli("eval", FX.recipe(d), f"eval.tasks={{arcc_easy: {d}/a}}"),
+     "arcc_easy"),
+    ("task_record_bad_answer",
+     lambda d: cli("eval", FX.recipe(d), f"eval.perplexity_files=[{FX.heldout}]", "eval.context_lengths=[16]",
+                   f"eval.tasks={{arc_easy: {bad_task_file(d)}}}"), "arc.jsonl record 1"),
+    ("only_cpt_on_a_fresh_run_dir", lambda d: cli("run", FX.recipe(
+        d, "prune: {num_blocks: 1, criterion: magnitude}\ncpt: {max_steps: 1}\n"), "--only", "cpt"),
+     "prune has not written"),
+    ("model_name_newline", lambda d: cli("release", FX.recipe(d), 'release.model_name="x\nlicense: mit"'),
+     "release.model_name"),
+    ("repo_id_quote", lambda d: cli("release", FX.recipe(d), 'release.repo_id=a/b"); import os #'), "release.repo_id"),
+)
+
+probes(
+    "ownership",
+    ("sft_into_a_cpt_dir", lambda d: cli("sft", FX.recipe(d), f"sft.output={finished(d, 'cpt')}"), "sft.output"),
+    ("eval_into_a_release", lambda d: cli("eval", FX.recipe(d), f"eval.output={finished(d, 'release')}"),
+     "eval.output"),
+    p_release_keeps_a_users_partial_dir,
+)
+
+probes(
+    "numbers",
+    # exit 0 would mean it trained on NaN
+    ("lr_that_diverges_stops_at_its_step",
+     lambda d: cli("cpt", "--config", FX.cpt_recipe(d, d / "cpt", cpt={"lr": 1e30, "max_steps": 6}), timeout=400),
+     ("training loss is nan", "last good checkpoint"), lambda d, _: False),
+)
+
+probes("trust", p_planted_pickle_never_runs)
 
 
 # -------------------------------------------------------------------------------------------------------- main
