@@ -148,3 +148,19 @@ def tiny_recipe(tmp_path: Path, *sections: str, layers: int = 4) -> tuple[Path, 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     return recipe, src
+
+
+def one_rank_cpt_recipe(tmp_path: Path, model: Path | None = None, **cpt) -> Path:
+    """Write ``tmp_path/r.yaml``: `healer cpt` on one rank of a tiny llama (2 blocks, hidden 32; ``model`` if
+    given) over 40 numbered SAMPLE_TEXT documents, 2 sequences of 32 tokens a step, ZeRO-0, plus ``cpt`` keys."""
+    import yaml
+
+    model = model or save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
+                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
+                                      "cpt": {"input": str(model), "micro_batch_size": 2, "global_batch_size": 2,
+                                              "zero_stage": 0, **cpt}}))
+    return recipe

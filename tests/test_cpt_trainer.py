@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_TEXT, logged_steps, save_tiny
+from helpers import SAMPLE_TEXT, logged_steps, one_rank_cpt_recipe, save_tiny
 
 from healer.core.errors import HealerError
 from healer.train.checkpoint import COMPLETE, find_resume_checkpoint
@@ -232,14 +232,7 @@ def test_a_finished_cpt_rerun_with_other_settings_is_refused_not_silently_kept(t
     over the old weights. A larger cpt.max_steps trains on under the new settings."""
     from healer.cli import main
 
-    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
-    corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
-                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
-                                      "cpt": {"input": str(model), "max_steps": 1, "micro_batch_size": 2,
-                                              "global_batch_size": 2, "zero_stage": 0}}))
+    recipe = one_rank_cpt_recipe(tmp_path, max_steps=1)
     assert main(["cpt", str(recipe)]) == 0
     weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
     # one step against the default 10 warmup steps: said, not left for the user to find in the LR curve
@@ -291,15 +284,8 @@ def test_a_non_finite_loss_stops_training_at_its_step_and_keeps_the_last_good_ch
         weights = load_file(model / "model.safetensors")
         weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
         save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
-                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
-                                      "cpt": {"input": str(model), "max_steps": 6, "micro_batch_size": 2,
-                                              "global_batch_size": 2, "zero_stage": 0, "kd": None,
-                                              "lr": 1e30 if poison == "lr" else 1e-4, "warmup_steps": 0,
-                                              "save_every": 1}}))
+    recipe = one_rank_cpt_recipe(tmp_path, model, max_steps=6, kd=None, lr=1e30 if poison == "lr" else 1e-4,
+                                 warmup_steps=0, save_every=1)
     assert main(["cpt", str(recipe)]) == 2
     err = capsys.readouterr().err
     found = re.search(r"step (\d+): the (training loss|gradient norm) is (nan|inf|-inf); training stopped without "

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import SAMPLE_TEXT, save_tiny
+from helpers import one_rank_cpt_recipe
 
 from healer.cli import main
 
@@ -25,16 +24,7 @@ class Payload:
 
 
 def _recipe(tmp_path: Path, zero_stage: int) -> Path:
-    model = save_tiny(tmp_path, "llama", layers=2, hidden=32, intermediate=64)
-    corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {SAMPLE_TEXT}"}) + "\n" for i in range(40)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"source": str(model)}, "run_dir": str(tmp_path / "run"),
-                                      "data": {"sources": [{"path": str(corpus)}], "seq_len": 32},
-                                      "cpt": {"input": str(model), "max_steps": 2, "micro_batch_size": 2,
-                                              "global_batch_size": 2, "zero_stage": zero_stage, "kd": None,
-                                              "warmup_steps": 0, "save_every": 1}}))
-    return recipe
+    return one_rank_cpt_recipe(tmp_path, max_steps=2, zero_stage=zero_stage, kd=None, warmup_steps=0, save_every=1)
 
 
 def _plant(state_file: Path, marker: Path) -> None:

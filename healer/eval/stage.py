@@ -44,10 +44,6 @@ def run_eval_stage(recipe, opts: Options, inputs: dict | None = None) -> int:
     gguf = recipe.model.gguf_file if source == recipe.model.source else None
     # Read a given dense eval.json first: a wrong path should fail before minutes of evaluation.
     given_dense = read_eval(cfg.compare_to) if cfg.compare_to and cfg.compare_to != "dense" else None
-    if cfg.tasks:  # every task file's records are checked (file and record named) before any scoring
-        from healer.eval.tasks import prepare_tasks
-
-        prepare_tasks(cfg.tasks, out_dir)
     print(f"healer eval: evaluating {source}")
     result = evaluate(source, cfg, out_dir, gguf_file=gguf, dtype=recipe.model.dtype, seed=recipe.seed,
                       key="model.source" if source == recipe.model.source else "eval.input",

@@ -153,6 +153,10 @@ def evaluate(model_source: str, cfg: EvalConfig, out_dir: str | Path, gguf_file:
         if "://" not in file and not Path(file).is_file():
             raise HealerError(f"eval.perplexity_files: {file} does not exist")
     perplexity_labels(cfg.perplexity_files)
+    if cfg.tasks:  # every task file's records too (file and record named), before the model and any scoring
+        from healer.eval.tasks import prepare_tasks
+
+        prepare_tasks(cfg.tasks, out_dir)
     location = resolve_source(model_source, gguf_file, key=key)
     torch.manual_seed(seed)
     model = load_model(location, torch_dtype(dtype))
