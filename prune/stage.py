@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from healer.core.errors import HealerError
-from healer.core.manifest import MANIFEST, package_versions, write_json_atomic, write_stage_manifest
+from healer.core.manifest import package_versions, read_stage_manifest, write_json_atomic, write_stage_manifest
+from healer.core.swap import new_partial_dir, swap_in
 from healer.model.adapter import ModelAdapter, architecture_for
 from healer.model.calibration import load_calibration
 from healer.model.modeling import (
@@ -38,7 +39,6 @@ from healer.prune.criteria import DEFAULT_SCORES_ARE
 from healer.prune.sparse import plan_sparsity, prune_sparse
 
 REPORT = "prune_report.json"
-WRITING = ".prune_incomplete"  # present while prune writes a directory; a report marks it finished
 MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "*.pt")
 
 
@@ -100,7 +100,8 @@ def check_output(out: Path, location, keep_apart: dict[str, str]) -> None:
         if where is not None:
             protected[label] = where
     check_output_dir(out, "prune.output", protected)
-    if out.is_dir() and not (out / REPORT).exists() and not (out / WRITING).exists():
+    ours = (out / REPORT).exists() or (read_stage_manifest(out) or {}).get("stage") == "prune"
+    if out.is_dir() and not ours:
         foreign = next((f for pattern in MODEL_FILES for f in sorted(out.glob(pattern))), None)
         if foreign is not None:
             raise HealerError(f"prune.output: {out} already holds {foreign.name} that healer prune did not write; "
@@ -213,13 +214,10 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
                                                        "kv_proj_out": adapter.num_kv_heads * adapter.head_dim})}
 
     ppl_after = depth.perplexity(model, tokens) if tokens is not None else None
-    # A report or manifest left by an earlier run must not describe the weights written now, even
-    # if this save is interrupted: remove them first (the marker says the directory is still ours).
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WRITING).touch()
-    for stale in (REPORT, MANIFEST):
-        (out / stale).unlink(missing_ok=True)
-    max_diff = save_and_verify(model, tokenizer, out, atol=cfg.verify_atol)
+    # Built aside and swapped in whole: no file of an earlier result (its report, a tokenizer file the new
+    # source lacks) is ever left beside the new weights.
+    partial = new_partial_dir(out)
+    max_diff = save_and_verify(model, tokenizer, partial, atol=cfg.verify_atol)
     config_after = model.config.to_dict()
     params_after = count_parameters(model)
     first, last = cfg.protected
@@ -249,8 +247,8 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         "versions": package_versions(),
         "elapsed_s": round(time.time() - started, 2),
     }
-    write_json_atomic(out / REPORT, report)
-    (out / WRITING).unlink()
+    write_json_atomic(partial / REPORT, report)
+    swap_in(partial, out)
     return report
 
 
@@ -262,10 +260,7 @@ def _prune_sparse(cfg: PruneConfig, location, config, tokens: torch.Tensor | Non
     with torch.device("meta"):  # the parameter count from the config alone: the model may not fit in memory
         params = count_parameters(AutoModelForCausalLM.from_config(config))
     sp = cfg.sparsity
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WRITING).touch()
-    for stale in (REPORT, MANIFEST):
-        (out / stale).unlink(missing_ok=True)
+    partial = new_partial_dir(out)
     extra = {
         "target": "weights",
         "score_meaning": cfg.spec.scores_are or DEFAULT_SCORES_ARE["sparse"],
@@ -276,11 +271,11 @@ def _prune_sparse(cfg: PruneConfig, location, config, tokens: torch.Tensor | Non
         "seed": seed,
         "versions": package_versions(),
     }
-    report = prune_sparse(location, out, tokens, tokenizer, criterion=cfg.criterion, pattern=sp.pattern,
+    report = prune_sparse(location, partial, tokens, tokenizer, criterion=cfg.criterion, pattern=sp.pattern,
                           ratio=sp.ratio, layers=sp.layers, blocksize=sp.blocksize, percdamp=sp.percdamp,
                           dtype=dtype, verify_atol=cfg.verify_atol, progress=progress, extra=extra,
                           started=started)
-    (out / WRITING).unlink()
+    swap_in(partial, out)
     return report
 
 

@@ -246,11 +246,12 @@ def test_teachers_of_a_recipe_are_kept_apart(tmp_path):
     assert teachers(default) == {"the KD teacher (cpt.kd.teacher)": str(src)}  # the dense model by default
 
 
-def test_a_rerun_never_leaves_an_old_report_beside_new_weights(tmp_path, monkeypatch):
+def test_an_interrupted_rerun_leaves_the_previous_result_whole_and_no_file_of_it_in_the_next(tmp_path, monkeypatch):
     src = save_tiny(tmp_path, "llama", layers=4)
     out = tmp_path / "out"
     prune(str(src), PruneConfig(num_blocks=1, criterion="magnitude"), out, progress=False)
-    (out / "manifest.json").write_text("{}")
+    (out / "tokenizer.model").write_text("a file the next source does not have")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     import healer.prune.stage as stage
 
     def interrupted(*_args, **_kwargs):
@@ -259,11 +260,13 @@ def test_a_rerun_never_leaves_an_old_report_beside_new_weights(tmp_path, monkeyp
     monkeypatch.setattr(stage, "save_and_verify", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)
-    assert not (out / "prune_report.json").exists() and not (out / "manifest.json").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old result, whole
     monkeypatch.undo()
-    report = prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)  # may retry
+    report = prune(str(src), PruneConfig(num_blocks=2, criterion="magnitude"), out, progress=False)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4 - len(report["removed"]) == 2
+    assert not (out / "tokenizer.model").exists()  # nothing of the earlier result beside the new one
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # the leftovers are gone
 
 
 def test_a_directory_holding_another_model_is_not_overwritten(tmp_path):

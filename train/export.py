@@ -7,7 +7,6 @@ optimizer state (no ``zero_to_fp32`` consolidation step).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,10 +42,12 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path, *, verify
 
     Rank 0 rebuilds the model from its config on the CPU, loads the gathered weights, saves safetensors +
     config + tokenizer, and (``verify``) reloads the directory with plain transformers to check the logits.
-    The directory appears whole or not at all: it is written next to ``out_dir`` and renamed into place.
+    The directory appears whole or not at all: it is built beside ``out_dir`` and swapped in
+    (:func:`healer.core.swap.swap_in`).
     """
     from transformers import AutoModelForCausalLM
 
+    from healer.core.swap import new_partial_dir, swap_in
     from healer.model.modeling import save_and_verify
 
     state = gather_state_dict(module)
@@ -63,13 +64,11 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path, *, verify
         if missing or unexpected:
             raise RuntimeError(f"export: weights do not match the config: missing {missing}, unexpected {unexpected}")
         fresh.eval()
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = new_partial_dir(out)
         if verify:
             atol = 1e-3 if dtype == torch.float32 else 5e-2
             save_and_verify(fresh, tokenizer, tmp, atol=atol)
         else:
-            tmp.mkdir(parents=True, exist_ok=True)
             fresh.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -77,14 +76,3 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path, *, verify
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished directory ``tmp`` at ``out``, replacing what was there; the old copy is removed only
-    once the new one is in place, so an interruption leaves one complete directory (``out`` or ``out.old``)."""
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

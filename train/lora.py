@@ -7,16 +7,14 @@ merged model holds exactly the pruned zeros although the adapter's update is den
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from healer.core.errors import HealerError
+from healer.core.swap import new_partial_dir, swap_in
 from healer.train.config import LoRAFields
-from healer.train.export import swap_in
 
 ADAPTER = "adapter"  # the adapter's directory inside a stage directory
 
@@ -84,11 +82,9 @@ def save_adapter(engine, adapter_dir: Path, is_main: bool) -> None:
     else:
         state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
     if is_main:
-        tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = new_partial_dir(adapter_dir)
         model.save_pretrained(str(tmp), state_dict=state)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(tmp, adapter_dir)
+        swap_in(tmp, adapter_dir)
 
 
 def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype,
@@ -127,8 +123,7 @@ def merge_adapter(location, adapter_dir: Path, merged_dir: Path, tokenizer, dtyp
         from healer.train.masks import mask_merged
 
         mask_merged(merged, masks)
-    tmp = merged_dir.with_name(merged_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_partial_dir(merged_dir)
     diff = save_and_verify(merged, tokenizer, tmp, atol=tol, probe=probe)
     swap_in(tmp, merged_dir)
     return max(diff, folded)

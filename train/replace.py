@@ -16,7 +16,6 @@ report with ``replacement.training`` (tokens, MSE curve, cosine and MSE before/a
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +159,10 @@ def splice_export(engine, location, position: int, tokenizer, hf_dir: Path) -> N
     The directory appears whole or not at all (written beside it, then renamed), and is reloaded with plain
     transformers to check its logits.
     """
+    from healer.core.swap import new_partial_dir, swap_in
     from healer.model.adapter import architecture_for
     from healer.model.modeling import load_model, save_and_verify
-    from healer.train.export import gather_state_dict, swap_in
+    from healer.train.export import gather_state_dict
 
     state = gather_state_dict(engine.module)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -175,8 +175,7 @@ def splice_export(engine, location, position: int, tokenizer, hf_dir: Path) -> N
             raise HealerError(f"replace: the trained block's weights ({len(block)} tensors) do not match block "
                               f"{position} of {location} ({len(own)}); the input changed during training")
         full.load_state_dict(block, strict=False)
-        tmp = hf_dir.with_name(hf_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = new_partial_dir(hf_dir)
         save_and_verify(full, tokenizer, tmp)
         swap_in(tmp, hf_dir)
     if dist.is_initialized():

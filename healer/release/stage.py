@@ -15,9 +15,7 @@ Nothing secret is published: ``recipe.yaml`` and the card go through :mod:`heale
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 from healer.core.errors import HealerError
 from healer.core.hashing import file_hashes
 from healer.core.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
+from healer.core.swap import PARTIAL_MARK, new_partial_dir, swap_in
 from healer.release.config import ReleaseConfig
 from healer.stages import TRAINING_STAGES
 
@@ -260,36 +259,11 @@ def _check_output(out: Path) -> None:
                           "release.output or remove it")
 
 
-# Inside a directory release builds: only a directory holding it is healer's to delete.
-PARTIAL_MARK = ".healer-partial"
-
-
-def _new_partial_dir(out: Path) -> Path:
-    """A fresh, uniquely named directory beside ``out`` to build the release in. Left-overs of interrupted
-    releases of ``out`` are removed; nothing without healer's mark is touched (``out.partial`` may be yours)."""
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        if (stale / PARTIAL_MARK).is_file():
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    (partial / PARTIAL_MARK).write_text("healer release builds here; deleted when it finishes or restarts\n")
-    return partial
-
-
 def _replace_dir(partial: Path, out: Path) -> None:
-    """Swap the finished ``partial`` in for ``out``: a crash on the way leaves the old release or none,
-    never a mix."""
+    """Swap the finished ``partial`` in for ``out`` (the old release or none after a crash, never a mix), once
+    ``out`` is still nothing but an earlier release."""
     _check_output(out)
-    (partial / PARTIAL_MARK).unlink()
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+    swap_in(partial, out)
 
 
 def _same_model(a: str | None, b: str | None) -> bool:
@@ -339,7 +313,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     source = recipe.stage_input("release")
     gguf = recipe.model.gguf_file if source == recipe.model.source else None
     _check_output(out)
-    partial = _new_partial_dir(out)
+    partial = new_partial_dir(out)
 
     print(f"healer release: packaging {source}")
     location = resolve_source(source, gguf, key="model.source" if gguf else "release.input")
