@@ -7,7 +7,7 @@ import json
 import textwrap
 
 import pytest
-from helpers import SAMPLE_TEXT, depth_prune_section, tiny_recipe, write_corpus
+from helpers import SAMPLE_TEXT, depth_prune_section, save_tiny, tiny_recipe, write_corpus
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
@@ -84,6 +84,22 @@ def _prune_release_recipe(tmp_path, blocks="[1]"):
     recipe, _ = tiny_recipe(tmp_path, f"prune: {{method: depth, blocks: {blocks}}}",
                             "release: {model_name: tiny-pruned}")
     return recipe
+
+
+def test_a_model_rewritten_at_the_same_path_is_a_changed_input_named_by_its_file(tmp_path, capsys):
+    recipe = _prune_release_recipe(tmp_path)
+    assert main(["run", str(recipe)]) == 0
+    weights = tmp_path / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    save_tiny(tmp_path, "llama", name="model", layers=4, hidden=64, intermediate=128, seed=1)  # other weights
+    assert weights.stat().st_size == size  # same path, same size: only the bytes differ
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.source file model.safetensors: its content changed" in err and "--force" in err
+    assert main(["run", str(recipe), "--force"]) == 0
+    assert main(["run", str(recipe)]) == 0  # the digest of the new version is recorded
+    assert capsys.readouterr().out.count("finished earlier with the same inputs") == 2
 
 
 def test_changed_recipe_is_refused_naming_the_change_and_force_rebuilds(tmp_path, capsys):

@@ -4,6 +4,12 @@ A stage's effective inputs are: its recipe section as resolved, the top-level re
 (``Verb.reads``: the model, the data, the seed ...), the manifest of every earlier stage of the recipe
 (hashed: a re-run upstream stage has a new manifest, so everything after it no longer matches), and the
 healer version. They are kept flat (``prune.ratio: 0.34``) so a mismatch can be shown key by key.
+
+A value that names a local file or directory outside the run directory (the model, a teacher, corpus shards,
+the SFT data, an eval file, a DeepSpeed JSON) also brings the sha256 of each of its files
+(``model.source file model.safetensors: 3f2a...``): a file rewritten at the same path makes the stage stale,
+naming the file. Digests are cached per version of a file (:func:`healer.core.hashing.file_digest`), so a
+large model is read in full once. Upstream stage directories are left to their manifests.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from healer.stages import STAGES, VERBS
 # across that -- but a finished stage is the recipe's result, and moving to another cluster must not
 # make it stale.
 NOT_RESULT_KEYS = frozenset({"log_every", "save_every", "keep_last", "eval_every", "eval_batches", "report_to"})
+
+# Keys whose value is a path but not an input: where a stage writes.
+OUTPUT_KEYS = frozenset({"output", "run_dir"})
+MAX_FILES_HASHED = 10_000  # per directory value: a value naming a whole file system is not a model or corpus
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -51,11 +61,58 @@ def stage_inputs(recipe, stage: str) -> dict[str, Any]:
     for key in (stage, *VERBS[stage].reads):
         _flatten(key, dumped.get(key), out)
     out[f"{stage}.input"] = recipe.stage_input(stage)  # the resolved input, also when it is implicit
+    out.update(content_digests(out, recipe.run_dir))
     for upstream in STAGES[:STAGES.index(stage)]:
         if getattr(recipe, upstream, None) is not None:
             for label, directory in recipe.step_dirs(upstream):  # several with prune.rounds
                 manifest = read_stage_manifest(directory)
                 out[f"{label} manifest"] = canonical_hash(manifest) if manifest is not None else None
+    return out
+
+
+def _path_like(value: Any, key: str = ""):
+    """(key, string) for every string in ``value`` (nested lists and mappings; ``data.sources.0.path``),
+    leaving out the keys that name outputs."""
+    if isinstance(value, dict):
+        for sub, item in value.items():
+            if str(sub).rsplit(".", 1)[-1] not in OUTPUT_KEYS:
+                yield from _path_like(item, f"{key}.{sub}" if key else str(sub))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _path_like(item, f"{key}.{index}")
+    elif isinstance(value, str):
+        yield key, value
+
+
+def content_digests(flat: dict[str, Any], run_dir: str) -> dict[str, str]:
+    """``{"<key> file <name>": sha256}`` for every file of each local path among ``flat``'s values (outside
+    ``run_dir``; hidden files and folders left out)."""
+    from pathlib import Path
+
+    from healer.core.hashing import file_digest
+
+    run = Path(run_dir).resolve()
+    out: dict[str, str] = {}
+    for key, item in _path_like(flat):
+        # A word (``dense``, ``cosine``) is a setting even when the current directory has a file of that name.
+        if not item or "\n" in item or len(item) > 4096 or not ("/" in item or "." in item):
+            continue
+        path = Path(item).expanduser()
+        try:
+            if not path.exists():
+                continue
+            real = path.resolve()
+        except OSError:
+            continue
+        if real == run or run in real.parents:
+            continue
+        if real.is_file():
+            out[f"{key} file {real.name}"] = file_digest(real)
+        elif real.is_dir():
+            files = sorted(f for f in real.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(real).parts))
+            for f in files[:MAX_FILES_HASHED]:
+                out[f"{key} file {f.relative_to(real)}"] = file_digest(f)
     return out
 
 
@@ -97,6 +154,9 @@ def describe_changes(recorded: dict[str, Any] | None, expected: dict[str, Any]) 
             continue
         if key.endswith(" manifest"):
             lines.append(f"{key.split()[0]} finished again since (or its output is gone)")
+        elif " file " in key:
+            what = "added" if old == "(unset)" else "gone" if new == "(unset)" else "its content changed"
+            lines.append(f"{key}: {what}")
         else:
             lines.append(f"{key}: {_short(old)} -> {_short(new)}")
     return lines

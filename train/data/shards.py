@@ -74,12 +74,11 @@ def resolve_files(path: str, key: str = "data.sources") -> list[str]:
     return files
 
 
-_EDGE = 1 << 12  # bytes hashed at each end of a local file
-
-
 def file_signature(path: str) -> str:
-    """What a resume checks a shard by: its size and a hash of its first and last 4 KiB.
+    """What a resume checks a shard by: its size and the sha256 of its whole content.
 
+    The digest is computed once per version of the file (:func:`healer.core.hashing.file_digest`), so a
+    shard overwritten in place with other text of the same size is noticed, and a start re-reads nothing.
     Not the modification time: copying a corpus to node-local scratch changes it, not the data.
     A remote file is checked by the size and the content hash or ETag its filesystem reports (reading
     every remote shard's ends would cost two requests per shard at every start).
@@ -91,17 +90,12 @@ def file_signature(path: str) -> str:
         info = fs.info(stripped)
         ids = [f"{k}={info[k]}" for k in ("lfs", "blob_id", "sha256", "etag", "ETag", "md5", "checksum") if info.get(k)]
         return f"{info.get('size')}:{','.join(ids)}"
-    digest = hashlib.sha256()
+    from healer.core.hashing import file_digest
+
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            digest.update(fh.read(_EDGE))
-            if size > _EDGE:
-                fh.seek(max(_EDGE, size - _EDGE))
-                digest.update(fh.read(_EDGE))
+        return f"{os.path.getsize(path)}:{file_digest(path)[:16]}"
     except OSError as err:  # the reader skips and counts such a shard; a checkpoint must still be written
         return f"unreadable:{err.errno}"
-    return f"{size}:{digest.hexdigest()[:16]}"
 
 
 def fingerprint(files: list[str]) -> dict:
