@@ -297,3 +297,17 @@ def test_a_non_finite_loss_stops_training_at_its_step_and_keeps_the_last_good_ch
     assert bad == 1 if poison == "weights" else bad > 1
     assert "Traceback" not in err and "lower lr or lengthen warmup_steps" in err
     assert not (tmp_path / "run" / "cpt" / "manifest.json").exists() and not (tmp_path / "run" / "cpt" / "hf").exists()
+
+
+def test_a_resume_from_another_input_model_is_refused_naming_both(tmp_path, capsys):
+    from healer.cli import main
+
+    recipe = one_rank_cpt_recipe(tmp_path, max_steps=2, save_every=1, kd=None)
+    assert main(["cpt", str(recipe)]) == 0
+    other = save_tiny(tmp_path, "llama", name="other", layers=2, hidden=32, intermediate=64, seed=3)
+    weights = (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes()
+    # more steps (a resume), but from other weights than the checkpoint continues
+    assert main(["cpt", str(recipe), "--cpt.max_steps", "3", "--cpt.input", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was written with other settings (cpt.input: " in err and str(other) in err and "--resume none" in err
+    assert (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes() == weights

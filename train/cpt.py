@@ -367,7 +367,8 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
 
         batches = MixedBatches(batches, DomainMixer(data_cfg.dynamic, batches.loader.entries))
     logger = MetricsLogger(None, cfg.max_steps, rank=rank, progress_bar=False)  # prints before the real one
-    settings = settings_of(cfg, data_cfg)
+    # a checkpoint of a run from another input model continues other weights, whatever the manifest would say
+    settings = {**settings_of(cfg, data_cfg), "cpt.input": str(location)}
     progress = resume(engine, batches, stage_dir=stage_dir, how=opts.resume, settings=settings, force=opts.force,
                       frozen_base=lora, say=logger.write, constraints=constraints)
     if opts.action == "export":

@@ -86,7 +86,8 @@ def _path_like(value: Any, key: str = ""):
 
 def content_digests(flat: dict[str, Any], run_dir: str) -> dict[str, str]:
     """``{"<key> file <name>": sha256}`` for every file of each local path among ``flat``'s values (outside
-    ``run_dir``; hidden files and folders left out)."""
+    ``run_dir``; hidden files and folders, and Python's bytecode caches, left out: they change without the
+    input changing)."""
     from pathlib import Path
 
     from healer.core.hashing import file_digest
@@ -110,7 +111,8 @@ def content_digests(flat: dict[str, Any], run_dir: str) -> dict[str, str]:
             out[f"{key} file {real.name}"] = file_digest(real)
         elif real.is_dir():
             files = sorted(f for f in real.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(real).parts))
+                           and not any(part.startswith(".") or part == "__pycache__"
+                                       for part in f.relative_to(real).parts))
             for f in files[:MAX_FILES_HASHED]:
                 out[f"{key} file {f.relative_to(real)}"] = file_digest(f)
     return out
