@@ -102,6 +102,26 @@ def test_a_model_rewritten_at_the_same_path_is_a_changed_input_named_by_its_file
     assert capsys.readouterr().out.count("finished earlier with the same inputs") == 2
 
 
+def test_a_release_of_another_model_describes_none_of_the_pipelines_pruning(tmp_path, capsys):
+    recipe = _prune_release_recipe(tmp_path)
+    assert main(["run", str(recipe)]) == 0
+    pipeline_card = (tmp_path / "run" / "release" / "README.md").read_text()
+    assert "structured pruning" in pipeline_card
+    other = save_tiny(tmp_path, "llama", name="other", layers=2, hidden=64, intermediate=128, seed=2)
+    capsys.readouterr()
+    out = tmp_path / "elsewhere"
+    assert main(["release", str(recipe), "--release.input", str(other), "--release.output", str(out)]) == 0
+    assert "is not an output of this recipe's stages" in capsys.readouterr().err
+    card = (out / "README.md").read_text()
+    assert "with no pruning or training recorded" in card and "structured pruning" not in card
+    assert "## Stage by stage" not in card
+    # the pipeline's own pruned model, named explicitly, is still described by its prune
+    pruned = tmp_path / "again"
+    assert main(["release", str(recipe), "--release.input", str(tmp_path / "run" / "prune"),
+                 "--release.output", str(pruned)]) == 0
+    assert "structured pruning" in (pruned / "README.md").read_text()
+
+
 def test_changed_recipe_is_refused_naming_the_change_and_force_rebuilds(tmp_path, capsys):
     recipe = _prune_release_recipe(tmp_path)
     run = tmp_path / "run"

@@ -25,7 +25,7 @@ from healer.core.hashing import file_hashes
 from healer.core.manifest import read_json_if_present, read_json_report, read_stage_manifest, write_stage_manifest
 from healer.core.swap import PARTIAL_MARK, new_partial_dir, swap_in
 from healer.release.config import ReleaseConfig
-from healer.stages import TRAINING_STAGES
+from healer.stages import MODEL_STAGES, TRAINING_STAGES
 
 # model.source shortcuts whose hub id is known (the GGUF file does not carry it).
 KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -229,12 +229,13 @@ def cast_for_release(model, dtype: str, probe=None) -> dict:
     return facts
 
 
-def publish_stage_runs(recipe, folder: Path) -> dict[str, list[str]]:
-    """Each training stage's TensorBoard scalars under ``folder/runs/<stage>/`` -> the files, relative."""
+def publish_stage_runs(recipe, folder: Path, stages: tuple[str, ...] = TRAINING_STAGES) -> dict[str, list[str]]:
+    """Each training stage's (of ``stages``) TensorBoard scalars under ``folder/runs/<stage>/`` -> the files,
+    relative."""
     from healer.release.runs import publish_runs
 
     runs = {}
-    for stage in TRAINING_STAGES:
+    for stage in (s for s in TRAINING_STAGES if s in stages):
         files = publish_runs(recipe.stage_dir(stage) / "tensorboard", folder / "runs" / stage)
         if files:
             runs[stage] = [f.relative_to(folder).as_posix() for f in files]
@@ -270,6 +271,21 @@ def _same_model(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return False
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def made_by(recipe, source: str) -> tuple[str, ...] | None:
+    """The recipe's model stages that made ``source``: every stage of the chain up to the one whose output it
+    is (all of them when ``release.input`` is left to its default); () for the dense model itself; None for a
+    model this pipeline did not make (its prune report, training and curves describe other weights)."""
+    present = tuple(s for s in MODEL_STAGES if getattr(recipe, s, None) is not None)
+    if recipe.release is None or recipe.release.input is None:
+        return present
+    if _same_model(source, recipe.model.source):
+        return ()
+    for index, stage in enumerate(present):
+        if _same_model(source, str(recipe.model_dir(stage))):
+            return present[:index + 1]
+    return None
 
 
 def measured_on_release(eval_result: dict | None, source: str) -> dict | None:
@@ -328,7 +344,14 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
         GenerationConfig.from_model_config(model.config).save_pretrained(partial)
     params_after = count_parameters(model)
     del model
-    if recipe.prune is not None and recipe.prune.rounds:
+    made = made_by(recipe, source)
+    stages = made or ()
+    if "prune" not in stages:  # the dense model, or one this pipeline did not make: no pruning of ours to report
+        prune_report = None
+        if made is None:
+            print(f"healer release: {source} (release.input) is not an output of this recipe's stages; the card "
+                  "describes no pruning or training", file=sys.stderr)
+    elif recipe.prune is not None and recipe.prune.rounds:
         prune_report = round_reports(recipe)  # the last round's alone counts from round K's input, not the base
     else:  # the replace stage's copy adds how the replacement block was trained (LLM-Streamline)
         prune_report = ((read_json_report(recipe.stage_dir("replace") / "prune_report.json")
@@ -350,7 +373,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
     dense_eval = (eval_result or {}).get("dense") or {}
     params_before = (prune_report or {}).get("params_before") or dense_eval.get("parameters")
     curves, curves_missing = [], []
-    for stage in TRAINING_STAGES:
+    for stage in (s for s in TRAINING_STAGES if s in stages):
         scalars = read_scalars(recipe.stage_dir(stage) / "tensorboard")
         png = plot_curves(scalars, partial / "images" / f"{stage}_curves.png", f"{stage}: {recipe.name}")
         if png is not None:
@@ -358,7 +381,7 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
         elif getattr(recipe, stage) is not None:
             curves_missing.append(stage)
 
-    runs = publish_stage_runs(recipe, partial)
+    runs = publish_stage_runs(recipe, partial, stages)
     base = base_identity(recipe.model.source, recipe.model.gguf_file)
     base_model = cfg.base_model or base["hub_id"]
     license = cfg.license or base["license"]
@@ -370,9 +393,12 @@ def build_release(recipe, out: Path, inputs: dict | None = None) -> dict:
         "base_source": recipe.model.source, "license": license, "tags": tags, "source": source,
         "params_before": params_before, "params_after": params_after, "prune_report": prune_report,
         "sparsity": sparsity,
-        "training": training_stages(recipe), "curves": curves, "curves_missing": curves_missing,
+        "training": [t for t in training_stages(recipe) if t["stage"] in stages],
+        "curves": curves, "curves_missing": curves_missing,
         "eval": eval_result, "recipe_yaml": recipe_yaml,
-        "summary": read_json_if_present(Path(recipe.run_dir) / "summary.json"),  # written by `healer run`
+        # written by `healer run`: the whole pipeline's rows, so only for its final model
+        "summary": (read_json_if_present(Path(recipe.run_dir) / "summary.json")
+                    if made == tuple(s for s in MODEL_STAGES if getattr(recipe, s, None) is not None) else None),
         "precision": precision, "base_gguf": base["gguf"], "runs": runs, "gguf": gguf_files,
     }
     info["card_data"] = hub_metadata(recipe, base, info)
