@@ -59,7 +59,7 @@ def _relay_stderr(stream, report: Path | None, found: dict) -> None:
         else:
             sys.stderr.write(line)
     stream.close()
-    if captured and report is not None:
+    if captured:  # only collected when there is a report file to put it in
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text("".join(captured), encoding="utf-8")
         codes = _ROOT_EXIT.findall("".join(captured))
