@@ -747,6 +747,14 @@ def p_resume_changed_data_same_names(d):
     return refusal(res, names=("data",), ok=lambda: said and steps(stage)[-1] == 3)
 
 
+def p_resume_more_steps_from_another_input(d):
+    from helpers import save_tiny
+    stage, corpus = FX.cpt_copy(d)
+    other = save_tiny(d, "llama", name="other", layers=4, hidden=32, intermediate=64, seed=5)  # same shapes
+    res = resume(d, stage, corpus, cpt={"max_steps": 3, "input": str(other)})
+    return refusal(res, names=("cpt.input", str(other)))
+
+
 def p_resume_dir_not_a_checkpoint(d):
     junk = put(d, "junk/x.pt", evil_pickle(d / "pwned")).parent
     res = cli("cpt", "--config", FX.cpt_recipe(d, d / "cpt"), "--resume", junk)
@@ -774,6 +782,7 @@ probes(
     ("resume_changed_seq_len", resumed(cpt={"max_steps": 3}, seq_len=16), "seq_len",
      lambda d, _: steps(d / "cpt")[-1] == 3),
     p_resume_changed_data_same_names,
+    p_resume_more_steps_from_another_input,
     p_resume_dir_not_a_checkpoint,
 )
 
@@ -801,8 +810,35 @@ def p_eval_finished_then_other_input(d):
     return refusal(res, names=("eval",), ok=lambda: (d / "ev" / "eval.json").read_text() != before)
 
 
+def p_run_model_rewritten_at_same_path(d):
+    from helpers import save_tiny
+    model = d / "model"
+    shutil.copytree(FX.model, model)
+    recipe = put(d, "r.yaml", f"name: probe\nrun_dir: {d / 'run'}\nmodel: {{source: {model}}}\n"
+                              "prune: {method: depth, blocks: [1]}\n")
+    first = cli("run", recipe)
+    if first.rc != 0:
+        return refusal(first)
+    save_tiny(d, "llama", name="model", layers=4, hidden=32, intermediate=64, seed=7)  # same size, other bytes
+    return refusal(cli("run", recipe), names=("model.source file model.safetensors",))
+
+
+def p_sft_data_records_reordered(d):
+    recipe = FX.recipe(d, f"sft: {{data: {d / 'instruct.json'}, max_steps: 1, micro_batch_size: 2, "
+                          "global_batch_size: 2, max_seq_len: 320, zero_stage: 0}\n")
+    records = json.loads(FX.instruct.read_text())
+    put(d, "instruct.json", json.dumps(records))
+    first = cli("sft", recipe)
+    if first.rc != 0:
+        return refusal(first)
+    put(d, "instruct.json", json.dumps(records[::-1]))  # the same records, another order: other batches
+    return refusal(cli("run", recipe, "--only", "sft"), names=("sft.data file instruct.json",))
+
+
 probes(
     "stale",
+    p_run_model_rewritten_at_same_path,
+    p_sft_data_records_reordered,
     p_cpt_finished_then_new_input,
     ("cpt_finished_then_changed_lr", resumed(cpt={"lr": 0.01}), "lr",
      lambda d, res: "skipping" not in res.err and metrics(d / "cpt")[-1]["train/lr"] == 0.01),
