@@ -311,3 +311,27 @@ def test_a_resume_from_another_input_model_is_refused_naming_both(tmp_path, caps
     err = capsys.readouterr().err
     assert "was written with other settings (cpt.input: " in err and str(other) in err and "--resume none" in err
     assert (tmp_path / "run" / "cpt" / "hf" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_lone_process_whose_picked_port_is_taken_meanwhile_picks_another():
+    # Run in a fresh interpreter: a process group, once made, stays for the life of the process.
+    script = """
+import os, socket
+for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+    os.environ.pop(key, None)
+import healer.train.engine as engine
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+real_free_port, picks = engine._free_port, []
+def racing_free_port():  # the first port it hands out is bound by "someone else" before the store listens
+    picks.append(taken.getsockname()[1] if not picks else real_free_port())
+    return picks[-1]
+engine._free_port = racing_free_port
+info = engine.init_distributed()
+print(info.rank, info.world_size, len(picks), os.environ["MASTER_PORT"] != str(picks[0]))
+"""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["0", "1", "2", "True"]

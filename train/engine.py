@@ -65,11 +65,14 @@ def _first_slurm_host() -> str | None:
         return None
 
 
-def _fill_rank_env() -> None:
-    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist: from a launcher, from srun, or for one lone process."""
+def _fill_rank_env() -> bool:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist: from a launcher, from srun, or for one lone process.
+
+    Returns True when the port is one this process picked for itself (a lone process), so it may pick another.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
-        return
+        return False
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         # srun started one task per rank: SLURM's variables are the only ones we get.
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -84,11 +87,13 @@ def _fill_rank_env() -> None:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(master_port_for_job(int(os.environ.get("SLURM_JOB_ID", "0"))))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        return
+        return False
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if "MASTER_PORT" in os.environ:
+        return False
+    os.environ["MASTER_PORT"] = str(_free_port())
+    return True
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
@@ -101,7 +106,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
-    _fill_rank_env()
+    own_port = _fill_rank_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         torch.cuda.set_device(local_rank)
@@ -110,8 +115,17 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    for attempt in range(5):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        except dist.DistNetworkError as err:
+            # A free port is only free until someone binds it: another process on a busy machine can take the
+            # port a lone process picked before its store listens on it. That process picks another.
+            if not own_port or "EADDRINUSE" not in str(err) or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
