@@ -335,3 +335,25 @@ print(info.rank, info.world_size, len(picks), os.environ["MASTER_PORT"] != str(p
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["0", "1", "2", "True"]
+
+
+def test_a_child_of_a_lone_process_does_not_take_its_filled_in_rank_env_for_a_launchers():
+    # The parent's store still listens on the port it picked; a child that inherited MASTER_PORT and "joined" as
+    # rank 0 of a world of 1 would bind that port and fail with EADDRINUSE.
+    script = """
+import os, subprocess, sys
+for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+    os.environ.pop(key, None)
+import healer.train.engine as engine
+engine.init_distributed()
+child = "import os, healer.train.engine as e; e.init_distributed(); print(os.environ['MASTER_PORT'])"
+out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=240)
+print(out.returncode, os.environ["MASTER_PORT"], (out.stdout.split() or ["none"])[-1])
+print(out.stderr[-1500:], file=sys.stderr)
+"""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=480)
+    assert out.returncode == 0, out.stderr[-2000:]
+    code, parent_port, child_port = out.stdout.split()[-3:]
+    assert code == "0", out.stderr[-2000:]
+    assert child_port != parent_port

@@ -65,11 +65,21 @@ def _first_slurm_host() -> str | None:
         return None
 
 
+# Names the port a lone process picked for itself. Its children inherit RANK/WORLD_SIZE/MASTER_PORT from it, and
+# must not take them for a launcher's: the parent's store may still listen on that port.
+LONE_PORT_VAR = "HEALER_LONE_MASTER_PORT"
+
+
 def _fill_rank_env() -> bool:
     """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist: from a launcher, from srun, or for one lone process.
 
     Returns True when the port is one this process picked for itself (a lone process), so it may pick another.
     """
+    inherited_lone = os.environ.get(LONE_PORT_VAR) is not None and \
+        os.environ.get(LONE_PORT_VAR) == os.environ.get("MASTER_PORT")
+    if inherited_lone:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", LONE_PORT_VAR):
+            os.environ.pop(key, None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         return False
@@ -92,8 +102,12 @@ def _fill_rank_env() -> bool:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" in os.environ:
         return False
-    os.environ["MASTER_PORT"] = str(_free_port())
+    _pick_lone_port()
     return True
+
+
+def _pick_lone_port() -> None:
+    os.environ["MASTER_PORT"] = os.environ[LONE_PORT_VAR] = str(_free_port())
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
@@ -106,7 +120,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
-    own_port = _fill_rank_env()
+    own_port = not dist.is_initialized() and _fill_rank_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         torch.cuda.set_device(local_rank)
@@ -125,7 +139,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             # port a lone process picked before its store listens on it. That process picks another.
             if not own_port or "EADDRINUSE" not in str(err) or attempt == 4:
                 raise
-            os.environ["MASTER_PORT"] = str(_free_port())
+            _pick_lone_port()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
