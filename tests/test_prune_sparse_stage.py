@@ -149,12 +149,13 @@ def test_release_warns_when_healing_filled_pruned_zeros(tmp_path, calibration_fi
     healed = AutoModelForCausalLM.from_pretrained(recipe.stage_dir("prune"))
     with torch.no_grad():
         healed.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # a heal that ignored the mask
-    healed.save_pretrained(tmp_path / "healed")
-    tiny_tokenizer().save_pretrained(tmp_path / "healed")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "run"), "model": {"source": str(src)}, "prune": recipe.prune.model_dump(),
-        "release": {"input": str(tmp_path / "healed")}}))
-    outputs = build_release(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "release")
+        "cpt": {"max_steps": 1}, "release": {}}))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    healed.save_pretrained(recipe.model_dir("cpt"))  # where the heal of this recipe leaves its model
+    tiny_tokenizer().save_pretrained(recipe.model_dir("cpt"))
+    outputs = build_release(recipe, tmp_path / "release")
     lost = outputs["sparsity"]["lost"]
     assert lost == healed.model.layers[0].mlp.down_proj.weight.numel() // 2 and not outputs["sparsity"]["kept"]
     card = (tmp_path / "release" / "README.md").read_text()
