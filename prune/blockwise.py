@@ -9,6 +9,7 @@ of a checkpoint directory, one block resident at a time, so a model larger than 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +18,20 @@ from torch import nn
 
 from healer.core.errors import HealerError
 from healer.model.adapter import Architecture, architecture_for, get_module
-from healer.model.modeling import ModelLocation, load_config, safetensors_files
+from healer.model.modeling import ModelLocation, load_config, safetensors_files, stored_in_another_layout
 
 
 def _output_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _materialise(skeleton: nn.Module, module: nn.Module) -> None:
+    """Give a meta-device ``module`` real (uninitialised) CPU memory for its weights, and the values of its
+    non-persistent buffers, which no checkpoint holds (Gemma's embedding scale): the family's own init sets them."""
+    module.to_empty(device="cpu")
+    for sub in module.modules():
+        if sub._non_persistent_buffers_set:
+            skeleton._init_weights(sub)
 
 
 class BlockStack:
@@ -64,13 +74,16 @@ class BlockStack:
         path = Path(path)
         config = load_config(ModelLocation(str(path)))
         arch = architecture_for(config)
+        if stored_in_another_layout(config):  # per-expert files, fused parameters: transformers converts on load
+            raise FileNotFoundError(f"{path} stores {config.model_type} tensors in another layout than its modules; "
+                                    "it is scored in memory")
         shards = _ShardIndex(path)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
         resident = {}
         for mod_path in (arch.embed_tokens, arch.final_norm, arch.lm_head):
             module = get_module(skeleton, mod_path)
-            module.to_empty(device="cpu")
+            _materialise(skeleton, module)
             resident[mod_path] = module
         shards.load_into(resident[arch.embed_tokens], arch.embed_tokens, dtype)
         shards.load_into(resident[arch.final_norm], arch.final_norm, dtype)
@@ -85,7 +98,7 @@ class BlockStack:
         @contextlib.contextmanager
         def loader(i: int):
             block = blocks[i]
-            block.to_empty(device="cpu")
+            _materialise(skeleton, block)
             shards.load_into(block, f"{arch.blocks}.{i}", dtype)
             try:
                 yield block
@@ -115,7 +128,7 @@ class BlockStack:
 
     def run_block(self, block: nn.Module, index: int, hidden: torch.Tensor, ctx: "BlockContext") -> torch.Tensor:
         out = block(hidden, attention_mask=ctx.mask_for(index), position_ids=ctx.position_ids,
-                    position_embeddings=ctx.position_embeddings, use_cache=False)
+                    position_embeddings=ctx.rotary_for(index), use_cache=False)
         return _output_tensor(out)
 
     @torch.no_grad()
@@ -127,9 +140,12 @@ class BlockStack:
         """
         h = self.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
         targets = input_ids[:, 1:].reshape(-1).to(h.device)
+        cap = getattr(self.config, "final_logit_softcapping", None)
         total = 0.0
         for start in range(0, h.shape[0], chunk_tokens):
             logits = self.lm_head(h[start:start + chunk_tokens]).float()
+            if cap:  # Gemma: the model's own forward squashes its logits into (-cap, cap)
+                logits = torch.tanh(logits / cap) * cap
             total += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk_tokens],
                                                        reduction="sum").item()
         return total, targets.numel()
@@ -143,17 +159,30 @@ class BlockContext:
 
         batch, seq = hidden.shape[:2]
         self.position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
-        with torch.no_grad():
-            self.position_embeddings = stack.rotary(hidden, self.position_ids)
         config = stack.config
+        self.layer_types = getattr(config, "layer_types", None)
+        with torch.no_grad():
+            if "layer_type" in inspect.signature(stack.rotary.forward).parameters:
+                # Gemma 3, OLMo 3: each attention kind has its own rotary base, chosen per block by its type.
+                self.rotary_by_type = {kind: stack.rotary(hidden, self.position_ids, kind)
+                                       for kind in set(self.layer_types)}
+                self.position_embeddings = None
+            else:
+                self.rotary_by_type = None
+                self.position_embeddings = stack.rotary(hidden, self.position_ids)
         kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
                       position_ids=self.position_ids)
-        self.layer_types = getattr(config, "layer_types", None)
         self.masks = {"full_attention": create_causal_mask(**kwargs)}
         needs_sliding = (self.layer_types and "sliding_attention" in self.layer_types) or (
             not self.layer_types and getattr(config, "sliding_window", None))
         if needs_sliding:
             self.masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+
+    def rotary_for(self, index: int):
+        """The rotary (cos, sin) block ``index`` takes."""
+        if self.rotary_by_type is not None:
+            return self.rotary_by_type[self.layer_types[index]]
+        return self.position_embeddings
 
     def mask_for(self, index: int):
         if self.layer_types:

@@ -22,8 +22,9 @@ from healer.prune.criteria import (
 )
 from healer.prune.pattern import parse_pattern
 
-# The roles healer.prune.sparse.projection_paths resolves through the architecture adapter.
-PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The roles healer.model.adapter.projection_paths resolves per family (qkv_proj and gate_up_proj: fused ones).
+PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                    "down_proj")
 
 
 def _end_defaults(side: int) -> str:

@@ -49,7 +49,7 @@ class Criterion:
     description: str  # one line: what it scores (docs/pruning.md, `healer schema`, the report)
     needs_data: bool  # scores on calibration text
     reads_shards: bool  # looks at one block at a time, so it can score a model larger than memory
-    target: str = "blocks"  # what surgery removes: blocks (depth), mlp neurons or attention KV groups (width)
+    target: str = "blocks"  # what surgery removes: blocks (depth), mlp neurons, attention KV groups or experts
     keep_ends: tuple[int, int] = (0, 0)  # default prune.keep_first / keep_last (Shortened LLaMA's "+")
     select: Callable[[dict[int, float], int], list[int]] | str = "healer.prune.depth:choose_lowest"  # depth
     scores_are: str | None = None  # what one score value means, when the method's default does not say it
@@ -105,6 +105,14 @@ CRITERIA: dict[str, dict[str, Criterion]] = {
             "healer.prune.width:head_output_scores",
             "norm of each query head's contribution to the residual "
             "stream, summed per KV group", needs_data=True, reads_shards=True, target="attention"),
+        "frequency": Criterion(
+            "healer.prune.experts:frequency_scores",
+            "share of calibration tokens the router sends to each expert",
+            needs_data=True, reads_shards=False, target="experts"),
+        "reap": Criterion(
+            "healer.prune.experts:reap_scores",
+            "mean routing weight × ‖expert output‖ over the tokens routed to the "
+            "expert (REAP, Lasby et al.)", needs_data=True, reads_shards=False, target="experts"),
     },
     "sparse": {
         "wanda": Criterion(

@@ -65,15 +65,22 @@ def ppl_scores_naive(model, tokens: torch.Tensor, candidates: list[int], progres
     path, _, attr = adapter.arch.blocks.rpartition(".")
     holder = model.get_submodule(path)
     n = len(parent)
+    # The model's forward reads per-layer lists (attention kinds) by position: they lose the left-out entry too.
+    lists = {key: getattr(model.config, key) for key in adapter.arch.per_layer_config_lists
+             if isinstance(getattr(model.config, key, None), list) and len(getattr(model.config, key)) == n}
     out = {}
     for i in tqdm(candidates, desc="ppl (naive)", disable=not progress):
         holder.__setattr__(attr, torch.nn.ModuleList([parent[j] for j in range(n) if j != i]))
         model.config.num_hidden_layers = n - 1
+        for key, values in lists.items():
+            setattr(model.config, key, values[:i] + values[i + 1:])
         try:
             out[i] = perplexity(model, tokens)
         finally:
             holder.__setattr__(attr, parent)
             model.config.num_hidden_layers = n
+            for key, values in lists.items():
+                setattr(model.config, key, values)
     return out
 
 

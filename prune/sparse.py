@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from healer.core.errors import HealerError, VerificationError
-from healer.model.adapter import ARCHITECTURES, Architecture, architecture_for, get_module
+from healer.model.adapter import ARCHITECTURES, Architecture, architecture_for, get_module, projection_paths
 from healer.prune.blockwise import BlockStack
 from healer.prune.criteria import get_criterion
 from healer.prune.pattern import Pattern, parse_pattern
@@ -73,13 +73,6 @@ def prune_sparsegpt(name: str, weight: torch.Tensor, stats: Hessian, opts: Spars
     new, _, loss = sparsegpt_prune(weight, stats.matrix, opts.pattern, blocksize=opts.blocksize,
                                    percdamp=opts.percdamp, name=name)
     return new, {"obs_loss": loss}
-
-
-def projection_paths(arch: Architecture) -> dict[str, str]:
-    """Every linear projection of a block, by role name (``q_proj`` ... ``down_proj``), as a path in the block."""
-    attn = {role: f"{arch.attention}.{getattr(arch, role)}" for role in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    mlp = {role: f"{arch.mlp}.{getattr(arch, role)}" for role in ("gate_proj", "up_proj", "down_proj")}
-    return attn | mlp
 
 
 def select_layers(arch: Architecture, layers: Iterable[str] | None) -> dict[str, str]:

@@ -17,8 +17,9 @@ import torch
 from healer.core.errors import HealerError
 from healer.core.manifest import package_versions, read_stage_manifest, write_json_atomic, write_stage_manifest
 from healer.core.swap import new_partial_dir, swap_in
-from healer.model.adapter import ModelAdapter, architecture_for
+from healer.model.adapter import ModelAdapter, architecture_for, refuse_head_pruning, refuse_moe_mlp
 from healer.model.calibration import load_calibration
+from healer.model.experts import check_all_blocks_have_experts, keep_experts, num_experts
 from healer.model.modeling import (
     check_output_dir,
     check_seq_len,
@@ -67,6 +68,13 @@ def plan_width(cfg: PruneConfig, config) -> int:
     """Units kept in every block (MLP neurons or key-value groups); raises ValueError if impossible."""
     if cfg.spec.target == "mlp":
         return width.kept_width(config.intermediate_size, cfg.ratio, cfg.round_to)
+    if cfg.spec.target == "experts":
+        total, top_k = num_experts(config), int(config.num_experts_per_tok)
+        keep = width.kept_groups(total, cfg.ratio, "experts per block")
+        if keep < top_k:
+            raise ValueError(f"prune.ratio {cfg.ratio} keeps {keep} of {total} experts per block, fewer than the "
+                             f"{top_k} the router picks per token (num_experts_per_tok); lower the ratio")
+        return keep
     return width.kept_groups(getattr(config, "num_key_value_heads", None) or config.num_attention_heads, cfg.ratio)
 
 
@@ -110,7 +118,14 @@ def check_output(out: Path, location, keep_apart: dict[str, str]) -> None:
 
 def check_model(cfg: PruneConfig, location, config) -> None:
     """Refuse a model healer cannot prune or read, and calibration it cannot use, before any scoring."""
-    architecture_for(config)  # refuse an unknown family before any work
+    arch = architecture_for(config)  # refuse an unknown family before any work
+    target = cfg.spec.target
+    if target == "attention":
+        refuse_head_pruning(arch)
+    elif target in ("mlp", "weights"):
+        refuse_moe_mlp(arch, "MLP width pruning" if target == "mlp" else "sparse pruning")
+    elif target == "experts":
+        check_all_blocks_have_experts(arch, config)
     check_weights(location, config)
     if cfg.needs_calibration and cfg.calibration.path is None:
         raise HealerError(f"prune.calibration.path is required by criterion {cfg.criterion!r} "
@@ -196,6 +211,12 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         edited = adapter.remove_blocks(drop)
         details = {"removed": removed, "kept": [i for i in range(config.num_hidden_layers) if i not in removed],
                    "scores": {str(k): v for k, v in scores.items()}, "config_keys_edited": edited, **details}
+    elif spec.target == "experts":
+        kept = width.top_indices(scores, keep)
+        total = num_experts(config)
+        keep_experts(adapter.arch, adapter.blocks, model.config, dict(enumerate(kept)))
+        details = {"experts": [total, keep], "kept_experts_per_block": [k.tolist() for k in kept],
+                   **width.describe(scores, kept), "expert_scores": [s.tolist() for s in scores]}
     elif spec.target == "mlp":
         kept = width.top_indices(scores, keep)
         adapter.shrink_mlp(kept)
@@ -330,6 +351,7 @@ def _print_summary(report: dict, out: Path) -> None:
     what = (f"removed blocks {report['removed']}" if "removed" in report
             else f"intermediate_size {report['intermediate_size'][0]} -> {report['intermediate_size'][1]}"
             if "intermediate_size" in report
+            else f"experts per block {report['experts'][0]} -> {report['experts'][1]}" if "experts" in report
             else f"heads {report['attention_heads'][0]} -> {report['attention_heads'][1]}")
     if "replacement" in report:
         what += f", in their place block {report['replacement']['init_from_block']} (trained by `healer replace`)"

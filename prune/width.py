@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from healer.model.adapter import attention_projections, mlp_projections
+from healer.model.adapter import attention_output, mlp_output, mlp_weights
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 
@@ -65,12 +65,12 @@ def kept_width(total: int, ratio: float, multiple: int) -> int:
     return keep
 
 
-def kept_groups(total: int, ratio: float) -> int:
+def kept_groups(total: int, ratio: float, unit: str = "key-value groups") -> int:
     keep = round(total * (1.0 - ratio))
     if keep <= 0:
-        raise ValueError(f"prune.ratio {ratio} would remove all {total} key-value groups; lower the ratio")
+        raise ValueError(f"prune.ratio {ratio} would remove all {total} {unit}; lower the ratio")
     if keep == total:
-        raise ValueError(f"prune.ratio {ratio} of {total} key-value groups rounds to removing none; raise the ratio")
+        raise ValueError(f"prune.ratio {ratio} of {total} {unit} rounds to removing none; raise the ratio")
     return keep
 
 
@@ -78,8 +78,8 @@ def maw_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = 
     """max(w) + |min(w)| of each gate row plus the same of each up row (the pruned Llama-3.2 method, no data)."""
     out = []
     for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="maw", disable=not progress):
-        gate, up, _ = mlp_projections(stack.arch, block)
-        g, u = gate.weight.detach().float(), up.weight.detach().float()
+        gate, up, _ = mlp_weights(stack.arch, block)
+        g, u = gate.float(), up.float()
         out.append(g.max(1).values + g.min(1).values.abs() + u.max(1).values + u.min(1).values.abs())
     return out
 
@@ -88,9 +88,8 @@ def l2_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = T
     """L2 norm of everything a neuron owns: its gate row, up row and down column (no data)."""
     out = []
     for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="l2", disable=not progress):
-        gate, up, down = mlp_projections(stack.arch, block)
-        sq = gate.weight.detach().float().pow(2).sum(1) + up.weight.detach().float().pow(2).sum(1) \
-            + down.weight.detach().float().pow(2).sum(0)
+        gate, up, down = mlp_weights(stack.arch, block)
+        sq = gate.float().pow(2).sum(1) + up.float().pow(2).sum(1) + down.float().pow(2).sum(0)
         out.append(sq.sqrt())
     return out
 
@@ -110,7 +109,7 @@ def activation_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = 
             sums[i] = s if counts[i] == 0 else sums[i] + s
             counts[i] += x.shape[0] * x.shape[1]
 
-        down = mlp_projections(stack.arch, block)[2]
+        down = mlp_output(stack.arch, block)
         return [down.register_forward_pre_hook(hook)]
 
     _boundary_walk(stack, tokens, _ignore, progress, "mlp activations", watch=watch)
@@ -139,7 +138,7 @@ def head_output_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool =
             sums[i] += per_head.view(num_kv_heads, group).sum(1)
             counts[i] += x.shape[0] * x.shape[1]
 
-        o_proj = attention_projections(stack.arch, block)[3]
+        o_proj = attention_output(stack.arch, block)
         return [o_proj.register_forward_pre_hook(hook)]
 
     _boundary_walk(stack, tokens, _ignore, progress, "head output norms", watch=watch)

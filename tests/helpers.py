@@ -33,32 +33,58 @@ def tiny_tokenizer():
     return tok
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Every family the adapter supports, each built tiny in-process with the features that set it apart switched on:
+# Gemma's scaled embeddings, sandwich norms, soft-capped logits and sliding/global layers; Phi-3's fused
+# projections; OLMo's norms after each sublayer and q/k norms over all heads; SmolLM3's layers without RoPE.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3")
+# The families healer writes GGUF files for (llama.cpp's architectures of the same tensor layout).
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Mixture-of-experts families: 8 experts, 2 per token, in every block (Qwen2-MoE with its shared expert).
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+ALL_FAMILIES = FAMILIES + MOE_FAMILIES
 
 
 def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, intermediate: int = 128, heads: int = 4,
                 kv_heads: int = 2, vocab: int = 320, **extra):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoConfig
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                   tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=None)
-    if family in ("qwen2", "qwen3"):
+    if family not in ("llama", "mistral", "phi3", "olmo2"):
         kwargs["head_dim"] = hidden // heads
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if family in ("gemma2", "gemma3_text"):
+        kwargs.update(query_pre_attn_scalar=hidden // heads, sliding_window=8, layer_types=alternating,
+                      final_logit_softcapping=30.0, attn_logit_softcapping=50.0 if family == "gemma2" else None)
+    elif family == "olmo3":
+        kwargs.update(sliding_window=8, layer_types=alternating)
+    elif family == "smollm3":
+        kwargs.update(no_rope_layers=[int(i % 3 != 2) for i in range(layers)])
+    if family in MOE_FAMILIES:
+        kwargs.update(num_experts=8, num_experts_per_tok=2)
+        if family in ("qwen3_moe", "qwen2_moe"):  # the experts' width; mixtral and olmoe use intermediate_size
+            kwargs.update(moe_intermediate_size=intermediate // 4, decoder_sparse_step=1, mlp_only_layers=[])
+        if family == "qwen2_moe":
+            kwargs.update(shared_expert_intermediate_size=intermediate // 2)
+        if family in ("mixtral", "olmoe"):
+            kwargs["intermediate_size"] = intermediate // 4
     kwargs.update(extra)
-    return cls(**kwargs)
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), attn_implementation="sdpa")
+    from healer.model.modeling import supported_attention
+
+    config = tiny_config(family, **config_kwargs)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=supported_attention(config, "sdpa"))
     # Random init gives near-identical blocks; spread the weights so criteria have something to rank.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: the fused experts of an MoE block
                 p.normal_(0, 0.08)
     return model.eval()
 
@@ -137,12 +163,12 @@ def depth_prune_section(calibration_file: Path, **keys) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tiny_recipe(tmp_path: Path, *sections: str, layers: int = 4) -> tuple[Path, Path]:
-    """Write ``tmp_path/recipe.yaml``: run ``tiny`` in ``tmp_path/run`` on a tiny llama of ``layers`` blocks
-    (hidden 64, MLP 128), then ``sections`` (YAML text, dedented). Returns (recipe, model directory)."""
+def tiny_recipe(tmp_path: Path, *sections: str, layers: int = 4, family: str = "llama") -> tuple[Path, Path]:
+    """Write ``tmp_path/recipe.yaml``: run ``tiny`` in ``tmp_path/run`` on a tiny ``family`` model of ``layers``
+    blocks (hidden 64, MLP 128), then ``sections`` (YAML text, dedented). Returns (recipe, model directory)."""
     import textwrap
 
-    src = save_tiny(tmp_path, "llama", layers=layers, hidden=64, intermediate=128)
+    src = save_tiny(tmp_path, family, layers=layers, hidden=64, intermediate=128)
     text = f"name: tiny\nrun_dir: {tmp_path / 'run'}\nmodel: {{source: {src}}}\n"
     text += "".join(textwrap.dedent(section).strip("\n") + "\n" for section in sections)
     recipe = tmp_path / "recipe.yaml"

@@ -188,3 +188,36 @@ def test_the_model_card_says_a_lora_heal_is_a_merged_adapter(tmp_path):
     write_stage_manifest(recipe.stage_dir("cpt"), "cpt", None, {"lora": {"rank": 8}, "kd": None, "steps": 3})
     (cpt,) = training_stages(recipe)
     assert cpt["how"] == "continued pretraining of a LoRA adapter (rank 8), merged into the weights"
+
+
+def test_the_papers_q_v_targets_adapt_the_fused_qkv_of_a_family_that_fuses_them(capsys):
+    from helpers import tiny_model
+
+    from healer.train.config import LoRAConfig
+    from healer.train.lora import attach
+
+    model = attach(tiny_model("phi3", layers=2), LoRAConfig(), "cpt.lora.target_modules")
+    def adapted(peft_model) -> list[str]:
+        return sorted({n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters()
+                       if "lora_A" in n})
+
+    assert adapted(model) == ["qkv_proj"]
+    err = capsys.readouterr().err
+    assert "cpt.lora.target_modules: this model fuses q_proj into qkv_proj; adapting qkv_proj" in err
+    assert adapted(attach(tiny_model("llama", layers=2), LoRAConfig(), "cpt.lora.target_modules")) == ["q_proj",
+                                                                                                       "v_proj"]
+
+
+def test_lora_on_an_moe_says_which_setting_lets_peft_adapt_its_experts():
+    from helpers import tiny_model
+
+    from healer.train.config import LoRAFields
+    from healer.train.lora import attach
+
+    with pytest.raises(HealerError, match=r"^sft.target_modules: 'all-linear' also adapts .* set sft.dropout: 0"):
+        attach(tiny_model("qwen3_moe", layers=2), LoRAFields(), "sft.target_modules")
+    model = attach(tiny_model("qwen3_moe", layers=2), LoRAFields(dropout=0.0), "sft.target_modules")
+    assert any("experts" in n and "lora" in n for n, _ in model.named_parameters())
+    attention_only = attach(tiny_model("qwen3_moe", layers=2), LoRAFields(target_modules=["q_proj", "v_proj"]),
+                            "sft.target_modules")
+    assert not any("experts" in n and "lora" in n for n, _ in attention_only.named_parameters())

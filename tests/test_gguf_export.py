@@ -11,7 +11,7 @@ import gguf
 import pytest
 import torch
 import yaml
-from helpers import FAMILIES, save_tiny, tiny_model, tiny_tokenizer
+from helpers import GGUF_FAMILIES, save_tiny, tiny_model, tiny_tokenizer
 
 import healer.release.gguf_export as gguf_export
 from healer.cli import main
@@ -43,7 +43,7 @@ def fields(path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_every_family_exports_f16_and_q8_0_that_match_the_checkpoint(family, tmp_path):
     src = confident_model(tmp_path, family, layers=3)
     records = gguf_export.export_and_check(src, tmp_path / "gguf", "tiny/healed 1", ["f16", "q8_0"])
@@ -224,3 +224,19 @@ def test_a_quantised_file_that_reorders_near_tied_tokens_passes_on_perplexity():
     better[torch.arange(positions - 1), torch.tensor(ids[1:])] += 3.0  # a file that "knows the answers" is wrong too
     assert not gguf_export._compare(reference, better, "q8_0", ids)["passed"]
 
+
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_a_family_without_gguf_export_is_refused_before_any_stage_runs(family, tmp_path, capsys):
+    from healer.cli import main
+
+    src = save_tiny(tmp_path, family, layers=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "g", "run_dir": str(tmp_path / "run"), "model": {"source": str(src)},
+                                      "prune": {"method": "depth", "criterion": "magnitude", "num_blocks": 1,
+                                                "keep_first": 0, "keep_last": 0},
+                                      "release": {"gguf": ["f16"]}}))
+    assert main(["run", "--config", str(recipe)]) == 2
+    assert f"release.gguf: model type '{family}' has no GGUF export" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "prune").exists()

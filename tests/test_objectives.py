@@ -21,9 +21,10 @@ from healer.train.objectives import OBJECTIVES, Distill, HiddenMSE, NextTokenCE,
 TOL = 1e-5
 
 
-def _pair(tied: bool = False):
-    student = tiny_model("llama", seed=1, layers=2, hidden=32, intermediate=64, tie_word_embeddings=tied).train()
-    teacher = tiny_model("llama", seed=2, layers=3, hidden=32, intermediate=64, tie_word_embeddings=tied)
+def _pair(tied: bool = False, family: str = "llama", **config):
+    student = tiny_model(family, seed=1, layers=2, hidden=32, intermediate=64, tie_word_embeddings=tied,
+                         **config).train()
+    teacher = tiny_model(family, seed=2, layers=3, hidden=32, intermediate=64, tie_word_embeddings=tied, **config)
     return student, teacher.requires_grad_(False)
 
 
@@ -236,6 +237,32 @@ def test_chunked_kd_equals_unchunked_loss_and_gradients(alpha, top_k, tied, head
     assert _max_diff(_grads(student), _grads(reference)) <= TOL
     if tied:
         assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("top_k", [None, 7], ids=["full", "top7"])
+def test_chunked_kd_of_a_family_that_soft_caps_its_logits_equals_its_own_logits(family, top_k, head_path):
+    # A cap of 0.5 bites on every logit (a tiny random model's are about +-1), so skipping it shows.
+    student, teacher = _pair(True, family, final_logit_softcapping=0.5)
+    ids = _ids()
+    reference = copy.deepcopy(student)
+    logits = reference(input_ids=ids).logits
+    assert logits.abs().max() < 0.5
+    loss, ce, kl = distill_loss(logits, teacher(input_ids=ids).logits, ids, alpha=0.5, temperature=2.0, top_k=top_k)
+    loss.backward()
+    objective = Distill(teacher, alpha=0.5, temperature=2.0, top_k=top_k, chunk_size=4)
+    loss_sum, parts = objective(student, {"input_ids": ids})
+    (loss_sum / 30).backward()
+    assert abs(loss_sum.item() / 30 - loss.item()) <= TOL
+    assert abs(parts["ce"].item() / 30 - ce.item()) <= TOL and abs(parts["kl"].item() / 30 - kl.item()) <= TOL
+    assert _max_diff(_grads(student), _grads(reference)) <= TOL
+
+
+def test_a_family_that_scales_its_logits_after_the_head_is_refused():
+    student, teacher = _pair()
+    student.config.logit_scale = 0.25
+    with pytest.raises(HealerError, match="logit_scale=0.25.*not supported"):
+        NextTokenCE()(student, {"input_ids": _ids()})
 
 
 def test_chunked_loss_never_builds_more_than_a_chunk_of_logits(head_path, monkeypatch):

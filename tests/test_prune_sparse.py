@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import save_tiny, tiny_model
+from helpers import FAMILIES, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from healer.core.errors import HealerError
+from healer.model.adapter import architecture_for
 from healer.prune.blockwise import BlockStack
 from healer.prune.pattern import parse_pattern
 from healer.prune.sparse import ShardWriter, plan_sparsity, projection_paths, save_sparse, sparsify, verify_sparsity
@@ -27,7 +28,7 @@ def block_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_wanda_half_of_every_row_and_nothing_else_touched(family):
     model = tiny_model(family, layers=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -42,8 +43,9 @@ def test_wanda_half_of_every_row_and_nothing_else_touched(family):
         else:  # embeddings, lm_head, norms, qwen2's q/k/v biases
             assert torch.equal(p, before[name]), f"{name} changed"
     assert report["sparsity"]["overall"] == 0.5 and report["sparsity"]["pattern_holds"]
-    assert len(report["sparsity"]["per_layer"]) == 3 * 7
-    assert set(report["sparsity"]["by_type"]) == set(PROJECTIONS)
+    roles = projection_paths(architecture_for(model.config))  # phi3: qkv_proj and gate_up_proj, fused
+    assert len(report["sparsity"]["per_layer"]) == 3 * len(roles)
+    assert set(report["sparsity"]["by_type"]) == set(roles)
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "magnitude"])
@@ -213,6 +215,18 @@ def test_projection_roles_come_from_the_adapter():
 
     assert tuple(projection_paths(ARCHITECTURES["qwen3"])) == PROJECTIONS
     assert projection_paths(ARCHITECTURES["llama"])["down_proj"] == "mlp.down_proj"
+    assert tuple(projection_paths(ARCHITECTURES["phi3"])) == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_a_role_the_family_does_not_have_is_refused_naming_its_roles():
+    model = tiny_model("phi3", layers=2)
+    before = block_weights(model)
+    with pytest.raises(HealerError, match="q_proj.*qkv_proj, o_proj, gate_up_proj, down_proj"):
+        sparsify(model, None, criterion="magnitude", pattern="2:4", layers=["q_proj"], progress=False)
+    assert all(torch.equal(w, before[n]) for n, w in block_weights(model).items())
+    sparsify(model, None, criterion="magnitude", pattern="2:4", layers=["qkv_proj"], progress=False)
+    for name, w in block_weights(model).items():
+        assert (w == 0).float().mean() == (0.5 if "qkv_proj" in name else 0), name
 
 
 def test_disk_prune_keeps_the_checkpoint_dtype_and_refuses_a_used_output(tmp_path):

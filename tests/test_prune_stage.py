@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import FAMILIES, save_tiny
+from helpers import ALL_FAMILIES, save_tiny
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
@@ -22,7 +22,7 @@ from healer.prune.stage import prune, teachers
 from healer.recipe import load_recipe
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_depth_ppl_writes_a_loadable_checkpoint_and_report(family, tmp_path, calibration_file):
     src = save_tiny(tmp_path, family, layers=8)
     cfg = PruneConfig(method="depth", criterion="ppl", ratio=0.25, calibration={"path": str(calibration_file),

@@ -6,16 +6,16 @@ import copy
 
 import pytest
 import torch
-from helpers import FAMILIES, tiny_model
+from helpers import ALL_FAMILIES, FAMILIES, tiny_model
 
 from healer.core.errors import UnsupportedArchitecture
-from healer.model.adapter import ModelAdapter, architecture_for
+from healer.model.adapter import ARCHITECTURES, ModelAdapter, architecture_for, mlp_weights
 from healer.model.modeling import save_and_verify
 
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_removing_blocks_equals_skipping_them(family):
     model = tiny_model(family)
     with torch.no_grad():
@@ -48,11 +48,15 @@ def test_removing_dead_mlp_neurons_leaves_logits_unchanged(family):
     with torch.no_grad():
         after = model(TOKENS).logits
     assert model.config.intermediate_size == 96
-    assert model.model.layers[0].mlp.gate_proj.weight.shape == (96, 64)
+    gate, up, down = mlp_weights(adapter.arch, adapter.blocks[0])
+    assert gate.shape == up.shape == (96, 64) and down.shape == (64, 96)
     assert torch.allclose(before, after, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+HEAD_PRUNABLE = tuple(f for f in ALL_FAMILIES if not ARCHITECTURES[f].qk_norm_spans_heads)
+
+
+@pytest.mark.parametrize("family", HEAD_PRUNABLE)
 def test_removing_silent_kv_group_leaves_logits_unchanged(family, tmp_path):
     model = tiny_model(family, heads=4, kv_heads=2)
     adapter = ModelAdapter(model)
@@ -68,6 +72,15 @@ def test_removing_silent_kv_group_leaves_logits_unchanged(family, tmp_path):
     assert torch.allclose(before, after, atol=1e-5)
     # The edited config must describe the new shapes to plain transformers.
     save_and_verify(model, None, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", sorted(set(ALL_FAMILIES) - set(HEAD_PRUNABLE)))
+def test_head_pruning_is_refused_where_q_k_norms_span_all_heads(family):
+    model = tiny_model(family)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedArchitecture, match=f"{family}: attention heads cannot be pruned.*prune.target: mlp"):
+        ModelAdapter(model).shrink_attention([torch.tensor([0])] * model.config.num_hidden_layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -111,5 +124,9 @@ def test_tied_embeddings_survive(tmp_path):
 def test_unknown_family_is_refused_by_name():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedArchitecture, match="'gpt2'.*supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitecture, match="'gpt2'.*supported: gemma2, gemma3_text, llama, "):
         architecture_for(GPT2Config())
+
+
+def test_every_supported_family_is_built_by_the_tests():
+    assert set(ALL_FAMILIES) == set(ARCHITECTURES)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, save_tiny
+from helpers import ALL_FAMILIES, save_tiny
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -30,7 +30,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_span_becomes_one_standard_block_of_the_span(family, tmp_path, calibration_file):
     src = save_tiny(tmp_path, family, layers=8)
     report = prune(str(src), _cfg(calibration_file), tmp_path / "out", progress=False)

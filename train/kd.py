@@ -152,6 +152,26 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
+class SoftcappedHead(torch.nn.Module):
+    """``cap * tanh(linear(x) / cap)``: the output head of a family that soft-caps its logits (Gemma 2 and 3).
+
+    ``linear`` stays the model's own head module (ZeRO-3 hooks, LoRA and the tied embedding keep working);
+    :func:`chunked_head_loss` folds the cap into its closed-form gradient when the linear head allows that.
+    """
+
+    def __init__(self, linear: torch.nn.Module, cap: float):
+        super().__init__()
+        self.linear, self.cap = linear, float(cap)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(hidden) / self.cap) * self.cap
+
+
+def _unwrap(head) -> tuple[torch.nn.Module, float | None]:
+    """(the linear head, its logit cap or None)."""
+    return (head.linear, head.cap) if isinstance(head, SoftcappedHead) else (head, None)
+
+
 def _chunk_sums(hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, targets: torch.Tensor, head: Head,
                 teacher_head: Head | None, temperature: float, top_k: int | None,
                 t_values: torch.Tensor | None = None, t_indices: torch.Tensor | None = None
@@ -228,7 +248,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_head, alpha, temperature, top_k, chunk_size,
-                teacher_topk=None):
+                teacher_topk=None, softcap=None):
         want_h, want_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) needs no [V, H] gradient buffer
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -240,9 +260,16 @@ class _FusedHeadLoss(torch.autograd.Function):
                 t_logits = TopK(*(t[start:start + chunk_size] for t in teacher_topk))
             else:
                 t_logits = None if teacher_head is None else teacher_head(teacher_hidden[start:start + chunk_size])
-            ce, kl, d_logits = _loss_and_logit_grad(F.linear(h, weight).float(), y, t_logits, alpha, temperature,
-                                                    top_k)
-            del t_logits
+            logits = F.linear(h, weight).float()
+            if softcap is not None:  # d(c tanh(s/c))/ds = 1 - tanh^2(s/c)
+                logits = logits.div_(softcap).tanh_()
+                slope = 1 - logits.square()
+                logits = logits.mul_(softcap)
+            ce, kl, d_logits = _loss_and_logit_grad(logits, y, t_logits, alpha, temperature, top_k)
+            del t_logits, logits
+            if softcap is not None:
+                d_logits = d_logits.mul_(slope)
+                del slope
             ce_sum += ce
             kl_sum += kl
             d_logits = d_logits.to(weight.dtype)
@@ -265,7 +292,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         def scale(g):  # the buffers are ours: scale in place
             return None if g is None else g.mul_(grad_loss)
 
-        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None, None
 
 
 def _plain_linear(head) -> bool:
@@ -300,9 +327,9 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
     chunk_size: positions per chunk; the memory of the loss is about a handful of ``chunk_size x V`` fp32
         tensors instead of ``positions x V``.
     fused: True = gradients computed in the forward pass (:class:`_FusedHeadLoss`; needs a plain bias-free
-        ``nn.Linear`` head); False = each chunk recomputed in backward by ``torch.utils.checkpoint``, calling
-        the head module again, which is what a ZeRO-3-partitioned head needs (its hooks gather the weight
-        and route its gradient). None picks fused whenever the head allows it.
+        ``nn.Linear`` head, alone or in a :class:`SoftcappedHead`); False = each chunk recomputed in backward
+        by ``torch.utils.checkpoint``, calling the head module again, which is what a ZeRO-3-partitioned head
+        needs (its hooks gather the weight and route its gradient). None picks fused whenever the head allows it.
     ``ce_sum`` and ``kl_sum`` are detached; ``loss_sum = alpha*ce_sum + (1-alpha)*T^2*kl_sum`` carries the grad.
     """
     if teacher_head is None and teacher_topk is None and alpha != 1.0:
@@ -316,20 +343,21 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *
         teacher_topk = TopK(*(t.reshape(-1, t.shape[-1])[keep] for t in teacher_topk))
     elif teacher_head is None:
         alpha = 1.0
-    training = torch.is_grad_enabled() and (hidden.requires_grad or getattr(head, "weight", hidden).requires_grad)
+    linear, softcap = _unwrap(head)
+    training = torch.is_grad_enabled() and (hidden.requires_grad or getattr(linear, "weight", hidden).requires_grad)
     if fused is None:
-        fused = _plain_linear(head)
+        fused = _plain_linear(linear)
     if fused and training:
-        return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
-                                    top_k, chunk_size, teacher_topk)
-    if training and _frozen_partitioned_linear(head):
+        return _FusedHeadLoss.apply(hidden, linear.weight, targets, teacher_hidden, teacher_head, alpha, temperature,
+                                    top_k, chunk_size, teacher_topk, softcap)
+    if training and _frozen_partitioned_linear(linear):
         # A recomputed chunk would find a frozen ZeRO-3 head partitioned again (no hook gathers it in backward);
         # fused needs it whole only during this forward, since its backward merely scales stored gradients.
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([head.weight]):
-            return _FusedHeadLoss.apply(hidden, head.weight, targets, teacher_hidden, teacher_head, alpha,
-                                        temperature, top_k, chunk_size, teacher_topk)
+        with deepspeed.zero.GatheredParameters([linear.weight]):
+            return _FusedHeadLoss.apply(hidden, linear.weight, targets, teacher_hidden, teacher_head, alpha,
+                                        temperature, top_k, chunk_size, teacher_topk, softcap)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kl_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_size):

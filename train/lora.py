@@ -7,6 +7,7 @@ merged model holds exactly the pruned zeros although the adapter's update is den
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -19,12 +20,36 @@ from healer.train.config import LoRAFields
 ADAPTER = "adapter"  # the adapter's directory inside a stage directory
 
 
-def lora_config(cfg: LoRAFields):
-    """PEFT's ``LoraConfig`` for a causal LM from the recipe's rank, alpha, dropout and target modules."""
+# A family that fuses projections (Phi-3) has one module where others have several.
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+def lora_config(cfg: LoRAFields, targets: list[str] | str | None = None):
+    """PEFT's ``LoraConfig`` for a causal LM from the recipe's rank, alpha, dropout and target modules
+    (``targets``, when given, in place of ``cfg.target_modules``)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules if targets is None else targets, task_type="CAUSAL_LM")
+
+
+def fused_targets(model: nn.Module, targets: list[str] | str, key: str) -> list[str] | str:
+    """``targets`` with ``q_proj``/``k_proj``/``v_proj`` read as ``qkv_proj`` and ``gate_proj``/``up_proj`` as
+    ``gate_up_proj`` where ``model`` has only the fused module (said on the terminal): adapting the fused
+    matrix adapts the projections named."""
+    if isinstance(targets, str):
+        return targets
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out: list[str] = []
+    for target in targets:
+        fused = FUSED.get(target)
+        use = fused if target not in leaves and fused in leaves else target
+        if use != target:
+            print(f"healer: {key}: this model fuses {target} into {fused}; adapting {fused}", file=sys.stderr)
+        if use not in out:
+            out.append(use)
+    return out
 
 
 def check_targets(model: nn.Module, targets: list[str] | str, key: str) -> None:
@@ -50,10 +75,17 @@ def attach(model: nn.Module, cfg: LoRAFields, key: str):
     """``model`` wrapped by PEFT with a fresh adapter; only the adapter is trainable. ``key`` prefixes errors."""
     from peft import get_peft_model
 
-    check_targets(model, cfg.target_modules, key)
+    targets = fused_targets(model, cfg.target_modules, key)
+    check_targets(model, targets, key)
     try:
-        return get_peft_model(model, lora_config(cfg))
+        return get_peft_model(model, lora_config(cfg, targets))
     except ValueError as err:  # a name that also matches a module PEFT cannot adapt (a norm, a whole block ...)
+        if "ParamWrapper" in str(err) and "dropout" in str(err):
+            section = key.rsplit(".", 1)[0]
+            raise HealerError(f"{key}: {cfg.target_modules!r} also adapts this mixture-of-experts model's fused "
+                              "expert weights, which PEFT does only without dropout: set "
+                              f"{section}.dropout: 0, or name the attention projections (e.g. [q_proj, k_proj, "
+                              "v_proj, o_proj])") from None
         raise HealerError(f"{key}: PEFT cannot adapt {cfg.target_modules!r} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]})") from None
 

@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import torch
 
 from healer.core.errors import HealerError
-from healer.train.kd import DEFAULT_CHUNK_SIZE, TopK, chunked_head_loss, relative_mse
+from healer.train.kd import DEFAULT_CHUNK_SIZE, SoftcappedHead, TopK, chunked_head_loss, relative_mse
 
 Batch = dict[str, torch.Tensor]
 
-# Config keys by which some families change the logits after the head; the chunked head would skip them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Config keys by which some families scale their logits after the head; the chunked head applies the head only.
+# (Gemma's final_logit_softcapping is applied: see SoftcappedHead.)
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
 
 
 class Objective(Protocol):
@@ -50,7 +51,9 @@ def _hf_model(model) -> torch.nn.Module:
 
 
 def output_head(model) -> torch.nn.Module:
-    """The output-head module of ``model``; refuses families whose logits are not just ``head(hidden)``."""
+    """The module that maps ``model``'s final hidden states to its logits: the output head, inside a
+    :class:`~healer.train.kd.SoftcappedHead` for a family that soft-caps its logits. Refuses families whose
+    logits are transformed in other ways."""
     hf = _hf_model(model)
     config = hf.config
     for key in _LOGIT_TRANSFORMS:
@@ -62,7 +65,8 @@ def output_head(model) -> torch.nn.Module:
     if head is None:
         raise HealerError(f"{type(hf).__name__} has no output head (get_output_embeddings() is None); "
                           "training needs a *ForCausalLM model")
-    return head
+    cap = getattr(config, "final_logit_softcapping", None)
+    return SoftcappedHead(head, cap) if cap else head
 
 
 def _forward_hidden(model, batch: Batch) -> tuple[torch.Tensor, ...]:

@@ -1,8 +1,10 @@
 """The one place that knows where things live inside a decoder-only model.
 
 Surgery and scoring never spell ``model.model.layers`` or ``mlp.gate_proj``; they ask an
-:class:`Architecture`. Adding a family that follows the same block layout is one entry in
-:data:`ARCHITECTURES`.
+:class:`Architecture`. A family is one entry in :data:`ARCHITECTURES`: its attribute paths, whether it fuses
+q/k/v or gate/up into one matrix (Phi-3), and whether its q/k norms span all heads (OLMo 2). What differs
+between families outside the block's weights (embedding scale, norms placed after a sublayer, soft-capped
+logits, per-layer attention kinds) lives in the families' own modules and configs, which healer runs as they are.
 """
 
 from __future__ import annotations
@@ -34,17 +36,38 @@ class Architecture:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    # One matrix whose rows are q, then k, then v (Phi-3's ``qkv_proj``); None: three projections.
+    qkv_proj: str | None = None
+    # One matrix whose rows are gate, then up (Phi-3's ``gate_up_proj``); None: two projections.
+    gate_up_proj: str | None = None
+    # q_norm/k_norm normalise the concatenation of all heads (OLMo 2), so their weights lose the removed heads'
+    # entries; per-head norms (Qwen3, Gemma 3) act on head_dim and survive head removal untouched.
+    qk_norm_spans_heads: bool = False
+    # Mixture of experts: the MLP is a router (``mlp.gate``) and fused experts (``mlp.experts``), as transformers 5
+    # writes every MoE family (see healer/model/experts.py).
+    moe: bool = False
     # Config lists with one entry per block (sliced when blocks are removed).
     per_layer_config_lists: tuple[str, ...] = ("layer_types", "no_rope_layers")
 
 
-# Llama, Mistral, Qwen2 and Qwen3 share the block layout; Qwen3's per-head q_norm/k_norm act on
-# head_dim and so survive head removal untouched.
+# Every family here runs its blocks as ``block(hidden, attention_mask=, position_embeddings=, ...)`` and its
+# model forward adds nothing between blocks (Gemma's embedding scale is inside its embedding module), which is
+# what block-by-block scoring relies on.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama"),
     "mistral": Architecture("mistral"),
     "qwen2": Architecture("qwen2"),
     "qwen3": Architecture("qwen3"),
+    "smollm3": Architecture("smollm3"),
+    "gemma2": Architecture("gemma2"),
+    "gemma3_text": Architecture("gemma3_text"),
+    "phi3": Architecture("phi3", qkv_proj="qkv_proj", gate_up_proj="gate_up_proj"),
+    "olmo2": Architecture("olmo2", qk_norm_spans_heads=True),
+    "olmo3": Architecture("olmo3", qk_norm_spans_heads=True),
+    "qwen3_moe": Architecture("qwen3_moe", moe=True),
+    "qwen2_moe": Architecture("qwen2_moe", moe=True),  # its shared expert is an MLP beside the experts, kept whole
+    "mixtral": Architecture("mixtral", moe=True),
+    "olmoe": Architecture("olmoe", moe=True, qk_norm_spans_heads=True),
 }
 
 
@@ -55,8 +78,8 @@ def architecture_for(config) -> Architecture:
     if arch is None:
         raise UnsupportedArchitecture(
             f"model family {model_type!r} is not supported by healer's architecture adapter "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))}); add an entry to ARCHITECTURES in "
-            "healer/model/adapter.py if its blocks follow the Llama layout"
+            f"(supported: {', '.join(sorted(ARCHITECTURES))}); convert the checkpoint to one of these or add "
+            "an entry to ARCHITECTURES in healer/model/adapter.py"
         )
     return arch
 
@@ -67,17 +90,45 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def attention_projections(arch: Architecture, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """q, k, v, o of one block (a block of a whole model, or one read alone from disk)."""
-    attn = get_module(block, arch.attention)
-    return (get_module(attn, arch.q_proj), get_module(attn, arch.k_proj), get_module(attn, arch.v_proj),
-            get_module(attn, arch.o_proj))
+def attention_output(arch: Architecture, block: nn.Module) -> nn.Linear:
+    """The attention's output projection (its input is the heads side by side, ``[..., heads * head_dim]``)."""
+    return get_module(get_module(block, arch.attention), arch.o_proj)
 
 
-def mlp_projections(arch: Architecture, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """gate, up, down of one block's GLU MLP."""
+def mlp_output(arch: Architecture, block: nn.Module) -> nn.Linear:
+    """The MLP's down projection (its input is ``act(gate x) * up x``, one column per intermediate neuron)."""
+    return get_module(get_module(block, arch.mlp), arch.down_proj)
+
+
+def mlp_weights(arch: Architecture, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detached gate, up and down weights of one block's GLU MLP (views into a fused gate|up matrix)."""
+    refuse_moe_mlp(arch, "MLP width pruning")
     mlp = get_module(block, arch.mlp)
-    return get_module(mlp, arch.gate_proj), get_module(mlp, arch.up_proj), get_module(mlp, arch.down_proj)
+    down = get_module(mlp, arch.down_proj).weight.detach()
+    if arch.gate_up_proj:
+        gate, up = get_module(mlp, arch.gate_up_proj).weight.detach().chunk(2, dim=0)
+        return gate, up, down
+    return get_module(mlp, arch.gate_proj).weight.detach(), get_module(mlp, arch.up_proj).weight.detach(), down
+
+
+def refuse_moe_mlp(arch: Architecture, what: str) -> None:
+    """Raise for work on a dense MLP's projections when the family's MLPs are mixtures of experts."""
+    if arch.moe:
+        raise UnsupportedArchitecture(
+            f"{arch.family}: {what} of mixture-of-experts MLPs is not supported; prune whole experts "
+            "(prune.method: width, target: experts), blocks (method: depth) or attention heads (target: attention)")
+
+
+def projection_paths(arch: Architecture) -> dict[str, str]:
+    """Every linear projection of a block, by role name (``q_proj`` ... ``down_proj``; ``qkv_proj`` and
+    ``gate_up_proj`` where the family fuses them), as a path inside the block."""
+    refuse_moe_mlp(arch, "sparse pruning")
+    roles = ("qkv_proj",) if arch.qkv_proj else ("q_proj", "k_proj", "v_proj")
+    attn = {role: getattr(arch, role) for role in (*roles, "o_proj")}
+    roles = ("gate_up_proj",) if arch.gate_up_proj else ("gate_proj", "up_proj")
+    mlp = {role: getattr(arch, role) for role in (*roles, "down_proj")}
+    return ({role: f"{arch.attention}.{path}" for role, path in attn.items()}
+            | {role: f"{arch.mlp}.{path}" for role, path in mlp.items()})
 
 
 class ModelAdapter:
@@ -96,12 +147,6 @@ class ModelAdapter:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
-
-    def attention_projections(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        return attention_projections(self.arch, block)
-
-    def mlp_projections(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        return mlp_projections(self.arch, block)
 
     @property
     def num_heads(self) -> int:
@@ -145,7 +190,20 @@ class ModelAdapter:
         inner = get_module(self.model, self.arch.blocks.rpartition(".")[0])
         if hasattr(inner, "has_sliding_layers") and getattr(self.config, "layer_types", None):
             inner.has_sliding_layers = "sliding_attention" in self.config.layer_types
+        edited += self._renumber_dense_mlp_layers(n, keep)
         return edited
+
+    def _renumber_dense_mlp_layers(self, n: int, keep: list[int]) -> list[str]:
+        """Qwen-MoE: which blocks have a dense MLP is ``mlp_only_layers`` plus every block whose number is not a
+        multiple of ``decoder_sparse_step``; both count positions, so the survivors are listed explicitly."""
+        step, only = getattr(self.config, "decoder_sparse_step", None), getattr(self.config, "mlp_only_layers", None)
+        if not self.arch.moe or not isinstance(step, int) or only is None:
+            return []
+        dense = [new for new, old in enumerate(keep) if old in only or (old + 1) % step != 0]
+        if step == 1 and list(only) == dense:
+            return []
+        self.config.decoder_sparse_step, self.config.mlp_only_layers = 1, dense
+        return ["decoder_sparse_step", "mlp_only_layers"]
 
     def _per_layer_lists(self, n: int) -> list[str]:
         keys = []
@@ -161,36 +219,75 @@ class ModelAdapter:
     # -- width surgery -----------------------------------------------------------------------------
     def shrink_mlp(self, keep_per_block: list[torch.Tensor]) -> None:
         """Keep the given intermediate neurons in every block (gate/up rows and down columns together)."""
+        refuse_moe_mlp(self.arch, "MLP width pruning")
         widths = {len(k) for k in keep_per_block}
         if len(widths) != 1:
             raise ValueError("every block must keep the same number of neurons: intermediate_size is one number")
+        width = self.config.intermediate_size
         for block, keep in zip(self.blocks, keep_per_block):
-            gate, up, down = self.mlp_projections(block)
-            _keep_rows(gate, keep)
-            _keep_rows(up, keep)
-            _keep_cols(down, keep)
+            mlp = get_module(block, self.arch.mlp)
+            if self.arch.gate_up_proj:  # rows [0, I) gate, [I, 2I) up
+                _keep_rows(get_module(mlp, self.arch.gate_up_proj), torch.cat([keep, keep + width]))
+            else:
+                _keep_rows(get_module(mlp, self.arch.gate_proj), keep)
+                _keep_rows(get_module(mlp, self.arch.up_proj), keep)
+            _keep_cols(get_module(mlp, self.arch.down_proj), keep)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = len(keep)
         self.config.intermediate_size = widths.pop()
 
     def shrink_attention(self, keep_groups_per_block: list[torch.Tensor]) -> None:
         """Keep the given key-value groups (and all their query heads) in every block; GQA stays valid."""
+        refuse_head_pruning(self.arch)
         counts = {len(g) for g in keep_groups_per_block}
         if len(counts) != 1:
             raise ValueError("every block must keep the same number of KV groups: the head count is one number")
         head_dim, group = self.head_dim, self.num_heads // self.num_kv_heads
+        q_width, kv_width = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        kept = counts.pop()
         for block, groups in zip(self.blocks, keep_groups_per_block):
             groups = torch.sort(groups).values
             kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
             q_heads = (groups[:, None] * group + torch.arange(group)).flatten()
             q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            q, k, v, o = self.attention_projections(block)
-            _keep_rows(q, q_rows)
-            _keep_rows(k, kv_rows)
-            _keep_rows(v, kv_rows)
-            _keep_cols(o, q_rows)
-        kept = counts.pop()
+            attn = get_module(block, self.arch.attention)
+            if self.arch.qkv_proj:  # rows: q [0, q_width), k [q_width, +kv_width), v after
+                _keep_rows(get_module(attn, self.arch.qkv_proj),
+                           torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows]))
+            else:
+                _keep_rows(get_module(attn, self.arch.q_proj), q_rows)
+                _keep_rows(get_module(attn, self.arch.k_proj), kv_rows)
+                _keep_rows(get_module(attn, self.arch.v_proj), kv_rows)
+            _keep_cols(get_module(attn, self.arch.o_proj), q_rows)
+            if self.arch.qk_norm_spans_heads:
+                _keep_entries(attn.q_norm, q_rows)
+                _keep_entries(attn.k_norm, kv_rows)
+            # Some families keep the counts on the module and split their fused rows by them (Phi-3).
+            for name, value in (("num_heads", kept * group), ("num_attention_heads", kept * group),
+                                ("num_key_value_heads", kept)):
+                if isinstance(getattr(attn, name, None), int):
+                    setattr(attn, name, value)
         self.config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
         self.config.num_key_value_heads = kept
         self.config.num_attention_heads = kept * group
+
+
+def refuse_head_pruning(arch: Architecture) -> None:
+    """Raise for a family whose attention heads cannot be removed exactly.
+
+    OLMo 2 and 3 RMS-normalise the queries and keys of all heads together: removing a head changes the scale of
+    every other head's query at every token, which no edit of the kept weights undoes.
+    """
+    if arch.qk_norm_spans_heads:
+        raise UnsupportedArchitecture(
+            f"{arch.family}: attention heads cannot be pruned (its q/k norms span all heads, so removing one "
+            "rescales the others at every token); prune the MLPs (prune.target: mlp), blocks (method: depth) or "
+            "weights (method: sparse) instead")
+
+
+def _keep_entries(norm: nn.Module, idx: torch.Tensor) -> None:
+    idx = idx.to(norm.weight.device)
+    norm.weight = nn.Parameter(norm.weight.data.index_select(0, idx).contiguous())
 
 
 def _keep_rows(linear: nn.Linear, idx: torch.Tensor) -> None:

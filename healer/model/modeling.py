@@ -164,6 +164,15 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
                           "corrupt: copy or download the model again") from None
 
 
+def stored_in_another_layout(config) -> bool:
+    """Whether transformers converts this family's checkpoint tensors on load (renames, merges): the MoE
+    families store one tensor per expert and fuse them into ``[E, ...]`` parameters when loading, and write them
+    back apart when saving. Their files then name other tensors than the model's parameters."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return bool(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)))
+
+
 def check_weights(location: ModelLocation, config) -> None:
     """Refuse a local checkpoint whose safetensors do not hold what ``config`` describes, before any work.
 
@@ -171,8 +180,8 @@ def check_weights(location: ModelLocation, config) -> None:
     incomplete checkpoint would load and score silently wrong. Checks headers only (no tensor is read).
     GGUF files and hub ids are left to transformers (the GGUF is parsed whole by :func:`load_config`).
     """
-    if not location.is_local_dir:
-        return
+    if not location.is_local_dir or stored_in_another_layout(config):
+        return  # the latter: load_model checks what transformers reports missing or left over after conversion
     files = safetensors_files(location.path)
     if files is None:
         return  # e.g. pytorch_model.bin only: from_pretrained reports what it cannot read
@@ -215,6 +224,23 @@ def check_weights(location: ModelLocation, config) -> None:
             f"{location.path}: the safetensors hold {len(extra)} tensor(s) that config.json does not describe "
             f"(first: {extra[0]}; config.json: num_hidden_layers={getattr(config, 'num_hidden_layers', '?')}); "
             "the config belongs to other weights: restore the matching config.json")
+
+
+def _check_loading_info(location: ModelLocation, config, info: dict) -> None:
+    """:func:`check_weights` for a checkpoint transformers converted while loading: what it reports missing (it
+    filled them with random values) or unexpected (it dropped them) refuses the checkpoint the same way."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise HealerError(
+            f"{location.path}: the safetensors lack {len(missing)} tensor(s) that config.json implies (first: "
+            f"{missing[0]}); the weights are incomplete or belong to another config: copy the complete model again")
+    extra = sorted(n for n in info.get("unexpected_keys") or [] if not n.endswith("rotary_emb.inv_freq"))
+    if extra or info.get("mismatched_keys"):
+        first = extra[0] if extra else info["mismatched_keys"][0]
+        raise HealerError(
+            f"{location.path}: the safetensors hold tensor(s) that config.json does not describe (first: {first}; "
+            f"config.json: num_hidden_layers={getattr(config, 'num_hidden_layers', '?')}); the config belongs to "
+            "other weights: restore the matching config.json")
 
 
 def check_seq_len(seq_len: int, config, key: str) -> None:
@@ -268,15 +294,29 @@ def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> 
                               "it: choose another output directory")
 
 
+def supported_attention(config, requested: str | None) -> str | None:
+    """``requested``, or ``eager`` when it is ``sdpa`` and the family's modelling code has no SDPA path (Gemma 2,
+    whose attention soft-caps its scores)."""
+    if requested != "sdpa":
+        return requested
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else requested
+
+
 def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"):
     """Load a causal LM in ``dtype``; GGUF files are de-quantized to float weights.
 
+    attn_implementation: the attention kernel; ``sdpa`` falls back to ``eager`` for a family without an SDPA path.
     A local checkpoint's files are checked against its config first (:func:`check_weights`).
     """
     from transformers import AutoModelForCausalLM
 
+    config = load_config(location)
     if location.is_local_dir:
-        check_weights(location, load_config(location))
+        check_weights(location, config)
+    attn_implementation = supported_attention(config, attn_implementation)
     kwargs: dict = {"dtype": dtype}
     if location.gguf_file:
         kwargs["gguf_file"] = location.gguf_file
@@ -284,10 +324,14 @@ def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn
         kwargs["revision"] = location.revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    converted = location.is_local_dir and stored_in_another_layout(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location.path, output_loading_info=converted, **kwargs)
     except Exception as err:  # corrupt shards, a GGUF cut short, shapes the config does not describe ...
         raise _cannot_read(location, "weights", err) from err
+    if converted:
+        model, info = model
+        _check_loading_info(location, config, info)
     if location.gguf_file:
         _forget_gguf_origin(model)
     model.eval()
