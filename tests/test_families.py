@@ -27,6 +27,8 @@ def _recipe(tmp_path, family: str, prune: str):
                                     for i in range(16)]))
     calibration = tmp_path / "calib.jsonl"
     calibration.write_text("".join(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT}) + "\n" for i in range(8)))
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(SAMPLE_TEXT * 10)
     return tiny_recipe(tmp_path, prune.format(calibration=calibration), f"""
         data:
           sources: [{{path: {corpus}}}]
@@ -45,6 +47,10 @@ def _recipe(tmp_path, family: str, prune: str):
           global_batch_size: 4
           max_steps: 2
           max_seq_len: 320
+        eval:
+          perplexity_files: [{heldout}]
+          context_lengths: [32]
+        release: {{model_name: tiny-{family}}}
     """, family=family)
 
 
@@ -61,12 +67,12 @@ EXPERTS = """
 @pytest.mark.slow
 @pytest.mark.parametrize("family", OTHER_THAN_LLAMA + list(MOE_FAMILIES))
 def test_prune_kd_heal_and_lora_tune_each_family(family, tmp_path):
-    """MLP width (experts for an MoE), 2 KD-CPT steps from the unpruned teacher, 2 LoRA SFT steps."""
+    """MLP width (experts for an MoE), 2 KD-CPT steps from the unpruned teacher, 2 LoRA SFT steps, eval, release."""
     from transformers import AutoModelForCausalLM
 
     moe = family in MOE_FAMILIES
     recipe, src = _recipe(tmp_path, family, EXPERTS if moe else WIDTH)
-    assert main(["run", "--config", str(recipe), "--only", "prune,cpt,sft"]) == 0
+    assert main(["run", "--config", str(recipe)]) == 0
     run = tmp_path / "run"
     pruned = AutoModelForCausalLM.from_pretrained(run / "prune")
     assert pruned.config.model_type == family
@@ -82,6 +88,14 @@ def test_prune_kd_heal_and_lora_tune_each_family(family, tmp_path):
     with torch.no_grad():
         tuned, base = merged(PROBE).logits, AutoModelForCausalLM.from_pretrained(run / "cpt" / "hf")(PROBE).logits
     assert torch.isfinite(tuned).all() and (tuned - base).abs().max() > 1e-5
+    scores = json.loads((run / "eval" / "eval.json").read_text())
+    assert scores["source"] == str(run / "sft" / "merged")
+    # the release is the merged model in bf16, the same weights rounded
+    released = AutoModelForCausalLM.from_pretrained(run / "release", dtype=torch.float32).eval()
+    rounded = merged.to(torch.bfloat16).float()
+    with torch.no_grad():
+        assert torch.allclose(released(PROBE).logits, rounded(PROBE).logits, atol=2e-3)
+    assert f"tiny-{family}" in (run / "release" / "README.md").read_text()
 
 
 @pytest.mark.slow

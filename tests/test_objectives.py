@@ -404,3 +404,50 @@ def test_make_objective_errors_name_the_problem():
         make_objective("ce", chunk_size=0)
     objective = make_objective("kd", teacher=teacher, alpha=0.5, top_k=8)
     assert (objective.name, objective.alpha, objective.top_k) == ("kd", 0.5, 8)
+
+
+@pytest.mark.parametrize("kind", ["ce", "kd"])
+def test_router_balance_adds_the_models_own_load_balancing_loss_per_token(kind):
+    student, teacher = _pair(family="qwen3_moe", num_experts=8, num_experts_per_tok=2)
+    ids = _ids()
+    with torch.no_grad():
+        aux = student(input_ids=ids, output_router_logits=True).aux_loss.item()
+    assert aux > 0
+
+    def run(coef):
+        student.zero_grad()
+        objective = (NextTokenCE(router_aux_loss_coef=coef) if kind == "ce"
+                     else Distill(teacher, alpha=0.5, router_aux_loss_coef=coef))
+        loss, parts = objective(student, {"input_ids": ids})
+        loss.backward()
+        router = student.model.layers[0].mlp.gate.weight.grad.clone()
+        return loss.item(), parts, router
+
+    plain, plain_parts, plain_grad = run(0.0)
+    balanced, parts, grad = run(0.1)
+    assert "router_balance" not in plain_parts
+    assert balanced - plain == pytest.approx(0.1 * aux * 30, rel=1e-4)  # 3 rows x 10 next tokens
+    assert parts["router_balance"].item() == pytest.approx(0.1 * aux * 30, rel=1e-4)
+    assert not torch.allclose(grad, plain_grad)  # the router is pulled toward balance
+
+
+def test_router_balance_on_a_dense_model_is_refused():
+    student, _ = _pair()
+    with pytest.raises(HealerError, match="no router load-balancing loss"):
+        NextTokenCE(router_aux_loss_coef=0.1)(student, {"input_ids": _ids()})
+
+
+def test_cpt_balances_an_moe_router_by_the_model_configs_coefficient_unless_told_otherwise():
+    from helpers import tiny_config
+
+    from healer.train.config import CPTConfig
+    from healer.train.cpt import router_balance
+
+    moe, dense = tiny_config("mixtral", router_aux_loss_coef=0.02), tiny_config("llama")
+    assert router_balance(CPTConfig(), moe) == 0.02
+    assert router_balance(CPTConfig(router_aux_loss_coef=0), moe) == 0.0
+    assert router_balance(CPTConfig(router_aux_loss_coef=0.5), moe) == 0.5
+    assert router_balance(CPTConfig(), dense) == 0.0
+    with pytest.raises(HealerError, match="cpt.router_aux_loss_coef: 0.1 balances a mixture-of-experts router; "
+                                          "llama has none"):
+        router_balance(CPTConfig(router_aux_loss_coef=0.1), dense)

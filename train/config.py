@@ -144,6 +144,9 @@ class CPTConfig(TrainingFields):
                            "(docs/healing.md), with no optimizer state for a large vocabulary")
     kd: KDConfig | None = Field(default_factory=KDConfig, description="distil from a teacher (default: the unpruned "
                                 "model.source); null = plain next-token CE")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="mixture-of-experts students: weight of the router's load-balancing loss (per token, "
+        "added to the KD/CE loss); default: the model config's router_aux_loss_coef; 0 turns it off")
     stop_at_recovery: float | None = Field(
         None, gt=0, le=1, description="stop once the validation loss has recovered this fraction of the gap between "
         "the input's and the dense model's (both measured on data.validation at step 0); e.g. 0.9")

@@ -214,6 +214,20 @@ def attn_implementation(requested: str, device: torch.device, precision: str) ->
     return "sdpa"
 
 
+def router_balance(cfg: CPTConfig, config) -> float:
+    """``cpt.router_aux_loss_coef``, defaulting to the model config's for a mixture-of-experts student (0 for a
+    dense one); a dense student given one is refused."""
+    from healer.model.adapter import architecture_for
+
+    moe = architecture_for(config).moe
+    if cfg.router_aux_loss_coef is None:
+        return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if moe else 0.0
+    if cfg.router_aux_loss_coef > 0 and not moe:
+        raise HealerError(f"cpt.router_aux_loss_coef: {cfg.router_aux_loss_coef} balances a mixture-of-experts "
+                          f"router; {config.model_type} has none: remove the key")
+    return cfg.router_aux_loss_coef
+
+
 def _load_student(location, attn: str, cfg: CPTConfig, ds_config: dict):
     from healer.model.modeling import load_model
 
@@ -473,9 +487,11 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
     if cfg.kd is None or cache is not None:
         teacher = None  # it only measured the dense loss (recovery baseline, data.dynamic reference)
+    balance = router_balance(cfg, model.config)
     objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
-                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight, cached=cache is not None)
-                 if teacher is not None or cache is not None else NextTokenCE())
+                         hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight, cached=cache is not None,
+                         router_aux_loss_coef=balance)
+                 if teacher is not None or cache is not None else NextTokenCE(router_aux_loss_coef=balance))
     train_batches = batches
     if cache is not None:
         from healer.train.logit_cache import CachedTeacherBatches

@@ -71,11 +71,38 @@ def output_head(model) -> torch.nn.Module:
 
 def _forward_hidden(model, batch: Batch) -> tuple[torch.Tensor, ...]:
     """``hidden_states`` of one forward (HF indexing: 0 = embeddings, last = after the final norm)."""
+    return _forward(model, batch).hidden_states
+
+
+def _forward(model, batch: Batch, router_balance: bool = False):
+    """One forward with the hidden states; with ``router_balance``, an MoE's load-balancing loss as ``aux_loss``
+    (transformers' own, over the router logits of every block)."""
     kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
+    if router_balance:
+        kwargs["output_router_logits"] = True
     # logits_to_keep=1: the model's own head runs on one position only; ours runs chunked.
-    out = model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
-                **kwargs)
-    return out.hidden_states
+    return model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
+                 **kwargs)
+
+
+def _with_router_balance(loss: torch.Tensor, parts: dict, out, coef: float, tokens: int) -> torch.Tensor:
+    """``loss + coef * aux * tokens``: the balance term per supervised token, like every other part, so the
+    loop's division by the window's tokens leaves ``coef * aux``."""
+    if not coef:
+        return loss
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        raise HealerError("router_aux_loss_coef > 0 but the model returned no router load-balancing loss; it "
+                          "applies to mixture-of-experts models only")
+    term = coef * aux.float() * tokens
+    parts["router_balance"] = term.detach()
+    return loss + term
+
+
+def _router_coef(coef: float) -> float:
+    if coef < 0:
+        raise HealerError(f"router_aux_loss_coef={coef}: must be >= 0")
+    return float(coef)
 
 
 def _next_token_targets(batch: Batch, use_labels: bool) -> torch.Tensor:
@@ -112,8 +139,9 @@ class NextTokenCE:
     name = "ce"
     use_labels = False
 
-    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss_coef: float = 0.0):
         self.chunk_size = _positive_chunk(chunk_size)
+        self.router_aux_loss_coef = _router_coef(router_aux_loss_coef)
 
     def _targets(self, batch: Batch) -> torch.Tensor:
         return _next_token_targets(batch, self.use_labels)
@@ -122,9 +150,13 @@ class NextTokenCE:
         return int((self._targets(batch) != -100).sum())
 
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden = _forward_hidden(model, batch)[-1][:, :-1]
-        loss, ce, _ = chunked_head_loss(hidden, self._targets(batch), output_head(model), chunk_size=self.chunk_size)
-        return loss, {"ce": ce}
+        targets = self._targets(batch)
+        out = _forward(model, batch, router_balance=self.router_aux_loss_coef > 0)
+        loss, ce, _ = chunked_head_loss(out.hidden_states[-1][:, :-1], targets, output_head(model),
+                                        chunk_size=self.chunk_size)
+        parts = {"ce": ce}
+        loss = _with_router_balance(loss, parts, out, self.router_aux_loss_coef, int((targets != -100).sum()))
+        return loss, parts
 
 
 class ReplyCE(NextTokenCE):
@@ -151,6 +183,8 @@ class Distill:
         the pairs of :func:`healer.train.kd.relative_mse` at a token (Minitron distils logits plus states).
     hidden_weight: weight of H; 0 (or no pairs) leaves the logit loss alone.
     chunk_size: positions per chunk of logits.
+    router_aux_loss_coef: weight of an MoE student's router load-balancing loss per supervised token (part
+        "router_balance"); 0 leaves it out.
     cached: the teacher's top-k logits come with each batch (``kd_values``, ``kd_indices``: ``[B, S-1, k]``, from
         :class:`healer.train.logit_cache.CachedTeacherBatches`) and ``teacher`` is None: no teacher runs. Needs
         ``top_k`` (the cache's k) and no hidden pairs.
@@ -162,7 +196,7 @@ class Distill:
 
     def __init__(self, teacher, *, alpha: float, temperature: float = 1.0, top_k: int | None = None,
                  hidden_pairs: list[tuple[int, int]] | None = None, hidden_weight: float = 0.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, cached: bool = False):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, cached: bool = False, router_aux_loss_coef: float = 0.0):
         if cached:
             if top_k is None:
                 raise HealerError("kd from a logit cache needs top_k (the cache's k); got null")
@@ -185,13 +219,19 @@ class Distill:
         self.teacher = teacher
         self.alpha, self.temperature, self.top_k = alpha, temperature, top_k
         self.chunk_size = _positive_chunk(chunk_size)
+        self.router_aux_loss_coef = _router_coef(router_aux_loss_coef)
 
     def tokens(self, batch: Batch) -> int:
         return int((_next_token_targets(batch, batch.get("labels") is not None) != -100).sum())
 
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = _next_token_targets(batch, batch.get("labels") is not None)
-        states = _forward_hidden(model, batch)
+        out = _forward(model, batch, router_balance=self.router_aux_loss_coef > 0)
+        loss, parts = self._logit_and_hidden(model, batch, out.hidden_states, targets)
+        loss = _with_router_balance(loss, parts, out, self.router_aux_loss_coef, int((targets != -100).sum()))
+        return loss, parts
+
+    def _logit_and_hidden(self, model, batch: Batch, states, targets: torch.Tensor):
         if self.cached:
             return self._from_cache(model, batch, states, targets)
         with torch.no_grad():
