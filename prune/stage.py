@@ -14,12 +14,18 @@ from pathlib import Path
 
 import torch
 
-from healer.core.errors import HealerError
+from healer.core.errors import HealerError, UnsupportedArchitecture
 from healer.core.manifest import package_versions, read_stage_manifest, write_json_atomic, write_stage_manifest
 from healer.core.swap import new_partial_dir, swap_in
 from healer.model.adapter import ModelAdapter, architecture_for, refuse_head_pruning, refuse_moe_mlp
 from healer.model.calibration import load_calibration
-from healer.model.experts import check_all_blocks_have_experts, keep_experts, num_experts
+from healer.model.experts import (
+    check_all_blocks_have_experts,
+    expert_width_key,
+    keep_experts,
+    num_experts,
+    shrink_experts,
+)
 from healer.model.modeling import (
     check_output_dir,
     check_seq_len,
@@ -67,7 +73,8 @@ def plan_depth(cfg: PruneConfig, num_blocks: int) -> tuple[int, list[int]]:
 def plan_width(cfg: PruneConfig, config) -> int:
     """Units kept in every block (MLP neurons or key-value groups); raises ValueError if impossible."""
     if cfg.spec.target == "mlp":
-        return width.kept_width(config.intermediate_size, cfg.ratio, cfg.round_to)
+        key = expert_width_key(config) if architecture_for(config).moe else "intermediate_size"
+        return width.kept_width(getattr(config, key), cfg.ratio, cfg.round_to)
     if cfg.spec.target == "experts":
         total, top_k = num_experts(config), int(config.num_experts_per_tok)
         keep = width.kept_groups(total, cfg.ratio, "experts per block")
@@ -122,8 +129,14 @@ def check_model(cfg: PruneConfig, location, config) -> None:
     target = cfg.spec.target
     if target == "attention":
         refuse_head_pruning(arch)
-    elif target in ("mlp", "weights"):
-        refuse_moe_mlp(arch, "MLP width pruning" if target == "mlp" else "sparse pruning")
+    elif target == "weights":
+        refuse_moe_mlp(arch, "sparse pruning")
+    elif target == "mlp" and arch.moe:
+        check_all_blocks_have_experts(arch, config)
+        if cfg.spec.needs_data:
+            raise UnsupportedArchitecture(
+                f"{arch.family}: prune.criterion {cfg.criterion} scores dense MLP neurons on calibration text; the "
+                "width inside experts is scored from their weights: use criterion maw or l2")
     elif target == "experts":
         check_all_blocks_have_experts(arch, config)
     check_weights(location, config)
@@ -217,6 +230,13 @@ def prune(source: str, cfg: PruneConfig, out_dir: str | Path, *, gguf_file: str 
         keep_experts(adapter.arch, adapter.blocks, model.config, dict(enumerate(kept)))
         details = {"experts": [total, keep], "kept_experts_per_block": [k.tolist() for k in kept],
                    **width.describe(scores, kept), "expert_scores": [s.tolist() for s in scores]}
+    elif spec.target == "mlp" and adapter.arch.moe:  # every expert's own neurons
+        kept = width.top_indices(scores, keep)
+        key = expert_width_key(config)
+        shrink_experts(adapter.arch, adapter.blocks, model.config, kept)
+        details = {"expert_intermediate_size": [getattr(config, key), keep], "config_key": key,
+                   **width.describe(scores, kept), "widths": width.width_divisibility({key: keep}),
+                   "warnings": width.kernel_warnings(keep)}
     elif spec.target == "mlp":
         kept = width.top_indices(scores, keep)
         adapter.shrink_mlp(kept)
@@ -351,6 +371,8 @@ def _print_summary(report: dict, out: Path) -> None:
     what = (f"removed blocks {report['removed']}" if "removed" in report
             else f"intermediate_size {report['intermediate_size'][0]} -> {report['intermediate_size'][1]}"
             if "intermediate_size" in report
+            else f"every expert's {report['config_key']} {report['expert_intermediate_size'][0]} -> "
+                 f"{report['expert_intermediate_size'][1]}" if "expert_intermediate_size" in report
             else f"experts per block {report['experts'][0]} -> {report['experts'][1]}" if "experts" in report
             else f"heads {report['attention_heads'][0]} -> {report['attention_heads'][1]}")
     if "replacement" in report:

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from healer.model.adapter import attention_output, mlp_output, mlp_weights
+from healer.model.experts import expert_mlp_weights, moe_parts
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 
@@ -74,22 +75,31 @@ def kept_groups(total: int, ratio: float, unit: str = "key-value groups") -> int
     return keep
 
 
+def _glu_weights(arch, block) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate ``[..., I, H]``, up ``[..., I, H]``, down ``[..., H, I]`` of a block's MLP; ``...`` is the experts of an
+    MoE block (``[E]``), nothing for a dense one."""
+    parts = moe_parts(arch, block)
+    return expert_mlp_weights(parts[1]) if parts is not None else mlp_weights(arch, block)
+
+
 def maw_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = True) -> list[torch.Tensor]:
-    """max(w) + |min(w)| of each gate row plus the same of each up row (the pruned Llama-3.2 method, no data)."""
+    """max(w) + |min(w)| of each gate row plus the same of each up row (the pruned Llama-3.2 method, no data);
+    ``[E, I]`` per MoE block (each expert's neurons)."""
     out = []
     for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="maw", disable=not progress):
-        gate, up, _ = mlp_weights(stack.arch, block)
+        gate, up, _ = _glu_weights(stack.arch, block)
         g, u = gate.float(), up.float()
-        out.append(g.max(1).values + g.min(1).values.abs() + u.max(1).values + u.min(1).values.abs())
+        out.append(g.amax(-1) + g.amin(-1).abs() + u.amax(-1) + u.amin(-1).abs())
     return out
 
 
 def l2_scores(stack: BlockStack, tokens: torch.Tensor | None, progress: bool = True) -> list[torch.Tensor]:
-    """L2 norm of everything a neuron owns: its gate row, up row and down column (no data)."""
+    """L2 norm of everything a neuron owns: its gate row, up row and down column (no data); ``[E, I]`` per MoE
+    block."""
     out = []
     for _, block in tqdm(stack.blocks(), total=stack.num_blocks, desc="l2", disable=not progress):
-        gate, up, down = mlp_weights(stack.arch, block)
-        sq = gate.float().pow(2).sum(1) + up.float().pow(2).sum(1) + down.float().pow(2).sum(0)
+        gate, up, down = _glu_weights(stack.arch, block)
+        sq = gate.float().pow(2).sum(-1) + up.float().pow(2).sum(-1) + down.float().pow(2).sum(-2)
         out.append(sq.sqrt())
     return out
 
@@ -150,16 +160,19 @@ def _ignore(*_args) -> None:
 
 
 def top_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
-    """Per block, the ``keep`` highest-scoring indices, in ascending order (original layout preserved)."""
-    return [torch.sort(torch.topk(s, keep).indices).values for s in scores]
+    """Per block (and per expert, for ``[E, I]`` scores), the ``keep`` highest-scoring indices, in ascending order
+    (original layout preserved)."""
+    return [torch.sort(torch.topk(s, keep, dim=-1).indices, dim=-1).values for s in scores]
 
 
 def describe(scores: list[torch.Tensor], kept: list[torch.Tensor]) -> dict:
-    """What the report records: per-block kept indices are implied by removed ones, which are fewer."""
+    """What the report records: per-block kept indices are implied by removed ones, which are fewer (per expert,
+    a list of lists, for the experts of an MoE block)."""
     removed = []
     for s, k in zip(scores, kept):
-        mask = torch.ones(len(s), dtype=torch.bool)
-        mask[k] = False
-        removed.append(torch.nonzero(mask).flatten().tolist())
+        mask = torch.ones(s.shape, dtype=torch.bool)
+        mask.scatter_(-1, k, False)
+        removed.append([torch.nonzero(row).flatten().tolist() for row in mask] if mask.dim() == 2
+                       else torch.nonzero(mask).flatten().tolist())
     return {"removed_per_block": removed,
             "score_summary": [{"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max())} for s in scores]}

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from healer.core.errors import HealerError
 from healer.model.adapter import ModelAdapter
-from healer.model.experts import keep_experts, moe_parts
+from healer.model.experts import expert_width_key, keep_experts, moe_parts, shrink_experts
 from healer.model.modeling import save_and_verify
 from healer.prune.blockwise import BlockStack
 from healer.prune.config import PruneConfig
@@ -138,7 +138,8 @@ def test_expert_pruning_requests_that_cannot_work_are_refused_in_one_line(tmp_pa
         (moe, dict(method="width", criterion="reap", ratio=0.9), "keeps 1 of 8 experts per block, fewer than the 2"),
         (dense, dict(method="width", criterion="frequency", ratio=0.5), "llama: prune.target experts needs a "
                                                                          "mixture-of-experts model"),
-        (moe, dict(method="width", criterion="maw", ratio=0.5), "mixtral: MLP width pruning of mixture-of-experts"),
+        (moe, dict(method="width", criterion="activation", ratio=0.5), "mixtral: prune.criterion activation scores "
+                                                                          "dense MLP neurons.*use criterion maw or l2"),
         (moe, dict(method="sparse", criterion="wanda", sparsity={"pattern": "2:4"}),
          "mixtral: sparse pruning of mixture-of-experts MLPs is not supported"),
     ]
@@ -182,3 +183,39 @@ def test_an_moe_checkpoint_missing_or_holding_extra_tensors_is_refused_at_load(t
               metadata={"format": "pt"})
     with pytest.raises(HealerError, match="hold tensor.* that config.json does not describe"):
         load_model(resolve_source(str(src)))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_removing_silent_neurons_of_every_expert_leaves_logits_unchanged(family, tmp_path):
+    model = tiny_model(family, layers=2)
+    adapter = ModelAdapter(model)
+    key = expert_width_key(model.config)
+    width = getattr(model.config, key)
+    # each expert has its own dead neurons: expert e's neurons e, e+4, e+8, ... write nothing
+    dead = [torch.arange(e % 4, width, 4) for e in range(8)]
+    with torch.no_grad():
+        for block in adapter.blocks:
+            experts = moe_parts(adapter.arch, block)[1]
+            for e, neurons in enumerate(dead):
+                experts.down_proj[e][:, neurons] = 0
+        before = model(TOKENS).logits
+    keep = torch.stack([torch.tensor([i for i in range(width) if i % 4 != e % 4]) for e in range(8)])
+    shrink_experts(adapter.arch, adapter.blocks, model.config, [keep] * adapter.num_blocks)
+    with torch.no_grad():
+        after = model(TOKENS).logits
+    assert getattr(model.config, key) == width * 3 // 4
+    assert torch.allclose(before, after, atol=1e-5)
+    save_and_verify(model, None, tmp_path / "out")
+
+
+def test_expert_width_pruning_by_weights_keeps_each_experts_own_neurons(tmp_path, calibration):
+    src = save_tiny(tmp_path, "qwen3_moe", layers=2)
+    cfg = PruneConfig(method="width", criterion="l2", ratio=0.5, round_to=8)
+    report = prune(str(src), cfg, tmp_path / "out", progress=False)
+    assert report["expert_intermediate_size"] == [32, 16] and report["config_key"] == "moe_intermediate_size"
+    removed = report["removed_per_block"]
+    assert len(removed) == 2 and all(len(per_expert) == 8 and all(len(r) == 16 for r in per_expert)
+                                     for per_expert in removed)
+    assert len({tuple(r) for r in removed[0]}) > 1  # experts keep different neurons
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.moe_intermediate_size == 16 and model.config.num_experts == 8

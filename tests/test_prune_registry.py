@@ -29,7 +29,8 @@ def test_the_pruning_doc_table_is_the_registry():
 def test_every_entry_scores_what_its_method_expects(method, name, tmp_path):
     """Memory and disk give the same scores where the entry claims it can read shards."""
     spec = CRITERIA[method][name]
-    model = tiny_model("qwen2", layers=4, heads=4, kv_heads=2)
+    moe = spec.target == "experts"
+    model = tiny_model("qwen3_moe" if moe else "qwen2", layers=4, heads=4, kv_heads=2)
     tokens = TOKENS if spec.needs_data else None
     if method == "sparse":
         _check_sparse_entry(name, model, tokens, tmp_path)
@@ -45,7 +46,8 @@ def test_every_entry_scores_what_its_method_expects(method, name, tmp_path):
         assert set(scores) <= {1, 2} and scores and all(isinstance(v, float) for v in scores.values())
         assert spec.select(scores, 2) == [1, 2]
     else:
-        units = {"mlp": model.config.intermediate_size, "attention": model.config.num_key_value_heads}[spec.target]
+        units = {"mlp": model.config.intermediate_size, "attention": model.config.num_key_value_heads,
+                 "experts": 8 if moe else None}[spec.target]
         assert [tuple(s.shape) for s in scores] == [(units,)] * 4
     if spec.reads_shards:
         model.save_pretrained(tmp_path / "m")

@@ -40,8 +40,8 @@ class Architecture:
     qkv_proj: str | None = None
     # One matrix whose rows are gate, then up (Phi-3's ``gate_up_proj``); None: two projections.
     gate_up_proj: str | None = None
-    # q_norm/k_norm normalise the concatenation of all heads (OLMo 2), so their weights lose the removed heads'
-    # entries; per-head norms (Qwen3, Gemma 3) act on head_dim and survive head removal untouched.
+    # q_norm/k_norm normalise the concatenation of all heads (OLMo 2, OLMo 3, OLMoE): removing a head rescales the
+    # others, so head pruning is refused. Per-head norms (Qwen3, Gemma 3) act on head_dim and are left as they are.
     qk_norm_spans_heads: bool = False
     # Mixture of experts: the MLP is a router (``mlp.gate``) and fused experts (``mlp.experts``), as transformers 5
     # writes every MoE family (see healer/model/experts.py).
@@ -116,7 +116,8 @@ def refuse_moe_mlp(arch: Architecture, what: str) -> None:
     if arch.moe:
         raise UnsupportedArchitecture(
             f"{arch.family}: {what} of mixture-of-experts MLPs is not supported; prune whole experts "
-            "(prune.method: width, target: experts), blocks (method: depth) or attention heads (target: attention)")
+            "(prune.method: width, criterion: frequency or reap), the experts' width (criterion: maw or l2), blocks "
+            "(method: depth) or attention heads (criterion: head_norm)")
 
 
 def projection_paths(arch: Architecture) -> dict[str, str]:
@@ -259,9 +260,6 @@ class ModelAdapter:
                 _keep_rows(get_module(attn, self.arch.k_proj), kv_rows)
                 _keep_rows(get_module(attn, self.arch.v_proj), kv_rows)
             _keep_cols(get_module(attn, self.arch.o_proj), q_rows)
-            if self.arch.qk_norm_spans_heads:
-                _keep_entries(attn.q_norm, q_rows)
-                _keep_entries(attn.k_norm, kv_rows)
             # Some families keep the counts on the module and split their fused rows by them (Phi-3).
             for name, value in (("num_heads", kept * group), ("num_attention_heads", kept * group),
                                 ("num_key_value_heads", kept)):
@@ -275,19 +273,14 @@ class ModelAdapter:
 def refuse_head_pruning(arch: Architecture) -> None:
     """Raise for a family whose attention heads cannot be removed exactly.
 
-    OLMo 2 and 3 RMS-normalise the queries and keys of all heads together: removing a head changes the scale of
-    every other head's query at every token, which no edit of the kept weights undoes.
+    OLMo 2, OLMo 3 and OLMoE RMS-normalise the queries and keys of all heads together: removing a head changes
+    the scale of every other head's query at every token, which no edit of the kept weights undoes.
     """
     if arch.qk_norm_spans_heads:
         raise UnsupportedArchitecture(
             f"{arch.family}: attention heads cannot be pruned (its q/k norms span all heads, so removing one "
             "rescales the others at every token); prune the MLPs (prune.target: mlp), blocks (method: depth) or "
             "weights (method: sparse) instead")
-
-
-def _keep_entries(norm: nn.Module, idx: torch.Tensor) -> None:
-    idx = idx.to(norm.weight.device)
-    norm.weight = nn.Parameter(norm.weight.data.index_select(0, idx).contiguous())
 
 
 def _keep_rows(linear: nn.Linear, idx: torch.Tensor) -> None:

@@ -87,3 +87,41 @@ def check_all_blocks_have_experts(arch: Architecture, config) -> None:
     if step != 1 or only:
         raise UnsupportedArchitecture(f"{arch.family}: some blocks have a dense MLP (decoder_sparse_step {step}, "
                                       f"mlp_only_layers {list(only)}); expert pruning needs experts in every block")
+
+
+def expert_width_key(config) -> str:
+    """The config key of every expert's intermediate width: ``moe_intermediate_size`` (Qwen-MoE), else
+    ``intermediate_size`` (Mixtral, OLMoE)."""
+    return "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+
+
+def expert_mlp_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detached gate ``[E, I, H]``, up ``[E, I, H]`` and down ``[E, H, I]`` of a block's fused experts."""
+    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+    return gate, up, experts.down_proj.detach()
+
+
+def shrink_experts(arch: Architecture, blocks: nn.ModuleList, config, keep_per_block: list[torch.Tensor]) -> None:
+    """Keep the given intermediate neurons of every expert (``[E, k]`` indices per MoE block): each expert's gate/up
+    rows and down columns. Every expert of the model keeps the same width (one number in the config)."""
+    widths = {k.shape[-1] for k in keep_per_block}
+    if len(widths) != 1:
+        raise ValueError("every expert must keep the same number of neurons: the experts' width is one number")
+    kept = widths.pop()
+    key = expert_width_key(config)
+    width = getattr(config, key)
+    for index, (block, keep) in enumerate(zip(blocks, keep_per_block)):
+        parts = moe_parts(arch, block)
+        if parts is None:
+            raise ValueError(f"block {index} has no experts")
+        experts = parts[1]
+        keep = torch.sort(keep.to(experts.gate_up_proj.device), dim=-1).values
+        rows = torch.cat([keep, keep + width], dim=-1)  # gate rows [0, I), up rows [I, 2I)
+        hidden = experts.gate_up_proj.shape[-1]
+        gate_up = torch.gather(experts.gate_up_proj.data, 1, rows[..., None].expand(-1, -1, hidden))
+        down = torch.gather(experts.down_proj.data, 2, keep[:, None, :].expand(-1, hidden, -1))
+        experts.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=experts.gate_up_proj.requires_grad)
+        experts.down_proj = nn.Parameter(down.contiguous(), requires_grad=experts.down_proj.requires_grad)
+        if hasattr(experts, "intermediate_dim"):
+            experts.intermediate_dim = kept
+    setattr(config, key, kept)
