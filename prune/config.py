@@ -158,7 +158,9 @@ class PruneConfig(Section):
                            json_schema_extra={"choices": list(criterion_names())})
     target: Literal[WIDTH_TARGETS] | None = Field(
         None, description=f"width only: {' or '.join(WIDTH_TARGETS)}; default: what the criterion prunes")
-    ratio: float | None = Field(None, description="fraction of blocks (depth) or of neurons/KV groups (width)")
+    ratio: float | None = Field(None, description="fraction of blocks (depth) or of neurons/KV groups/experts (width)")
+    experts: int | None = Field(None, gt=0, description="expert pruning (criterion frequency or reap): experts kept "
+                                "in every mixture-of-experts block, in place of prune.ratio")
     num_blocks: int | None = Field(None, gt=0, description="depth: number of blocks to remove")
     blocks: list[int] | None = Field(None, description="depth: explicit block indices to remove")
     keep_first: int | None = Field(None, ge=0, description=f"depth: blocks never removed at the start (default "
@@ -198,7 +200,7 @@ class PruneConfig(Section):
         if self.method != "sparse" and self.sparsity is not None:
             raise ValueError(f"prune.sparsity applies to method: sparse only (prune.method is {self.method})")
         if self.method == "sparse":
-            given = [k for k in ("ratio", "num_blocks", "blocks", "target") if getattr(self, k) is not None]
+            given = [k for k in ("ratio", "num_blocks", "blocks", "experts", "target") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"prune.{given[0]} does not apply to method: sparse; say how many weights to zero "
                                  "under prune.sparsity (pattern, ratio; --pattern / --sparsity on the command line)")
@@ -206,6 +208,9 @@ class PruneConfig(Section):
                 raise ValueError("prune.sparsity is required for method: sparse, e.g. {pattern: unstructured, "
                                  "ratio: 0.5} or {pattern: \"2:4\"}")
         elif self.method == "depth":
+            if self.experts is not None:
+                raise ValueError("prune.experts applies to expert pruning (method: width, criterion frequency or "
+                                 "reap); depth takes ratio, num_blocks or blocks")
             given = [k for k in ("ratio", "num_blocks", "blocks") if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"prune: give only one of ratio, num_blocks, blocks (got {', '.join(given)})")
@@ -215,8 +220,15 @@ class PruneConfig(Section):
         else:
             if self.num_blocks is not None or self.blocks is not None:
                 raise ValueError("prune.num_blocks / prune.blocks apply to method: depth only; width takes prune.ratio")
-            if self.ratio is None:
-                raise ValueError("prune.ratio is required for method: width (the fraction of neurons / KV groups)")
+            experts = self.spec.target == "experts"
+            if self.experts is not None and not experts:
+                raise ValueError(f"prune.experts applies to expert pruning (criterion frequency or reap), not "
+                                 f"criterion {self.criterion}; give prune.ratio")
+            if self.experts is not None and self.ratio is not None:
+                raise ValueError("prune: give only one of ratio, experts (the experts kept per block)")
+            if self.ratio is None and self.experts is None:
+                raise ValueError("prune.ratio is required for method: width (the fraction of neurons / KV groups"
+                                 + (" / experts), or prune.experts (experts kept per block)" if experts else ")"))
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise ValueError(f"prune.ratio must be between 0 and 1 (exclusive), got {self.ratio}")
         if self.blocks is not None:
@@ -235,7 +247,7 @@ class PruneConfig(Section):
         if self.method == "sparse":
             raise ValueError("prune.rounds applies to method: depth or width; sparse pruning is one-shot "
                              "(prune.sparsity)")
-        given = [k for k in ("ratio", "num_blocks", "blocks", "output") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "num_blocks", "blocks", "experts", "output") if getattr(self, k) is not None]
         if given:
             raise ValueError(f"prune.{given[0]} and prune.rounds both say what to remove; with rounds each "
                              "round's ratio does (and each round writes <run_dir>/roundK/prune), drop "

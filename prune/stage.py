@@ -77,10 +77,15 @@ def plan_width(cfg: PruneConfig, config) -> int:
         return width.kept_width(getattr(config, key), cfg.ratio, cfg.round_to)
     if cfg.spec.target == "experts":
         total, top_k = num_experts(config), int(config.num_experts_per_tok)
-        keep = width.kept_groups(total, cfg.ratio, "experts per block")
+        if cfg.experts is not None:
+            keep, key = cfg.experts, f"prune.experts {cfg.experts}"
+            if keep >= total:
+                raise ValueError(f"{key} keeps every one of the model's {total} experts per block; keep fewer")
+        else:
+            keep, key = width.kept_groups(total, cfg.ratio, "experts per block"), f"prune.ratio {cfg.ratio}"
         if keep < top_k:
-            raise ValueError(f"prune.ratio {cfg.ratio} keeps {keep} of {total} experts per block, fewer than the "
-                             f"{top_k} the router picks per token (num_experts_per_tok); lower the ratio")
+            raise ValueError(f"{key} keeps {keep} of {total} experts per block, fewer than the {top_k} the router "
+                             "picks per token (num_experts_per_tok); keep more")
         return keep
     return width.kept_groups(getattr(config, "num_key_value_heads", None) or config.num_attention_heads, cfg.ratio)
 

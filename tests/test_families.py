@@ -95,7 +95,12 @@ def test_prune_kd_heal_and_lora_tune_each_family(family, tmp_path):
     rounded = merged.to(torch.bfloat16).float()
     with torch.no_grad():
         assert torch.allclose(released(PROBE).logits, rounded(PROBE).logits, atol=2e-3)
-    assert f"tiny-{family}" in (run / "release" / "README.md").read_text()
+    card = (run / "release" / "README.md").read_text()
+    assert f"tiny-{family}" in card
+    if moe:
+        kept = json.loads((run / "prune" / "prune_report.json").read_text())["kept_experts_per_block"]
+        assert "removed whole experts: 8 -> 4 experts in every mixture-of-experts block" in card
+        assert f"| 0 | {', '.join(map(str, kept[0]))} |" in card
 
 
 @pytest.mark.slow

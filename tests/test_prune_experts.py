@@ -135,7 +135,10 @@ def test_expert_pruning_requests_that_cannot_work_are_refused_in_one_line(tmp_pa
     moe = save_tiny(tmp_path, "mixtral", name="moe", layers=2)
     dense = save_tiny(tmp_path, "llama", name="dense", layers=2)
     cases = [
-        (moe, dict(method="width", criterion="reap", ratio=0.9), "keeps 1 of 8 experts per block, fewer than the 2"),
+        (moe, dict(method="width", criterion="reap", ratio=0.9), "prune.ratio 0.9 keeps 1 of 8 experts per block, "
+                                                                 "fewer than the 2"),
+        (moe, dict(method="width", criterion="reap", experts=1), "prune.experts 1 keeps 1 of 8 .* fewer than the 2"),
+        (moe, dict(method="width", criterion="reap", experts=8), "prune.experts 8 keeps every one of the model's 8"),
         (dense, dict(method="width", criterion="frequency", ratio=0.5), "llama: prune.target experts needs a "
                                                                          "mixture-of-experts model"),
         (moe, dict(method="width", criterion="activation", ratio=0.5), "mixtral: prune.criterion activation scores "
@@ -219,3 +222,28 @@ def test_expert_width_pruning_by_weights_keeps_each_experts_own_neurons(tmp_path
     assert len({tuple(r) for r in removed[0]}) > 1  # experts keep different neurons
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.moe_intermediate_size == 16 and model.config.num_experts == 8
+
+
+def test_a_count_of_experts_kept_is_the_same_as_the_ratio_that_keeps_it(tmp_path, calibration):
+    src = save_tiny(tmp_path, "olmoe", layers=2)
+    by_count = prune(str(src), PruneConfig(method="width", criterion="frequency", experts=6, calibration=calibration),
+                     tmp_path / "count", progress=False)
+    by_ratio = prune(str(src), PruneConfig(method="width", criterion="frequency", ratio=0.25, calibration=calibration),
+                     tmp_path / "ratio", progress=False)
+    assert by_count["experts"] == by_ratio["experts"] == [8, 6]
+    assert by_count["kept_experts_per_block"] == by_ratio["kept_experts_per_block"]
+
+
+@pytest.mark.parametrize("keys,message", [
+    (dict(criterion="maw", experts=4), "prune.experts applies to expert pruning .*not criterion maw"),
+    (dict(criterion="reap", experts=4, ratio=0.5), "give only one of ratio, experts"),
+    (dict(criterion="reap"), "prune.ratio is required .* or prune.experts"),
+    (dict(method="depth", criterion="magnitude", experts=4), "prune.experts applies to expert pruning"),
+    (dict(method="sparse", criterion="wanda", experts=4, sparsity={"pattern": "2:4"}),
+     "prune.experts does not apply to method: sparse"),
+])
+def test_bad_expert_amounts_are_refused_naming_the_key(keys, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        PruneConfig(**{"method": "width", **keys})

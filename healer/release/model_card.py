@@ -67,6 +67,12 @@ def pruning_summary(report: dict) -> str:
     if "attention_heads" in report:
         before, after = report["attention_heads"]
         return f"removed attention heads: {before} -> {after} query heads per block"
+    if "experts" in report:
+        before, after = report["experts"]
+        return f"removed whole experts: {before} -> {after} experts in every mixture-of-experts block"
+    if "expert_intermediate_size" in report:
+        before, after = report["expert_intermediate_size"]
+        return f"shrank every expert's MLP from {before} to {after} neurons (each expert keeps its own)"
     if report.get("method") == "sparse":
         overall = (report.get("sparsity") or {}).get("overall")
         how = "unstructured" if report.get("pattern") == "unstructured" else f"{report.get('pattern')} semi-structured"
@@ -165,6 +171,11 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
         lines += ["", f"**Deployment warning:** {warning}."]
     if report.get("method") == "sparse":
         lines += ["", sparsity_section(report, released_sparsity)]
+    kept_experts = report.get("kept_experts_per_block")
+    if kept_experts:
+        rows = [[str(i), ", ".join(map(str, k))] for i, k in enumerate(kept_experts)]
+        lines += ["", "Experts kept (indices of the unpruned model's experts):", "",
+                  _table(["block", "experts kept"], rows)]
     scores = report.get("scores")
     if isinstance(scores, dict) and scores:
         lines += ["", f"Block importance ({report.get('score_meaning', 'as computed by the criterion')}):", "",
