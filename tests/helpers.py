@@ -38,7 +38,7 @@ def tiny_tokenizer():
 # projections; OLMo's norms after each sublayer and q/k norms over all heads; SmolLM3's layers without RoPE.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3")
 # The families healer writes GGUF files for (llama.cpp's architectures of the same tensor layout).
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # Mixture-of-experts families: 8 experts, 2 per token, in every block (Qwen2-MoE with its shared expert).
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 ALL_FAMILIES = FAMILIES + MOE_FAMILIES

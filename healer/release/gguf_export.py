@@ -10,7 +10,8 @@ so no card can claim a file that was not proven.
 Facts this follows (llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-vocab.cpp``, transformers'
 ``modeling_gguf_pytorch_utils.py``): Llama and Mistral are llama.cpp's ``llama`` architecture, whose rotary
 embedding pairs dimensions (i, i+1) where transformers pairs (i, i+d/2), so the q/k projection rows are
-permuted per head; Qwen2 and Qwen3 use transformers' layout as is. A tied output projection is simply not
+permuted per head; Qwen2, Qwen3 and Phi-3 use transformers' layout as is (Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are llama.cpp's ``attn_qkv`` and ``ffn_up``, the gate rows first, as its phi3 graph splits them). A tied output projection is simply not
 written (llama.cpp and transformers then reuse ``token_embd``). One-dimensional tensors (norms, biases) stay
 f32, as llama.cpp's converter keeps them. q8_0 quantises rows in blocks of 32, so a matrix whose rows are
 not a multiple of 32 wide (``ffn_down`` after width pruning to such a size) is kept in f16 and reported.
@@ -30,7 +31,7 @@ import torch
 from healer.core.errors import HealerError
 
 # transformers model_type -> llama.cpp architecture name
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 TYPES = ("f32", "f16", "bf16", "q8_0")
 
 # The pre-tokenizer regexes llama.cpp knows by name (llama-vocab.cpp); a tokenizer.json whose Split uses one of
@@ -106,10 +107,15 @@ def check_exportable(config) -> str:
     if getattr(config, "mlp_bias", False):
         raise HealerError("release.gguf: the MLP has biases (config.mlp_bias), which the GGUF export does not "
                           "write; remove release.gguf")
+    _, rope = _rope(config)
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    if partial != 1.0:
+        raise HealerError(f"release.gguf: rotary embeddings on {partial:g} of each head (partial_rotary_factor) are "
+                          "not exported to GGUF (transformers' GGUF loader cannot read it back for the parity "
+                          "check); remove release.gguf")
     if getattr(config, "use_sliding_window", False):
         raise HealerError(f"release.gguf: config.use_sliding_window is on; llama.cpp's {model_type} architecture "
                           "has no sliding window, so the GGUF would compute something else: remove release.gguf")
-    _, rope = _rope(config)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "llama3") or (kind == "llama3" and ARCHITECTURES[model_type] != "llama"):
         raise HealerError(f"release.gguf: rope scaling {kind!r} is not exported to GGUF (default, linear and "
@@ -321,9 +327,9 @@ def export_gguf(hf_dir: str | Path, out: str | Path, kind: str, name: str) -> di
     context = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     notes = []
-    if arch == "llama" and isinstance(window, int) and window < context:
-        # llama.cpp's llama architecture attends to the whole context; within the window both agree, so the
-        # file claims only the window as its trained context.
+    if arch in ("llama", "phi3") and isinstance(window, int) and window < context:
+        # Within the window a sliding and a full attention agree; the file claims only the window as its trained
+        # context (llama.cpp's llama graph has no window, and transformers' GGUF loader reads none back for phi3).
         context = window
         notes.append(f"context_length set to the sliding window ({window}): llama.cpp has no sliding window here")
 
