@@ -9,12 +9,13 @@ so no card can claim a file that was not proven.
 
 Facts this follows (llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-vocab.cpp``, transformers'
 ``modeling_gguf_pytorch_utils.py``): Llama and Mistral are llama.cpp's ``llama`` architecture, whose rotary
-embedding pairs dimensions (i, i+1) where transformers pairs (i, i+d/2), so the q/k projection rows are
-permuted per head; Qwen2, Qwen3 and Phi-3 use transformers' layout as is (Phi-3's fused ``qkv_proj`` and
-``gate_up_proj`` are llama.cpp's ``attn_qkv`` and ``ffn_up``, the gate rows first, as its phi3 graph splits
-them). A tied output projection is simply not written (llama.cpp and transformers then reuse ``token_embd``). One-dimensional tensors (norms, biases) stay
-f32, as llama.cpp's converter keeps them. q8_0 quantises rows in blocks of 32, so a matrix whose rows are
-not a multiple of 32 wide (``ffn_down`` after width pruning to such a size) is kept in f16 and reported.
+embedding pairs dimensions (i, i+1) where transformers pairs (i, i+d/2), so the q/k projection rows are permuted
+per head; Qwen2, Qwen3 and Phi-3 use transformers' layout as is (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``
+are llama.cpp's ``attn_qkv`` and ``ffn_up``, the gate rows first, as its phi3 graph splits them). A tied output
+projection is simply not written (llama.cpp and transformers then reuse ``token_embd``). One-dimensional tensors
+(norms, biases) stay f32, as llama.cpp's converter keeps them. q8_0 quantises rows in blocks of 32, so a matrix
+whose rows are not a multiple of 32 wide (``ffn_down`` after width pruning to such a size) is kept in f16 and
+reported.
 """
 
 from __future__ import annotations
