@@ -202,6 +202,9 @@ def test_the_papers_q_v_targets_adapt_the_fused_qkv_of_a_family_that_fuses_them(
                        if "lora_A" in n})
 
     assert adapted(model) == ["qkv_proj"]
+    from healer.train.cpt import adapted_modules
+
+    assert adapted_modules(model) == ["qkv_proj"]  # what the cpt banner names
     err = capsys.readouterr().err
     assert "cpt.lora.target_modules: this model fuses q_proj into qkv_proj; adapting qkv_proj" in err
     assert adapted(attach(tiny_model("llama", layers=2), LoRAConfig(), "cpt.lora.target_modules")) == ["q_proj",

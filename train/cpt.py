@@ -214,6 +214,13 @@ def attn_implementation(requested: str, device: torch.device, precision: str) ->
     return "sdpa"
 
 
+def adapted_modules(model) -> list[str] | str:
+    """The module names a PEFT model's adapter is on (a fused ``qkv_proj`` where the recipe said q_proj/v_proj)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None)
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+
+
 def router_balance(cfg: CPTConfig, config) -> float:
     """``cpt.router_aux_loss_coef``, defaulting to the model config's for a mixture-of-experts student (0 for a
     dense one); a dense student given one is refused."""
@@ -406,12 +413,13 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
                            desc="cpt", jsonl_path=stage_dir / "metrics.jsonl",
                            report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"))
     lowered = f" (cpt.zero_stage {cfg.zero_stage}: one rank shards nothing)" if zero_stage < cfg.zero_stage else ""
+    attn = getattr(model.config, "_attn_implementation", None) or attn  # what loading settled on (Gemma 2: eager)
     logger.write(f"healer cpt: {location} -> {stage_dir} | {n_params:,} parameters | ZeRO-{zero_stage}{lowered}"
                  f" | {precision} | {attn} | {world} ranks on {device_name}")
     logger.write("healer cpt: " + batch_summary(ds_config, world, seq_len)
                  + (f" | KD alpha={cfg.kd.alpha} T={cfg.kd.temperature} top_k={cfg.kd.top_k}" if cfg.kd else "")
                  + (f" from the logit cache {cfg.kd.cache} (no teacher loaded)" if cache is not None else "")
-                 + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} "
+                 + (f" | LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {adapted_modules(model)}: {trainable:,} "
                     "trainable parameters" if lora else "")
                  + (f" | embeddings and output head frozen: {trainable:,} trainable parameters" if frozen_head else "")
                  + (f" hidden_weight={cfg.kd.hidden_weight} at cuts {hidden_pairs}" if hidden_pairs else

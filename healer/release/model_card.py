@@ -174,7 +174,7 @@ def pruning_section(report: dict | None, released_sparsity: dict | None = None) 
     kept_experts = report.get("kept_experts_per_block")
     if kept_experts:
         rows = [[str(i), ", ".join(map(str, k))] for i, k in enumerate(kept_experts)]
-        lines += ["", "Experts kept (indices of the unpruned model's experts):", "",
+        lines += ["", "Experts kept (indices among the experts of the model this prune started from):", "",
                   _table(["block", "experts kept"], rows)]
     scores = report.get("scores")
     if isinstance(scores, dict) and scores:
