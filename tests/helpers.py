@@ -77,10 +77,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    from healer.model.modeling import supported_attention
-
-    config = tiny_config(family, **config_kwargs)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=supported_attention(config, "sdpa"))
+    # transformers' default attention: sdpa, or eager for a family without it (Gemma 2), as load_model loads
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
     # Random init gives near-identical blocks; spread the weights so criteria have something to rank.
     with torch.no_grad():
         for p in model.parameters():
@@ -152,6 +150,24 @@ def write_corpus(directory: Path, shards: int = 1, docs: int = 20, meta: dict | 
                 record = {"text": f"Shard {shard} document {i}. " + SAMPLE_TEXT}
                 fh.write(json.dumps({**record, "meta": meta} if meta else record) + "\n")
     return directory
+
+
+def write_calibration(path: Path) -> Path:
+    """40 numbered calibration documents (SAMPLE_TEXT twice after a header) as jsonl."""
+    path.write_text("".join(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT * 2}) + "\n" for i in range(40)))
+    return path
+
+
+def write_pipeline_inputs(tmp_path: Path, meta: dict | None = None) -> tuple[Path, Path, Path]:
+    """(corpus, held-out text, instruction data) for a whole-pipeline recipe: 2 shards of 30 documents (``meta``
+    on each record, if given), SAMPLE_TEXT 20 times, 16 alpaca records."""
+    corpus = write_corpus(tmp_path / "corpus", shards=2, docs=30, meta=meta)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(SAMPLE_TEXT * 20)
+    instruct = tmp_path / "instruct.json"
+    instruct.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"}
+                                    for i in range(16)]))
+    return corpus, heldout, instruct
 
 
 def depth_prune_section(calibration_file: Path, **keys) -> str:

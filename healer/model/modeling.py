@@ -294,37 +294,26 @@ def check_output_dir(out: str | Path, key: str, keep_apart: dict[str, Path]) -> 
                               "it: choose another output directory")
 
 
-def supported_attention(config, requested: str | None) -> str | None:
-    """``requested``, or ``eager`` when it is ``sdpa`` and the family's modelling code has no SDPA path (Gemma 2,
-    whose attention soft-caps its scores)."""
-    if requested != "sdpa":
-        return requested
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else requested
-
-
 def load_model(location: ModelLocation, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"):
     """Load a causal LM in ``dtype``; GGUF files are de-quantized to float weights.
 
-    attn_implementation: the attention kernel; ``sdpa`` falls back to ``eager`` for a family without an SDPA path.
+    attn_implementation: the attention kernel. ``sdpa`` is transformers' own default, which is eager for a family
+    without an SDPA path (Gemma 2, whose attention soft-caps its scores).
     A local checkpoint's files are checked against its config first (:func:`check_weights`).
     """
     from transformers import AutoModelForCausalLM
 
-    config = load_config(location)
-    if location.is_local_dir:
+    config = load_config(location) if location.is_local_dir else None
+    if config is not None:
         check_weights(location, config)
-    attn_implementation = supported_attention(config, attn_implementation)
     kwargs: dict = {"dtype": dtype}
     if location.gguf_file:
         kwargs["gguf_file"] = location.gguf_file
     if location.revision:
         kwargs["revision"] = location.revision
-    if attn_implementation:
+    if attn_implementation and attn_implementation != "sdpa":  # asked for by name, sdpa raises where it is missing
         kwargs["attn_implementation"] = attn_implementation
-    converted = location.is_local_dir and stored_in_another_layout(config)
+    converted = config is not None and stored_in_another_layout(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(location.path, output_loading_info=converted, **kwargs)
     except Exception as err:  # corrupt shards, a GGUF cut short, shapes the config does not describe ...
