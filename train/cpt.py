@@ -352,6 +352,7 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
     tokenizer = load_tokenizer(location)
     attn = attn_implementation(cfg.attn_implementation, device, precision)
     model, hf_ds = _load_student(location, attn, cfg, ds_config)
+    balance = router_balance(cfg, model.config)  # refused for a dense student before the teacher loads
     n_params, n_matmul = _matmul_params(model)
     lora = cfg.lora is not None
     trainable = n_params
@@ -495,7 +496,6 @@ def heal(cfg: CPTConfig, data_cfg, *, location, teacher_location, stage_dir: str
         stop_when = recovery_reached(baseline, cfg.stop_at_recovery)
     if cfg.kd is None or cache is not None:
         teacher = None  # it only measured the dense loss (recovery baseline, data.dynamic reference)
-    balance = router_balance(cfg, model.config)
     objective = (Distill(teacher, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, top_k=cfg.kd.top_k,
                          hidden_pairs=hidden_pairs, hidden_weight=cfg.kd.hidden_weight, cached=cache is not None,
                          router_aux_loss_coef=balance)
