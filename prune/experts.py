@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from healer.model.experts import expert_output, moe_parts, num_experts
+from healer.model.experts import expert_output, experts_of, num_experts
 from healer.prune.blockwise import BlockStack
 from healer.prune.depth import _boundary_walk
 
@@ -33,15 +33,11 @@ def _walk_experts(stack: BlockStack, tokens: torch.Tensor, progress: bool, desc:
     counts = [torch.zeros(total, dtype=torch.float64) for _ in range(stack.num_blocks)]
 
     def watch(i, block):
-        parts = moe_parts(stack.arch, block)
-        if parts is None:
-            raise ValueError(f"block {i} has no experts")
-
         def hook(module, args, kwargs, output):
             hidden, ids, weights = _routed(args, kwargs)
             per_call(module, hidden, ids, weights, sums[i], counts[i])
 
-        return [parts[1].register_forward_hook(hook, with_kwargs=True)]
+        return [experts_of(stack.arch, block, i)[1].register_forward_hook(hook, with_kwargs=True)]
 
     _boundary_walk(stack, tokens, lambda *_: None, progress, desc, watch=watch)
     return [(s / c.clamp(min=1)).float() for s, c in zip(sums, counts)]
@@ -50,7 +46,8 @@ def _walk_experts(stack: BlockStack, tokens: torch.Tensor, progress: bool, desc:
 def frequency_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = True) -> list[torch.Tensor]:
     """Per MoE block, the share of calibration tokens the router sends to each expert."""
     def per_call(experts, hidden, ids, weights, sums, counts):
-        sums += torch.bincount(ids.flatten().cpu(), minlength=len(sums)).double()
+        # an id of E (a padded pick, which some implementations use) is no expert's
+        sums += torch.bincount(ids.flatten().cpu(), minlength=len(sums))[: len(sums)].double()
         counts += hidden.shape[0]
 
     return _walk_experts(stack, tokens, progress, "expert frequency", per_call)
@@ -61,7 +58,7 @@ def reap_scores(stack: BlockStack, tokens: torch.Tensor, progress: bool = True) 
     def per_call(experts, hidden, ids, weights, sums, counts):
         with torch.no_grad():
             for e in torch.unique(ids).tolist():
-                if e >= len(sums):  # some implementations pad the picks with E
+                if e >= len(sums):  # a padded pick, as in frequency_scores
                     continue
                 token, slot = torch.where(ids == e)
                 out = expert_output(experts, e, hidden[token]).float()

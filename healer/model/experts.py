@@ -31,6 +31,14 @@ def moe_parts(arch: Architecture, block: nn.Module) -> tuple[nn.Module, nn.Modul
     return router, experts
 
 
+def experts_of(arch: Architecture, block: nn.Module, index: int) -> tuple[nn.Module, nn.Module]:
+    """:func:`moe_parts` of block ``index``; ValueError for a block with a dense MLP."""
+    parts = moe_parts(arch, block)
+    if parts is None:
+        raise ValueError(f"block {index} has no experts")
+    return parts
+
+
 def expert_output(experts: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
     """What expert ``index`` adds for ``hidden`` ``[T, H]`` before its routing weight: down(act(gate x) * up x)."""
     gate, up = nn.functional.linear(hidden, experts.gate_up_proj[index]).chunk(2, dim=-1)
@@ -58,11 +66,8 @@ def keep_experts(arch: Architecture, blocks: nn.ModuleList, config, keep_per_blo
         raise ValueError(f"keeping {kept} experts per block: it must be between num_experts_per_tok ({top_k}) and "
                          f"num_experts ({total})")
     for index, keep in keep_per_block.items():
-        parts = moe_parts(arch, blocks[index])
-        if parts is None:
-            raise ValueError(f"block {index} has no experts")
         keep = torch.sort(keep).values
-        for module in parts:
+        for module in experts_of(arch, blocks[index], index):
             # Every tensor of the router and of the experts is indexed by expert first.
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.shape[0] != total:
@@ -111,10 +116,7 @@ def shrink_experts(arch: Architecture, blocks: nn.ModuleList, config, keep_per_b
     key = expert_width_key(config)
     width = getattr(config, key)
     for index, (block, keep) in enumerate(zip(blocks, keep_per_block)):
-        parts = moe_parts(arch, block)
-        if parts is None:
-            raise ValueError(f"block {index} has no experts")
-        experts = parts[1]
+        experts = experts_of(arch, block, index)[1]
         keep = torch.sort(keep.to(experts.gate_up_proj.device), dim=-1).values
         rows = torch.cat([keep, keep + width], dim=-1)  # gate rows [0, I), up rows [I, 2I)
         hidden = experts.gate_up_proj.shape[-1]
