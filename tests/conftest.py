@@ -15,7 +15,7 @@ if "HEALER_CACHE" not in os.environ:  # file digests of the tests' throw-away mo
 
     os.environ["HEALER_CACHE"] = tempfile.mkdtemp(prefix="healer-test-cache-")
 
-from helpers import SAMPLE_TEXT, SHARED_DATA, tiny_tokenizer  # noqa: E402  (the environment above must be set first)
+from helpers import SHARED_DATA, tiny_tokenizer  # noqa: E402  (the environment above must be set first)
 
 
 @pytest.fixture
@@ -25,13 +25,9 @@ def tokenizer():
 
 @pytest.fixture
 def calibration_file(tmp_path) -> Path:
-    import json
+    from helpers import write_calibration
 
-    path = tmp_path / "calib.jsonl"
-    with open(path, "w") as fh:
-        for i in range(40):
-            fh.write(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT * 2}) + "\n")
-    return path
+    return write_calibration(tmp_path / "calib.jsonl")
 
 
 @pytest.fixture

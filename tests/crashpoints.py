@@ -304,17 +304,10 @@ def kill_anywhere(argv: list[str], template: Path, scratch: Path, stage: str, ki
 def tiny_pipeline(tmp_path: Path) -> Path:
     """A recipe running every stage on a tiny llama (4 blocks): depth prune, 4 steps of KD-CPT, 2 of LoRA SFT,
     eval against the dense model, release; its run directory is ``tmp_path/run``."""
-    from helpers import SAMPLE_TEXT, depth_prune_section, tiny_recipe, write_corpus
+    from helpers import depth_prune_section, tiny_recipe, write_calibration, write_pipeline_inputs
 
-    corpus = write_corpus(tmp_path / "corpus", shards=2, docs=30)
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text(SAMPLE_TEXT * 20)
-    instruct = tmp_path / "instruct.json"
-    instruct.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"}
-                                    for i in range(16)]))
-    calibration = tmp_path / "calib.jsonl"
-    calibration.write_text("".join(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT * 2}) + "\n"
-                                   for i in range(40)))
+    corpus, heldout, instruct = write_pipeline_inputs(tmp_path)
+    calibration = write_calibration(tmp_path / "calib.jsonl")
     recipe, _ = tiny_recipe(tmp_path, depth_prune_section(calibration, num_blocks=1), f"""
         data:
           sources: [{{path: {corpus}}}]

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, MOE_FAMILIES, SAMPLE_TEXT, tiny_recipe, write_corpus
+from helpers import FAMILIES, MOE_FAMILIES, tiny_recipe, write_calibration, write_pipeline_inputs
 from safetensors.torch import load_file
 
 from healer.cli import main
@@ -21,14 +21,8 @@ PROBE = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0
 
 
 def _recipe(tmp_path, family: str, prune: str):
-    corpus = write_corpus(tmp_path / "corpus", docs=30)
-    instruct = tmp_path / "instruct.json"
-    instruct.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"}
-                                    for i in range(16)]))
-    calibration = tmp_path / "calib.jsonl"
-    calibration.write_text("".join(json.dumps({"text": f"Document {i}. " + SAMPLE_TEXT}) + "\n" for i in range(8)))
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text(SAMPLE_TEXT * 10)
+    corpus, heldout, instruct = write_pipeline_inputs(tmp_path)
+    calibration = write_calibration(tmp_path / "calib.jsonl")
     return tiny_recipe(tmp_path, prune.format(calibration=calibration), f"""
         data:
           sources: [{{path: {corpus}}}]

@@ -7,7 +7,7 @@ import json
 import textwrap
 
 import pytest
-from helpers import SAMPLE_TEXT, depth_prune_section, save_tiny, tiny_recipe, write_corpus
+from helpers import depth_prune_section, save_tiny, tiny_recipe, write_pipeline_inputs
 from transformers import AutoModelForCausalLM
 
 from healer.cli import main
@@ -17,13 +17,7 @@ from healer.run.stage_inputs import stage_inputs
 
 
 def _write_inputs(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", shards=2, docs=30, meta={"redpajama_set_name": "Tiny"})
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text(SAMPLE_TEXT * 20)
-    instruct = tmp_path / "instruct.json"
-    instruct.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"}
-                                    for i in range(16)]))
-    return corpus, heldout, instruct
+    return write_pipeline_inputs(tmp_path, meta={"redpajama_set_name": "Tiny"})
 
 
 @pytest.mark.slow
